@@ -1,0 +1,188 @@
+"""The `egressd` command line: render, validate and apply policies.
+
+Exit codes: 0 success, 1 the input or an apply failed (every problem printed), 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any, TextIO
+
+from egressd import __version__
+from egressd.config import Config, ConfigError, load_config
+from egressd.netns import NetnsError
+from egressd.nft import ApplyError, LibnftBackend, replace_table
+from egressd.policy import PolicyError, Sandbox, parse_event, parse_sandbox
+from egressd.render import render
+
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+
+
+def _read(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read(MAX_INPUT_BYTES + 1)
+    with open(path, encoding="utf-8") as f:
+        return f.read(MAX_INPUT_BYTES + 1)
+
+
+def _records(doc: Any) -> Iterator[tuple[str, Any]]:
+    """Where each sandbox record sits in a document: a record, a bare network_policy, or a list of records."""
+    if isinstance(doc, list):
+        for i, item in enumerate(doc):
+            yield f"[{i}]", item
+    elif isinstance(doc, dict) and "id" not in doc and "network_policy" not in doc:
+        yield "", {"id": "policy", "network_policy": doc}
+    else:
+        yield "", doc
+
+
+def _load_sandboxes(path: str, config: Config, out: TextIO) -> tuple[list[Sandbox], int]:
+    """Parse a JSON document of records, or NDJSON events; print every problem; return what parsed."""
+    text = _read(path)
+    if len(text) > MAX_INPUT_BYTES:
+        print(f"{path}: larger than {MAX_INPUT_BYTES} bytes; split it", file=out)
+        return [], 1
+    sandboxes: list[Sandbox] = []
+    errors = 0
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        doc = None
+        lines = text.splitlines()
+    else:
+        lines = []
+    if doc is not None and not (isinstance(doc, dict) and "type" in doc):
+        for where, raw in _records(doc):
+            try:
+                sandboxes.append(parse_sandbox(raw, config.max_entries))
+            except PolicyError as e:
+                errors += 1
+                for p in e.problems:
+                    print(f"{path}{where}: {p}", file=out)
+        return sandboxes, errors
+    if doc is not None:
+        lines = [text]
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            errors += 1
+            print(f"{path}:{n}: not valid JSON: {getattr(e, 'msg', 'nested too deeply')}", file=out)
+            continue
+        try:
+            event = parse_event(raw, config.max_entries)
+        except PolicyError as e:
+            errors += 1
+            for p in e.problems:
+                print(f"{path}:{n}: {p}", file=out)
+            continue
+        sandboxes.extend(getattr(event, "sandboxes", ()))
+        if hasattr(event, "sandbox"):
+            sandboxes.append(event.sandbox)
+    return sandboxes, errors
+
+
+def cmd_render(args: argparse.Namespace, config: Config) -> int:
+    sandboxes, errors = _load_sandboxes(args.file, config, sys.stderr)
+    if errors:
+        return 1
+    if len(sandboxes) != 1:
+        print(
+            f"{args.file}: render takes exactly one sandbox or policy; found {len(sandboxes)}",
+            file=sys.stderr,
+        )
+        return 1
+    ruleset = render(sandboxes[0].policy, config)
+    json.dump(replace_table(ruleset), sys.stdout, indent=2 if args.pretty else None)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, config: Config) -> int:
+    total_errors = 0
+    for path in args.files:
+        try:
+            sandboxes, errors = _load_sandboxes(path, config, sys.stdout)
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"{path}: cannot read: {e}")
+            total_errors += 1
+            continue
+        total_errors += errors
+        if not errors:
+            print(f"{path}: ok ({len(sandboxes)} sandbox record{'s' if len(sandboxes) != 1 else ''})")
+    return 1 if total_errors else 0
+
+
+def cmd_apply(args: argparse.Namespace, config: Config) -> int:
+    sandboxes, errors = _load_sandboxes(args.file, config, sys.stderr)
+    if errors:
+        print("nothing applied: fix the problems above first", file=sys.stderr)
+        return 1
+    backend = LibnftBackend()
+    failed = 0
+    for sb in sandboxes:
+        if sb.netns is None:
+            print(f"{sb.id}: no netns in the record; nothing to apply to", file=sys.stderr)
+            failed += 1
+            continue
+        ruleset = render(sb.policy, config)
+        try:
+            if backend.fingerprint(sb.netns) == ruleset.fingerprint and not args.force:
+                print(f"{sb.id}: unchanged in {sb.netns}")
+                continue
+            backend.apply(sb.netns, ruleset)
+        except (NetnsError, ApplyError) as e:
+            print(f"{sb.id}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{sb.id}: applied in {sb.netns}")
+    backend.close()
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="TOML config file (default: built-in defaults)")
+    p = argparse.ArgumentParser(prog="egressd", description=__doc__, parents=[common])
+    p.add_argument("--version", action="version", version=f"egressd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("render", parents=[common], help="print the nftables JSON for one policy; no kernel")
+    r.add_argument("file", help="a sandbox record or a bare network_policy, JSON ('-' for stdin)")
+    r.add_argument("--pretty", action="store_true", help="indent the JSON")
+    r.set_defaults(func=cmd_render)
+
+    v = sub.add_parser("validate", parents=[common], help="check records or an event file; print every error")
+    v.add_argument("files", nargs="+", help="JSON record(s), or newline-delimited events")
+    v.set_defaults(func=cmd_validate)
+
+    a = sub.add_parser("apply", parents=[common], help="apply records to their namespaces once (root)")
+    a.add_argument("file", help="JSON sandbox record or list of records, each with netns")
+    a.add_argument("--force", action="store_true", help="rewrite even when the fingerprint is unchanged")
+    a.set_defaults(func=cmd_apply)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"egressd: {e}", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args, config))
+    except FileNotFoundError as e:
+        print(f"egressd: {e.filename}: no such file", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""The reference decision: which step of the semantics decides a packet to a destination.
+
+A plain-Python twin of the rendered ruleset, used to explain verdicts and to check the kernel against: the
+differential tests send real packets and compare what the kernel did with what this function says.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from egressd.config import Config
+from egressd.policy import IPNetwork, Policy, Targets
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: str  # "accept" or "deny"
+    step: str  # guard.deny, guard.allow, allow_out, deny_out, guard.private, internet
+    entry: str | None = None  # the list entry that matched, when a list decided
+
+    def __str__(self) -> str:
+        if self.entry is not None:
+            return f"{self.action}: {self.step} {self.entry}"
+        if self.step == "internet":
+            state = "true" if self.action == "accept" else "false"
+            return f"{self.action}: allow_internet_access={state} and no list entry matches"
+        return f"{self.action}: {self.step}"
+
+
+def _first_match(addr: IPAddress, nets: Iterable[IPNetwork]) -> IPNetwork | None:
+    for net in nets:
+        if addr.version == net.version and addr in net:
+            return net
+    return None
+
+
+def _targets(t: Targets) -> tuple[IPNetwork, ...]:
+    return (*t.nets4, *t.nets6)
+
+
+def decide(policy: Policy, config: Config, dst: str | IPAddress) -> Verdict:
+    """The verdict for an original-direction packet from the sandbox to dst (not loopback, not ND)."""
+    addr = ipaddress.ip_address(dst) if isinstance(dst, str) else dst
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    steps: list[tuple[str, Iterable[IPNetwork], str]] = [
+        ("guard.deny", config.guard.deny, "deny"),
+        ("guard.allow", config.guard.allow, "accept"),
+        ("allow_out", _targets(policy.allow_out), "accept"),
+        ("deny_out", _targets(policy.deny_out), "deny"),
+        ("guard.private", config.guard.private, "deny"),
+    ]
+    for step, nets, action in steps:
+        hit = _first_match(addr, nets)
+        if hit is not None:
+            return Verdict(action, step, str(hit))
+    return Verdict("accept" if policy.allow_internet_access else "deny", "internet")

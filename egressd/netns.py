@@ -1,0 +1,175 @@
+"""Network namespace handles, and one cached libnftables context per namespace.
+
+A libnftables context binds its netlink socket when it is created, so we enter the namespace on this thread
+only for the instant of creation and then talk to it from anywhere. egressd never creates a namespace: paths
+are opened read-only and checked to be network namespaces before they are used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file descriptor: which kind of namespace it is
+
+
+class NetnsError(Exception):
+    """A namespace path cannot be used; `gone` tells a missing namespace (retry later) from a bad path."""
+
+    def __init__(self, path: str, reason: str, gone: bool = False) -> None:
+        self.path = path
+        self.reason = reason
+        self.gone = gone
+        super().__init__(f"netns {path}: {reason}")
+
+
+@dataclass(frozen=True)
+class NsId:
+    """Identity of a namespace: a path can later name a different namespace, its inode cannot."""
+
+    dev: int
+    ino: int
+
+
+def _libc_setns() -> Callable[[int, int], int]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = libc.setns
+    fn.argtypes = [ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _own_netns_ids() -> set[NsId]:
+    """The agent's own namespace and the host's (pid 1): a sandbox must never be either."""
+    ids = set()
+    for p in ("/proc/thread-self/ns/net", "/proc/1/ns/net"):
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        ids.add(NsId(st.st_dev, st.st_ino))
+    return ids
+
+
+def open_netns(path: str) -> tuple[int, NsId]:
+    """Open path read-only and prove it is a network namespace other than our own; returns (fd, id)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NetnsError(path, "does not exist (yet); waiting for it to appear", gone=True) from None
+    except IsADirectoryError:
+        raise NetnsError(path, "is a directory, not a network namespace") from None
+    except OSError as e:
+        if e.errno in (errno.ESRCH, errno.ENOENT):
+            raise NetnsError(path, "process or namespace is gone", gone=True) from None
+        raise NetnsError(path, f"cannot open: {e.strerror}") from None
+    try:
+        try:
+            kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError:
+            raise NetnsError(
+                path, "is not a namespace file (expected /run/netns/NAME or /proc/PID/ns/net)"
+            ) from None
+        if kind != CLONE_NEWNET:
+            raise NetnsError(path, "is a namespace, but not a network namespace")
+        st = os.fstat(fd)
+        ident = NsId(st.st_dev, st.st_ino)
+        if ident in _own_netns_ids():
+            raise NetnsError(path, "is the agent's own (host) network namespace; refusing to touch it")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, ident
+
+
+def netns_id(path: str) -> NsId:
+    """The current identity of path, without opening a handle."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise NetnsError(path, "does not exist (any more)", gone=True) from None
+    except OSError as e:
+        raise NetnsError(path, f"cannot stat: {e.strerror}", gone=e.errno == errno.ESRCH) from None
+    return NsId(st.st_dev, st.st_ino)
+
+
+@dataclass
+class _Entry:
+    fd: int
+    ident: NsId
+    ctx: Any
+
+
+class ContextCache:
+    """One object per namespace path, made by `factory` while this thread is inside that namespace.
+
+    The cached object (a libnftables context) keeps its namespace alive, so `drop` must be called when a
+    sandbox goes away. `get` notices when the path now names a different namespace and starts afresh.
+    """
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._factory = factory
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+        self._setns = _libc_setns()
+        self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+    def _enter_and_make(self, fd: int) -> Any:
+        if self._setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into sandbox namespace failed: {os.strerror(err)}")
+        try:
+            return self._factory()
+        finally:
+            if self._setns(self._home, CLONE_NEWNET) != 0:
+                # This thread is stuck in a sandbox namespace; nothing it does next can be trusted.
+                err = ctypes.get_errno()
+                raise SystemExit(f"egressd: cannot return to the host namespace: {os.strerror(err)}")
+
+    def get(self, path: str) -> tuple[Any, bool]:
+        """The context for path, and whether it was (re)made now rather than reused."""
+        with self._lock:
+            entry = self._entries.get(path)
+            if entry is not None:
+                if netns_id(path) == entry.ident:
+                    return entry.ctx, False
+                self._close(path)
+            fd, ident = open_netns(path)
+            try:
+                ctx = self._enter_and_make(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._entries[path] = _Entry(fd, ident, ctx)
+            return ctx, True
+
+    def ident(self, path: str) -> NsId | None:
+        with self._lock:
+            entry = self._entries.get(path)
+            return entry.ident if entry else None
+
+    def _close(self, path: str) -> None:
+        entry = self._entries.pop(path, None)
+        if entry is not None:
+            os.close(entry.fd)
+            entry.ctx = None
+
+    def drop(self, path: str) -> None:
+        """Forget path's context so the kernel can free a namespace that is gone."""
+        with self._lock:
+            self._close(path)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def close(self) -> None:
+        with self._lock:
+            for path in list(self._entries):
+                self._close(path)

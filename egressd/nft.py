@@ -1,0 +1,165 @@
+"""Backends that put a rendered table into a namespace: the real one (libnftables) and an in-memory fake.
+
+Both speak the same small interface so the reconciler and the CLI are tested without root against the fake,
+and against the kernel in namespaces. Every change is one transaction: the old table and the new one are
+swapped atomically, so there is no instant in which neither policy is in force.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from egressd.netns import ContextCache, NetnsError
+from egressd.render import FAMILY, FINGERPRINT_CHAIN, TABLE, Json, Ruleset
+
+
+class ApplyError(Exception):
+    """nftables refused a transaction; nothing of it is in force."""
+
+
+def replace_table(ruleset: Ruleset) -> Json:
+    """One transaction: create-if-absent, delete, rebuild. Either all of it is in force or none."""
+    return {
+        "nftables": [
+            {"add": {"table": {"family": FAMILY, "name": TABLE}}},
+            {"delete": {"table": {"family": FAMILY, "name": TABLE}}},
+            *ruleset.commands,
+        ]
+    }
+
+
+def fingerprint_of(listing: list[Json]) -> str | None:
+    """The fingerprint comment in a listing of the table, if the table is there and carries one."""
+    for item in listing:
+        rule = item.get("rule")
+        if rule and rule.get("chain") == FINGERPRINT_CHAIN and "comment" in rule:
+            return str(rule["comment"])
+    return None
+
+
+class Backend(Protocol):
+    def apply(self, netns: str, ruleset: Ruleset) -> None:
+        """Replace egressd's table in netns with ruleset, atomically. Raises NetnsError or ApplyError."""
+
+    def read(self, netns: str) -> list[Json] | None:
+        """egressd's table in netns as a libnftables listing, or None when there is none."""
+
+    def fingerprint(self, netns: str) -> str | None:
+        """The fingerprint the table in netns carries, or None when there is no table."""
+
+    def remove(self, netns: str) -> bool:
+        """Delete egressd's table in netns; False when there was none."""
+
+    def forget(self, netns: str) -> None:
+        """Release everything held for netns (the kernel can then free a dead namespace)."""
+
+
+def _make_nft() -> Any:
+    import nftables  # Debian's python3-nftables; imported late so unit tests run without it
+
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    nft.set_handle_output(False)
+    return nft
+
+
+class LibnftBackend:
+    """libnftables contexts cached per namespace: one netlink transaction per change, no process spawned."""
+
+    def __init__(self) -> None:
+        self._cache = ContextCache(_make_nft)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, netns: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(netns, threading.Lock())
+
+    def _cmd(self, netns: str, cmd: Json) -> tuple[int, Any, str]:
+        nft, _ = self._cache.get(netns)
+        with self._lock(netns):
+            return nft.json_cmd(cmd)
+
+    def apply(self, netns: str, ruleset: Ruleset) -> None:
+        rc, _, err = self._cmd(netns, replace_table(ruleset))
+        if rc != 0:
+            raise ApplyError(f"nftables refused the table for {netns}: {err.strip()}")
+
+    def _list(self, netns: str, what: Json) -> list[Json] | None:
+        rc, out, err = self._cmd(netns, {"nftables": [{"list": what}]})
+        if rc != 0:
+            if "No such file or directory" in err:
+                return None
+            raise ApplyError(f"cannot list egressd's table in {netns}: {err.strip()}")
+        return [item for item in out["nftables"] if "metainfo" not in item]
+
+    def read(self, netns: str) -> list[Json] | None:
+        return self._list(netns, {"table": {"family": FAMILY, "name": TABLE}})
+
+    def fingerprint(self, netns: str) -> str | None:
+        listing = self._list(netns, {"chain": {"family": FAMILY, "table": TABLE, "name": FINGERPRINT_CHAIN}})
+        return None if listing is None else fingerprint_of(listing)
+
+    def remove(self, netns: str) -> bool:
+        rc, _, err = self._cmd(
+            netns, {"nftables": [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]}
+        )
+        if rc != 0:
+            if "No such file or directory" in err:
+                return False
+            raise ApplyError(f"cannot delete egressd's table in {netns}: {err.strip()}")
+        return True
+
+    def forget(self, netns: str) -> None:
+        self._cache.drop(netns)
+        with self._locks_guard:
+            self._locks.pop(netns, None)
+
+    def close(self) -> None:
+        self._cache.close()
+
+
+@dataclass
+class FakeBackend:
+    """In memory, copy-on-apply, with a record of every write; `fail` injects errors per namespace."""
+
+    namespaces: set[str] = field(default_factory=set)
+    tables: dict[str, list[Json]] = field(default_factory=dict)
+    writes: list[tuple[str, str]] = field(default_factory=list)
+    fail: Callable[[str, str], Exception | None] | None = None
+
+    def _check(self, netns: str, op: str) -> None:
+        if netns not in self.namespaces:
+            raise NetnsError(netns, "does not exist (yet); waiting for it to appear", gone=True)
+        if self.fail is not None:
+            exc = self.fail(netns, op)
+            if exc is not None:
+                raise exc
+
+    def apply(self, netns: str, ruleset: Ruleset) -> None:
+        self._check(netns, "apply")
+        # Round-trip through JSON, as the real backend does, so later changes to ruleset cannot leak in.
+        self.tables[netns] = json.loads(json.dumps(ruleset.commands))
+        self.writes.append(("apply", netns))
+
+    def read(self, netns: str) -> list[Json] | None:
+        self._check(netns, "read")
+        table = self.tables.get(netns)
+        return None if table is None else [c["add"] for c in copy.deepcopy(table)]
+
+    def fingerprint(self, netns: str) -> str | None:
+        listing = self.read(netns)
+        return None if listing is None else fingerprint_of(listing)
+
+    def remove(self, netns: str) -> bool:
+        self._check(netns, "remove")
+        self.writes.append(("remove", netns))
+        return self.tables.pop(netns, None) is not None
+
+    def forget(self, netns: str) -> None:
+        return None

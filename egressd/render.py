@@ -1,0 +1,197 @@
+"""Pure rendering: a policy plus the operator's config in, libnftables JSON commands out.
+
+No I/O and no kernel here, so every ruleset can be checked by golden files. The table's shape is static
+(named chains, per-family interval sets): a change rewrites one table, never edits single rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from egressd.config import Config
+from egressd.policy import IPNetwork, Policy
+
+FAMILY = "inet"
+TABLE = "egressd"
+SCHEMA = "egressd/1"
+FINGERPRINT_CHAIN = "fingerprint"
+_T = {"family": FAMILY, "table": TABLE}
+
+# ICMPv6 neighbour and router discovery: without these the sandbox cannot reach even its gateway over IPv6.
+ND_TYPES = ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """The commands that build the table, and the fingerprint they carry inside it."""
+
+    commands: list[Json]
+    fingerprint: str
+
+
+def _elem(net: IPNetwork) -> Any:
+    if net.prefixlen == net.max_prefixlen:
+        return str(net.network_address)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def _split(nets: Iterable[IPNetwork]) -> tuple[list[IPNetwork], list[IPNetwork]]:
+    v4 = [n for n in nets if n.version == 4]
+    v6 = [n for n in nets if n.version == 6]
+    return list(ipaddress.collapse_addresses(v4)), list(ipaddress.collapse_addresses(v6))  # type: ignore[arg-type]
+
+
+def _match_daddr(version: int, set_name: str) -> Json:
+    proto = "ip" if version == 4 else "ip6"
+    return {
+        "match": {
+            "op": "==",
+            "left": {"payload": {"protocol": proto, "field": "daddr"}},
+            "right": f"@{set_name}",
+        }
+    }
+
+
+def _rule(chain: str, *expr: Json, comment: str | None = None) -> Json:
+    rule: Json = {**_T, "chain": chain, "expr": list(expr)}
+    if comment is not None:
+        rule["comment"] = comment
+    return {"add": {"rule": rule}}
+
+
+ACCEPT: Json = {"accept": None}
+DENY: Json = {"jump": {"target": "deny"}}
+
+
+class _Builder:
+    """Collects sets first and rules after, so every set and chain exists before anything refers to it."""
+
+    def __init__(self) -> None:
+        self.sets: list[Json] = []
+        self.rules: list[Json] = []
+
+    def set_rules(self, name: str, nets: Iterable[IPNetwork], verdict: Json) -> None:
+        """One interval set per family, and one rule per non-empty set; empty lists cost no rule."""
+        for version, members in zip((4, 6), _split(nets), strict=True):
+            if not members:
+                continue
+            set_name = f"{name}{version}"
+            self.sets.append(
+                {
+                    "add": {
+                        "set": {
+                            **_T,
+                            "name": set_name,
+                            "type": "ipv4_addr" if version == 4 else "ipv6_addr",
+                            "flags": ["interval"],
+                            "elem": [_elem(n) for n in members],
+                        }
+                    }
+                }
+            )
+            self.rules.append(_rule("decide", _match_daddr(version, set_name), verdict))
+
+
+def _deny_chain(action: str) -> list[Json]:
+    rules = [_rule("deny", {"counter": "denied"})]
+    if action == "drop":
+        rules.append(_rule("deny", {"drop": None}))
+    else:
+        tcp = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}
+        rules.append(_rule("deny", tcp, {"reject": {"type": "tcp reset"}}))
+        rules.append(_rule("deny", {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}))
+    return rules
+
+
+def render(policy: Policy, config: Config) -> Ruleset:
+    """The whole `inet egressd` table for one sandbox. Order of `decide` is the documented semantics."""
+    b = _Builder()
+    # 1. loopback, replies on connections opened from outside, IPv6 neighbour discovery.
+    b.rules.append(
+        _rule("decide", {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "lo"}}, ACCEPT)
+    )
+    b.rules.append(
+        _rule(
+            "decide", {"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "reply"}}, ACCEPT
+        )
+    )
+    b.rules.append(
+        _rule(
+            "decide",
+            {
+                "match": {
+                    "op": "==",
+                    "left": {"payload": {"protocol": "icmpv6", "field": "type"}},
+                    "right": {"set": ND_TYPES},
+                }
+            },
+            {
+                "match": {
+                    "op": "==",
+                    "left": {"payload": {"protocol": "ip6", "field": "hoplimit"}},
+                    "right": 255,
+                }
+            },
+            ACCEPT,
+        )
+    )
+    # 2-6. operator deny, operator allow, tenant allow, tenant deny, private ranges.
+    b.set_rules("guard_deny", config.guard.deny, DENY)
+    b.set_rules("guard_allow", config.guard.allow, ACCEPT)
+    b.set_rules("allow", (*policy.allow_out.nets4, *policy.allow_out.nets6), ACCEPT)
+    b.set_rules("deny", (*policy.deny_out.nets4, *policy.deny_out.nets6), DENY)
+    b.set_rules("private", config.guard.private, DENY)
+    # 7. everything else: the public internet.
+    b.rules.append(_rule("decide", ACCEPT if policy.allow_internet_access else DENY))
+
+    uplink = {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": config.uplink}}
+    body: list[Json] = [
+        {"add": {"table": {"family": FAMILY, "name": TABLE}}},
+        *b.sets,
+        {"add": {"counter": {**_T, "name": "denied"}}},
+        {"add": {"chain": {**_T, "name": "deny"}}},
+        {"add": {"chain": {**_T, "name": "decide"}}},
+        {"add": {"chain": {**_T, "name": FINGERPRINT_CHAIN}}},
+        *_deny_chain(config.deny_action),
+        *b.rules,
+        {
+            "add": {
+                "chain": {
+                    **_T,
+                    "name": "output",
+                    "type": "filter",
+                    "hook": "output",
+                    "prio": 0,
+                    "policy": "accept",
+                }
+            }
+        },
+        _rule("output", {"jump": {"target": "decide"}}),
+        # Forwarded traffic (a microVM behind a tap) is judged unless it enters from the uplink: that is
+        # traffic towards the sandbox, not from it.
+        {
+            "add": {
+                "chain": {
+                    **_T,
+                    "name": "forward",
+                    "type": "filter",
+                    "hook": "forward",
+                    "prio": 0,
+                    "policy": "accept",
+                }
+            }
+        },
+        _rule("forward", uplink, ACCEPT),
+        _rule("forward", {"jump": {"target": "decide"}}),
+    ]
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    fingerprint = f"{SCHEMA} sha256:{digest}"
+    body.append(_rule(FINGERPRINT_CHAIN, {"return": None}, comment=fingerprint))
+    return Ruleset(commands=body, fingerprint=fingerprint)
