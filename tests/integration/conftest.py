@@ -1,0 +1,59 @@
+"""A world of namespaces shared by the integration tests of one module, and a real libnftables backend."""
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from egressd.config import Config, config_from_dict
+from egressd.nft import LibnftBackend
+from egressd.policy import Sandbox, parse_sandbox
+from egressd.render import render
+from netns_fixtures import World, cleanup
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(scope="module")
+def world(request) -> Iterator[World]:
+    prefix = f"eg{os.getpid() % 10000}{request.module.__name__.rsplit('_', 1)[-1][:3]}"
+    cleanup(prefix)
+    with World(prefix, sandboxes=2, vm=True) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[LibnftBackend]:
+    b = LibnftBackend()
+    yield b
+    b.close()
+
+
+class Enforcer:
+    """Applies a policy to a sandbox of the world, the way the agent does: parse, render, one transaction."""
+
+    def __init__(self, backend: LibnftBackend) -> None:
+        self.backend = backend
+
+    def __call__(self, sb, config: Config | dict | None = None, **network_policy) -> Sandbox:
+        cfg = config if isinstance(config, Config) else config_from_dict(config or {})
+        record = parse_sandbox({"id": sb.name, "netns": sb.netns_path, "network_policy": network_policy})
+        self.backend.apply(record.netns, render(record.policy, cfg))
+        return record
+
+
+@pytest.fixture
+def enforce(world, backend) -> Iterator[Enforcer]:
+    yield Enforcer(backend)
+    for sb in world.sandboxes:
+        backend.remove(sb.netns_path)
+
+
+def nft_json(ns: str, *args: str) -> list[dict]:
+    """What the kernel holds, read with the nft CLI: an independent check of what egressd wrote."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", *args], capture_output=True, text=True, timeout=10)
+    if out.returncode != 0:
+        return []
+    return [i for i in json.loads(out.stdout)["nftables"] if "metainfo" not in i]

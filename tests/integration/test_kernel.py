@@ -1,0 +1,168 @@
+"""The real backend against the kernel: one table, atomic replacement, fingerprints, namespace handling."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from egressd.cli import main
+from egressd.config import Config
+from egressd.netns import NetnsError, open_netns
+from egressd.nft import ApplyError, LibnftBackend
+from egressd.policy import parse_sandbox
+from egressd.render import Ruleset, render
+from tests.integration.conftest import nft_json
+from tests.unit.test_render import CASES
+
+pytestmark = pytest.mark.root
+
+
+def ruleset(**np) -> Ruleset:
+    return render(parse_sandbox({"id": "x", "network_policy": np}).policy, Config())
+
+
+def test_other_tables_in_the_namespace_are_left_alone(world, backend):
+    sb = world.sandboxes[0]
+    world.exec(sb.name, ["nft", "add", "table", "inet", "tenant"])
+    world.exec(sb.name, ["nft", "add", "chain", "inet", "tenant", "c"])
+    try:
+        backend.apply(sb.netns_path, ruleset(deny_out=["203.0.113.0/24"]))
+        backend.apply(sb.netns_path, ruleset(deny_out=["198.51.100.0/24"]))
+        tables = [i["table"]["name"] for i in nft_json(sb.name, "list", "tables")]
+        assert sorted(tables) == ["egressd", "tenant"]
+        assert backend.remove(sb.netns_path) is True
+        assert [i["table"]["name"] for i in nft_json(sb.name, "list", "tables")] == ["tenant"]
+        assert backend.remove(sb.netns_path) is False
+    finally:
+        world.exec(sb.name, ["nft", "delete", "table", "inet", "tenant"])
+
+
+def test_fingerprint_is_read_back_from_the_kernel(world, backend):
+    sb = world.sandboxes[0]
+    rs = ruleset(allow_out=["198.51.100.0/24"])
+    assert backend.fingerprint(sb.netns_path) is None
+    backend.apply(sb.netns_path, rs)
+    assert backend.fingerprint(sb.netns_path) == rs.fingerprint
+    chain = nft_json(sb.name, "list", "chain", "inet", "egressd", "fingerprint")
+    assert [i["rule"]["comment"] for i in chain if "rule" in i] == [rs.fingerprint]
+    backend.remove(sb.netns_path)
+
+
+def test_a_refused_transaction_leaves_the_old_table_in_force(world, backend):
+    sb = world.sandboxes[0]
+    good = ruleset(allow_internet_access=False)
+    backend.apply(sb.netns_path, good)
+    broken = Ruleset(
+        commands=[*good.commands, {"add": {"rule": {"family": "inet", "table": "egressd", "chain": "nope", "expr": []}}}],
+        fingerprint="broken",
+    )
+    with pytest.raises(ApplyError):
+        backend.apply(sb.netns_path, broken)
+    assert backend.fingerprint(sb.netns_path) == good.fingerprint
+    backend.remove(sb.netns_path)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_golden_is_accepted_by_the_kernel(world, backend, name):
+    """The goldens are what the renderer promises; the kernel must take each of them as one transaction."""
+    path = os.path.join(os.path.dirname(__file__), "..", "golden", f"{name}.json")
+    with open(path) as f:
+        doc = json.load(f)
+    sb = world.sandboxes[0]
+    out = subprocess.run(
+        ["ip", "netns", "exec", sb.name, "nft", "-j", "-f", "-"], input=json.dumps(doc), capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    backend.remove(sb.netns_path)
+
+
+def test_ten_thousand_entries_apply_in_one_transaction(world, backend):
+    sb = world.sandboxes[0]
+    entries = [f"198.18.{i // 256}.{i % 256}" for i in range(5000)] + [f"2001:db8:5::{i:x}" for i in range(5000)]
+    rs = ruleset(allow_out=entries)
+    backend.apply(sb.netns_path, rs)
+    sets = {i["set"]["name"]: i["set"] for i in nft_json(sb.name, "list", "table", "inet", "egressd") if "set" in i}
+    # 5000 consecutive /32s collapse into a few prefixes; the v6 ones are not contiguous past ::ff boundaries
+    assert sets["allow4"]["elem"] and sets["allow6"]["elem"]
+    assert backend.fingerprint(sb.netns_path) == rs.fingerprint
+    backend.remove(sb.netns_path)
+
+
+def test_missing_namespace_is_reported_and_never_created(backend):
+    path = "/run/netns/egressd-test-does-not-exist"
+    with pytest.raises(NetnsError) as e:
+        backend.apply(path, ruleset())
+    assert e.value.gone
+    assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize(
+    "kind, says",
+    [
+        ("file", "is not a namespace file"),
+        ("dir", "is a directory"),
+        ("host", "is the agent's own (host) network namespace"),
+        ("mnt", "not a network namespace"),
+    ],
+)
+def test_paths_that_are_not_sandbox_namespaces_are_refused(tmp_path, kind, says):
+    if kind == "file":
+        path = str(tmp_path / "netns")
+        open(path, "w").close()
+    elif kind == "dir":
+        path = str(tmp_path)
+    elif kind == "host":
+        path = "/proc/1/ns/net"
+    else:
+        path = "/proc/self/ns/mnt"
+    with pytest.raises(NetnsError) as e:
+        open_netns(path)
+    assert says in str(e.value) and not e.value.gone
+
+
+def _fds_to(ino: int) -> list[str]:
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == f"net:[{ino}]":
+                fds.append(fd)
+        except OSError:
+            continue
+    return fds
+
+
+def test_a_path_that_now_names_another_namespace_gets_a_fresh_context(world):
+    """Delete a namespace and make a new one at the same path: the cached context must not be reused."""
+    name = f"{world.prefix}re"
+    path = f"/run/netns/{name}"
+    backend = LibnftBackend()
+    try:
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        first = os.stat(path).st_ino
+        backend.apply(path, ruleset(deny_out=["203.0.113.0/24"]))
+        assert _fds_to(first), "the cached context holds the namespace"
+        subprocess.run(["ip", "netns", "del", name], check=True)
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        assert os.stat(path).st_ino != first
+        assert backend.fingerprint(path) is None  # a new namespace: no table, and no stale context
+        assert not _fds_to(first), "the old namespace's handle was released"
+        rs = ruleset(deny_out=["198.51.100.0/24"])
+        backend.apply(path, rs)
+        assert nft_json(name, "list", "chain", "inet", "egressd", "fingerprint")[-1]["rule"]["comment"] == rs.fingerprint
+        backend.forget(path)
+        assert not _fds_to(os.stat(path).st_ino)
+    finally:
+        backend.close()
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_cli_apply_is_idempotent(world, tmp_path, capsys):
+    sb = world.sandboxes[0]
+    f = tmp_path / "sb.json"
+    f.write_text(json.dumps({"id": "demo", "netns": sb.netns_path, "network_policy": {"deny_out": ["203.0.113.0/24"]}}))
+    assert main(["apply", str(f)]) == 0
+    assert main(["apply", str(f)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"demo: applied in {sb.netns_path}", f"demo: unchanged in {sb.netns_path}"]
+    subprocess.run(["ip", "netns", "exec", sb.name, "nft", "delete", "table", "inet", "egressd"], check=True)

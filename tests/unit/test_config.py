@@ -1,0 +1,54 @@
+"""Config: defaults, overrides, and errors that name the key."""
+
+import ipaddress
+
+import pytest
+
+from egressd.config import ConfigError, config_from_dict, load_config
+
+
+def test_defaults_match_the_documented_guard():
+    c = load_config(None)
+    assert [str(n) for n in c.guard.deny] == ["169.254.0.0/16", "fd00:ec2::254/128"]
+    assert c.guard.allow == ()
+    assert ipaddress.ip_network("100.64.0.0/10") in c.guard.private
+    assert ipaddress.ip_network("fc00::/7") in c.guard.private
+    assert c.deny_action == "reject" and c.uplink == "eth0" and c.max_entries == 4096
+
+
+def test_toml_file(tmp_path):
+    p = tmp_path / "egressd.toml"
+    p.write_text(
+        '[guard]\nallow = ["10.96.0.10"]\nprivate = []\n[enforce]\ndeny_action = "drop"\n[limits]\nmax_entries = 10\n'
+    )
+    c = load_config(p)
+    assert c.guard.allow == (ipaddress.ip_network("10.96.0.10/32"),)
+    assert c.guard.private == ()
+    assert c.deny_action == "drop" and c.max_entries == 10
+
+
+@pytest.mark.parametrize(
+    "data, says",
+    [
+        ({"gaurd": {}}, "unknown key 'gaurd'"),
+        ({"guard": {"denny": []}}, "unknown key 'guard.denny'"),
+        ({"guard": {"deny": ["10.0.0.300"]}}, "'10.0.0.300' is not an address or CIDR"),
+        ({"enforce": {"deny_action": "explode"}}, "enforce.deny_action"),
+        ({"enforce": {"uplink": "a" * 16}}, "enforce.uplink"),
+        ({"limits": {"max_entries": 0}}, "limits.max_entries"),
+    ],
+)
+def test_errors_name_the_key(data, says):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data, "egressd.toml")
+    assert says in str(e.value)
+    assert str(e.value).startswith("egressd.toml: ")
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[guard\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)

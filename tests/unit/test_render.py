@@ -1,0 +1,137 @@
+"""The renderer: golden files for representative policies, and the properties every ruleset must have."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from egressd.config import Config, config_from_dict
+from egressd.nft import fingerprint_of, replace_table
+from egressd.policy import parse_sandbox
+from egressd.render import FINGERPRINT_CHAIN, render
+
+GOLDEN = Path(__file__).parent.parent / "golden"
+
+CASES = {
+    "default": ({}, {}),
+    "internet_off_allowlist": (
+        {
+            "allow_internet_access": False,
+            "allow_out": ["10.0.0.0/8", "8.8.8.8", "2001:db8::/32", "::ffff:1.2.3.4"],
+        },
+        {},
+    ),
+    "deny_list": ({"deny_out": ["198.51.100.0/24", "203.0.113.7", "2001:db8:bad::/48"]}, {}),
+    "drop_and_guard": (
+        {"allow_out": ["192.0.2.1"]},
+        {
+            "enforce": {"deny_action": "drop", "uplink": "veth0"},
+            "guard": {"allow": ["10.96.0.10"], "private": [], "deny": ["169.254.169.254"]},
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden(name, update_goldens):
+    policy, cfg = CASES[name]
+    sb = parse_sandbox({"id": name, "network_policy": policy})
+    got = replace_table(render(sb.policy, config_from_dict(cfg)))
+    path = GOLDEN / f"{name}.json"
+    if update_goldens:
+        path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    assert got == json.loads(path.read_text()), (
+        f"re-render with --update-goldens if {name} changed on purpose"
+    )
+
+
+def rules(ruleset, chain):
+    return [
+        c["add"]["rule"]["expr"]
+        for c in ruleset.commands
+        if "rule" in c["add"] and c["add"]["rule"]["chain"] == chain
+    ]
+
+
+def test_semantic_order_of_decide_chain():
+    sb = parse_sandbox(
+        {"id": "a", "network_policy": {"allow_out": ["8.8.8.8", "2001:db8::1"], "deny_out": ["1.1.1.1"]}}
+    )
+    cfg = config_from_dict({"guard": {"allow": ["10.96.0.10", "fd00::53"]}})
+    decide = rules(render(sb.policy, cfg), "decide")
+    sets = []
+    for expr in decide:
+        right = expr[0].get("match", {}).get("right")
+        if isinstance(right, str) and right.startswith("@"):
+            sets.append(right)
+    assert sets == [
+        "@guard_deny4",
+        "@guard_deny6",
+        "@guard_allow4",
+        "@guard_allow6",
+        "@allow4",
+        "@allow6",
+        "@deny4",
+        "@private4",
+        "@private6",
+    ]
+    assert decide[-1] == [{"accept": None}]
+
+
+def test_internet_off_ends_in_deny_and_both_families_are_covered():
+    sb = parse_sandbox(
+        {"id": "a", "network_policy": {"allow_internet_access": False, "allow_out": ["8.8.8.8"]}}
+    )
+    rs = render(sb.policy, Config())
+    # The last rule has no family match: it denies IPv6 even though the policy only named IPv4.
+    assert rules(rs, "decide")[-1] == [{"jump": {"target": "deny"}}]
+    assert rules(rs, "output") == [[{"jump": {"target": "decide"}}]]
+    assert rules(rs, "forward")[-1] == [{"jump": {"target": "decide"}}]
+
+
+def test_reject_mode_resets_tcp_and_answers_icmp_admin_prohibited():
+    deny = rules(render(parse_sandbox({"id": "a"}).policy, Config()), "deny")
+    assert deny[0] == [{"counter": "denied"}]
+    assert deny[1][-1] == {"reject": {"type": "tcp reset"}}
+    assert deny[2] == [{"reject": {"type": "icmpx", "expr": "admin-prohibited"}}]
+
+
+def test_fingerprint_is_stable_and_changes_with_policy():
+    a = parse_sandbox({"id": "a", "network_policy": {"deny_out": ["1.1.1.1", "2.2.2.2"]}})
+    b = parse_sandbox({"id": "b", "network_policy": {"deny_out": ["2.2.2.2", "1.1.1.1"]}})
+    c = parse_sandbox({"id": "c", "network_policy": {"deny_out": ["1.1.1.1"]}})
+    fa, fb, fc = (render(s.policy, Config()).fingerprint for s in (a, b, c))
+    assert fa == fb != fc
+    assert fa.startswith("egressd/1 sha256:") and len(fa) < 128  # nftables comments are at most 128 bytes
+    listing = [c["add"] for c in render(a.policy, Config()).commands]
+    assert fingerprint_of(listing) == fa
+    assert any(
+        c["add"].get("chain", {}).get("name") == FINGERPRINT_CHAIN
+        for c in render(a.policy, Config()).commands
+    )
+
+
+def test_fingerprint_changes_with_operator_config():
+    p = parse_sandbox({"id": "a"}).policy
+    assert (
+        render(p, Config()).fingerprint
+        != render(p, config_from_dict({"enforce": {"deny_action": "drop"}})).fingerprint
+    )
+
+
+def test_sets_and_chains_exist_before_they_are_referenced():
+    rs = render(parse_sandbox({"id": "a", "network_policy": {"allow_out": ["8.8.8.8"]}}).policy, Config())
+    defined: set[str] = set()
+    for c in rs.commands:
+        obj = c["add"]
+        if "set" in obj:
+            defined.add("@" + obj["set"]["name"])
+        elif "chain" in obj:
+            defined.add(obj["chain"]["name"])
+        elif "rule" in obj:
+            assert obj["rule"]["chain"] in defined
+            for e in obj["rule"]["expr"]:
+                target = e.get("jump", {}).get("target")
+                right = e.get("match", {}).get("right")
+                assert target is None or target in defined
+                assert not (isinstance(right, str) and right.startswith("@")) or right in defined
