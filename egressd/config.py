@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from egressd.policy import DEFAULT_MAX_ENTRIES, IPNetwork
+from egressd.policy import DEFAULT_MAX_ENTRIES, IPNetwork, collapse
 
 DEFAULT_GUARD_DENY = ("169.254.0.0/16", "fd00:ec2::254/128")
 DEFAULT_GUARD_PRIVATE = (
@@ -83,9 +83,9 @@ class Guard:
 class Config:
     guard: Guard = field(
         default_factory=lambda: Guard(
-            deny=tuple(ipaddress.ip_network(n) for n in DEFAULT_GUARD_DENY),
+            deny=collapse(ipaddress.ip_network(n) for n in DEFAULT_GUARD_DENY),
             allow=(),
-            private=tuple(ipaddress.ip_network(n) for n in DEFAULT_GUARD_PRIVATE),
+            private=collapse(ipaddress.ip_network(n) for n in DEFAULT_GUARD_PRIVATE),
         )
     )
     deny_action: str = "reject"
@@ -95,7 +95,8 @@ class Config:
 
 def _to_config(m: _ConfigModel) -> Config:
     def nets(values: list[str]) -> tuple[IPNetwork, ...]:
-        return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+        parsed = [ipaddress.ip_network(v, strict=False) for v in values]
+        return collapse(parsed)
 
     return Config(
         guard=Guard(deny=nets(m.guard.deny), allow=nets(m.guard.allow), private=nets(m.guard.private)),

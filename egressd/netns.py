@@ -11,6 +11,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,6 +72,11 @@ def open_netns(path: str) -> tuple[int, NsId]:
             raise NetnsError(path, "process or namespace is gone", gone=True) from None
         raise NetnsError(path, f"cannot open: {e.strerror}") from None
     try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise NetnsError(path, "is a directory, not a network namespace")
+        if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+            raise NetnsError(path, "is a regular file, not a network namespace")
         try:
             kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
         except OSError:
@@ -79,7 +85,6 @@ def open_netns(path: str) -> tuple[int, NsId]:
             ) from None
         if kind != CLONE_NEWNET:
             raise NetnsError(path, "is a namespace, but not a network namespace")
-        st = os.fstat(fd)
         ident = NsId(st.st_dev, st.st_ino)
         if ident in _own_netns_ids():
             raise NetnsError(path, "is the agent's own (host) network namespace; refusing to touch it")
@@ -173,3 +178,6 @@ class ContextCache:
         with self._lock:
             for path in list(self._entries):
                 self._close(path)
+            if self._home >= 0:
+                os.close(self._home)
+                self._home = -1

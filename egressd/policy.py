@@ -33,6 +33,39 @@ class PolicyError(ValueError):
         super().__init__("; ".join(self.problems))
 
 
+def collapse(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    """Merge overlapping and adjacent networks, sorted, IPv4 first; fast when little merges.
+
+    ipaddress.collapse_addresses costs ~60 ms for 10,000 entries; this merges integer intervals per family
+    and only summarises a range where networks really merged.
+    """
+    out: list[IPNetwork] = []
+    by_family: dict[int, list[IPNetwork]] = {4: [], 6: []}
+    for n in nets:
+        by_family[n.version].append(n)
+    for members in by_family.values():
+        spans = sorted(
+            ((int(n.network_address), int(n.broadcast_address), n) for n in members),
+            key=lambda s: (s[0], -s[1]),
+        )
+        i = 0
+        while i < len(spans):
+            _, end, net = spans[i]
+            j = i + 1
+            merged = False
+            while j < len(spans) and spans[j][0] <= end + 1:
+                merged = merged or spans[j][1] > end
+                end = max(end, spans[j][1])
+                j += 1
+            if merged:
+                last = type(net.network_address)(end)
+                out.extend(ipaddress.summarize_address_range(net.network_address, last))  # type: ignore[arg-type]
+            else:
+                out.append(net)
+            i = j
+    return tuple(out)
+
+
 # --- plain dataclasses used inside the agent -------------------------------------------------------------
 
 
@@ -57,8 +90,8 @@ class Targets:
             else:
                 hosts.append(e)
         return cls(
-            nets4=tuple(ipaddress.collapse_addresses(nets4)),
-            nets6=tuple(ipaddress.collapse_addresses(nets6)),
+            nets4=collapse(nets4),  # type: ignore[arg-type]
+            nets6=collapse(nets6),  # type: ignore[arg-type]
             hostnames=tuple(sorted(set(hosts))),
         )
 

@@ -5,25 +5,31 @@ Never connected to the caller's own network namespace; see README.md for topolog
 
 from netns_fixtures._nsutil import CommandError, in_netns, netns_socket, nsexec
 from netns_fixtures.probe import (
+    Outcome,
     ProbeError,
     Sniffer,
     TcpSession,
+    classify_errno,
     open_tcp,
     ping,
     scapy_send,
     tcp_connect,
+    tcp_probe,
     udp_echo,
+    udp_probe,
 )
 from netns_fixtures.world import SandboxNS, VmNS, World, cleanup
 
 __all__ = [
     "CommandError",
+    "Outcome",
     "ProbeError",
     "SandboxNS",
     "Sniffer",
     "TcpSession",
     "VmNS",
     "World",
+    "classify_errno",
     "cleanup",
     "in_netns",
     "netns_socket",
@@ -32,5 +38,7 @@ __all__ = [
     "ping",
     "scapy_send",
     "tcp_connect",
+    "tcp_probe",
     "udp_echo",
+    "udp_probe",
 ]

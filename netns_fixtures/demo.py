@@ -24,7 +24,10 @@ from netns_fixtures.world import World, cleanup
 POLICIES = [
     ("open, deny a range", {"deny_out": ["203.0.113.0/24", "2001:db8:bad::/48"]}),
     ("allowlist only", {"allow_internet_access": False, "allow_out": ["198.51.100.10", "2001:db8:1::10"]}),
-    ("allow before deny", {"allow_out": ["198.51.100.10", "2001:db8:1::10"], "deny_out": ["198.51.100.0/24"]}),
+    (
+        "allow before deny",
+        {"allow_out": ["198.51.100.10", "2001:db8:1::10"], "deny_out": ["198.51.100.0/24"]},
+    ),
 ]
 
 DESTINATIONS = [
@@ -40,7 +43,11 @@ DESTINATIONS = [
 
 def probe(ns: str, dst: str) -> str:
     """'pass' when TCP, UDP and ICMP all get through, 'deny' when none does, else what differed."""
-    got = {"tcp": tcp_connect(ns, dst, 80) == "open", "udp": udp_echo(ns, dst, 7) == "reply", "icmp": ping(ns, dst)}
+    got = {
+        "tcp": tcp_connect(ns, dst, 80) == "open",
+        "udp": udp_echo(ns, dst, 7) == "reply",
+        "icmp": ping(ns, dst),
+    }
     if all(got.values()):
         return "pass"
     if not any(got.values()):
@@ -85,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                 mismatches += got != want
                 cells.append(f"{got + ' (' + verdict.step + ')' + mark:>22}")
             print(f"{dst + '  ' + what:38}" + "".join(cells))
-        print("\npass/deny: TCP, UDP and ping all got through / none did; in brackets, the step that decided.")
+        print(
+            "\npass/deny: TCP, UDP and ping all got through / none did; in brackets, the step that decided."
+        )
         if args.keep:
             input("world is up; press Enter to remove it ")
     print(f"removed every namespace of the demo ({time.monotonic() - t0:.1f} s in all)")

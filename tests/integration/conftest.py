@@ -53,7 +53,9 @@ def enforce(world, backend) -> Iterator[Enforcer]:
 
 def nft_json(ns: str, *args: str) -> list[dict]:
     """What the kernel holds, read with the nft CLI: an independent check of what egressd wrote."""
-    out = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", *args], capture_output=True, text=True, timeout=10)
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", "-j", *args], capture_output=True, text=True, timeout=10
+    )
     if out.returncode != 0:
         return []
     return [i for i in json.loads(out.stdout)["nftables"] if "metainfo" not in i]

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.root
 
 
 def ruleset(**np) -> Ruleset:
-    return render(parse_sandbox({"id": "x", "network_policy": np}).policy, Config())
+    return render(parse_sandbox({"id": "x", "network_policy": np}, max_entries=10_000).policy, Config())
 
 
 def test_other_tables_in_the_namespace_are_left_alone(world, backend):
@@ -54,7 +54,10 @@ def test_a_refused_transaction_leaves_the_old_table_in_force(world, backend):
     good = ruleset(allow_internet_access=False)
     backend.apply(sb.netns_path, good)
     broken = Ruleset(
-        commands=[*good.commands, {"add": {"rule": {"family": "inet", "table": "egressd", "chain": "nope", "expr": []}}}],
+        commands=[
+            *good.commands,
+            {"add": {"rule": {"family": "inet", "table": "egressd", "chain": "nope", "expr": []}}},
+        ],
         fingerprint="broken",
     )
     with pytest.raises(ApplyError):
@@ -71,7 +74,10 @@ def test_every_golden_is_accepted_by_the_kernel(world, backend, name):
         doc = json.load(f)
     sb = world.sandboxes[0]
     out = subprocess.run(
-        ["ip", "netns", "exec", sb.name, "nft", "-j", "-f", "-"], input=json.dumps(doc), capture_output=True, text=True
+        ["ip", "netns", "exec", sb.name, "nft", "-j", "-f", "-"],
+        input=json.dumps(doc),
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr
     backend.remove(sb.netns_path)
@@ -79,10 +85,16 @@ def test_every_golden_is_accepted_by_the_kernel(world, backend, name):
 
 def test_ten_thousand_entries_apply_in_one_transaction(world, backend):
     sb = world.sandboxes[0]
-    entries = [f"198.18.{i // 256}.{i % 256}" for i in range(5000)] + [f"2001:db8:5::{i:x}" for i in range(5000)]
+    entries = [f"198.18.{i // 256}.{i % 256}" for i in range(5000)] + [
+        f"2001:db8:5::{i:x}" for i in range(5000)
+    ]
     rs = ruleset(allow_out=entries)
     backend.apply(sb.netns_path, rs)
-    sets = {i["set"]["name"]: i["set"] for i in nft_json(sb.name, "list", "table", "inet", "egressd") if "set" in i}
+    sets = {
+        i["set"]["name"]: i["set"]
+        for i in nft_json(sb.name, "list", "table", "inet", "egressd")
+        if "set" in i
+    }
     # 5000 consecutive /32s collapse into a few prefixes; the v6 ones are not contiguous past ::ff boundaries
     assert sets["allow4"]["elem"] and sets["allow6"]["elem"]
     assert backend.fingerprint(sb.netns_path) == rs.fingerprint
@@ -113,7 +125,7 @@ def test_paths_that_are_not_sandbox_namespaces_are_refused(tmp_path, kind, says)
     elif kind == "dir":
         path = str(tmp_path)
     elif kind == "host":
-        path = "/proc/1/ns/net"
+        path = f"/proc/{os.getpid()}/ns/net"
     else:
         path = "/proc/self/ns/mnt"
     with pytest.raises(NetnsError) as e:
@@ -125,7 +137,7 @@ def _fds_to(ino: int) -> list[str]:
     fds = []
     for fd in os.listdir("/proc/self/fd"):
         try:
-            if os.readlink(f"/proc/self/fd/{fd}") == f"net:[{ino}]":
+            if os.stat(f"/proc/self/fd/{fd}").st_ino == ino:
                 fds.append(fd)
         except OSError:
             continue
@@ -149,7 +161,10 @@ def test_a_path_that_now_names_another_namespace_gets_a_fresh_context(world):
         assert not _fds_to(first), "the old namespace's handle was released"
         rs = ruleset(deny_out=["198.51.100.0/24"])
         backend.apply(path, rs)
-        assert nft_json(name, "list", "chain", "inet", "egressd", "fingerprint")[-1]["rule"]["comment"] == rs.fingerprint
+        assert (
+            nft_json(name, "list", "chain", "inet", "egressd", "fingerprint")[-1]["rule"]["comment"]
+            == rs.fingerprint
+        )
         backend.forget(path)
         assert not _fds_to(os.stat(path).st_ino)
     finally:
@@ -160,7 +175,9 @@ def test_a_path_that_now_names_another_namespace_gets_a_fresh_context(world):
 def test_cli_apply_is_idempotent(world, tmp_path, capsys):
     sb = world.sandboxes[0]
     f = tmp_path / "sb.json"
-    f.write_text(json.dumps({"id": "demo", "netns": sb.netns_path, "network_policy": {"deny_out": ["203.0.113.0/24"]}}))
+    f.write_text(
+        json.dumps({"id": "demo", "netns": sb.netns_path, "network_policy": {"deny_out": ["203.0.113.0/24"]}})
+    )
     assert main(["apply", str(f)]) == 0
     assert main(["apply", str(f)]) == 0
     out = capsys.readouterr().out.splitlines()

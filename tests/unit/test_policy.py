@@ -9,6 +9,7 @@ from egressd.policy import (
     PolicyError,
     Snapshot,
     Upsert,
+    collapse,
     normalise_hostname,
     parse_entry,
     parse_event,
@@ -184,3 +185,31 @@ def test_bad_events(raw, says):
     with pytest.raises(PolicyError) as e:
         parse_event(raw)
     assert says in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "nets, expected",
+    [
+        (["10.0.0.0/8", "10.1.0.0/16"], ["10.0.0.0/8"]),
+        (["10.0.0.0/25", "10.0.0.128/25"], ["10.0.0.0/24"]),
+        (["10.0.0.1", "10.0.0.2"], ["10.0.0.1/32", "10.0.0.2/32"]),
+        (["10.0.0.2", "10.0.0.1", "10.0.0.3"], ["10.0.0.1/32", "10.0.0.2/31"]),
+        (["10.0.0.0/24", "10.0.0.0/24"], ["10.0.0.0/24"]),
+        (["2001:db8::/32", "10.0.0.0/8", "::a00:0/104"], ["10.0.0.0/8", "::a00:0/104", "2001:db8::/32"]),
+    ],
+)
+def test_collapse_merges_within_a_family_only(nets, expected):
+    got = collapse(ipaddress.ip_network(n) for n in nets)
+    assert [str(n) for n in got] == expected
+
+
+def test_collapse_agrees_with_ipaddress_on_random_input():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(200):
+        nets = [
+            ipaddress.ip_network((rng.randrange(0, 2**12) << 20, rng.randrange(8, 33)), strict=False)
+            for _ in range(20)
+        ]
+        assert list(collapse(nets)) == list(ipaddress.collapse_addresses(nets))

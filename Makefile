@@ -1,0 +1,28 @@
+# Conveniences over scripts/; the README's Quick start uses the scripts directly.
+.PHONY: setup test unit demo bench lint format clean
+
+setup:
+	bash scripts/setup.sh
+
+test:
+	bash scripts/test.sh
+
+unit: setup
+	.venv/bin/python -m pytest -q tests/unit
+
+demo:
+	bash scripts/demo.sh
+
+bench: setup
+	.venv/bin/python -m bench.apply --json bench/results.json
+
+lint: setup
+	.venv/bin/ruff check egressd netns_fixtures tests bench
+	.venv/bin/ruff format --check egressd netns_fixtures tests bench
+
+format: setup
+	.venv/bin/ruff format egressd netns_fixtures tests bench
+	.venv/bin/ruff check --fix egressd netns_fixtures tests bench
+
+clean:
+	rm -rf .venv build dist *.egg-info .pytest_cache .ruff_cache
