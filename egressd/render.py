@@ -24,6 +24,9 @@ _T = {"family": FAMILY, "table": TABLE}
 
 # ICMPv6 neighbour and router discovery: without these the sandbox cannot reach even its gateway over IPv6.
 ND_TYPES = ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]
+# Multicast listener reports for link-local groups: a snooping bridge needs them to deliver neighbour
+# solicitations to the sandbox. Hop limit 1 and ff02::/16 keep them on the link.
+MLD_TYPES = ["mld-listener-report", "mld-listener-done", "mld2-listener-report"]
 
 Json = dict[str, Any]
 
@@ -55,15 +58,20 @@ def _split(nets: Iterable[IPNetwork]) -> tuple[list[IPNetwork], list[IPNetwork]]
     return v4, v6
 
 
+def _match(left: Json, right: Any) -> Json:
+    return {"match": {"op": "==", "left": left, "right": right}}
+
+
+def _payload(protocol: str, field: str) -> Json:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _meta(key: str) -> Json:
+    return {"meta": {"key": key}}
+
+
 def _match_daddr(version: int, set_name: str) -> Json:
-    proto = "ip" if version == 4 else "ip6"
-    return {
-        "match": {
-            "op": "==",
-            "left": {"payload": {"protocol": proto, "field": "daddr"}},
-            "right": f"@{set_name}",
-        }
-    }
+    return _match(_payload("ip" if version == 4 else "ip6", "daddr"), f"@{set_name}")
 
 
 def _rule(chain: str, *expr: Json, comment: str | None = None) -> Json:
@@ -111,8 +119,7 @@ def _deny_chain(action: str) -> list[Json]:
     if action == "drop":
         rules.append(_rule("deny", {"drop": None}))
     else:
-        tcp = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}
-        rules.append(_rule("deny", tcp, {"reject": {"type": "tcp reset"}}))
+        rules.append(_rule("deny", _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}))
         rules.append(_rule("deny", {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}))
     return rules
 
@@ -121,33 +128,14 @@ def render(policy: Policy, config: Config) -> Ruleset:
     """The whole `inet egressd` table for one sandbox. Order of `decide` is the documented semantics."""
     b = _Builder()
     # 1. loopback, replies on connections opened from outside, IPv6 neighbour discovery.
+    b.rules.append(_rule("decide", _match(_meta("oifname"), "lo"), ACCEPT))
+    b.rules.append(_rule("decide", _match({"ct": {"key": "direction"}}, "reply"), ACCEPT))
+    icmpv6_type = _payload("icmpv6", "type")
+    hoplimit = _payload("ip6", "hoplimit")
+    b.rules.append(_rule("decide", _match(icmpv6_type, {"set": ND_TYPES}), _match(hoplimit, 255), ACCEPT))
+    link_multicast = _match(_payload("ip6", "daddr"), {"prefix": {"addr": "ff02::", "len": 16}})
     b.rules.append(
-        _rule("decide", {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "lo"}}, ACCEPT)
-    )
-    b.rules.append(
-        _rule(
-            "decide", {"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "reply"}}, ACCEPT
-        )
-    )
-    b.rules.append(
-        _rule(
-            "decide",
-            {
-                "match": {
-                    "op": "==",
-                    "left": {"payload": {"protocol": "icmpv6", "field": "type"}},
-                    "right": {"set": ND_TYPES},
-                }
-            },
-            {
-                "match": {
-                    "op": "==",
-                    "left": {"payload": {"protocol": "ip6", "field": "hoplimit"}},
-                    "right": 255,
-                }
-            },
-            ACCEPT,
-        )
+        _rule("decide", _match(icmpv6_type, {"set": MLD_TYPES}), _match(hoplimit, 1), link_multicast, ACCEPT)
     )
     # 2-6. operator deny, operator allow, tenant allow, tenant deny, private ranges.
     b.set_rules("guard_deny", config.guard.deny, DENY)
@@ -158,7 +146,7 @@ def render(policy: Policy, config: Config) -> Ruleset:
     # 7. everything else: the public internet.
     b.rules.append(_rule("decide", ACCEPT if policy.allow_internet_access else DENY))
 
-    uplink = {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": config.uplink}}
+    uplink = _match(_meta("iifname"), config.uplink)
     body: list[Json] = [
         {"add": {"table": {"family": FAMILY, "name": TABLE}}},
         *b.sets,

@@ -138,6 +138,26 @@ def _pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def _is_own_netns(name: str) -> bool:
+    """True if the name is bound to the namespace this process (or init) runs in.
+
+    Guard for cleanup(): a name like that (e.g. made with `ip netns attach NAME 1`) must never make
+    us kill every process of the machine's own namespace.
+    """
+    try:
+        target = os.stat(netns_path(name))
+    except FileNotFoundError:
+        return False
+    for own in ("/proc/self/ns/net", "/proc/thread-self/ns/net", "/proc/1/ns/net"):
+        try:
+            st = os.stat(own)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            return True
+    return False
+
+
 def delete_namespaces(names: Sequence[str]) -> None:
     """Kill processes inside, then `ip netns del` each name; missing names are ignored."""
     present = [n for n in names if os.path.exists(netns_path(n))]
@@ -145,7 +165,8 @@ def delete_namespaces(names: Sequence[str]) -> None:
         return
     pids: list[int] = []
     for name in present:
-        pids += netns_pids(name)
+        if not _is_own_netns(name):
+            pids += netns_pids(name)
     kill_pids(pids)
     ip_batch([f"netns del {n}" for n in present], force=True)
     leftover = [n for n in present if os.path.exists(netns_path(n))]
@@ -157,6 +178,16 @@ def delete_namespaces(names: Sequence[str]) -> None:
 def _libc() -> ctypes.CDLL:
     """libc handle for setns(2) (os.setns only exists from Python 3.12)."""
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def set_parent_death_signal() -> None:
+    """preexec_fn for helper processes: SIGTERM them if the thread that started them dies.
+
+    Survives the exec of `ip netns exec` into the real program, so a crashed test run cannot leave
+    e.g. tcpdump running forever (cleanup(prefix) would also find it).
+    """
+    pr_set_pdeathsig = 1
+    _libc().prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def _setns(fd: int) -> None:

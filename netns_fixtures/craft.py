@@ -99,39 +99,45 @@ def build(spec: dict[str, Any]) -> tuple[int, str, bytes]:
     return family, dst, bytes(l3 / upper)
 
 
-def send_specs(specs: Sequence[dict[str, Any]]) -> int:
-    """Build and send every spec from the *current* network namespace; returns packets sent."""
+def send_specs(specs: Sequence[dict[str, Any]]) -> tuple[int, int]:
+    """Build and send every spec from the *current* network namespace; returns (sent, refused).
+
+    A packet that netfilter refuses at the output hook fails sendto() with EPERM: that is a result the
+    tests look for, not an error, so it is counted and sending goes on.
+    """
     built = []
     for spec in specs:
         family, dst, wire = build(spec)
         built += [(family, dst, wire)] * int(spec.get("count", 1))
     socks: dict[int, socket.socket] = {}
+    refused = 0
     try:
         for family, dst, wire in built:
             sock = socks.get(family)
             if sock is None:
                 # IPPROTO_RAW implies "header included" for both families on Linux.
                 sock = socks[family] = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
-            sock.sendto(wire, (dst, 0))
+            try:
+                sock.sendto(wire, (dst, 0))
+            except PermissionError:
+                refused += 1
     finally:
         for sock in socks.values():
             sock.close()
-    return len(built)
+    return len(built) - refused, refused
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: JSON spec list from argv[1] or stdin; prints {"sent": N} or {"error": ...}."""
+    """CLI: JSON spec list from argv[1] or stdin; prints {"sent": N, "refused": M} or {"error": ...}."""
     args = sys.argv[1:] if argv is None else argv
     text = args[0] if args else sys.stdin.read()
-    specs = json.loads(text)
-    if isinstance(specs, dict):
-        specs = [specs]
     try:
-        sent = send_specs(specs)
-    except (OSError, ValueError, KeyError) as exc:
+        specs = json.loads(text)
+        sent, refused = send_specs([specs] if isinstance(specs, dict) else specs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
         return 1
-    print(json.dumps({"sent": sent}))
+    print(json.dumps({"sent": sent, "refused": refused}))
     return 0
 
 

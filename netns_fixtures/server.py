@@ -40,8 +40,8 @@ async def _echo_lines(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                 break
             writer.write(line)
             await writer.drain()
-    except (ConnectionError, asyncio.LimitOverrunError, asyncio.IncompleteReadError, OSError):
-        pass
+    except (ConnectionError, asyncio.IncompleteReadError, ValueError, OSError):
+        pass  # client went away or sent an over-long line: just close
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError, OSError):

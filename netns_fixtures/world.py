@@ -211,6 +211,8 @@ class World:
         if self._closed:
             return
         self._closed = True
+        if not self._started:
+            return  # never built: the names may belong to someone else's world
         for proc in self._procs:
             _stop_process(proc)
         self._procs.clear()

@@ -175,7 +175,7 @@ def test_sniffer_in_inet_sees_crafted_sctp_and_proto_253(world: World, sb: Sandb
 
 def test_sniffer_sees_forwarded_vm_packets_twice_in_sandbox(world: World, sb: SandboxNS) -> None:
     assert sb.vm is not None
-    with Sniffer(sb.name, bpf="ip proto 253") as sniff:
+    with Sniffer(sb.name, iface="any", bpf="ip proto 253") as sniff:
         scapy_send(sb.vm.name, {"dst": "203.0.113.9", "proto": "raw", "proto_num": 253})
     # In on tap0, out on eth0: -i any shows a forwarded packet once per interface.
     assert sniff.count(lambda p: p.haslayer("IP") and p["IP"].proto == 253) == 2

@@ -4,9 +4,15 @@ Every test applies a policy with the real libnftables backend and then probes fr
 TCP (a reset when denied), UDP (ICMP administratively prohibited when denied) and ICMP echo, IPv4 and IPv6.
 """
 
+import contextlib
+import socket
+import struct
+import time
+
 import pytest
 
-from netns_fixtures.probe import open_tcp, ping, tcp_connect, udp_echo
+from netns_fixtures import in_netns
+from netns_fixtures.probe import Sniffer, open_tcp, ping, tcp_connect, udp_echo
 
 pytestmark = pytest.mark.root
 
@@ -179,3 +185,24 @@ def test_forwarded_tightening_cuts_a_microvm_connection(world, enforce):
         assert session.exchange(b"after\n") != "ok"
     finally:
         session.close()
+
+
+def test_multicast_listener_reports_stay_on_the_link_with_internet_off(world, enforce):
+    """A snooping bridge needs MLD reports to deliver neighbour solicitations; they must leave, nothing else."""
+    sb = world.sandboxes[0]
+    enforce(sb, allow_internet_access=False)
+    with Sniffer(world.router, iface=sb.host_if, bpf="ip6") as sniffer:
+        with in_netns(sb.name):
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            ifindex = socket.if_nametoindex("eth0")
+        try:
+            group = socket.inet_pton(socket.AF_INET6, "ff02::1:3") + struct.pack("@I", ifindex)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, group)
+            # Site-scoped multicast is not on the link: denied like any other destination.
+            with contextlib.suppress(OSError):
+                sock.sendto(b"x", ("ff05::1:3", 9, 0, ifindex))
+            time.sleep(0.3)
+        finally:
+            sock.close()
+    assert any(p.haslayer("ICMPv6MLReport2") for p in sniffer.packets)
+    assert sniffer.packets_to("ff05::1:3") == []
