@@ -141,6 +141,13 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
             failed += 1
             continue
         print(f"{sb.id}: applied in {sb.netns}")
+        hosts = len(sb.policy.allow_out.hostnames) + len(sb.policy.deny_out.hostnames)
+        if hosts:
+            print(
+                f"{sb.id}: {hosts} hostname entr{'y' if hosts == 1 else 'ies'} not enforced: "
+                "hostname resolution is not built yet",
+                file=sys.stderr,
+            )
     backend.close()
     return 1 if failed else 0
 
