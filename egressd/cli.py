@@ -8,14 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 from egressd import __version__
 from egressd.config import Config, ConfigError, load_config
+from egressd.control import ControlError, request
 from egressd.netns import NetnsError
 from egressd.nft import ApplyError, LibnftBackend, replace_table
-from egressd.policy import PolicyError, Sandbox, parse_event, parse_sandbox
+from egressd.policy import PolicyError, Sandbox, Snapshot, Upsert, parse_event, parse_sandbox
 from egressd.render import render
 
 MAX_INPUT_BYTES = 64 * 1024 * 1024
@@ -81,8 +83,13 @@ def _load_sandboxes(path: str, config: Config, out: TextIO) -> tuple[list[Sandbo
             for p in e.problems:
                 print(f"{path}:{n}: {p}", file=out)
             continue
-        sandboxes.extend(getattr(event, "sandboxes", ()))
-        if hasattr(event, "sandbox"):
+        if isinstance(event, Snapshot):
+            sandboxes.extend(event.sandboxes)
+            for rejected in event.rejected:
+                errors += 1
+                for p in rejected.problems:
+                    print(f"{path}:{n}: {p}", file=out)
+        elif isinstance(event, Upsert):
             sandboxes.append(event.sandbox)
     return sandboxes, errors
 
@@ -152,6 +159,84 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     return 1 if failed else 0
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Command-line flags that override the config file, as a nested dict in the file's shape."""
+    out: dict[str, dict[str, Any]] = {}
+    for flag, (section, key) in RUN_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+RUN_FLAGS = {
+    "feed": ("feed", "source"),
+    "state_dir": ("state", "dir"),
+    "control_socket": ("control", "socket"),
+    "resync_interval": ("reconcile", "resync_interval"),
+    "log_format": ("log", "format"),
+    "log_level": ("log", "level"),
+}
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    from egressd.daemon import run  # the daemon's imports are only needed here
+
+    return run(args.config, _overrides(args))
+
+
+def _age(since: float | None) -> str:
+    if since is None:
+        return "-"
+    secs = max(0, int(time.time() - since))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"{secs // size}{unit}"
+    return f"{secs}s"
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    answer = request(args.socket or config.control_socket, {"cmd": "status"})
+    if args.json:
+        json.dump(answer, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    agent = answer["agent"]
+    counts = agent["counts"]
+    print(
+        f"egressd {agent['version']} pid {agent['pid']}, up {_age(agent['started'])}: "
+        f"{counts['enforced']} enforced, {counts['pending']} pending, {counts['error']} error; "
+        f"feed {agent['feed'].get('source')} "
+        f"({agent['feed']['lines']} lines, {agent['feed']['rejected']} rejected)"
+    )
+    if agent["state"]["error"]:
+        print(f"state: {agent['state']['error']}")
+    rows = [("SANDBOX", "STATE", "REVISION", "SINCE", "NETNS", "ERROR")]
+    for sb in answer["sandboxes"]:
+        rev = "-" if sb["revision"] is None else str(sb["revision"])
+        rows.append((sb["id"], sb["state"], rev, _age(sb["since"]), sb["netns"] or "-", sb["error"] or ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5])
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace, config: Config) -> int:
+    req = {"cmd": "wait", "id": args.sandbox, "revision": args.revision, "timeout": args.timeout}
+    answer = request(args.socket or config.control_socket, req, timeout=args.timeout + 5)
+    sb = answer.get("sandbox")
+    if answer.get("ok"):
+        print(f"{args.sandbox}: enforced at revision {sb['revision'] if sb else '?'}")
+        return 0
+    where = (
+        "unknown to the agent"
+        if sb is None
+        else f"{sb['state']} at revision {sb['revision']}: {sb['error'] or ''}"
+    )
+    print(f"{args.sandbox}: not enforced after {args.timeout:g} s ({where.strip()})", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="TOML config file (default: built-in defaults)")
@@ -172,18 +257,46 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("file", help="JSON sandbox record or list of records, each with netns")
     a.add_argument("--force", action="store_true", help="rewrite even when the fingerprint is unchanged")
     a.set_defaults(func=cmd_apply)
+
+    run = sub.add_parser(
+        "run", parents=[common], help="the agent: follow the feed, keep every table in force"
+    )
+    run.add_argument("--feed", metavar="SOURCE", help="file:PATH, stdin or unix:PATH ([feed] source)")
+    run.add_argument("--state-dir", metavar="DIR", help="where desired state is kept ([state] dir)")
+    run.add_argument("--control-socket", metavar="PATH", help="the status socket ([control] socket)")
+    run.add_argument("--resync-interval", type=float, metavar="S", help="seconds between full re-checks")
+    run.add_argument("--log-format", choices=["json", "text"], help="json (default) or text")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("status", parents=[common], help="what the running agent enforces, per sandbox")
+    st.add_argument("--json", action="store_true", help="machine-readable")
+    st.add_argument("--socket", metavar="PATH", help="the control socket (default: from the config)")
+    st.set_defaults(func=cmd_status)
+
+    w = sub.add_parser("wait", parents=[common], help="exit 0 once SANDBOX is enforced (at REVISION)")
+    w.add_argument("sandbox")
+    w.add_argument("--revision", type=int, help="at least this revision")
+    w.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds (default 30); exit 1 when it runs out"
+    )
+    w.add_argument("--socket", metavar="PATH", help="the control socket (default: from the config)")
+    w.set_defaults(func=cmd_wait)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, _overrides(args))
     except ConfigError as e:
         print(f"egressd: {e}", file=sys.stderr)
         return 2
     try:
         return int(args.func(args, config))
+    except ControlError as e:
+        print(f"egressd: {e}", file=sys.stderr)
+        return 2
     except FileNotFoundError as e:
         print(f"egressd: {e.filename}: no such file", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -64,10 +65,54 @@ class _Limits(_Strict):
     max_entries: int = Field(default=DEFAULT_MAX_ENTRIES, ge=1, le=1_000_000)
 
 
+class _Feed(_Strict):
+    source: str = Field(default="unix:/run/egressd/feed.sock", min_length=1)
+    max_line_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+
+
+class _State(_Strict):
+    dir: str = Field(default="/var/lib/egressd", min_length=1)
+
+
+class _Dns(_Strict):
+    nameservers: list[str] = Field(default_factory=list)
+    min_ttl: float = Field(default=5.0, ge=0.1, le=86400)
+    max_ttl: float = Field(default=300.0, ge=0.1, le=86400)
+
+    @field_validator("nameservers")
+    @classmethod
+    def _check(cls, v: list[str]) -> list[str]:
+        for ns in v:
+            ipaddress.ip_address(ns)
+        return v
+
+
+class _Reconcile(_Strict):
+    resync_interval: float = Field(default=30.0, ge=0.1, le=86400)
+    workers: int = Field(default=4, ge=1, le=64)
+    retry_initial: float = Field(default=0.2, gt=0, le=60)
+    retry_max: float = Field(default=30.0, gt=0, le=3600)
+
+
+class _Control(_Strict):
+    socket: str = Field(default="/run/egressd/control.sock", min_length=1)
+
+
+class _Log(_Strict):
+    format: Literal["json", "text"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
 class _ConfigModel(_Strict):
     guard: _Guard = Field(default_factory=_Guard)
     enforce: _Enforce = Field(default_factory=_Enforce)
     limits: _Limits = Field(default_factory=_Limits)
+    feed: _Feed = Field(default_factory=_Feed)
+    state: _State = Field(default_factory=_State)
+    dns: _Dns = Field(default_factory=_Dns)
+    reconcile: _Reconcile = Field(default_factory=_Reconcile)
+    control: _Control = Field(default_factory=_Control)
+    log: _Log = Field(default_factory=_Log)
 
 
 @dataclass(frozen=True)
@@ -79,36 +124,71 @@ class Guard:
     private: tuple[IPNetwork, ...]
 
 
+def _nets_of(values: Iterable[str]) -> tuple[IPNetwork, ...]:
+    return collapse(ipaddress.ip_network(v, strict=False) for v in values)
+
+
 @dataclass(frozen=True)
 class Config:
+    """Everything the agent reads from its config file, flat. Only guard, deny_action and uplink shape the
+    rendered table; the rest is how the agent runs."""
+
     guard: Guard = field(
         default_factory=lambda: Guard(
-            deny=collapse(ipaddress.ip_network(n) for n in DEFAULT_GUARD_DENY),
-            allow=(),
-            private=collapse(ipaddress.ip_network(n) for n in DEFAULT_GUARD_PRIVATE),
+            deny=_nets_of(DEFAULT_GUARD_DENY), allow=(), private=_nets_of(DEFAULT_GUARD_PRIVATE)
         )
     )
     deny_action: str = "reject"
     uplink: str = "eth0"
     max_entries: int = DEFAULT_MAX_ENTRIES
+    feed_source: str = "unix:/run/egressd/feed.sock"
+    max_line_bytes: int = 1024 * 1024
+    state_dir: str = "/var/lib/egressd"
+    dns_nameservers: tuple[str, ...] = ()
+    dns_min_ttl: float = 5.0
+    dns_max_ttl: float = 300.0
+    resync_interval: float = 30.0
+    workers: int = 4
+    retry_initial: float = 0.2
+    retry_max: float = 30.0
+    control_socket: str = "/run/egressd/control.sock"
+    log_format: str = "json"
+    log_level: str = "info"
 
 
 def _to_config(m: _ConfigModel) -> Config:
-    def nets(values: list[str]) -> tuple[IPNetwork, ...]:
-        parsed = [ipaddress.ip_network(v, strict=False) for v in values]
-        return collapse(parsed)
-
+    if m.dns.min_ttl > m.dns.max_ttl:
+        raise ConfigError(f"dns.min_ttl ({m.dns.min_ttl}) is larger than dns.max_ttl ({m.dns.max_ttl})")
+    if m.reconcile.retry_initial > m.reconcile.retry_max:
+        raise ConfigError("reconcile.retry_initial is larger than reconcile.retry_max")
     return Config(
-        guard=Guard(deny=nets(m.guard.deny), allow=nets(m.guard.allow), private=nets(m.guard.private)),
+        guard=Guard(
+            deny=_nets_of(m.guard.deny), allow=_nets_of(m.guard.allow), private=_nets_of(m.guard.private)
+        ),
         deny_action=m.enforce.deny_action,
         uplink=m.enforce.uplink,
         max_entries=m.limits.max_entries,
+        feed_source=m.feed.source,
+        max_line_bytes=m.feed.max_line_bytes,
+        state_dir=m.state.dir,
+        dns_nameservers=tuple(m.dns.nameservers),
+        dns_min_ttl=m.dns.min_ttl,
+        dns_max_ttl=m.dns.max_ttl,
+        resync_interval=m.reconcile.resync_interval,
+        workers=m.reconcile.workers,
+        retry_initial=m.reconcile.retry_initial,
+        retry_max=m.reconcile.retry_max,
+        control_socket=m.control.socket,
+        log_format=m.log.format,
+        log_level=m.log.level,
     )
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     try:
         return _to_config(_ConfigModel.model_validate(data))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     except ValidationError as e:
         problems = []
         for err in e.errors():
@@ -120,15 +200,29 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError("\n".join(problems)) from None
 
 
-def load_config(path: str | Path | None) -> Config:
-    """Read the TOML file at path; None gives the built-in defaults."""
-    if path is None:
-        return Config()
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such config file; create it or pass --config PATH") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    return config_from_dict(data, str(p))
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read the TOML file at path (None: built-in defaults), then apply command-line overrides on top."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: no such config file; create it or pass --config PATH") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read: {e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return config_from_dict(_merge(data, overrides or {}), source)

@@ -26,10 +26,23 @@ _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 class PolicyError(ValueError):
-    """One or more problems with one input; `problems` lists each as a full sentence."""
+    """One or more problems with one input; `problems` lists each as a full sentence.
 
-    def __init__(self, problems: Sequence[str]) -> None:
+    When the record's id (and netns, revision) could still be read, they are kept so that the agent can
+    close that sandbox (deny-all) or keep its last good policy, instead of losing track of it.
+    """
+
+    def __init__(
+        self,
+        problems: Sequence[str],
+        sandbox_id: str | None = None,
+        netns: str | None = None,
+        revision: int | None = None,
+    ) -> None:
         self.problems = list(problems)
+        self.sandbox_id = sandbox_id
+        self.netns = netns
+        self.revision = revision
         super().__init__("; ".join(self.problems))
 
 
@@ -264,12 +277,17 @@ def parse_sandbox(raw: Any, max_entries: int = DEFAULT_MAX_ENTRIES) -> Sandbox:
     """Validate one sandbox record; raises PolicyError listing every problem found."""
     if not isinstance(raw, dict):
         raise PolicyError([f"a sandbox record must be a JSON object, not {type(raw).__name__}"])
-    rid = raw.get("id")
+    rid, rns, rrev = raw.get("id"), raw.get("netns"), raw.get("revision")
     sid = rid if isinstance(rid, str) and _ID_RE.match(rid) else "?"
+    ident = {
+        "sandbox_id": None if sid == "?" else sid,
+        "netns": rns if isinstance(rns, str) and _NETNS_RE.match(rns) else None,
+        "revision": rrev if type(rrev) is int and 0 <= rrev < 2**63 else None,
+    }
     try:
         model = _SandboxModel.model_validate(raw)
     except ValidationError as e:
-        raise PolicyError(_pydantic_problems(f"sandbox {sid!r}: ", e)) from None
+        raise PolicyError(_pydantic_problems(f"sandbox {sid!r}: ", e), **ident) from None
     problems: list[str] = []
     if not _ID_RE.match(model.id):
         problems.append(
@@ -284,7 +302,7 @@ def parse_sandbox(raw: Any, max_entries: int = DEFAULT_MAX_ENTRIES) -> Sandbox:
     allow = _parse_list(sid, "allow_out", np.allow_out, max_entries, problems)
     deny = _parse_list(sid, "deny_out", np.deny_out, max_entries, problems)
     if problems:
-        raise PolicyError(problems)
+        raise PolicyError(problems, **ident)
     return Sandbox(
         id=model.id,
         netns=model.netns,
@@ -313,7 +331,11 @@ class Delete:
 
 @dataclass(frozen=True)
 class Snapshot:
+    """The whole desired state. `rejected` holds the records that failed validation, each with what could
+    still be read of its identity: the agent must not forget a sandbox just because its record is broken."""
+
     sandboxes: tuple[Sandbox, ...]
+    rejected: tuple[PolicyError, ...] = ()
 
 
 Event = Upsert | Delete | Snapshot
@@ -337,20 +359,39 @@ def parse_event(raw: Any, max_entries: int = DEFAULT_MAX_ENTRIES) -> Event:
         items = raw.get("sandboxes")
         if not isinstance(items, list):
             raise PolicyError(['snapshot event needs "sandboxes", a list of sandbox records'])
-        problems: list[str] = []
         out: list[Sandbox] = []
+        rejected: list[PolicyError] = []
         seen: set[str] = set()
         for i, item in enumerate(items):
             try:
                 sb = parse_sandbox(item, max_entries)
             except PolicyError as e:
-                problems.extend(f"sandboxes[{i}]: {p}" for p in e.problems)
+                problems = [f"sandboxes[{i}]: {p}" for p in e.problems]
+                rejected.append(PolicyError(problems, e.sandbox_id, e.netns, e.revision))
                 continue
             if sb.id in seen:
-                problems.append(f"sandboxes[{i}]: sandbox {sb.id!r} is listed twice")
+                rejected.append(PolicyError([f"sandboxes[{i}]: sandbox {sb.id!r} is listed twice"], sb.id))
+                continue
             seen.add(sb.id)
             out.append(sb)
-        if problems:
-            raise PolicyError(problems)
-        return Snapshot(tuple(out))
+        return Snapshot(tuple(out), tuple(rejected))
     raise PolicyError([f'unknown event type {kind!r:.40}; expected "upsert", "delete" or "snapshot"'])
+
+
+def targets_to_entries(t: Targets) -> list[str]:
+    return [str(n) for n in (*t.nets4, *t.nets6)] + list(t.hostnames)
+
+
+def sandbox_to_record(sb: Sandbox) -> dict[str, Any]:
+    """The record form of a validated sandbox: parse_sandbox(sandbox_to_record(sb)) == sb."""
+    return {
+        "id": sb.id,
+        "status": sb.status,
+        "netns": sb.netns,
+        "revision": sb.revision,
+        "network_policy": {
+            "allow_internet_access": sb.policy.allow_internet_access,
+            "allow_out": targets_to_entries(sb.policy.allow_out),
+            "deny_out": targets_to_entries(sb.policy.deny_out),
+        },
+    }

@@ -14,6 +14,7 @@ from egressd.policy import (
     parse_entry,
     parse_event,
     parse_sandbox,
+    sandbox_to_record,
 )
 
 
@@ -172,11 +173,6 @@ def test_events():
         ({"type": "upsert"}, 'no "sandbox"'),
         ({"type": "delete"}, 'needs "id"'),
         ({"type": "snapshot", "sandboxes": {}}, 'needs "sandboxes"'),
-        ({"type": "snapshot", "sandboxes": [{"id": "a"}, {"id": "a"}]}, "listed twice"),
-        (
-            {"type": "snapshot", "sandboxes": [{"id": "a", "network_policy": {"deny_out": [""]}}]},
-            "sandboxes[0]",
-        ),
         ({"type": "rename"}, "unknown event type 'rename'"),
         ("upsert", "must be a JSON object"),
     ],
@@ -213,3 +209,50 @@ def test_collapse_agrees_with_ipaddress_on_random_input():
             for _ in range(20)
         ]
         assert list(collapse(nets)) == list(ipaddress.collapse_addresses(nets))
+
+
+def test_snapshot_keeps_the_identity_of_rejected_records():
+    snap = parse_event(
+        {
+            "type": "snapshot",
+            "sandboxes": [
+                {"id": "a"},
+                {"id": "b", "netns": "/run/netns/b", "revision": 3, "network_policy": {"deny_out": [""]}},
+                {"id": "a"},
+                {"network_policy": {}},
+            ],
+        }
+    )
+    assert [s.id for s in snap.sandboxes] == ["a"]
+    bad, dup, anon = snap.rejected
+    assert (bad.sandbox_id, bad.netns, bad.revision) == ("b", "/run/netns/b", 3)
+    assert "sandboxes[1]: sandbox 'b': network_policy.deny_out[0]" in bad.problems[0]
+    assert dup.sandbox_id == "a" and "listed twice" in dup.problems[0]
+    assert anon.sandbox_id is None
+
+
+def test_invalid_record_error_keeps_identity_when_readable():
+    with pytest.raises(PolicyError) as e:
+        parse_sandbox(
+            {"id": "x", "netns": "/proc/12/ns/net", "revision": 9, "network_policy": {"allow_out": [1]}}
+        )
+    assert (e.value.sandbox_id, e.value.netns, e.value.revision) == ("x", "/proc/12/ns/net", 9)
+    with pytest.raises(PolicyError) as e:
+        parse_sandbox({"id": "x y", "netns": "/etc/passwd", "revision": True})
+    assert (e.value.sandbox_id, e.value.netns, e.value.revision) == (None, None, None)
+
+
+def test_record_round_trip():
+    sb = parse_sandbox(
+        {
+            "id": "a",
+            "netns": "/run/netns/a",
+            "revision": 4,
+            "status": "pending",
+            "network_policy": {
+                "allow_internet_access": False,
+                "allow_out": ["10.0.0.0/8", "2001:db8::1", "x.org"],
+            },
+        }
+    )
+    assert parse_sandbox(sandbox_to_record(sb)) == sb

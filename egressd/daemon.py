@@ -1,0 +1,283 @@
+"""`egressd run`: wiring of feed, desired state, reconciler, state file, status socket, signals, sd_notify.
+
+Data flows one way: feed lines -> events -> desired state -> reconcile -> render -> apply. Shutting down
+never touches a table: enforcement outlives the agent, and a restart adopts what is there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from egressd import __version__
+from egressd.config import Config, ConfigError, load_config
+from egressd.control import ControlServer
+from egressd.feed import Line, Source, parse_source
+from egressd.logs import log, setup_logging
+from egressd.nft import Backend, LibnftBackend
+from egressd.policy import PolicyError, parse_event
+from egressd.reconcile import Reconciler, export_state, restore_state
+from egressd.state import StateError, StateFile
+
+READY_TIMEOUT = 120.0
+MAX_JSON_DEPTH_ERRORS = (RecursionError,)
+
+
+def sd_notify(message: str) -> bool:
+    """Tell systemd (Type=notify) how we are; a no-op when not run by systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError as e:
+        log(logging.WARNING, "sd_notify_failed", error=str(e))
+        return False
+    return True
+
+
+class Persister:
+    """Writes desired state to disk, bursts coalesced into one write; a failed write never stops enforcing."""
+
+    def __init__(self, state: StateFile, export: Callable[[], dict[str, Any]]) -> None:
+        self._state = state
+        self._export = export
+        self._lock = asyncio.Lock()
+        self._dirty = False
+        self._scheduled = False
+        self.error: str | None = None
+        self.writes = 0
+
+    def mark(self) -> None:
+        self._dirty = True
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(0.05, self._kick)
+
+    def _kick(self) -> None:
+        self._scheduled = False
+        asyncio.get_running_loop().create_task(self.flush())
+
+    async def flush(self) -> None:
+        async with self._lock:
+            if not self._dirty:
+                return
+            self._dirty = False
+            doc = self._export()
+            try:
+                await asyncio.to_thread(self._state.save, doc)
+            except (OSError, StateError) as e:
+                self._dirty = True
+                if self.error != str(e):
+                    log(
+                        logging.ERROR,
+                        "state_write_failed",
+                        path=str(self._state.path),
+                        error=str(e),
+                        detail="enforcement goes on; the state is written again when the disk allows",
+                    )
+                self.error = str(e)
+                asyncio.get_running_loop().call_later(5.0, self.mark)
+                return
+            self.writes += 1
+            if self.error is not None:
+                log(logging.INFO, "state_write_recovered", path=str(self._state.path))
+            self.error = None
+
+
+class Agent:
+    def __init__(
+        self, config: Config, config_path: str | None, overrides: dict[str, Any], backend: Backend
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides
+        self.state = StateFile(config.state_dir)
+        self.persister = Persister(self.state, lambda: export_state(self.reconciler))
+        self.reconciler = Reconciler(backend, config, persist=self.persister.mark, flush=self.persister.flush)
+        self.source: Source = parse_source(config.feed_source)
+        self.control = ControlServer(config.control_socket, self.handle_request)
+        self.started = time.time()
+        self.feed_lines = 0
+        self.feed_rejected = 0
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.state_problem: str | None = None
+
+    # --- feed -----------------------------------------------------------------------------------------
+
+    def on_line(self, line: Line) -> None:
+        """One line of the feed. Bad input is logged with its place and reason, and skipped."""
+        self.feed_lines += 1
+        where = {"source": line.source, "line": line.lineno}
+        if line.text is None:
+            self._rejected(where, line.error or "refused")
+            return
+        try:
+            raw = json.loads(line.text)
+        except json.JSONDecodeError as e:
+            self._rejected(where, f"not valid JSON: {e.msg} at column {e.colno}")
+            return
+        except MAX_JSON_DEPTH_ERRORS:
+            self._rejected(where, "JSON nested too deeply")
+            return
+        try:
+            event = parse_event(raw, self.config.max_entries)
+        except PolicyError as e:
+            self._rejected(where, "; ".join(e.problems), sandbox=e.sandbox_id)
+            if isinstance(raw, dict) and raw.get("type") == "upsert":
+                self.reconciler.reject(e)
+            return
+        for err in getattr(event, "rejected", ()):
+            self._rejected(where, "; ".join(err.problems), sandbox=err.sandbox_id)
+        self.reconciler.handle(event)
+
+    def _rejected(self, where: dict[str, Any], reason: str, sandbox: str | None = None) -> None:
+        self.feed_rejected += 1
+        log(logging.WARNING, "feed_line_rejected", sandbox=sandbox, error=reason, **where)
+
+    # --- control socket -------------------------------------------------------------------------------
+
+    async def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"agent": self.agent_info(), "sandboxes": self.reconciler.report()}
+        if cmd == "wait":
+            sid, revision, timeout = req.get("id"), req.get("revision"), req.get("timeout", 30)
+            if not isinstance(sid, str) or not (revision is None or isinstance(revision, int)):
+                return {"error": 'wait needs "id" (string) and optional "revision" (integer)'}
+            if not isinstance(timeout, int | float) or not 0 <= timeout <= 3600:
+                return {"error": '"timeout" must be a number of seconds between 0 and 3600'}
+            ok = await self.reconciler.wait_enforced(sid, revision, float(timeout))
+            row = next((r for r in self.reconciler.report() if r["id"] == sid), None)
+            return {"ok": ok, "sandbox": row}
+        return {"error": f"unknown command {cmd!r}; expected status or wait"}
+
+    def agent_info(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started": self.started,
+            "config": self.config_path,
+            "feed": self.source.health() | {"lines": self.feed_lines, "rejected": self.feed_rejected},
+            "state": {"path": str(self.state.path), "error": self.persister.error or self.state_problem},
+            "queue": len(self.reconciler.queue),
+            "counts": self.reconciler.state_counts(),
+            "reconciles": dict(self.reconciler.counters),
+        }
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        try:
+            doc = self.state.load()
+        except StateError as e:
+            self.state_problem = str(e)
+            log(logging.ERROR, "state_unreadable", error=str(e))
+            return
+        if doc is None:
+            log(logging.INFO, "state_empty", path=str(self.state.path))
+            return
+        for problem in restore_state(self.reconciler, doc):
+            log(logging.ERROR, "state_entry_skipped", error=problem)
+        log(logging.INFO, "state_loaded", sandboxes=len(self.reconciler.desired))
+
+    def reload(self) -> None:
+        try:
+            config = load_config(self.config_path, self.overrides)
+        except ConfigError as e:
+            log(logging.ERROR, "reload_failed", error=str(e), detail="keeping the running configuration")
+            return
+        fixed = {"feed_source", "state_dir", "control_socket", "workers"}
+        changed = sorted(k for k in fixed if getattr(config, k) != getattr(self.config, k))
+        if changed:
+            log(logging.WARNING, "reload_needs_restart", keys=changed)
+        self.config = config
+        setup_logging(config.log_format, config.log_level)
+        self.reconciler.set_config(config)
+        log(logging.INFO, "reloaded", config=self.config_path)
+
+    async def _resync_loop(self) -> None:
+        rng = random.Random()
+        while True:
+            interval = self.reconciler.config.resync_interval
+            await asyncio.sleep(interval * rng.uniform(0.9, 1.1))
+            self.reconciler.resync()
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            counts = self.reconciler.state_counts()
+            sd_notify(f"WATCHDOG=1\nSTATUS={self._status_line(counts)}")
+
+    @staticmethod
+    def _status_line(counts: dict[str, int]) -> str:
+        return f"{counts['enforced']} enforced, {counts['pending']} pending, {counts['error']} error"
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await self.control.start()
+        self._restore()
+        self.reconciler.start()
+        log(
+            logging.INFO,
+            "started",
+            version=__version__,
+            pid=os.getpid(),
+            feed=self.config.feed_source,
+            sandboxes=len(self.reconciler.desired),
+        )
+        if not await self.reconciler.wait_idle(READY_TIMEOUT):
+            log(logging.WARNING, "initial_reconcile_slow", detail=f"not done after {READY_TIMEOUT:g} s")
+        self._tasks.append(asyncio.create_task(self.source.run(self.on_line), name="feed"))
+        self._tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
+        watchdog_usec = os.environ.get("WATCHDOG_USEC")
+        if watchdog_usec and watchdog_usec.isdigit() and int(watchdog_usec) > 0:
+            self._tasks.append(asyncio.create_task(self._watchdog(int(watchdog_usec) / 2e6), name="watchdog"))
+        counts = self.reconciler.state_counts()
+        sd_notify(f"READY=1\nSTATUS={self._status_line(counts)}")
+        log(logging.INFO, "ready", **counts)
+        await self._stop.wait()
+        sd_notify("STOPPING=1")
+        log(logging.INFO, "stopping", detail="tables stay in force")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.persister.flush()
+        await self.control.close()
+        await self.reconciler.stop()
+        log(logging.INFO, "stopped")
+        return 0
+
+
+def run(config_path: str | None, overrides: dict[str, Any]) -> int:
+    """Entry point of `egressd run`; returns the exit code."""
+    config = load_config(config_path, overrides)
+    setup_logging(config.log_format, config.log_level)
+    backend = LibnftBackend()
+
+    async def main() -> int:
+        agent = Agent(config, config_path, overrides, backend)
+        return await agent.run()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        with contextlib.suppress(Exception):
+            backend.close()

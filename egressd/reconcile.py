@@ -1,0 +1,575 @@
+"""Desired state against what the kernel holds, one sandbox at a time, until they agree.
+
+Level-triggered: a worker never applies "the event", it reads the latest desired state of its sandbox and
+the table in the kernel, and makes the second equal to the first. Events, retries and periodic resyncs all
+just mark a sandbox dirty in a keyed, coalescing queue: one worker per sandbox at a time, the latest
+desired state wins, failures come back with jittered, capped backoff.
+
+All bookkeeping lives on the event loop thread; only the blocking netlink work runs in worker threads, with
+immutable inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from egressd.config import Config
+from egressd.logs import log
+from egressd.netns import NetnsError
+from egressd.nft import ApplyError, Backend, fingerprint_of
+from egressd.policy import (
+    DENY_ALL,
+    Delete,
+    Event,
+    Policy,
+    PolicyError,
+    Sandbox,
+    Snapshot,
+    Upsert,
+    parse_sandbox,
+    sandbox_to_record,
+)
+from egressd.render import Json, Ruleset, render
+
+MAX_TOMBSTONES = 100_000
+PENDING_RETRY_MAX = 1.0  # a namespace that does not exist yet is looked for at least every second
+
+
+def listing_digest(listing: list[Json]) -> str:
+    """What the kernel holds, minus what changes without anyone editing the table (handles, counters)."""
+
+    def clean(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items() if k != "handle"}
+        if isinstance(obj, list):
+            return [clean(v) for v in obj]
+        return obj
+
+    items = []
+    for item in listing:
+        if "counter" in item:
+            item = {"counter": {k: v for k, v in item["counter"].items() if k not in ("packets", "bytes")}}
+        items.append(clean(item))
+    return hashlib.sha256(json.dumps(items, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass
+class Desired:
+    """What one sandbox should have. `policy` is what is enforced: the last good one, or deny-all."""
+
+    id: str
+    netns: str | None
+    revision: int | None
+    policy: Policy
+    status: str = "running"
+    problem: str | None = None  # why the latest record was rejected
+    generation: int = 0
+
+
+@dataclass
+class Status:
+    state: str  # "enforced", "pending" or "error"
+    revision: int | None = None
+    error: str | None = None
+    since: float = field(default_factory=time.time)
+    netns: str | None = None
+    fingerprint: str | None = None
+    writes: int = 0  # transactions written for this sandbox by this agent process
+    generation: int = -1  # the desired generation this status describes
+
+    def as_dict(self, sandbox_id: str) -> dict[str, Any]:
+        return {
+            "id": sandbox_id,
+            "netns": self.netns,
+            "state": self.state,
+            "revision": self.revision,
+            "error": self.error,
+            "since": self.since,
+            "writes": self.writes,
+        }
+
+
+class KeyedQueue:
+    """Each key at most once in the queue and at most one worker per key; a key added while its worker
+    runs is queued again when that worker is done, so the latest state is always seen."""
+
+    def __init__(self) -> None:
+        self._queue: deque[str] = deque()
+        self._queued: set[str] = set()
+        self._active: set[str] = set()
+        self._dirty: set[str] = set()
+        self._ready = asyncio.Event()
+
+    def add(self, key: str) -> None:
+        if key in self._active:
+            self._dirty.add(key)
+        elif key not in self._queued:
+            self._queued.add(key)
+            self._queue.append(key)
+            self._ready.set()
+
+    async def get(self) -> str:
+        while not self._queue:
+            self._ready.clear()
+            await self._ready.wait()
+        key = self._queue.popleft()
+        self._queued.discard(key)
+        self._active.add(key)
+        return key
+
+    def done(self, key: str) -> None:
+        self._active.discard(key)
+        if key in self._dirty:
+            self._dirty.discard(key)
+            self.add(key)
+
+    def __len__(self) -> int:
+        return len(self._queue) + len(self._active)
+
+    def idle(self) -> bool:
+        return not self._queue and not self._active
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    outcome: str  # "unchanged", "adopted", "applied", "repaired"
+    fingerprint: str
+    digest: str
+    writes: int
+    detail: str | None = None
+
+
+class Reconciler:
+    """Owns desired state and status; workers make the kernel match. Call everything from the loop."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        config: Config,
+        *,
+        persist: Callable[[], Any] | None = None,
+        flush: Callable[[], Awaitable[None]] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.backend = backend
+        self.config = config
+        self.desired: dict[str, Desired] = {}
+        self.status: dict[str, Status] = {}
+        self.tombstones: OrderedDict[str, int | None] = OrderedDict()
+        self.digests: dict[str, str] = {}  # fingerprint -> digest of the table it renders to, as listed
+        self.queue = KeyedQueue()
+        self._persist = persist
+        self._flush = flush
+        self._notify_scheduled = False
+        self._rng = rng or random.Random()
+        self._attempts: dict[str, int] = {}
+        self._applied_at: dict[str, str] = {}  # sandbox id -> netns path holding its table
+        self._generation = 0
+        self._changed = asyncio.Condition()
+        self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="egressd-apply")
+        self._workers: list[asyncio.Task[None]] = []
+        self.counters: dict[str, int] = {
+            "applied": 0,
+            "unchanged": 0,
+            "adopted": 0,
+            "repaired": 0,
+            "failed": 0,
+        }
+
+    # --- desired state, from the feed -----------------------------------------------------------------
+
+    def _next_generation(self) -> int:
+        self._generation += 1
+        return self._generation
+
+    def _known_revision(self, sid: str) -> int | None:
+        cur = self.desired.get(sid)
+        return cur.revision if cur is not None else self.tombstones.get(sid)
+
+    def _stale(self, sid: str, revision: int | None) -> bool:
+        known = self._known_revision(sid)
+        if revision is not None and known is not None and revision < known:
+            log(logging.INFO, "stale_ignored", sandbox=sid, revision=revision, current_revision=known)
+            return True
+        return False
+
+    def _netns_owner(self, netns: str, sid: str) -> str | None:
+        for other in self.desired.values():
+            if other.id != sid and other.netns == netns:
+                return other.id
+        return None
+
+    def _set(self, d: Desired) -> None:
+        d.generation = self._next_generation()
+        self.desired[d.id] = d
+        self.tombstones.pop(d.id, None)
+        self.queue.add(d.id)
+        if self._persist is not None:
+            self._persist()
+
+    def upsert(self, sb: Sandbox) -> bool:
+        """Take a valid record; False when it is older than what is already known."""
+        if self._stale(sb.id, sb.revision):
+            return False
+        if sb.netns is not None:
+            owner = self._netns_owner(sb.netns, sb.id)
+            if owner is not None:
+                self.reject(
+                    PolicyError(
+                        [f"sandbox {sb.id!r}: netns {sb.netns} is already used by sandbox {owner!r}"],
+                        sb.id,
+                        None,
+                        sb.revision,
+                    )
+                )
+                return False
+        self._set(Desired(sb.id, sb.netns, sb.revision, sb.policy, sb.status))
+        return True
+
+    def reject(self, err: PolicyError) -> None:
+        """An invalid record: a known sandbox keeps its last good policy, a new one is closed (deny-all)."""
+        sid = err.sandbox_id
+        if sid is None or self._stale(sid, err.revision):
+            return
+        problem = "; ".join(err.problems)
+        cur = self.desired.get(sid)
+        if cur is not None:
+            kept = f"revision {err.revision} rejected, still enforcing revision {cur.revision}: {problem}"
+            self._set(replace(cur, problem=kept))
+        else:
+            netns = err.netns if err.netns and self._netns_owner(err.netns, sid) is None else None
+            self._set(Desired(sid, netns, err.revision, DENY_ALL, problem=f"closed (deny-all): {problem}"))
+
+    def delete(self, sid: str) -> None:
+        cur = self.desired.pop(sid, None)
+        if cur is None:
+            return
+        self.tombstones[sid] = cur.revision
+        while len(self.tombstones) > MAX_TOMBSTONES:
+            self.tombstones.popitem(last=False)
+        self.queue.add(sid)
+        if self._persist is not None:
+            self._persist()
+
+    def snapshot(self, snap: Snapshot) -> None:
+        for sb in snap.sandboxes:
+            self.upsert(sb)
+        for err in snap.rejected:
+            self.reject(err)
+        if any(err.sandbox_id is None for err in snap.rejected):
+            log(
+                logging.ERROR,
+                "snapshot_partial",
+                reason="records without a readable id; no sandbox forgotten",
+            )
+            return
+        listed = {sb.id for sb in snap.sandboxes} | {
+            err.sandbox_id for err in snap.rejected if err.sandbox_id
+        }
+        for sid in [s for s in self.desired if s not in listed]:
+            self.delete(sid)
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, Upsert):
+            self.upsert(event.sandbox)
+        elif isinstance(event, Delete):
+            self.delete(event.id)
+        else:
+            self.snapshot(event)
+
+    def set_config(self, config: Config) -> None:
+        """A reloaded config: everything is re-rendered; unchanged tables cost nothing."""
+        self.config = config
+        self.resync()
+
+    def resync(self) -> None:
+        """Check every sandbox against the kernel again (drift, late namespaces, earlier failures)."""
+        for sid in list(self.desired):
+            self.queue.add(sid)
+
+    # --- workers --------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for i in range(self.config.workers):
+            self._workers.append(asyncio.create_task(self._worker(), name=f"reconcile-{i}"))
+
+    async def stop(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def _worker(self) -> None:
+        while True:
+            sid = await self.queue.get()
+            try:
+                await self._reconcile(sid)
+            except Exception as e:  # a bug must not stop the worker: it is logged, reported and retried
+                logging.getLogger("egressd").exception("reconcile_bug")
+                self._record(sid, Status("error", error=f"internal error: {e!r}"))
+                self._retry(sid, self.config.retry_max)
+            finally:
+                self.queue.done(sid)
+
+    def _retry(self, sid: str, cap: float) -> None:
+        attempt = self._attempts.get(sid, 0)
+        self._attempts[sid] = attempt + 1
+        delay = min(cap, self.config.retry_initial * (2**attempt)) * self._rng.uniform(0.5, 1.0)
+        asyncio.get_running_loop().call_later(delay, self.queue.add, sid)
+
+    def _record(self, sid: str, status: Status) -> None:
+        old = self.status.get(sid)
+        if old is not None:
+            status.writes += old.writes
+            if (old.state, old.revision, old.error) == (status.state, status.revision, status.error):
+                status.since = old.since
+        self.status[sid] = status
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake waiters (status, wait) once per loop iteration, however many statuses changed in it."""
+        if self._notify_scheduled:
+            return
+        self._notify_scheduled = True
+        asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        self._notify_scheduled = False
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _reconcile(self, sid: str) -> None:
+        d = self.desired.get(sid)
+        if d is None:
+            await self._forget(sid)
+            return
+        old_path = self._applied_at.get(sid)
+        if old_path is not None and old_path != d.netns:
+            await self._release(sid, old_path)
+        if d.netns is None:
+            self._record(
+                sid,
+                Status(
+                    "pending", d.revision, d.problem or "no netns in the record yet", generation=d.generation
+                ),
+            )
+            return
+        if self._flush is not None:
+            await self._flush()  # desired state on disk before the kernel changes: a restart never goes back
+        ruleset = render(d.policy, self.config)
+        prev = self.status.get(sid)
+        last_fp = prev.fingerprint if prev is not None and prev.netns == d.netns else None
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        try:
+            result = await loop.run_in_executor(self._executor, self._sync, d.netns, ruleset, last_fp)
+        except NetnsError as e:
+            self._attempts_failed(sid, d, e.reason, pending=e.gone)
+            return
+        except ApplyError as e:
+            self._attempts_failed(sid, d, str(e), pending=False)
+            return
+        self._applied_at[sid] = d.netns
+        self._attempts.pop(sid, None)
+        self.counters[result.outcome] += 1
+        if self.desired.get(sid) is not d:
+            return  # superseded while we worked; the queue already holds the newer state
+        state = "error" if d.problem else "enforced"
+        self._record(
+            sid,
+            Status(state, d.revision, d.problem, netns=d.netns, fingerprint=result.fingerprint,
+                   writes=result.writes, generation=d.generation),
+        )  # fmt: skip
+        if result.outcome != "unchanged":
+            log(
+                logging.WARNING if result.outcome == "repaired" else logging.INFO,
+                result.outcome,
+                sandbox=sid,
+                revision=d.revision,
+                netns=d.netns,
+                duration_ms=round((time.monotonic() - t0) * 1000, 2),
+                detail=result.detail,
+                error=d.problem,
+            )
+
+    def _attempts_failed(self, sid: str, d: Desired, reason: str, pending: bool) -> None:
+        self.counters["failed"] += 1
+        state = "pending" if pending else "error"
+        old = self.status.get(sid)
+        if old is None or old.state != state or old.error != reason:
+            log(
+                logging.INFO if pending else logging.ERROR,
+                state,
+                sandbox=sid,
+                revision=d.revision,
+                netns=d.netns,
+                error=reason,
+            )
+        self._record(sid, Status(state, d.revision, reason, netns=d.netns, generation=d.generation))
+        self._retry(sid, min(PENDING_RETRY_MAX, self.config.retry_max) if pending else self.config.retry_max)
+
+    def _sync(self, netns: str, ruleset: Ruleset, last_fp: str | None) -> SyncResult:
+        """In a worker thread: make the table in netns equal to ruleset, writing only if it differs.
+
+        last_fp is what this agent last wrote or adopted there: a table that differs from it was changed by
+        someone else (drift), one that equals it is simply our previous policy.
+        """
+        listing = self.backend.read(netns)
+        detail = None
+        if listing is None:
+            if last_fp is not None:
+                detail = "table was deleted"
+        else:
+            found = fingerprint_of(listing)
+            digest = listing_digest(listing)
+            if found == ruleset.fingerprint:
+                known = self.digests.get(found)
+                if known is None:
+                    self.digests[found] = digest
+                    return SyncResult("adopted", found, digest, 0)
+                if known == digest:
+                    return SyncResult("unchanged", found, digest, 0)
+                detail = "table was altered in place"
+            elif last_fp is not None and found != last_fp:
+                detail = "table was replaced"
+        self.backend.apply(netns, ruleset)
+        after = self.backend.read(netns) or []
+        digest = listing_digest(after)
+        self.digests[ruleset.fingerprint] = digest
+        return SyncResult("repaired" if detail else "applied", ruleset.fingerprint, digest, 1, detail)
+
+    async def _release(self, sid: str, path: str) -> None:
+        """The sandbox left path (deleted, or moved to another namespace): take our table out of it."""
+        self._applied_at.pop(sid, None)
+        if any(d.netns == path for d in self.desired.values()):
+            return  # another sandbox now owns that namespace; its worker rewrites the table
+        loop = asyncio.get_running_loop()
+
+        def remove() -> bool:
+            try:
+                return self.backend.remove(path)
+            except NetnsError:
+                return False
+            finally:
+                self.backend.forget(path)
+
+        try:
+            removed = await loop.run_in_executor(self._executor, remove)
+        except ApplyError as e:
+            log(logging.ERROR, "remove_failed", sandbox=sid, netns=path, error=str(e))
+            return
+        log(
+            logging.INFO, "removed", sandbox=sid, netns=path, detail=None if removed else "no table was there"
+        )
+
+    async def _forget(self, sid: str) -> None:
+        path = self._applied_at.get(sid)
+        if path is not None:
+            await self._release(sid, path)
+        self._attempts.pop(sid, None)
+        if self.status.pop(sid, None) is not None:
+            self._notify()
+
+    # --- waiting and reporting ------------------------------------------------------------------------
+
+    def is_enforced(self, sid: str, revision: int | None) -> bool:
+        st = self.status.get(sid)
+        d = self.desired.get(sid)
+        if st is None or d is None or st.state != "enforced" or st.generation != d.generation:
+            return False
+        return revision is None or (st.revision is not None and st.revision >= revision)
+
+    async def wait_enforced(self, sid: str, revision: int | None, timeout: float) -> bool:
+        async def until() -> None:
+            async with self._changed:
+                await self._changed.wait_for(lambda: self.is_enforced(sid, revision))
+
+        try:
+            await asyncio.wait_for(until(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Until every sandbox has been reconciled once (startup: READY=1 after this)."""
+
+        async def until() -> None:
+            async with self._changed:
+                await self._changed.wait_for(
+                    lambda: self.queue.idle() and all(sid in self.status for sid in self.desired)
+                )
+
+        try:
+            await asyncio.wait_for(until(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def report(self) -> list[dict[str, Any]]:
+        out = []
+        for sid in sorted(set(self.desired) | set(self.status)):
+            d = self.desired.get(sid)
+            st = self.status.get(sid)
+            if st is None:
+                row = {"id": sid, "netns": d.netns if d else None, "state": "pending", "revision": None,
+                       "error": "not reconciled yet", "since": None, "writes": 0}  # fmt: skip
+            else:
+                row = st.as_dict(sid)
+            row["desired_revision"] = d.revision if d else None
+            out.append(row)
+        return out
+
+    def state_counts(self) -> dict[str, int]:
+        counts = {"enforced": 0, "pending": 0, "error": 0}
+        for row in self.report():
+            counts[row["state"]] = counts.get(row["state"], 0) + 1
+        return counts
+
+
+def export_state(r: Reconciler) -> dict[str, Any]:
+    """What must survive a restart: desired state, tombstones, and the digests used to adopt tables."""
+    sandboxes = []
+    for d in r.desired.values():
+        sb = Sandbox(id=d.id, netns=d.netns, policy=d.policy, status=d.status, revision=d.revision)
+        sandboxes.append({"record": sandbox_to_record(sb), "problem": d.problem})
+    return {
+        "sandboxes": sandboxes,
+        "tombstones": [[sid, rev] for sid, rev in r.tombstones.items()],
+        "digests": dict(r.digests),
+    }
+
+
+def restore_state(r: Reconciler, doc: dict[str, Any]) -> list[str]:
+    """Load what export_state wrote; returns problems with entries that could not be restored."""
+    problems = []
+    for i, item in enumerate(doc.get("sandboxes", [])):
+        try:
+            sb = parse_sandbox(item["record"], max_entries=1_000_000)
+        except (PolicyError, KeyError, TypeError) as e:
+            problems.append(f"state sandboxes[{i}]: {e}")
+            continue
+        problem = item.get("problem")
+        d = Desired(
+            sb.id, sb.netns, sb.revision, sb.policy, sb.status, problem if isinstance(problem, str) else None
+        )
+        d.generation = r._next_generation()
+        r.desired[d.id] = d
+        r.queue.add(d.id)
+    for entry in doc.get("tombstones", []):
+        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str):
+            r.tombstones[entry[0]] = entry[1] if isinstance(entry[1], int) else None
+    digests = doc.get("digests", {})
+    if isinstance(digests, dict):
+        r.digests.update({k: v for k, v in digests.items() if isinstance(k, str) and isinstance(v, str)})
+    return problems

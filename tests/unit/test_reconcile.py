@@ -1,0 +1,285 @@
+"""The reconciler against the fake backend: coalescing, ordering, failures, drift, adoption. No root."""
+
+import asyncio
+import random
+
+from egressd.config import config_from_dict
+from egressd.nft import ApplyError, FakeBackend
+from egressd.policy import DENY_ALL, PolicyError, parse_event, parse_sandbox
+from egressd.reconcile import Reconciler, export_state, restore_state
+from egressd.render import render
+
+CONFIG = config_from_dict({"reconcile": {"retry_initial": 0.01, "retry_max": 0.05, "workers": 2}})
+
+
+def record(sid="a", rev=None, netns=None, **np):
+    return {"id": sid, "netns": netns or f"/run/netns/{sid}", "revision": rev, "network_policy": np}
+
+
+def sandbox(*args, **kw):
+    return parse_sandbox(record(*args, **kw))
+
+
+def fp(**np):
+    return render(sandbox(**np).policy, CONFIG).fingerprint
+
+
+def run(scenario, backend=None):
+    """Run scenario(reconciler, backend) inside a fresh event loop with workers started."""
+    backend = backend or FakeBackend(namespaces={f"/run/netns/{c}" for c in "abc"})
+
+    async def main():
+        r = Reconciler(backend, CONFIG, rng=random.Random(1))
+        r.start()
+        try:
+            return await asyncio.wait_for(scenario(r, backend), 10)
+        finally:
+            await r.stop()
+
+    return asyncio.run(main())
+
+
+async def settle(r):
+    assert await r.wait_idle(5)
+    await asyncio.sleep(0)
+
+
+def test_upsert_applies_once_and_unchanged_costs_nothing():
+    async def scenario(r, fb):
+        r.upsert(sandbox(deny_out=["1.1.1.1"]))
+        assert await r.wait_enforced("a", None, 5)
+        r.upsert(sandbox(deny_out=["1.1.1.1"]))
+        r.resync()
+        await settle(r)
+        assert fb.writes == [("apply", "/run/netns/a")]
+        assert fb.fingerprint("/run/netns/a") == fp(deny_out=["1.1.1.1"])
+        assert r.status["a"].state == "enforced" and r.counters["unchanged"] >= 1  # upsert and resync coalesce
+
+    run(scenario)
+
+
+def test_a_burst_coalesces_and_the_latest_wins():
+    async def scenario(r, fb):
+        for i in range(200):
+            r.upsert(sandbox(rev=i, deny_out=[f"10.0.{i}.1"]))
+        assert await r.wait_enforced("a", 199, 5)
+        assert fb.fingerprint("/run/netns/a") == fp(deny_out=["10.0.199.1"])
+        assert len(fb.writes) <= 3
+
+    run(scenario)
+
+
+def test_lower_revision_is_ignored():
+    async def scenario(r, fb):
+        assert r.upsert(sandbox(rev=5, allow_internet_access=False))
+        assert not r.upsert(sandbox(rev=3))
+        assert await r.wait_enforced("a", 5, 5)
+        assert fb.fingerprint("/run/netns/a") == fp(allow_internet_access=False)
+
+    run(scenario)
+
+
+def test_delete_removes_the_table_and_a_late_older_upsert_stays_dead():
+    async def scenario(r, fb):
+        r.upsert(sandbox(rev=2))
+        assert await r.wait_enforced("a", 2, 5)
+        r.delete("a")
+        await settle(r)
+        assert fb.fingerprint("/run/netns/a") is None and "a" not in r.status
+        assert not r.upsert(sandbox(rev=1))
+        assert r.upsert(sandbox(rev=3))
+
+    run(scenario)
+
+
+def test_snapshot_forgets_what_it_does_not_list():
+    async def scenario(r, fb):
+        r.upsert(sandbox("a"))
+        r.upsert(sandbox("b"))
+        await settle(r)
+        r.snapshot(parse_event({"type": "snapshot", "sandboxes": [record("b"), record("c")]}))
+        await settle(r)
+        assert sorted(r.desired) == ["b", "c"]
+        assert fb.fingerprint("/run/netns/a") is None and fb.fingerprint("/run/netns/c") is not None
+
+    run(scenario)
+
+
+def test_snapshot_with_an_unreadable_record_forgets_nothing():
+    async def scenario(r, fb):
+        r.upsert(sandbox("a"))
+        await settle(r)
+        r.snapshot(parse_event({"type": "snapshot", "sandboxes": [record("b"), {"id": 7}]}))
+        await settle(r)
+        assert sorted(r.desired) == ["a", "b"]
+        assert fb.fingerprint("/run/netns/a") is not None
+
+    run(scenario)
+
+
+def test_snapshot_keeps_a_listed_but_invalid_sandbox_on_its_last_good_policy():
+    async def scenario(r, fb):
+        r.upsert(sandbox("a", rev=1, allow_internet_access=False))
+        await settle(r)
+        bad = record("a", rev=2, deny_out=["999.1.1.1"])
+        r.snapshot(parse_event({"type": "snapshot", "sandboxes": [bad]}))
+        await settle(r)
+        assert fb.fingerprint("/run/netns/a") == fp(allow_internet_access=False)
+        assert r.status["a"].state == "error" and "999.1.1.1" in r.status["a"].error
+
+    run(scenario)
+
+
+def test_invalid_first_policy_closes_the_sandbox():
+    async def scenario(r, fb):
+        try:
+            parse_sandbox(record("a", rev=1, allow_out=["http://x"]))
+        except PolicyError as e:
+            r.reject(e)
+        await settle(r)
+        assert fb.fingerprint("/run/netns/a") == render(DENY_ALL, CONFIG).fingerprint
+        st = r.status["a"]
+        assert (
+            st.state == "error"
+            and st.error.startswith("closed (deny-all): ")
+            and "looks like a URL" in st.error
+        )
+        assert not await r.wait_enforced("a", 1, 0.1)
+
+    run(scenario)
+
+
+def test_invalid_update_keeps_the_last_good_policy():
+    async def scenario(r, fb):
+        r.upsert(sandbox(rev=1, deny_out=["1.1.1.1"]))
+        assert await r.wait_enforced("a", 1, 5)
+        try:
+            parse_sandbox(record(rev=2, deny_out=["300.0.0.1"]))
+        except PolicyError as e:
+            r.reject(e)
+        await settle(r)
+        assert fb.fingerprint("/run/netns/a") == fp(deny_out=["1.1.1.1"])
+        assert r.status["a"].state == "error"
+        assert r.status["a"].error.startswith("revision 2 rejected, still enforcing revision 1")
+        r.upsert(sandbox(rev=3, deny_out=["2.2.2.2"]))
+        assert await r.wait_enforced("a", 3, 5)
+        assert r.status["a"].error is None
+
+    run(scenario)
+
+
+def test_a_namespace_that_appears_later_is_enforced_without_a_new_event():
+    async def scenario(r, fb):
+        r.upsert(sandbox("late"))
+        await asyncio.sleep(0.05)
+        assert r.status["late"].state == "pending"
+        fb.namespaces.add("/run/netns/late")
+        assert await r.wait_enforced("late", None, 5)
+
+    run(scenario)
+
+
+def test_a_failed_transaction_is_retried_with_backoff():
+    failures = {"left": 3}
+
+    def fail(netns, op):
+        if op == "apply" and failures["left"]:
+            failures["left"] -= 1
+            return ApplyError("injected")
+        return None
+
+    fb = FakeBackend(namespaces={"/run/netns/a"}, fail=fail)
+
+    async def scenario(r, fb):
+        r.upsert(sandbox())
+        assert await r.wait_enforced("a", None, 5)
+        assert r.counters["failed"] == 3 and failures["left"] == 0
+
+    run(scenario, fb)
+
+
+def test_drift_is_repaired_on_resync():
+    async def scenario(r, fb):
+        r.upsert(sandbox(allow_internet_access=False))
+        await settle(r)
+        del fb.tables["/run/netns/a"]  # deleted from inside the sandbox
+        r.resync()
+        await settle(r)
+        assert fb.fingerprint("/run/netns/a") == fp(allow_internet_access=False)
+        # altered in place, fingerprint rule left intact: only the digest can tell
+        fb.tables["/run/netns/a"] = [
+            c for c in fb.tables["/run/netns/a"] if c["add"].get("rule", {}).get("chain") != "decide"
+        ]
+        r.resync()
+        await settle(r)
+        assert r.counters["repaired"] == 2
+        assert any(c["add"].get("rule", {}).get("chain") == "decide" for c in fb.tables["/run/netns/a"])
+
+    run(scenario)
+
+
+def test_restart_adopts_tables_without_writing():
+    fb = FakeBackend(namespaces={"/run/netns/a", "/run/netns/b"})
+    saved = {}
+
+    async def first(r, fb):
+        r.upsert(sandbox("a", deny_out=["1.1.1.1"]))
+        r.upsert(sandbox("b", allow_internet_access=False))
+        await settle(r)
+        saved.update(export_state(r))
+
+    run(first, fb)
+    writes = len(fb.writes)
+
+    async def second(r, fb):
+        assert restore_state(r, saved) == []
+        await settle(r)
+        assert r.status["a"].state == r.status["b"].state == "enforced"
+
+    run(second, fb)
+    assert len(fb.writes) == writes
+
+
+def test_restart_rewrites_a_table_tampered_while_the_agent_was_down():
+    fb = FakeBackend(namespaces={"/run/netns/a"})
+    saved = {}
+
+    async def first(r, fb):
+        r.upsert(sandbox("a", allow_internet_access=False))
+        await settle(r)
+        saved.update(export_state(r))
+
+    run(first, fb)
+    fb.tables["/run/netns/a"] = [c for c in fb.tables["/run/netns/a"] if "set" not in c["add"]][
+        :-3
+    ] + fb.tables["/run/netns/a"][-1:]
+
+    async def second(r, fb):
+        restore_state(r, saved)
+        await settle(r)
+        assert r.counters["repaired"] == 1
+
+    run(second, fb)
+
+
+def test_a_namespace_can_belong_to_one_sandbox_only():
+    async def scenario(r, fb):
+        r.upsert(sandbox("a", allow_internet_access=False))
+        await settle(r)
+        assert not r.upsert(sandbox("b", netns="/run/netns/a"))
+        await settle(r)
+        assert fb.fingerprint("/run/netns/a") == fp(allow_internet_access=False)
+        assert "already used by sandbox 'a'" in r.status["b"].error
+
+    run(scenario)
+
+
+def test_moving_to_another_namespace_removes_the_old_table():
+    async def scenario(r, fb):
+        r.upsert(sandbox("a", rev=1))
+        await settle(r)
+        r.upsert(sandbox("a", rev=2, netns="/run/netns/c"))
+        assert await r.wait_enforced("a", 2, 5)
+        assert fb.fingerprint("/run/netns/a") is None and fb.fingerprint("/run/netns/c") is not None
+
+    run(scenario)
