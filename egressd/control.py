@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
-import stat
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
+
+from egressd.sockets import SocketPathError, bind_unix, unlink_if_ours
 
 MAX_REQUEST = 64 * 1024
 
@@ -25,44 +24,27 @@ class ControlError(Exception):
     """The agent cannot be reached or answered with an error; the message says what to do."""
 
 
-def prepare_socket_path(path: str) -> None:
-    """Make room for a listening socket at path: remove a stale socket, never anything else."""
-    parent = Path(path).parent
-    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ControlError(f"{path} exists and is not a socket; remove it or choose another [control] socket")
-    os.unlink(path)
-
-
 class ControlServer:
     def __init__(self, path: str, handler: Handler) -> None:
         self.path = path
         self._handler = handler
         self._server: asyncio.Server | None = None
-        self._ino: int | None = None
+        self._ident: tuple[int, int] | None = None
 
     async def start(self) -> None:
-        prepare_socket_path(self.path)
-        old = os.umask(0o177)  # the socket is born 0600: no window in which others could connect
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path=self.path, limit=MAX_REQUEST)
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
-        self._ino = os.lstat(self.path).st_ino
+            sock, self._ident = bind_unix(self.path, 0o600)
+        except SocketPathError as e:
+            raise ControlError(f"[control] socket: {e}") from None
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-        with contextlib.suppress(OSError):
-            if self._ino is not None and os.lstat(self.path).st_ino == self._ino:
-                os.unlink(self.path)
+        if self._ident is not None:
+            unlink_if_ours(self.path, self._ident)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -20,8 +20,8 @@ from typing import Any
 
 from egressd import __version__
 from egressd.config import Config, ConfigError, load_config
-from egressd.control import ControlServer
-from egressd.feed import Line, Source, parse_source
+from egressd.control import ControlError, ControlServer
+from egressd.feed import FeedError, Line, Source, parse_source
 from egressd.logs import log, setup_logging
 from egressd.nft import Backend, LibnftBackend
 from egressd.policy import PolicyError, parse_event
@@ -108,7 +108,7 @@ class Agent:
         self.state = StateFile(config.state_dir)
         self.persister = Persister(self.state, lambda: export_state(self.reconciler))
         self.reconciler = Reconciler(backend, config, persist=self.persister.mark, flush=self.persister.flush)
-        self.source: Source = parse_source(config.feed_source)
+        self.source: Source = parse_source(config.feed_source, max_line=config.max_line_bytes)
         self.control = ControlServer(config.control_socket, self.handle_request)
         self.started = time.time()
         self.feed_lines = 0
@@ -116,6 +116,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self.state_problem: str | None = None
+        self.exit_code = 0
 
     # --- feed -----------------------------------------------------------------------------------------
 
@@ -210,6 +211,30 @@ class Agent:
         self.reconciler.set_config(config)
         log(logging.INFO, "reloaded", config=self.config_path)
 
+    def _feed_ended(self, task: asyncio.Task[None]) -> None:
+        """A feed that cannot run (its socket path is unusable) stops the agent: systemd says why."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            log(logging.INFO, "feed_ended", source=self.source.name, detail="enforcement goes on")
+            return
+        log(logging.CRITICAL, "feed_failed", source=self.source.name, error=str(exc))
+        self.exit_code = 1
+        self._stop.set()
+
+    async def _catch_up(self, feed: asyncio.Task[None]) -> None:
+        """Read what a file feed already holds into desired state before any worker applies anything."""
+        await asyncio.sleep(0)  # let the feed start: a bad socket path fails here, before READY
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not getattr(self.source, "caught_up", True) and not feed.done():
+            if time.monotonic() > deadline:
+                log(logging.WARNING, "feed_catch_up_slow", source=self.source.name)
+                return
+            await asyncio.sleep(0.01)
+        if feed.done() and not feed.cancelled() and feed.exception() is not None:
+            raise FeedError(str(feed.exception()))
+
     async def _resync_loop(self) -> None:
         rng = random.Random()
         while True:
@@ -233,7 +258,28 @@ class Agent:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.control.start()
+        try:
+            await self._start()
+            await self._stop.wait()
+            sd_notify("STOPPING=1")
+            log(logging.INFO, "stopping", detail="tables stay in force")
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.persister.flush()
+            await self.control.close()
+            await self.reconciler.stop()
+        log(logging.INFO, "stopped")
+        return self.exit_code
+
+    async def _start(self) -> None:
+        """Persisted state and the feed's backlog first, then one reconcile of everything, then READY=1."""
         self._restore()
+        feed = asyncio.create_task(self.source.run(self.on_line), name="feed")
+        feed.add_done_callback(self._feed_ended)
+        self._tasks.append(feed)
+        await self._catch_up(feed)
         self.reconciler.start()
         log(
             logging.INFO,
@@ -245,7 +291,6 @@ class Agent:
         )
         if not await self.reconciler.wait_idle(READY_TIMEOUT):
             log(logging.WARNING, "initial_reconcile_slow", detail=f"not done after {READY_TIMEOUT:g} s")
-        self._tasks.append(asyncio.create_task(self.source.run(self.on_line), name="feed"))
         self._tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
         watchdog_usec = os.environ.get("WATCHDOG_USEC")
         if watchdog_usec and watchdog_usec.isdigit() and int(watchdog_usec) > 0:
@@ -253,17 +298,6 @@ class Agent:
         counts = self.reconciler.state_counts()
         sd_notify(f"READY=1\nSTATUS={self._status_line(counts)}")
         log(logging.INFO, "ready", **counts)
-        await self._stop.wait()
-        sd_notify("STOPPING=1")
-        log(logging.INFO, "stopping", detail="tables stay in force")
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.persister.flush()
-        await self.control.close()
-        await self.reconciler.stop()
-        log(logging.INFO, "stopped")
-        return 0
 
 
 def run(config_path: str | None, overrides: dict[str, Any]) -> int:
@@ -278,6 +312,9 @@ def run(config_path: str | None, overrides: dict[str, Any]) -> int:
 
     try:
         return asyncio.run(main())
+    except (ControlError, FeedError, StateError) as e:
+        log(logging.CRITICAL, "startup_failed", error=str(e))
+        return 1
     finally:
         with contextlib.suppress(Exception):
             backend.close()

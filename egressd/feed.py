@@ -21,6 +21,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO, Literal, NamedTuple, Protocol
 
+from egressd.logs import log
+from egressd.sockets import SocketPathError, bind_unix, unlink_if_ours
+
 DEFAULT_MAX_LINE = 1 << 20  # 1 MiB
 CHUNK_SIZE = 64 * 1024
 PARTIAL_DROPPED = "connection closed in the middle of a line; partial line dropped"
@@ -173,13 +176,13 @@ class _Stats:
     def error(self, message: str) -> None:
         """A problem with the source itself (not a line); logged because nobody else will report it."""
         if message != self.last_error:
-            logger.warning("%s: %s", self.source, message)
+            log(logging.WARNING, "feed_problem", source=self.source, error=message)
         self.last_error = message
 
     def note(self, message: str) -> None:
         """A state change worth seeing in health and logs (waiting, opened, rotated); logged once."""
         if message != self.last_note:
-            logger.info("%s: %s", self.source, message)
+            log(logging.INFO, "feed_note", source=self.source, detail=message)
         self.last_note = message
 
     def as_dict(self) -> dict[str, object]:
@@ -196,7 +199,7 @@ class _Stats:
 
 
 def _deliver(stats: _Stats, on_line: OnLine, lines: Iterable[Line | None]) -> None:
-    """Hand lines to the daemon; a handler that raises is logged and counted, never lets it stop the feed."""
+    """Hand lines to the daemon; a handler that raises is logged and counted: it never stops the feed."""
     for line in lines:
         if line is None:
             continue
@@ -209,7 +212,9 @@ def _deliver(stats: _Stats, on_line: OnLine, lines: Iterable[Line | None]) -> No
             on_line(line)
         except Exception:
             stats.callback_errors += 1
-            logger.exception("%s:%d: the line handler raised; the feed goes on", line.source, line.lineno)
+            logger.exception(
+                "feed_handler_failed", extra={"fields": {"source": line.source, "line": line.lineno}}
+            )
 
 
 # --- file:PATH ---------------------------------------------------------------------------------------------
@@ -271,7 +276,11 @@ class _Tail:
             return _TailEvent("waiting", detail=f"waiting for {self.path} to appear")
         except OSError as e:
             return _TailEvent("problem", detail=f"cannot open {self.path}: {e.strerror or e}; retrying")
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             return _TailEvent("problem", detail=f"{self.path} is not a regular file; waiting for one")
@@ -320,6 +329,9 @@ class FileSource:
         self._stats = _Stats(self.name)
         self._tail = _Tail(self.path, chunk_size)
         self._splitter = LineSplitter(self.name, max_line)
+        # True once all the file held at the start has been delivered: the daemon waits for it before
+        # applying anything, so replaying old lines never puts an old policy in force, not even briefly.
+        self.caught_up = False
 
     async def run(self, on_line: OnLine) -> None:
         """Follow the file until cancelled; each call starts again from the beginning of the file."""
@@ -329,6 +341,7 @@ class FileSource:
         try:
             while True:
                 busy = self._step(on_line)
+                self.caught_up = self.caught_up or not busy
                 # Yield even when busy, so that a large backlog does not starve the rest of the daemon.
                 await asyncio.sleep(0 if busy else self.poll_interval)
         finally:
@@ -376,9 +389,10 @@ _Chunk = tuple[bytes, OSError | None]
 
 def _wait_readable(fd: int, stop: threading.Event) -> bool:
     """For a stdin someone else made non-blocking: wait for data without spinning; False when told to stop."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     while not stop.is_set():
-        readable, _, _ = select.select([fd], [], [], _STOP_CHECK)
-        if readable:
+        if poller.poll(_STOP_CHECK * 1000):
             return True
     return False
 
@@ -495,82 +509,6 @@ class StdinSource:
 # --- unix:PATH ---------------------------------------------------------------------------------------------
 
 
-def _kind_of(mode: int) -> str:
-    kinds = [
-        (stat.S_ISLNK, "a symlink"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISREG, "a regular file"),
-        (stat.S_ISFIFO, "a FIFO"),
-    ]
-    return next((name for test, name in kinds if test(mode)), "a device or other special file")
-
-
-def _someone_listens(path: str) -> bool:
-    """Whether a live server owns the socket, so we never steal a running agent's socket."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.setblocking(False)
-        try:
-            probe.connect(path)
-        except BlockingIOError:  # backlog full: very much alive
-            return True
-        except OSError:  # ECONNREFUSED: stale; anything else: no server we could talk to
-            return False
-        return True
-
-
-def _clear_stale_socket(path: str) -> None:
-    """Remove a socket left by a previous run; refuse (FeedError) anything else found at the path."""
-    try:
-        st = os.lstat(path)  # lstat: a symlink is refused, never followed
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FeedError(
-            f"unix:{path}: {path} exists and is {_kind_of(st.st_mode)}, not a socket; egressd only replaces"
-            " a stale socket and will not remove it: move it away or choose another unix:PATH"
-        )
-    if _someone_listens(path):
-        raise FeedError(
-            f"unix:{path}: another process is already listening on {path};"
-            " stop it or choose another unix:PATH"
-        )
-    os.unlink(path)
-
-
-def _bind(path: str, mode: int) -> tuple[socket.socket, tuple[int, int]]:
-    """A listening socket at `path` with `mode`, and its identity, so that we only ever unlink our own."""
-    parent = os.path.dirname(path)
-    try:
-        if parent:
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-        _clear_stale_socket(path)
-    except OSError as e:
-        raise FeedError(f"unix:{path}: cannot prepare {path}: {e.strerror or e}") from e
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, mode)
-        st = os.lstat(path)
-        sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
-    except OSError as e:
-        sock.close()
-        raise FeedError(f"unix:{path}: cannot listen on {path}: {e.strerror or e}") from e
-    return sock, (st.st_dev, st.st_ino)
-
-
-def _unlink_if_ours(path: str, ident: tuple[int, int]) -> None:
-    """Remove our socket at shutdown, but not a socket some later process has put in its place."""
-    try:
-        st = os.lstat(path)
-        if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == ident:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        logger.warning("unix:%s: could not remove the socket: %s", path, e)
-
-
 class UnixSource:
     """unix:PATH: egressd listens; each connection is its own stream of lines, named unix:PATH#N."""
 
@@ -593,13 +531,26 @@ class UnixSource:
 
     async def run(self, on_line: OnLine) -> None:
         """Serve until cancelled; FeedError at once if the path cannot be used, never because of input."""
-        sock, ident = _bind(self.path, self.mode)
+        try:
+            sock, ident = bind_unix(self.path, self.mode)
+        except SocketPathError as e:
+            raise FeedError(f"{self.name}: {e}") from None
         self._stats.since = time.time()
+        try:
+            await self._serve_on(sock, on_line)
+        finally:
+            sock.close()  # already closed with the server, unless starting it failed
+            unlink_if_ours(self.path, ident)
+
+    def health(self) -> dict[str, object]:
+        h = self._stats.as_dict()
+        h.update(connected=len(self._tasks), connections=self._accepted, listening=self._listening)
+        return h
+
+    async def _serve_on(self, sock: socket.socket, on_line: OnLine) -> None:
         try:
             server = await asyncio.start_unix_server(lambda r, w: self._serve(r, w, on_line), sock=sock)
         except OSError as e:
-            sock.close()
-            _unlink_if_ours(self.path, ident)
             raise FeedError(f"unix:{self.path}: cannot serve: {e.strerror or e}") from e
         self._listening = True
         self._stats.note(f"listening on {self.path}")
@@ -609,12 +560,6 @@ class UnixSource:
             self._listening = False
             server.close()
             await self._close_connections()
-            _unlink_if_ours(self.path, ident)
-
-    def health(self) -> dict[str, object]:
-        h = self._stats.as_dict()
-        h.update(connected=len(self._tasks), connections=self._accepted, listening=self._listening)
-        return h
 
     async def _close_connections(self) -> None:
         tasks = list(self._tasks)

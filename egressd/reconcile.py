@@ -383,6 +383,8 @@ class Reconciler:
         self._applied_at[sid] = d.netns
         self._attempts.pop(sid, None)
         self.counters[result.outcome] += 1
+        if result.outcome != "unchanged" and self._persist is not None:
+            self._persist()  # a new digest: what a restart compares the tables with before adopting them
         if self.desired.get(sid) is not d:
             return  # superseded while we worked; the queue already holds the newer state
         state = "error" if d.problem else "enforced"

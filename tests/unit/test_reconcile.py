@@ -53,7 +53,9 @@ def test_upsert_applies_once_and_unchanged_costs_nothing():
         await settle(r)
         assert fb.writes == [("apply", "/run/netns/a")]
         assert fb.fingerprint("/run/netns/a") == fp(deny_out=["1.1.1.1"])
-        assert r.status["a"].state == "enforced" and r.counters["unchanged"] >= 1  # upsert and resync coalesce
+        assert (
+            r.status["a"].state == "enforced" and r.counters["unchanged"] >= 1
+        )  # upsert and resync coalesce
 
     run(scenario)
 
