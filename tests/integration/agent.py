@@ -18,8 +18,15 @@ class AgentProcess:
     """One `egressd run` with its own config, state dir, control socket, feed file and log file."""
 
     def __init__(
-        self, workdir: Path, *, resync_interval: float = 30.0, extra_config: str = "", feed: str = ""
+        self,
+        workdir: Path,
+        *,
+        resync_interval: float = 30.0,
+        extra_config: str = "",
+        feed: str = "",
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.env = env or {}
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.feed_path = self.dir / "events.ndjson"
@@ -35,15 +42,15 @@ class AgentProcess:
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, wait_ready: bool = True) -> AgentProcess:
+    def start(self, wait_ready: bool = True, stdin: int = subprocess.DEVNULL) -> AgentProcess:
         readies = len(self.events("ready")) if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "egressd", "run", "--config", str(self.config_path)],
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=log,
             stderr=log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
         )
         log.close()
         if wait_ready:

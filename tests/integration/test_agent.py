@@ -332,3 +332,46 @@ def test_an_unusable_feed_socket_path_stops_the_agent_with_a_clear_error(agent, 
     (failed,) = a.events("startup_failed")
     assert "exists and is a regular file, not a socket" in failed["error"]
     assert planted.read_text() == "not a socket"
+
+
+def test_systemd_notify_protocol(world, agent, tmp_path):
+    """READY=1 after the first reconcile, STATUS= with counts, WATCHDOG=1 pings, STOPPING=1 on SIGTERM."""
+    sb = world.sandboxes[0]
+    path = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(10)
+    try:
+        a = agent()
+        a.start()
+        a.upsert("s0", sb.netns_path, 1, allow_internet_access=False)
+        assert a.wait("s0", 1)
+        a.stop()
+        a.env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"}
+        a.start(wait_ready=False)
+        messages = []
+        while not any("WATCHDOG=1" in m for m in messages):
+            messages.append(listener.recv(4096).decode())
+        ready = next(m for m in messages if "READY=1" in m)
+        assert "STATUS=1 enforced, 0 pending, 0 error" in ready
+        assert a.stop(signal.SIGTERM) == 0
+        rest = []
+        while not any("STOPPING=1" in m for m in rest):
+            rest.append(listener.recv(4096).decode())
+    finally:
+        listener.close()
+
+
+def test_stdin_feed_and_its_end(world, agent):
+    sb = world.sandboxes[0]
+    a = agent(feed="stdin")
+    a.start(stdin=subprocess.PIPE)
+    ev = {
+        "type": "upsert",
+        "sandbox": {"id": "s0", "netns": sb.netns_path, "network_policy": {"deny_out": [OK4]}},
+    }
+    a.proc.stdin.write(json.dumps(ev).encode() + b"\n")
+    a.proc.stdin.close()  # the producer goes away: the agent keeps enforcing
+    assert a.wait("s0")
+    a.wait_log("feed_ended")
+    assert closed_to(sb.name, OK4) and a.running()
