@@ -294,6 +294,9 @@ class Reconciler:
 
     def resync(self) -> None:
         """Check every sandbox against the kernel again (drift, late namespaces, earlier failures)."""
+        in_use = {st.fingerprint for st in self.status.values()}
+        for fingerprint in [f for f in self.digests if f not in in_use]:
+            del self.digests[fingerprint]  # policies no sandbox has any more: keep the map bounded
         for sid in list(self.desired):
             self.queue.add(sid)
 
@@ -382,6 +385,7 @@ class Reconciler:
             return
         self._applied_at[sid] = d.netns
         self._attempts.pop(sid, None)
+        self.digests[result.fingerprint] = result.digest  # on the loop thread: workers only read the map
         self.counters[result.outcome] += 1
         if result.outcome != "unchanged" and self._persist is not None:
             self._persist()  # a new digest: what a restart compares the tables with before adopting them
@@ -438,7 +442,6 @@ class Reconciler:
             if found == ruleset.fingerprint:
                 known = self.digests.get(found)
                 if known is None:
-                    self.digests[found] = digest
                     return SyncResult("adopted", found, digest, 0)
                 if known == digest:
                     return SyncResult("unchanged", found, digest, 0)
@@ -448,7 +451,6 @@ class Reconciler:
         self.backend.apply(netns, ruleset)
         after = self.backend.read(netns) or []
         digest = listing_digest(after)
-        self.digests[ruleset.fingerprint] = digest
         return SyncResult("repaired" if detail else "applied", ruleset.fingerprint, digest, 1, detail)
 
     async def _release(self, sid: str, path: str) -> None:

@@ -285,3 +285,16 @@ def test_moving_to_another_namespace_removes_the_old_table():
         assert fb.fingerprint("/run/netns/a") is None and fb.fingerprint("/run/netns/c") is not None
 
     run(scenario)
+
+
+def test_digests_of_policies_no_sandbox_has_are_pruned():
+    async def scenario(r, fb):
+        for i in range(5):
+            r.upsert(sandbox(rev=i, deny_out=[f"10.0.0.{i}"]))
+            assert await r.wait_enforced("a", i, 5)
+        assert len(r.digests) == 5
+        r.resync()
+        await settle(r)
+        assert list(r.digests) == [fp(deny_out=["10.0.0.4"])]
+
+    run(scenario)
