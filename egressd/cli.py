@@ -195,7 +195,49 @@ def _age(since: float | None) -> str:
     return f"{secs}s"
 
 
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
+
+
+def _addresses(view: dict[str, Any]) -> str:
+    addrs = view.get("addresses") or []
+    return ", ".join(addrs) if addrs else "-"
+
+
+def cmd_status_dns(args: argparse.Namespace, config: Config) -> int:
+    answer = request(args.socket or config.control_socket, {"cmd": "dns"})
+    if args.json:
+        json.dump(answer, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    info = answer["dns"]
+    print(
+        f"{info['names']} names, {info['queries']} resolutions, {info['failures']} failed; "
+        f"nameservers {info['nameservers']}"
+    )
+    rows = [("NAME", "STATE", "TTL", "REFRESH IN", "SANDBOXES", "ADDRESSES", "ERROR")]
+    for v in answer["names"]:
+        ttl = "-" if v.get("ttl") is None else f"{v['ttl']:g}s"
+        rows.append(
+            (
+                v["name"],
+                v["state"],
+                ttl,
+                f"{v['refresh_in']:g}s",
+                str(v["sandboxes"]),
+                _addresses(v),
+                v["error"] or "",
+            )
+        )
+    _print_table(rows)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    if args.dns:
+        return cmd_status_dns(args, config)
     answer = request(args.socket or config.control_socket, {"cmd": "status"})
     if args.json:
         json.dump(answer, sys.stdout, indent=2)
@@ -215,9 +257,10 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     for sb in answer["sandboxes"]:
         rev = "-" if sb["revision"] is None else str(sb["revision"])
         rows.append((sb["id"], sb["state"], rev, _age(sb["since"]), sb["netns"] or "-", sb["error"] or ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5])
+        for h in sb.get("hostnames", []):
+            detail = f"refresh in {h.get('refresh_in', 0):g}s" + (f"; {h['error']}" if h.get("error") else "")
+            rows.append((f"  {h['list']} {h['name']}", h.get("state", "?"), "", "", _addresses(h), detail))
+    _print_table(rows)
     return 0
 
 
@@ -271,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", parents=[common], help="what the running agent enforces, per sandbox")
     st.add_argument("--json", action="store_true", help="machine-readable")
+    st.add_argument("--dns", action="store_true", help="the whole DNS cache instead of the sandboxes")
     st.add_argument("--socket", metavar="PATH", help="the control socket (default: from the config)")
     st.set_defaults(func=cmd_status)
 

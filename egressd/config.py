@@ -78,13 +78,24 @@ class _Dns(_Strict):
     nameservers: list[str] = Field(default_factory=list)
     min_ttl: float = Field(default=5.0, ge=0.1, le=86400)
     max_ttl: float = Field(default=300.0, ge=0.1, le=86400)
+    retention: float = Field(default=600.0, ge=0, le=86400 * 7)
+    timeout: float = Field(default=2.0, gt=0, le=60)
+    sandbox_resolvers: list[str] = Field(default_factory=list)
 
     @field_validator("nameservers")
     @classmethod
     def _check(cls, v: list[str]) -> list[str]:
         for ns in v:
-            ipaddress.ip_address(ns)
+            try:
+                ipaddress.ip_address(ns)
+            except ValueError:
+                raise ValueError(f"dns.nameservers: {ns!r} is not an IP address") from None
         return v
+
+    @field_validator("sandbox_resolvers")
+    @classmethod
+    def _check_resolvers(cls, v: list[str]) -> list[str]:
+        return _nets(v, "dns.sandbox_resolvers")
 
 
 class _Reconcile(_Strict):
@@ -147,6 +158,9 @@ class Config:
     dns_nameservers: tuple[str, ...] = ()
     dns_min_ttl: float = 5.0
     dns_max_ttl: float = 300.0
+    dns_retention: float = 600.0
+    dns_timeout: float = 2.0
+    sandbox_resolvers: tuple[IPNetwork, ...] = ()
     resync_interval: float = 30.0
     workers: int = 4
     retry_initial: float = 0.2
@@ -174,6 +188,9 @@ def _to_config(m: _ConfigModel) -> Config:
         dns_nameservers=tuple(m.dns.nameservers),
         dns_min_ttl=m.dns.min_ttl,
         dns_max_ttl=m.dns.max_ttl,
+        dns_retention=m.dns.retention,
+        dns_timeout=m.dns.timeout,
+        sandbox_resolvers=_nets_of(m.dns.sandbox_resolvers),
         resync_interval=m.reconcile.resync_interval,
         workers=m.reconcile.workers,
         retry_initial=m.reconcile.retry_initial,

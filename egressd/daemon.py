@@ -21,6 +21,7 @@ from typing import Any
 from egressd import __version__
 from egressd.config import Config, ConfigError, load_config
 from egressd.control import ControlError, ControlServer
+from egressd.dns import DnsCache, DnsService, Resolver
 from egressd.feed import FeedError, Line, Source, parse_source
 from egressd.logs import log, setup_logging
 from egressd.nft import Backend, LibnftBackend
@@ -107,7 +108,12 @@ class Agent:
         self.overrides = overrides
         self.state = StateFile(config.state_dir)
         self.persister = Persister(self.state, lambda: export_state(self.reconciler))
-        self.reconciler = Reconciler(backend, config, persist=self.persister.mark, flush=self.persister.flush)
+        cache = DnsCache(config.dns_min_ttl, config.dns_max_ttl, config.dns_retention)
+        resolver = Resolver(config.dns_nameservers, config.dns_timeout)
+        self.dns = DnsService(cache, resolver, on_change=lambda names: self.reconciler.names_changed(names))
+        self.reconciler = Reconciler(
+            backend, config, persist=self.persister.mark, flush=self.persister.flush, dns=self.dns
+        )
         self.source: Source = parse_source(config.feed_source, max_line=config.max_line_bytes)
         self.control = ControlServer(config.control_socket, self.handle_request)
         self.started = time.time()
@@ -156,6 +162,9 @@ class Agent:
         cmd = req.get("cmd")
         if cmd == "status":
             return {"agent": self.agent_info(), "sandboxes": self.reconciler.report()}
+        if cmd == "dns":
+            cache = self.dns.cache
+            return {"names": [cache.view(n) for n in sorted(cache.names)], "dns": self.dns_info()}
         if cmd == "wait":
             sid, revision, timeout = req.get("id"), req.get("revision"), req.get("timeout", 30)
             if not isinstance(sid, str) or not (revision is None or isinstance(revision, int)):
@@ -165,7 +174,7 @@ class Agent:
             ok = await self.reconciler.wait_enforced(sid, revision, float(timeout))
             row = next((r for r in self.reconciler.report() if r["id"] == sid), None)
             return {"ok": ok, "sandbox": row}
-        return {"error": f"unknown command {cmd!r}; expected status or wait"}
+        return {"error": f"unknown command {cmd!r}; expected status, dns or wait"}
 
     def agent_info(self) -> dict[str, Any]:
         return {
@@ -176,8 +185,17 @@ class Agent:
             "feed": self.source.health() | {"lines": self.feed_lines, "rejected": self.feed_rejected},
             "state": {"path": str(self.state.path), "error": self.persister.error or self.state_problem},
             "queue": len(self.reconciler.queue),
+            "dns": self.dns_info(),
             "counts": self.reconciler.state_counts(),
             "reconciles": dict(self.reconciler.counters),
+        }
+
+    def dns_info(self) -> dict[str, Any]:
+        return {
+            "names": len(self.dns.cache.names),
+            "queries": self.dns.queries,
+            "failures": self.dns.failures,
+            "nameservers": list(self.config.dns_nameservers) or "resolv.conf",
         }
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -208,6 +226,13 @@ class Agent:
             log(logging.WARNING, "reload_needs_restart", keys=changed)
         self.config = config
         setup_logging(config.log_format, config.log_level)
+        cache = self.dns.cache
+        cache.min_ttl, cache.max_ttl, cache.retention = (
+            config.dns_min_ttl,
+            config.dns_max_ttl,
+            config.dns_retention,
+        )
+        self.dns.resolver = Resolver(config.dns_nameservers, config.dns_timeout)
         self.reconciler.set_config(config)
         log(logging.INFO, "reloaded", config=self.config_path)
 
@@ -276,6 +301,7 @@ class Agent:
     async def _start(self) -> None:
         """Persisted state and the feed's backlog first, then one reconcile of everything, then READY=1."""
         self._restore()
+        self._tasks.append(asyncio.create_task(self.dns.run(), name="dns"))
         feed = asyncio.create_task(self.source.run(self.on_line), name="feed")
         feed.add_done_callback(self._feed_ended)
         self._tasks.append(feed)

@@ -8,9 +8,10 @@ swapped atomically, so there is no instant in which neither policy is in force.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,15 +23,42 @@ class ApplyError(Exception):
     """nftables refused a transaction; nothing of it is in force."""
 
 
-def replace_table(ruleset: Ruleset) -> Json:
-    """One transaction: create-if-absent, delete, rebuild. Either all of it is in force or none."""
+Elements = Mapping[str, Iterable[str]]
+
+
+def element_commands(op: str, elements: Elements | None) -> list[Json]:
+    """add/delete element commands for the DNS sets, one per non-empty set."""
+    out = []
+    for name, elems in sorted((elements or {}).items()):
+        elem = sorted(elems)
+        if elem:
+            out.append({op: {"element": {"family": FAMILY, "table": TABLE, "name": name, "elem": elem}}})
+    return out
+
+
+def replace_table(ruleset: Ruleset, elements: Elements | None = None) -> Json:
+    """One transaction: create-if-absent, delete, rebuild, fill the DNS sets. All of it, or none."""
     return {
         "nftables": [
             {"add": {"table": {"family": FAMILY, "name": TABLE}}},
             {"delete": {"table": {"family": FAMILY, "name": TABLE}}},
             *ruleset.commands,
+            *element_commands("add", elements),
         ]
     }
+
+
+def set_elements(listing: list[Json], names: Iterable[str]) -> dict[str, frozenset[str]]:
+    """The elements the kernel holds in the named (plain, address) sets of a listing."""
+    wanted = set(names)
+    out: dict[str, frozenset[str]] = {}
+    for item in listing:
+        obj = item.get("set")
+        if obj and obj.get("name") in wanted:
+            out[obj["name"]] = frozenset(
+                str(ipaddress.ip_address(e)) for e in obj.get("elem", ()) if isinstance(e, str)
+            )
+    return out
 
 
 def fingerprint_of(listing: list[Json]) -> str | None:
@@ -43,8 +71,12 @@ def fingerprint_of(listing: list[Json]) -> str | None:
 
 
 class Backend(Protocol):
-    def apply(self, netns: str, ruleset: Ruleset) -> None:
-        """Replace egressd's table in netns with ruleset, atomically. Raises NetnsError or ApplyError."""
+    def apply(self, netns: str, ruleset: Ruleset, elements: Elements | None = None) -> None:
+        """Replace egressd's table in netns with ruleset (and DNS set elements), atomically.
+        Raises NetnsError or ApplyError."""
+
+    def update_elements(self, netns: str, add: Elements, delete: Elements) -> None:
+        """Add and delete DNS set elements in one transaction."""
 
     def read(self, netns: str) -> list[Json] | None:
         """egressd's table in netns as a libnftables listing, or None when there is none."""
@@ -85,10 +117,18 @@ class LibnftBackend:
         with self._lock(netns):
             return nft.json_cmd(cmd)
 
-    def apply(self, netns: str, ruleset: Ruleset) -> None:
-        rc, _, err = self._cmd(netns, replace_table(ruleset))
+    def apply(self, netns: str, ruleset: Ruleset, elements: Elements | None = None) -> None:
+        rc, _, err = self._cmd(netns, replace_table(ruleset, elements))
         if rc != 0:
             raise ApplyError(f"nftables refused the table for {netns}: {err.strip()}")
+
+    def update_elements(self, netns: str, add: Elements, delete: Elements) -> None:
+        cmds = element_commands("delete", delete) + element_commands("add", add)
+        if not cmds:
+            return
+        rc, _, err = self._cmd(netns, {"nftables": cmds})
+        if rc != 0:
+            raise ApplyError(f"nftables refused the set update for {netns}: {err.strip()}")
 
     def _list(self, netns: str, what: Json) -> list[Json] | None:
         rc, out, err = self._cmd(netns, {"nftables": [{"list": what}]})
@@ -130,6 +170,7 @@ class FakeBackend:
 
     namespaces: set[str] = field(default_factory=set)
     tables: dict[str, list[Json]] = field(default_factory=dict)
+    elements: dict[str, dict[str, set[str]]] = field(default_factory=dict)
     writes: list[tuple[str, str]] = field(default_factory=list)
     fail: Callable[[str, str], Exception | None] | None = None
 
@@ -141,16 +182,38 @@ class FakeBackend:
             if exc is not None:
                 raise exc
 
-    def apply(self, netns: str, ruleset: Ruleset) -> None:
+    def apply(self, netns: str, ruleset: Ruleset, elements: Elements | None = None) -> None:
         self._check(netns, "apply")
         # Round-trip through JSON, as the real backend does, so later changes to ruleset cannot leak in.
         self.tables[netns] = json.loads(json.dumps(ruleset.commands))
+        self.elements[netns] = {name: set((elements or {}).get(name, ())) for name in ruleset.dns_sets}
         self.writes.append(("apply", netns))
+
+    def update_elements(self, netns: str, add: Elements, delete: Elements) -> None:
+        self._check(netns, "update")
+        sets = self.elements.get(netns, {})
+        for name, elems in delete.items():
+            if not set(elems) <= sets.get(name, set()):
+                raise ApplyError(f"delete of elements not in set {name}")
+            sets[name] -= set(elems)
+        for name, elems in add.items():
+            if name not in sets:
+                raise ApplyError(f"no set {name}")
+            sets[name] |= set(elems)
+        self.writes.append(("update", netns))
 
     def read(self, netns: str) -> list[Json] | None:
         self._check(netns, "read")
         table = self.tables.get(netns)
-        return None if table is None else [c["add"] for c in copy.deepcopy(table)]
+        if table is None:
+            return None
+        listing = [c["add"] for c in copy.deepcopy(table)]
+        for item in listing:
+            name = item.get("set", {}).get("name")
+            elems = self.elements.get(netns, {}).get(name)
+            if elems:
+                item["set"]["elem"] = sorted(elems)
+        return listing
 
     def fingerprint(self, netns: str) -> str | None:
         listing = self.read(netns)
@@ -159,6 +222,7 @@ class FakeBackend:
     def remove(self, netns: str) -> bool:
         self._check(netns, "remove")
         self.writes.append(("remove", netns))
+        self.elements.pop(netns, None)
         return self.tables.pop(netns, None) is not None
 
     def forget(self, netns: str) -> None:

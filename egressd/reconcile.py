@@ -24,9 +24,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from egressd.config import Config
+from egressd.dns import DnsCache, DnsService
 from egressd.logs import log
 from egressd.netns import NetnsError
-from egressd.nft import ApplyError, Backend, fingerprint_of
+from egressd.nft import ApplyError, Backend, fingerprint_of, set_elements
 from egressd.policy import (
     DENY_ALL,
     Delete,
@@ -39,10 +40,42 @@ from egressd.policy import (
     parse_sandbox,
     sandbox_to_record,
 )
-from egressd.render import Json, Ruleset, render
+from egressd.render import Json, Ruleset, elements_for, render
 
 MAX_TOMBSTONES = 100_000
+DNS_SET_SUFFIXES = ("_dns4", "_dns6")
+RENDER_CACHE = 4096
 PENDING_RETRY_MAX = 1.0  # a namespace that does not exist yet is looked for at least every second
+
+
+def plan(
+    policy: Policy,
+    config: Config,
+    cache: DnsCache | None,
+    render_fn: Callable[[Policy], Ruleset] | None = None,
+) -> tuple[Ruleset, dict[str, frozenset[str]], str | None]:
+    """The table and DNS set elements a policy needs now, and why it is held closed, if it is.
+
+    Fail closed: until every deny_out host has resolved once (or failed for good), the sandbox is enforced
+    as if allow_internet_access were false. An allow_out host not resolved yet allows nothing.
+    """
+    allow_hosts, deny_hosts = policy.allow_out.hostnames, policy.deny_out.hostnames
+    waiting = [h for h in deny_hosts if cache is None or not cache.settled(h)]
+    if waiting and policy.allow_internet_access:
+        policy = replace(policy, allow_internet_access=False)
+    ruleset = render_fn(policy) if render_fn is not None else render(policy, config)
+    if not ruleset.dns_sets:
+        return ruleset, {}, None
+    allow = set().union(*(cache.addresses(h) for h in allow_hosts)) if cache else set()
+    deny = set().union(*(cache.addresses(h) for h in deny_hosts)) if cache else set()
+    note = f"closed until deny_out hosts resolve: {', '.join(waiting)}" if waiting else None
+    return ruleset, elements_for(ruleset, allow, deny, config.guard.deny), note
+
+
+def _describe_change(add: dict[str, frozenset[str]], delete: dict[str, frozenset[str]]) -> str:
+    parts = [f"+{e} {n}" for n, es in add.items() for e in sorted(es)]
+    parts += [f"-{e} {n}" for n, es in delete.items() for e in sorted(es)]
+    return " ".join(parts[:20]) + (f" (+{len(parts) - 20} more)" if len(parts) > 20 else "")
 
 
 def listing_digest(listing: list[Json]) -> str:
@@ -59,6 +92,10 @@ def listing_digest(listing: list[Json]) -> str:
     for item in listing:
         if "counter" in item:
             item = {"counter": {k: v for k, v in item["counter"].items() if k not in ("packets", "bytes")}}
+        elif "set" in item and item["set"].get("name", "").endswith(DNS_SET_SUFFIXES):
+            item = {
+                "set": {k: v for k, v in item["set"].items() if k != "elem"}
+            }  # compared one by one instead
         items.append(clean(item))
     return hashlib.sha256(json.dumps(items, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -159,6 +196,7 @@ class Reconciler:
         *,
         persist: Callable[[], Any] | None = None,
         flush: Callable[[], Awaitable[None]] | None = None,
+        dns: DnsService | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.backend = backend
@@ -170,6 +208,8 @@ class Reconciler:
         self.queue = KeyedQueue()
         self._persist = persist
         self._flush = flush
+        self.dns = dns
+        self._rendered: OrderedDict[tuple[Policy, int], Ruleset] = OrderedDict()
         self._notify_scheduled = False
         self._rng = rng or random.Random()
         self._attempts: dict[str, int] = {}
@@ -212,6 +252,8 @@ class Reconciler:
     def _set(self, d: Desired) -> None:
         d.generation = self._next_generation()
         self.desired[d.id] = d
+        if self.dns is not None:
+            self.dns.subscribe(d.id, (*d.policy.allow_out.hostnames, *d.policy.deny_out.hostnames))
         self.tombstones.pop(d.id, None)
         self.queue.add(d.id)
         if self._persist is not None:
@@ -254,6 +296,8 @@ class Reconciler:
         cur = self.desired.pop(sid, None)
         if cur is None:
             return
+        if self.dns is not None:
+            self.dns.subscribe(sid, ())
         self.tombstones[sid] = cur.revision
         while len(self.tombstones) > MAX_TOMBSTONES:
             self.tombstones.popitem(last=False)
@@ -287,9 +331,20 @@ class Reconciler:
         else:
             self.snapshot(event)
 
+    def names_changed(self, names: set[str]) -> None:
+        """DNS answers changed: only the sandboxes that name those hosts are looked at again."""
+        if self.dns is None:
+            return
+        for name in names:
+            for sid in self.dns.cache.subscribers.get(name, ()):
+                self.queue.add(sid)
+        if self._persist is not None:
+            self._persist()
+
     def set_config(self, config: Config) -> None:
         """A reloaded config: everything is re-rendered; unchanged tables cost nothing."""
         self.config = config
+        self._rendered.clear()
         self.resync()
 
     def resync(self) -> None:
@@ -370,13 +425,15 @@ class Reconciler:
             return
         if self._flush is not None:
             await self._flush()  # desired state on disk before the kernel changes: a restart never goes back
-        ruleset = render(d.policy, self.config)
+        ruleset, elements, waiting = self._target(d)
         prev = self.status.get(sid)
         last_fp = prev.fingerprint if prev is not None and prev.netns == d.netns else None
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         try:
-            result = await loop.run_in_executor(self._executor, self._sync, d.netns, ruleset, last_fp)
+            result = await loop.run_in_executor(
+                self._executor, self._sync, d.netns, ruleset, elements, last_fp
+            )
         except NetnsError as e:
             self._attempts_failed(sid, d, e.reason, pending=e.gone)
             return
@@ -391,10 +448,12 @@ class Reconciler:
             self._persist()  # a new digest: what a restart compares the tables with before adopting them
         if self.desired.get(sid) is not d:
             return  # superseded while we worked; the queue already holds the newer state
-        state = "error" if d.problem else "enforced"
+        state, error = (
+            ("error", d.problem) if d.problem else ("pending", waiting) if waiting else ("enforced", None)
+        )
         self._record(
             sid,
-            Status(state, d.revision, d.problem, netns=d.netns, fingerprint=result.fingerprint,
+            Status(state, d.revision, error, netns=d.netns, fingerprint=result.fingerprint,
                    writes=result.writes, generation=d.generation),
         )  # fmt: skip
         if result.outcome != "unchanged":
@@ -425,7 +484,22 @@ class Reconciler:
         self._record(sid, Status(state, d.revision, reason, netns=d.netns, generation=d.generation))
         self._retry(sid, min(PENDING_RETRY_MAX, self.config.retry_max) if pending else self.config.retry_max)
 
-    def _sync(self, netns: str, ruleset: Ruleset, last_fp: str | None) -> SyncResult:
+    def _render(self, policy: Policy) -> Ruleset:
+        """Rendering is cached: a DNS refresh or a resync re-renders nothing."""
+        key = (policy, id(self.config))
+        ruleset = self._rendered.get(key)
+        if ruleset is None:
+            ruleset = self._rendered[key] = render(policy, self.config)
+            if len(self._rendered) > RENDER_CACHE:
+                self._rendered.popitem(last=False)
+        return ruleset
+
+    def _target(self, d: Desired) -> tuple[Ruleset, dict[str, frozenset[str]], str | None]:
+        return plan(d.policy, self.config, self.dns.cache if self.dns is not None else None, self._render)
+
+    def _sync(
+        self, netns: str, ruleset: Ruleset, elements: dict[str, frozenset[str]], last_fp: str | None
+    ) -> SyncResult:
         """In a worker thread: make the table in netns equal to ruleset, writing only if it differs.
 
         last_fp is what this agent last wrote or adopted there: a table that differs from it was changed by
@@ -441,14 +515,19 @@ class Reconciler:
             digest = listing_digest(listing)
             if found == ruleset.fingerprint:
                 known = self.digests.get(found)
-                if known is None:
-                    return SyncResult("adopted", found, digest, 0)
-                if known == digest:
-                    return SyncResult("unchanged", found, digest, 0)
+                if known is None or known == digest:
+                    outcome = "adopted" if known is None else "unchanged"
+                    have = set_elements(listing, ruleset.dns_sets)
+                    add = {n: e - have.get(n, frozenset()) for n, e in elements.items()}
+                    delete = {n: have.get(n, frozenset()) - e for n, e in elements.items()}
+                    if not any(add.values()) and not any(delete.values()):
+                        return SyncResult(outcome, found, digest, 0)
+                    self.backend.update_elements(netns, add, delete)
+                    return SyncResult("dns_updated", found, digest, 1, _describe_change(add, delete))
                 detail = "table was altered in place"
             elif last_fp is not None and found != last_fp:
                 detail = "table was replaced"
-        self.backend.apply(netns, ruleset)
+        self.backend.apply(netns, ruleset, elements)
         after = self.backend.read(netns) or []
         digest = listing_digest(after)
         return SyncResult("repaired" if detail else "applied", ruleset.fingerprint, digest, 1, detail)
@@ -531,6 +610,15 @@ class Reconciler:
             else:
                 row = st.as_dict(sid)
             row["desired_revision"] = d.revision if d else None
+            if d is not None and self.dns is not None:
+                row["hostnames"] = [
+                    {"list": lst, **self.dns.cache.view(h)}
+                    for lst, hosts in (
+                        ("allow_out", d.policy.allow_out.hostnames),
+                        ("deny_out", d.policy.deny_out.hostnames),
+                    )
+                    for h in hosts
+                ]
             out.append(row)
         return out
 
@@ -551,6 +639,7 @@ def export_state(r: Reconciler) -> dict[str, Any]:
         "sandboxes": sandboxes,
         "tombstones": [[sid, rev] for sid, rev in r.tombstones.items()],
         "digests": dict(r.digests),
+        "dns": r.dns.cache.export() if r.dns is not None else {},
     }
 
 
@@ -567,13 +656,13 @@ def restore_state(r: Reconciler, doc: dict[str, Any]) -> list[str]:
         d = Desired(
             sb.id, sb.netns, sb.revision, sb.policy, sb.status, problem if isinstance(problem, str) else None
         )
-        d.generation = r._next_generation()
-        r.desired[d.id] = d
-        r.queue.add(d.id)
+        r._set(d)
     for entry in doc.get("tombstones", []):
         if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str):
             r.tombstones[entry[0]] = entry[1] if isinstance(entry[1], int) else None
     digests = doc.get("digests", {})
     if isinstance(digests, dict):
         r.digests.update({k: v for k, v in digests.items() if isinstance(k, str) and isinstance(v, str)})
+    if r.dns is not None:
+        r.dns.cache.restore(doc.get("dns"))
     return problems

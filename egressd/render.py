@@ -7,6 +7,7 @@ No I/O and no kernel here, so every ruleset can be checked by golden files. The 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import socket
 from collections.abc import Iterable
@@ -37,6 +38,7 @@ class Ruleset:
 
     commands: list[Json]
     fingerprint: str
+    dns_sets: tuple[str, ...] = ()  # sets whose elements come from DNS (see elements_for)
 
 
 def _elem(net: IPNetwork) -> Any:
@@ -92,7 +94,9 @@ class _Builder:
         self.sets: list[Json] = []
         self.rules: list[Json] = []
 
-    def set_rules(self, name: str, nets: Iterable[IPNetwork], verdict: Json) -> None:
+    def set_rules(
+        self, name: str, nets: Iterable[IPNetwork], verdict: Json, extra: Iterable[Json] = ()
+    ) -> None:
         """One interval set per family, and one rule per non-empty set; empty lists cost no rule."""
         for version, members in zip((4, 6), _split(nets), strict=True):
             if not members:
@@ -111,7 +115,19 @@ class _Builder:
                     }
                 }
             )
+            self.rules.append(_rule("decide", _match_daddr(version, set_name), *extra, verdict))
+
+    def dns_sets(self, name: str, verdict: Json) -> list[str]:
+        """Plain sets (no intervals) for resolved addresses, both families, rendered empty: their elements
+        change with DNS, by difference, and are not part of the fingerprint."""
+        names = []
+        for version in (4, 6):
+            set_name = f"{name}{version}"
+            set_type = "ipv4_addr" if version == 4 else "ipv6_addr"
+            self.sets.append({"add": {"set": {**_T, "name": set_name, "type": set_type}}})
             self.rules.append(_rule("decide", _match_daddr(version, set_name), verdict))
+            names.append(set_name)
+        return names
 
 
 def _deny_chain(action: str) -> list[Json]:
@@ -139,9 +155,15 @@ def render(policy: Policy, config: Config) -> Ruleset:
     )
     # 2-6. operator deny, operator allow, tenant allow, tenant deny, private ranges.
     b.set_rules("guard_deny", config.guard.deny, DENY)
+    if not policy.allow_internet_access and policy.allow_out.hostnames and config.sandbox_resolvers:
+        # A closed sandbox that names hosts needs DNS to use them: port 53 of the operator's resolvers only.
+        dns_port = [_match(_meta("l4proto"), {"set": ["tcp", "udp"]}), _match(_payload("th", "dport"), 53)]
+        b.set_rules("resolvers", config.sandbox_resolvers, {"accept": None}, extra=dns_port)
     b.set_rules("guard_allow", config.guard.allow, ACCEPT)
     b.set_rules("allow", (*policy.allow_out.nets4, *policy.allow_out.nets6), ACCEPT)
+    dns_sets = b.dns_sets("allow_dns", ACCEPT) if policy.allow_out.hostnames else []
     b.set_rules("deny", (*policy.deny_out.nets4, *policy.deny_out.nets6), DENY)
+    dns_sets += b.dns_sets("deny_dns", DENY) if policy.deny_out.hostnames else []
     b.set_rules("private", config.guard.private, DENY)
     # 7. everything else: the public internet.
     b.rules.append(_rule("decide", ACCEPT if policy.allow_internet_access else DENY))
@@ -189,4 +211,27 @@ def render(policy: Policy, config: Config) -> Ruleset:
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     fingerprint = f"{SCHEMA} sha256:{digest}"
     body.append(_rule(FINGERPRINT_CHAIN, {"return": None}, comment=fingerprint))
-    return Ruleset(commands=body, fingerprint=fingerprint)
+    return Ruleset(commands=body, fingerprint=fingerprint, dns_sets=tuple(dns_sets))
+
+
+def elements_for(
+    ruleset: Ruleset, allow: Iterable[str], deny: Iterable[str], guard_deny: Iterable[IPNetwork]
+) -> dict[str, frozenset[str]]:
+    """Resolved addresses as set elements. An allowed name never lets through an address inside
+    guard.deny (DNS rebinding to the metadata address): those are left out."""
+    blocked = tuple(guard_deny)
+
+    def split(addrs: Iterable[str], drop_guarded: bool) -> tuple[frozenset[str], frozenset[str]]:
+        v4, v6 = set(), set()
+        for a in addrs:
+            ip = ipaddress.ip_address(a)
+            if drop_guarded and any(ip.version == n.version and ip in n for n in blocked):
+                continue
+            (v4 if ip.version == 4 else v6).add(str(ip))
+        return frozenset(v4), frozenset(v6)
+
+    out: dict[str, frozenset[str]] = {}
+    for prefix, addrs, guarded in (("allow_dns", allow, True), ("deny_dns", deny, False)):
+        if f"{prefix}4" in ruleset.dns_sets:
+            out[f"{prefix}4"], out[f"{prefix}6"] = split(addrs, guarded)
+    return out

@@ -1,0 +1,297 @@
+"""The DNS cache's rules, and the reconciler driven by it, without a network (a scripted resolver)."""
+
+import asyncio
+import random
+
+import pytest
+
+from egressd.config import config_from_dict
+from egressd.dns import GIVE_UP_AFTER, Answer, DnsCache, DnsService
+from egressd.nft import FakeBackend
+from egressd.policy import parse_sandbox
+from egressd.reconcile import Reconciler, export_state, restore_state
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def cache(**kw):
+    clock = Clock()
+    args = {"min_ttl": 5, "max_ttl": 300, "retention": 600} | kw
+    return DnsCache(**args, clock=clock, rng=random.Random(3)), clock
+
+
+def test_subscriptions_are_shared_and_released():
+    c, _ = cache()
+    assert c.subscribe("a", ["x.test", "y.test"]) == {"x.test", "y.test"}
+    assert c.subscribe("b", ["x.test"]) == set()  # already in the cache: no new query
+    assert c.subscribers["x.test"] == {"a", "b"}
+    c.subscribe("a", [])
+    assert set(c.names) == {"x.test"} and c.subscribers["x.test"] == {"b"}
+
+
+def test_ttl_is_clamped_and_refresh_is_jittered_before_expiry():
+    c, clock = cache()
+    c.subscribe("a", ["x.test", "y.test"])
+    c.record("x.test", Answer("ok", ["198.51.100.1"], ttl=1))
+    c.record("y.test", Answer("ok", ["198.51.100.2"], ttl=10_000))
+    x, y = c.names["x.test"], c.names["y.test"]
+    assert x.ttl == 5 and y.ttl == 300
+    assert clock.now + 4.5 <= x.next_refresh <= clock.now + 5
+    assert c.due() == []
+    clock.now += 5
+    assert c.due() == ["x.test"]
+
+
+def test_round_robin_answers_are_retained_then_expire():
+    c, clock = cache(retention=60)
+    c.subscribe("a", ["x.test"])
+    assert c.record("x.test", Answer("ok", ["198.51.100.1"], ttl=30))
+    clock.now += 30
+    assert c.record("x.test", Answer("ok", ["198.51.100.2"], ttl=30))
+    assert c.addresses("x.test") == {"198.51.100.1", "198.51.100.2"}
+    clock.now += 29  # .1 was last seen 59 s ago
+    assert c.expire() == set()
+    clock.now += 2
+    assert c.expire() == {"x.test"}
+    assert c.addresses("x.test") == {"198.51.100.2"}
+
+
+def test_servfail_keeps_the_last_addresses_past_retention():
+    c, clock = cache(retention=10)
+    c.subscribe("a", ["x.test"])
+    c.record("x.test", Answer("ok", ["198.51.100.1", "2001:db8::1"], ttl=5))
+    clock.now += 100
+    assert not c.record("x.test", Answer("error", error="SERVFAIL: no nameserver could answer"))
+    assert c.expire() == set()
+    assert c.addresses("x.test") == {"198.51.100.1", "2001:db8::1"}
+    st = c.names["x.test"]
+    assert st.error.startswith("SERVFAIL") and st.next_refresh <= clock.now + 1
+    assert c.view("x.test")["state"] == "failing"
+
+
+def test_nxdomain_contributes_nothing_once_retention_expires():
+    c, clock = cache(retention=10)
+    c.subscribe("a", ["x.test"])
+    c.record("x.test", Answer("ok", ["198.51.100.1"], ttl=5))
+    clock.now += 5
+    c.record("x.test", Answer("nxdomain"))
+    assert c.addresses("x.test") == {"198.51.100.1"}  # still within retention
+    clock.now += 11
+    assert c.expire() == {"x.test"}
+    assert c.addresses("x.test") == set() and c.view("x.test")["error"] == "NXDOMAIN: no such name"
+
+
+def test_a_name_settles_when_it_resolves_or_fails_for_good():
+    c, _ = cache()
+    c.subscribe("a", ["ok.test", "nx.test", "down.test"])
+    assert not c.settled("ok.test")
+    c.record("ok.test", Answer("ok", ["198.51.100.1"], ttl=5))
+    c.record("nx.test", Answer("nxdomain"))
+    assert c.settled("ok.test") and c.settled("nx.test")
+    for i in range(GIVE_UP_AFTER):
+        assert not c.settled("down.test")
+        changed = c.record("down.test", Answer("error", error="timeout"))
+        assert changed == (i == GIVE_UP_AFTER - 1)
+    assert c.settled("down.test") and c.view("down.test")["state"] == "failed"
+
+
+def test_export_and_restore_keep_addresses_and_schedule():
+    c, _ = cache()
+    c.subscribe("a", ["x.test", "gone.test"])
+    c.record("x.test", Answer("ok", ["198.51.100.1"], ttl=50))
+    c.record("gone.test", Answer("ok", ["198.51.100.9"], ttl=50))
+    doc = c.export()
+    fresh, _ = cache()
+    fresh.subscribe("a", ["x.test"])
+    fresh.restore(doc)
+    assert fresh.addresses("x.test") == {"198.51.100.1"} and fresh.settled("x.test")
+    assert "gone.test" not in fresh.names
+    assert fresh.due() == []
+
+
+# --- the reconciler with DNS --------------------------------------------------------------------------
+
+
+class ScriptedResolver:
+    """Answers from a dict the test changes; counts every resolution."""
+
+    def __init__(self, answers):
+        self.answers = answers
+        self.calls: dict[str, int] = {}
+
+    async def resolve(self, name):
+        self.calls[name] = self.calls.get(name, 0) + 1
+        addrs = self.answers.get(name)
+        if addrs is None:
+            return Answer("nxdomain")
+        if addrs == "down":
+            return Answer("error", error="timeout: no answer from the nameservers")
+        return Answer("ok", list(addrs), ttl=0.2)
+
+
+CONFIG = config_from_dict(
+    {
+        "reconcile": {"retry_initial": 0.01, "retry_max": 0.05},
+        "dns": {"min_ttl": 0.2, "max_ttl": 0.2, "retention": 0.3},
+    }
+)
+
+
+def run(scenario, answers, namespaces=20, backend=None):
+    backend = backend or FakeBackend(namespaces={f"/run/netns/s{i}" for i in range(namespaces)})
+    resolver = ScriptedResolver(answers)
+
+    async def main():
+        ref = []
+        dns = DnsService(
+            DnsCache(CONFIG.dns_min_ttl, CONFIG.dns_max_ttl, CONFIG.dns_retention),
+            resolver,
+            on_change=lambda names: ref[0].names_changed(names),
+        )
+        r = Reconciler(backend, CONFIG, dns=dns, rng=random.Random(1))
+        ref.append(r)
+        task = asyncio.create_task(dns.run())
+        r.start()
+        try:
+            return await asyncio.wait_for(scenario(r, backend, resolver), 10)
+        finally:
+            task.cancel()
+            await r.stop()
+
+    return asyncio.run(main())
+
+
+def sb(i, **np):
+    return parse_sandbox({"id": f"s{i}", "netns": f"/run/netns/s{i}", "network_policy": np})
+
+
+async def until(pred, timeout=3.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def test_allow_host_addresses_follow_dns_by_difference():
+    answers = {"api.test": ["198.51.100.1", "2001:db8::1"]}
+
+    async def scenario(r, fb, res):
+        r.upsert(sb(0, allow_internet_access=False, allow_out=["api.test"]))
+        await until(lambda: r.is_enforced("s0", None))
+        assert fb.elements["/run/netns/s0"] == {"allow_dns4": {"198.51.100.1"}, "allow_dns6": {"2001:db8::1"}}
+        applies = fb.writes.count(("apply", "/run/netns/s0"))
+        answers["api.test"] = ["198.51.100.2", "2001:db8::1"]
+        await until(lambda: "198.51.100.2" in fb.elements["/run/netns/s0"]["allow_dns4"])
+        # retention keeps the old one a little, then it goes: both by element updates, never a rewrite
+        await until(lambda: fb.elements["/run/netns/s0"]["allow_dns4"] == {"198.51.100.2"})
+        assert fb.writes.count(("apply", "/run/netns/s0")) == applies
+        assert ("update", "/run/netns/s0") in fb.writes
+
+    run(scenario, answers)
+
+
+def test_deny_host_keeps_the_sandbox_closed_until_it_resolves():
+    answers = {"bad.test": "down"}
+
+    async def scenario(r, fb, res):
+        r.upsert(sb(0, deny_out=["bad.test"]))
+        await until(lambda: "s0" in r.status)
+        assert (
+            r.status["s0"].state == "pending"
+            and "closed until deny_out hosts resolve: bad.test" in r.status["s0"].error
+        )
+        decide = [
+            c["add"]["rule"]["expr"]
+            for c in fb.tables["/run/netns/s0"]
+            if c["add"].get("rule", {}).get("chain") == "decide"
+        ]
+        assert decide[-1] == [{"jump": {"target": "deny"}}]  # internet treated as off
+        answers["bad.test"] = ["203.0.113.7"]
+        await until(lambda: r.is_enforced("s0", None))
+        decide = [
+            c["add"]["rule"]["expr"]
+            for c in fb.tables["/run/netns/s0"]
+            if c["add"].get("rule", {}).get("chain") == "decide"
+        ]
+        assert decide[-1] == [{"accept": None}]
+        assert fb.elements["/run/netns/s0"]["deny_dns4"] == {"203.0.113.7"}
+
+    run(scenario, answers)
+
+
+def test_a_name_that_never_resolves_opens_after_failing_for_good():
+    async def scenario(r, fb, res):
+        r.upsert(sb(0, deny_out=["nowhere.test"]))
+        await until(lambda: r.is_enforced("s0", None))
+        assert res.calls["nowhere.test"] == 1  # NXDOMAIN settles at once
+
+    run(scenario, {})
+
+
+def test_many_sandboxes_sharing_a_name_cost_one_resolution_per_refresh():
+    answers = {"shared.test": ["198.51.100.1"]}
+
+    async def scenario(r, fb, res):
+        for i in range(20):
+            r.upsert(sb(i, allow_internet_access=False, allow_out=["shared.test"]))
+        await until(lambda: all(r.is_enforced(f"s{i}", None) for i in range(20)))
+        await asyncio.sleep(1.0)
+        # 0.2 s TTL, refreshed at 0.9-1.0 of it: about 5-6 resolutions a second, whatever the sandbox count
+        assert 4 <= res.calls["shared.test"] <= 8
+
+    run(scenario, answers)
+
+
+def test_only_sandboxes_naming_the_host_are_touched():
+    answers = {"a.test": ["198.51.100.1"]}
+
+    async def scenario(r, fb, res):
+        r.upsert(sb(0, allow_out=["a.test"]))
+        r.upsert(sb(1, deny_out=["198.51.100.0/24"]))
+        await until(lambda: r.is_enforced("s0", None) and r.is_enforced("s1", None))
+        before = [w for w in fb.writes if w[1] == "/run/netns/s1"]
+        answers["a.test"] = ["198.51.100.3"]
+        await until(lambda: "198.51.100.3" in fb.elements["/run/netns/s0"]["allow_dns4"])
+        assert [w for w in fb.writes if w[1] == "/run/netns/s1"] == before
+
+    run(scenario, answers)
+
+
+def test_an_allowed_name_never_lets_through_guard_deny():
+    answers = {"rebind.test": ["169.254.169.254", "198.51.100.1"]}
+
+    async def scenario(r, fb, res):
+        r.upsert(sb(0, allow_internet_access=False, allow_out=["rebind.test"]))
+        await until(lambda: r.is_enforced("s0", None))
+        assert fb.elements["/run/netns/s0"]["allow_dns4"] == {"198.51.100.1"}
+
+    run(scenario, answers)
+
+
+@pytest.mark.parametrize("addresses", [["198.51.100.1"], []])
+def test_restart_with_the_saved_cache_adopts_without_writing(addresses):
+    answers = {"api.test": addresses or None}
+    fb = FakeBackend(namespaces={"/run/netns/s0"})
+    saved = {}
+
+    async def first(r, fb, res):
+        r.upsert(sb(0, allow_out=["api.test"], deny_out=["api.test"]))
+        await until(lambda: r.is_enforced("s0", None))
+        saved.update(export_state(r))
+
+    run(first, answers, backend=fb)
+    writes = len(fb.writes)
+
+    async def second(r, fb, res):
+        restore_state(r, saved)
+        await until(lambda: r.is_enforced("s0", None))
+
+    run(second, answers, backend=fb)
+    assert len(fb.writes) == writes
