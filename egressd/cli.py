@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 the input or an apply failed (every problem printed), 2
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -15,9 +16,11 @@ from typing import Any, TextIO
 from egressd import __version__
 from egressd.config import Config, ConfigError, load_config
 from egressd.control import ControlError, request
+from egressd.dns import DnsCache, Resolver
 from egressd.netns import NetnsError
 from egressd.nft import ApplyError, LibnftBackend, replace_table
 from egressd.policy import PolicyError, Sandbox, Snapshot, Upsert, parse_event, parse_sandbox
+from egressd.reconcile import plan
 from egressd.render import render
 
 MAX_INPUT_BYTES = 64 * 1024 * 1024
@@ -125,11 +128,29 @@ def cmd_validate(args: argparse.Namespace, config: Config) -> int:
     return 1 if total_errors else 0
 
 
+def _resolve_once(config: Config, sandboxes: list[Sandbox]) -> DnsCache:
+    """One resolution of every hostname the records name, the way the agent resolves them."""
+    cache = DnsCache(config.dns_min_ttl, config.dns_max_ttl, config.dns_retention)
+    for sb in sandboxes:
+        cache.subscribe(sb.id, (*sb.policy.allow_out.hostnames, *sb.policy.deny_out.hostnames))
+    if cache.names:
+        resolver = Resolver(config.dns_nameservers, config.dns_timeout)
+
+        async def resolve_all() -> None:
+            names = list(cache.names)
+            for name, answer in zip(names, await asyncio.gather(*map(resolver.resolve, names)), strict=True):
+                cache.record(name, answer)
+
+        asyncio.run(resolve_all())
+    return cache
+
+
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     sandboxes, errors = _load_sandboxes(args.file, config, sys.stderr)
     if errors:
         print("nothing applied: fix the problems above first", file=sys.stderr)
         return 1
+    cache = _resolve_once(config, sandboxes)
     backend = LibnftBackend()
     failed = 0
     for sb in sandboxes:
@@ -137,23 +158,23 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
             print(f"{sb.id}: no netns in the record; nothing to apply to", file=sys.stderr)
             failed += 1
             continue
-        ruleset = render(sb.policy, config)
+        ruleset, elements, waiting = plan(sb.policy, config, cache)
         try:
-            if backend.fingerprint(sb.netns) == ruleset.fingerprint and not args.force:
+            unchanged = backend.fingerprint(sb.netns) == ruleset.fingerprint and not ruleset.dns_sets
+            if unchanged and not args.force:
                 print(f"{sb.id}: unchanged in {sb.netns}")
                 continue
-            backend.apply(sb.netns, ruleset)
+            backend.apply(sb.netns, ruleset, elements)
         except (NetnsError, ApplyError) as e:
             print(f"{sb.id}: {e}", file=sys.stderr)
             failed += 1
             continue
-        print(f"{sb.id}: applied in {sb.netns}")
-        hosts = len(sb.policy.allow_out.hostnames) + len(sb.policy.deny_out.hostnames)
-        if hosts:
+        print(f"{sb.id}: applied in {sb.netns}" + (f" ({waiting})" if waiting else ""))
+        for name in (*sb.policy.allow_out.hostnames, *sb.policy.deny_out.hostnames):
+            view = cache.view(name)
             print(
-                f"{sb.id}: {hosts} hostname entr{'y' if hosts == 1 else 'ies'} not enforced: "
-                "hostname resolution is not built yet",
-                file=sys.stderr,
+                f"{sb.id}:   {name}: {', '.join(view['addresses']) or '-'}"
+                + (f" ({view['error']})" if view["error"] else "")
             )
     backend.close()
     return 1 if failed else 0

@@ -141,8 +141,8 @@ def _nets_of(values: Iterable[str]) -> tuple[IPNetwork, ...]:
 
 @dataclass(frozen=True)
 class Config:
-    """Everything the agent reads from its config file, flat. Only guard, deny_action and uplink shape the
-    rendered table; the rest is how the agent runs."""
+    """Everything the agent reads from its config file, flat. Only guard, deny_action, uplink and
+    sandbox_resolvers shape the rendered table; the rest is how the agent runs."""
 
     guard: Guard = field(
         default_factory=lambda: Guard(

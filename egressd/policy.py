@@ -213,7 +213,8 @@ def parse_entry(value: Any) -> IPNetwork | str:
         raise ValueError("looks like a URL; give only the host name or address, e.g. example.com")
     if "*" in text:
         raise ValueError(
-            "wildcard host names are not supported yet; list each host name, e.g. api.example.com"
+            "wildcard host names are not supported: egressd resolves each name itself, and a wildcard "
+            "names no address to resolve; list each host name, e.g. api.example.com"
         )
     if text.startswith("[") or (text.count(":") == 1 and "/" not in text):
         raise ValueError("looks like host:port; ports are not supported, give only the host name or address")

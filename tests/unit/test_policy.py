@@ -86,7 +86,7 @@ def test_addresses_are_normalised(entry, expected):
         ("example.com:443", "looks like host:port"),
         ("198.51.100.7:80", "looks like host:port"),
         ("[2001:db8::1]:443", "looks like host:port"),
-        ("*.example.com", "wildcard host names are not supported yet"),
+        ("*.example.com", "wildcard host names are not supported: egressd resolves each name itself"),
         ("fe80::1%eth0", "scoped IPv6"),
         ("2001:db8:::1", "not a valid IPv6 address"),
         ("exa mple.com", "whitespace"),
