@@ -17,7 +17,7 @@ import json
 import logging
 import random
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -68,7 +68,12 @@ def plan(
         return ruleset, {}, None
     allow = set().union(*(cache.addresses(h) for h in allow_hosts)) if cache else set()
     deny = set().union(*(cache.addresses(h) for h in deny_hosts)) if cache else set()
-    note = f"closed until deny_out hosts resolve: {', '.join(waiting)}" if waiting else None
+    if waiting:
+        note = f"closed until deny_out hosts resolve: {', '.join(waiting)}"
+    else:
+        # Not yet the policy asked for either: `wait` should not let a workload start before its names work.
+        unresolved = [h for h in allow_hosts if cache is None or not cache.settled(h)]
+        note = f"allow_out hosts not resolved yet: {', '.join(unresolved)}" if unresolved else None
     return ruleset, elements_for(ruleset, allow, deny, config.guard.deny), note
 
 
@@ -218,13 +223,9 @@ class Reconciler:
         self._changed = asyncio.Condition()
         self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="egressd-apply")
         self._workers: list[asyncio.Task[None]] = []
-        self.counters: dict[str, int] = {
-            "applied": 0,
-            "unchanged": 0,
-            "adopted": 0,
-            "repaired": 0,
-            "failed": 0,
-        }
+        self.counters: Counter[str] = Counter(
+            dict.fromkeys(("applied", "unchanged", "adopted", "repaired", "dns_updated", "failed"), 0)
+        )
 
     # --- desired state, from the feed -----------------------------------------------------------------
 

@@ -4,6 +4,7 @@ Never connected to the caller's own network namespace; see README.md for topolog
 """
 
 from netns_fixtures._nsutil import CommandError, in_netns, netns_socket, nsexec
+from netns_fixtures.dns import DnsQuery, DnsServer, answer_addresses, call_in_netns, dns_query
 from netns_fixtures.probe import (
     Outcome,
     ProbeError,
@@ -22,6 +23,8 @@ from netns_fixtures.world import SandboxNS, VmNS, World, cleanup
 
 __all__ = [
     "CommandError",
+    "DnsQuery",
+    "DnsServer",
     "Outcome",
     "ProbeError",
     "SandboxNS",
@@ -29,8 +32,11 @@ __all__ = [
     "TcpSession",
     "VmNS",
     "World",
+    "answer_addresses",
+    "call_in_netns",
     "classify_errno",
     "cleanup",
+    "dns_query",
     "in_netns",
     "netns_socket",
     "nsexec",

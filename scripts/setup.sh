@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
     nftables python3-nftables python3-venv python3-pip iproute2 iputils-ping
-    tcpdump conntrack netcat-openbsd
+    tcpdump conntrack netcat-openbsd dnsmasq-base
 )
 
 if [ "$(id -u)" != 0 ]; then

@@ -25,8 +25,10 @@ class AgentProcess:
         extra_config: str = "",
         feed: str = "",
         env: dict[str, str] | None = None,
+        netns: str | None = None,
     ) -> None:
         self.env = env or {}
+        self.netns = netns  # run the agent inside this namespace (a test world's "host"), not the machine's
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.feed_path = self.dir / "events.ndjson"
@@ -45,8 +47,9 @@ class AgentProcess:
     def start(self, wait_ready: bool = True, stdin: int = subprocess.DEVNULL) -> AgentProcess:
         readies = len(self.events("ready")) if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "egressd", "run", "--config", str(self.config_path)],
+            [*prefix, sys.executable, "-m", "egressd", "run", "--config", str(self.config_path)],
             stdin=stdin,
             stdout=log,
             stderr=log,

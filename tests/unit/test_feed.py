@@ -299,6 +299,7 @@ async def test_file_invalid_utf8_is_refused(tmp_path):
     assert lines[1] == Line(f"file:{f}", 2, '{"b":1}')
 
 
+@pytest.mark.swallows_bugs
 @bounded
 async def test_a_raising_handler_does_not_stop_the_feed(tmp_path):
     f = tmp_path / "events.ndjson"
