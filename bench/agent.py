@@ -814,6 +814,14 @@ def cli_sample(world: ColdWorld) -> list[str]:
     return world.names[::step][:CLI_SAMPLE]
 
 
+def write_feed(agent: AgentProcess, world: ColdWorld) -> None:
+    """The feed file a cold start reads before applying anything: one snapshot, or upserts if too long."""
+    if world.feed_line is not None:
+        agent.send(world.feed_line)
+    else:
+        agent.send(*({"type": "upsert", "sandbox": r} for r in world.records))
+
+
 def start_agent(
     agent: AgentProcess, world: ColdWorld, deadline: Deadline, where: str
 ) -> tuple[float, float, list[dict[str, Any]]]:
@@ -836,10 +844,7 @@ def bench_cold(
 
     agent = AgentProcess(workdir / "agent", resync_interval=RESYNC_S, extra_config=extra)
     try:
-        if world.feed_line is not None:
-            agent.send(world.feed_line)
-        else:
-            agent.send(*({"type": "upsert", "sandbox": r} for r in world.records))
+        write_feed(agent, world)
         rep.cold_ready_s, rep.cold_s, rows = start_agent(agent, world, deadline, "cold start")
         assert agent.proc is not None
         rep.cold_proc = proc_figures(agent.proc.pid)
@@ -881,10 +886,7 @@ def bench_profile(
         workdir / "profiled", workdir / "cold.prof", resync_interval=RESYNC_S, extra_config=extra
     )
     try:
-        if world.feed_line is not None:
-            agent.send(world.feed_line)
-        else:
-            agent.send(*({"type": "upsert", "sandbox": r} for r in world.records))
+        write_feed(agent, world)
         for phase in ("cold", "restart"):
             agent.profile_out = workdir / f"{phase}.prof"
             _, done, _ = start_agent(agent, world, deadline, f"profiled {phase}")
@@ -897,7 +899,7 @@ def bench_profile(
     return out
 
 
-def top_functions(path: Path, count: int = 25) -> str:
+def top_functions(path: Path, count: int = 20) -> str:
     text = io.StringIO()
     stats = pstats.Stats(str(path), stream=text)
     stats.sort_stats("tottime").print_stats(count)

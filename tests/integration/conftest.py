@@ -59,3 +59,24 @@ def nft_json(ns: str, *args: str) -> list[dict]:
     if out.returncode != 0:
         return []
     return [i for i in json.loads(out.stdout)["nftables"] if "metainfo" not in i]
+
+
+@pytest.fixture
+def agent(world, tmp_path):
+    """A factory of `egressd run` processes; each test's agents are stopped and its tables removed after."""
+    from tests.integration.agent import AgentProcess
+
+    agents = []
+
+    def make(**kw):
+        a = AgentProcess(tmp_path / f"agent{len(agents)}", **kw)
+        agents.append(a)
+        return a
+
+    yield make
+    for a in agents:
+        a.stop()
+    for sb in world.sandboxes:
+        subprocess.run(
+            ["ip", "netns", "exec", sb.name, "nft", "delete", "table", "inet", "egressd"], capture_output=True
+        )

@@ -11,7 +11,6 @@ import time
 import pytest
 
 from netns_fixtures.probe import ping, tcp_connect, udp_echo
-from tests.integration.agent import AgentProcess
 from tests.integration.conftest import nft_json
 
 pytestmark = pytest.mark.root
@@ -41,24 +40,6 @@ def eventually(check, timeout=5.0):
 def table_handle(ns):
     tables = [i["table"] for i in nft_json(ns, "list", "tables") if i["table"]["name"] == "egressd"]
     return tables[0]["handle"] if tables else None
-
-
-@pytest.fixture
-def agent(world, tmp_path):
-    agents = []
-
-    def make(**kw):
-        a = AgentProcess(tmp_path / f"agent{len(agents)}", **kw)
-        agents.append(a)
-        return a
-
-    yield make
-    for a in agents:
-        a.stop()
-    for sb in world.sandboxes:
-        subprocess.run(
-            ["ip", "netns", "exec", sb.name, "nft", "delete", "table", "inet", "egressd"], capture_output=True
-        )
 
 
 def test_updates_both_ways_then_delete(world, agent):

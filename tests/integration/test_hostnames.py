@@ -12,7 +12,6 @@ import pytest
 
 from netns_fixtures import DnsServer, dns_query
 from netns_fixtures.probe import ping, tcp_connect, udp_echo
-from tests.integration.agent import AgentProcess
 from tests.integration.test_agent import closed_to, eventually, open_to
 
 pytestmark = pytest.mark.root
@@ -31,35 +30,27 @@ def server(world):
 
 
 @pytest.fixture
-def agent(world, tmp_path):
-    agents = []
+def dns_agent(world, agent):
+    """Agents in the world's router namespace, resolving through the world's DNS server."""
 
     def make(**kw):
         extra = (
             f'[dns]\nnameservers = ["{DNS4}"]\nmin_ttl = 0.5\nmax_ttl = 1\nretention = {RETENTION}\n'
             f'timeout = 0.5\nsandbox_resolvers = ["{DNS4}"]\n' + kw.pop("extra_config", "")
         )
-        a = AgentProcess(tmp_path / f"agent{len(agents)}", netns=world.router, extra_config=extra, **kw)
-        agents.append(a)
-        return a
+        return agent(netns=world.router, extra_config=extra, **kw)
 
-    yield make
-    for a in agents:
-        a.stop()
-    for sb in world.sandboxes:
-        subprocess.run(
-            ["ip", "netns", "exec", sb.name, "nft", "delete", "table", "inet", "egressd"], capture_output=True
-        )
+    return make
 
 
 def hostnames(a, sid):
     return {h["name"]: h for h in a.status()[sid].get("hostnames", [])}
 
 
-def test_allow_follows_dns_in_both_families(world, server, agent):
+def test_allow_follows_dns_in_both_families(world, server, dns_agent):
     sb = world.sandboxes[0]
     server.set("api.example.test", A4, A6)
-    a = agent().start()
+    a = dns_agent().start()
     a.upsert("s0", sb.netns_path, 1, allow_internet_access=False, allow_out=["api.example.test"])
     assert a.wait("s0", 1)
     assert open_to(sb.name, A4) and open_to(sb.name, A6)
@@ -72,10 +63,10 @@ def test_allow_follows_dns_in_both_families(world, server, agent):
     assert len(a.events("applied")) == 1, "a DNS change must not rewrite the table"
 
 
-def test_deny_follows_dns(world, server, agent):
+def test_deny_follows_dns(world, server, dns_agent):
     sb = world.sandboxes[0]
     server.set("bad.example.test", A4, A6)
-    a = agent().start()
+    a = dns_agent().start()
     a.upsert("s0", sb.netns_path, 1, deny_out=["bad.example.test"])
     assert a.wait("s0", 1)
     assert closed_to(sb.name, A4) and closed_to(sb.name, A6) and open_to(sb.name, B4)
@@ -84,13 +75,13 @@ def test_deny_follows_dns(world, server, agent):
     assert eventually(lambda: open_to(sb.name, A4) and open_to(sb.name, A6), timeout=5)
 
 
-def test_many_sandboxes_sharing_a_name_cost_one_query_per_refresh(world, server, agent):
+def test_many_sandboxes_sharing_a_name_cost_one_query_per_refresh(world, server, dns_agent):
     extra = [f"{world.prefix}x{i}" for i in range(20)]
     for name in extra:
         subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         server.set("shared.example.test", A4, A6)
-        a = agent().start()
+        a = dns_agent().start()
         for i, name in enumerate(extra):
             a.upsert(
                 f"x{i}",
@@ -112,9 +103,9 @@ def test_many_sandboxes_sharing_a_name_cost_one_query_per_refresh(world, server,
             subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def test_nxdomain_is_reported_and_allows_nothing(world, server, agent):
+def test_nxdomain_is_reported_and_allows_nothing(world, server, dns_agent):
     sb = world.sandboxes[0]
-    a = agent().start()
+    a = dns_agent().start()
     a.upsert("s0", sb.netns_path, 1, allow_internet_access=False, allow_out=["nope.example.test"])
     a.upsert("s1", world.sandboxes[1].netns_path, 1, deny_out=["nope.example.test"])
     assert a.wait("s0", 1) and a.wait("s1", 1)  # NXDOMAIN settles the name: not held closed
@@ -124,10 +115,10 @@ def test_nxdomain_is_reported_and_allows_nothing(world, server, agent):
     assert a.events("dns_nxdomain")
 
 
-def test_when_the_server_is_down_the_last_addresses_stay(world, server, agent):
+def test_when_the_server_is_down_the_last_addresses_stay(world, server, dns_agent):
     sb = world.sandboxes[0]
     server.set("api.example.test", A4, A6)
-    a = agent().start()
+    a = dns_agent().start()
     a.upsert("s0", sb.netns_path, 1, allow_internet_access=False, allow_out=["api.example.test"])
     assert a.wait("s0", 1)
     server.pause()
@@ -143,13 +134,13 @@ def test_when_the_server_is_down_the_last_addresses_stay(world, server, agent):
     assert eventually(lambda: hostnames(a, "s0")["api.example.test"]["error"] is None, 5)
 
 
-def test_a_name_answering_the_metadata_address_is_never_reachable(world, server, agent):
+def test_a_name_answering_the_metadata_address_is_never_reachable(world, server, dns_agent):
     sb = world.sandboxes[0]
     world.exec(world.router, ["ip", "addr", "add", f"{METADATA}/32", "dev", "lo"])
     try:
         assert ping(sb.name, METADATA)  # reachable without egressd
         server.set("meta.example.test", METADATA, A4)
-        a = agent().start()
+        a = dns_agent().start()
         a.upsert("s0", sb.netns_path, 1, allow_internet_access=False, allow_out=["meta.example.test"])
         assert a.wait("s0", 1)
         assert open_to(sb.name, A4)
@@ -160,10 +151,10 @@ def test_a_name_answering_the_metadata_address_is_never_reachable(world, server,
         world.exec(world.router, ["ip", "addr", "del", f"{METADATA}/32", "dev", "lo"], check=False)
 
 
-def test_a_new_sandbox_with_a_deny_name_is_closed_until_it_resolves(world, server, agent):
+def test_a_new_sandbox_with_a_deny_name_is_closed_until_it_resolves(world, server, dns_agent):
     sb = world.sandboxes[0]
     server.set("bad.example.test", C4)
-    a = agent().start()
+    a = dns_agent().start()
     server.pause()
     try:
         a.upsert("s0", sb.netns_path, 1, deny_out=["bad.example.test"])
@@ -178,20 +169,20 @@ def test_a_new_sandbox_with_a_deny_name_is_closed_until_it_resolves(world, serve
     assert open_to(sb.name, A4) and closed_to(sb.name, C4)
 
 
-def test_a_cname_chain_is_followed(world, server, agent):
+def test_a_cname_chain_is_followed(world, server, dns_agent):
     sb = world.sandboxes[0]
     server.set("real.example.test", A4, A6)
     server.cname("alias.example.test", "real.example.test")
-    a = agent().start()
+    a = dns_agent().start()
     a.upsert("s0", sb.netns_path, 1, allow_internet_access=False, allow_out=["alias.example.test"])
     assert a.wait("s0", 1)
     assert open_to(sb.name, A4) and open_to(sb.name, A6) and closed_to(sb.name, B4)
 
 
-def test_a_closed_sandbox_with_allow_names_may_use_the_resolvers_and_nothing_else(world, server, agent):
+def test_a_closed_sandbox_with_allow_names_may_use_the_resolvers_and_nothing_else(world, server, dns_agent):
     s0, s1 = world.sandboxes
     server.set("api.example.test", A4)
-    a = agent().start()
+    a = dns_agent().start()
     a.upsert("s0", s0.netns_path, 1, allow_internet_access=False, allow_out=["api.example.test"])
     a.upsert("s1", s1.netns_path, 1, allow_internet_access=False, allow_out=[A4])
     assert a.wait("s0", 1) and a.wait("s1", 1)
@@ -204,10 +195,10 @@ def test_a_closed_sandbox_with_allow_names_may_use_the_resolvers_and_nothing_els
     assert udp_echo(s0.name, "198.51.100.54", 53) == "unreachable"  # only the configured resolvers
 
 
-def test_status_shows_hostnames_and_the_cache(world, server, agent):
+def test_status_shows_hostnames_and_the_cache(world, server, dns_agent):
     sb = world.sandboxes[0]
     server.set("api.example.test", A4, A6)
-    a = agent().start()
+    a = dns_agent().start()
     a.upsert("s0", sb.netns_path, 1, allow_internet_access=False, allow_out=["api.example.test"])
     assert a.wait("s0", 1)
     h = hostnames(a, "s0")["api.example.test"]
