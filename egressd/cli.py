@@ -19,7 +19,7 @@ from egressd.control import ControlError, request
 from egressd.dns import DnsCache, Resolver
 from egressd.netns import NetnsError
 from egressd.nft import ApplyError, LibnftBackend, replace_table
-from egressd.policy import PolicyError, Sandbox, Snapshot, Upsert, parse_event, parse_sandbox
+from egressd.policy import PolicyError, Sandbox, Snapshot, Upsert, parse_line, parse_sandbox
 from egressd.reconcile import plan
 from egressd.render import render
 
@@ -54,7 +54,7 @@ def _load_sandboxes(path: str, config: Config, out: TextIO) -> tuple[list[Sandbo
     errors = 0
     try:
         doc = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # not one JSON document: newline-delimited events
         doc = None
         lines = text.splitlines()
     else:
@@ -74,13 +74,7 @@ def _load_sandboxes(path: str, config: Config, out: TextIO) -> tuple[list[Sandbo
         if not line.strip():
             continue
         try:
-            raw = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            errors += 1
-            print(f"{path}:{n}: not valid JSON: {getattr(e, 'msg', 'nested too deeply')}", file=out)
-            continue
-        try:
-            event = parse_event(raw, config.max_entries)
+            event = parse_line(line, config.max_entries)
         except PolicyError as e:
             errors += 1
             for p in e.problems:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
@@ -25,12 +24,11 @@ from egressd.dns import DnsCache, DnsService, Resolver
 from egressd.feed import FeedError, Line, Source, parse_source
 from egressd.logs import log, setup_logging
 from egressd.nft import Backend, LibnftBackend
-from egressd.policy import PolicyError, parse_event
+from egressd.policy import PolicyError, parse_line
 from egressd.reconcile import Reconciler, export_state, restore_state
 from egressd.state import StateError, StateFile
 
 READY_TIMEOUT = 120.0
-MAX_JSON_DEPTH_ERRORS = (RecursionError,)
 
 
 def sd_notify(message: str) -> bool:
@@ -134,19 +132,11 @@ class Agent:
             self._rejected(where, line.error or "refused")
             return
         try:
-            raw = json.loads(line.text)
-        except json.JSONDecodeError as e:
-            self._rejected(where, f"not valid JSON: {e.msg} at column {e.colno}")
-            return
-        except MAX_JSON_DEPTH_ERRORS:
-            self._rejected(where, "JSON nested too deeply")
-            return
-        try:
-            event = parse_event(raw, self.config.max_entries)
+            event = parse_line(line.text, self.config.max_entries)
         except PolicyError as e:
             self._rejected(where, "; ".join(e.problems), sandbox=e.sandbox_id)
-            if isinstance(raw, dict) and raw.get("type") == "upsert":
-                self.reconciler.reject(e)
+            if e.sandbox_id is not None:
+                self.reconciler.reject(e)  # an invalid upsert: close a new sandbox, keep a known one as it is
             return
         for err in getattr(event, "rejected", ()):
             self._rejected(where, "; ".join(err.problems), sandbox=err.sandbox_id)

@@ -7,6 +7,7 @@ sandbox, the field and the entry, and says what to write instead; nothing past t
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -340,6 +341,19 @@ class Snapshot:
 
 
 Event = Upsert | Delete | Snapshot
+
+
+def parse_line(text: str, max_entries: int = DEFAULT_MAX_ENTRIES) -> Event:
+    """One feed line: JSON, then an event. Any input gives an event or a PolicyError, nothing else."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PolicyError([f"not valid JSON: {e.msg} at column {e.colno}"]) from None
+    except RecursionError:
+        raise PolicyError(["JSON nested too deeply"]) from None
+    except ValueError as e:  # e.g. an integer longer than Python will convert
+        raise PolicyError([f"not usable JSON: {e}"]) from None
+    return parse_event(raw, max_entries)
 
 
 def parse_event(raw: Any, max_entries: int = DEFAULT_MAX_ENTRIES) -> Event:
