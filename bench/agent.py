@@ -64,6 +64,7 @@ CLI_SAMPLE = 20  # namespaces whose table handle is also read with the nft CLI
 WAIT_TIMEOUT_S = 30.0
 LOG_POLL_S = 0.005  # how often the agent's log is looked at for "ready": a stat and a read, nearly free
 STATUS_POLL_S = 0.02  # how often status is asked while waiting: each answer costs the agent O(sandboxes)
+STORM_PRIME_FLAVOUR = 1  # the policy storm sandboxes hold before the first round
 RESYNC_S = 3600.0  # periodic resync kept out of the measurements: it is a different cost
 
 # Netlink: every committed nftables transaction ends with NFT_MSG_NEWGEN on the NFNLGRP_NFTABLES group.
@@ -590,7 +591,12 @@ class StormRound:
 
 class Storm(threading.Thread):
     """Rounds of `events` upserts to the storm sandboxes, each written as fast as the socket takes it, until
-    told to stop; a round ends when status shows every storm sandbox at its last revision."""
+    told to stop; a round ends when status shows every storm sandbox at its last revision.
+
+    Within a round each sandbox flaps between its two policies, and it always ends on the other policy than
+    it started with. Otherwise (an even number of events each) a round would end where it began, and an
+    agent that reads the latest state, as egressd's does, could rightly skip most of the work.
+    """
 
     def __init__(
         self,
@@ -613,15 +619,22 @@ class Storm(threading.Thread):
         self.stop_after_round = threading.Event()
         self.error: str | None = None
         self.policies = [(policy_doc(i + 1, 0), policy_doc(i + 1, 1)) for i in range(len(names))]
+        self.in_force = [STORM_PRIME_FLAVOUR] * len(names)  # the flavour each sandbox ended the last round on
 
     def _blob(self) -> tuple[bytes, dict[str, int]]:
+        count = len(self.names)
+        per = [self.events // count + (1 if i < self.events % count else 0) for i in range(count)]
+        # An odd number of flaps starts on the other policy, an even number on the same: both end on the other
+        first = [f ^ (n % 2) for f, n in zip(self.in_force, per, strict=True)]
         lines = []
         for j in range(self.events):
-            i = j % len(self.names)
+            i = j % count
             sid = f"storm-{i}"
             self.revisions[sid] += 1
-            rev = self.revisions[sid]
-            lines.append(upsert_line(sandbox_doc(sid, self.names[i], rev, self.policies[i][rev % 2])))
+            flavour = first[i] ^ ((j // count) % 2)
+            record = sandbox_doc(sid, self.names[i], self.revisions[sid], self.policies[i][flavour])
+            lines.append(upsert_line(record))
+            self.in_force[i] = flavour
         return b"".join(lines), dict(self.revisions)
 
     def run(self) -> None:
@@ -684,7 +697,7 @@ def bench_latency(
             # Storm sandboxes exist and are enforced before the first round: rounds measure steady state.
             revisions = {f"storm-{i}": 1 for i in range(len(storm_names))}
             prime = b"".join(
-                upsert_line(sandbox_doc(f"storm-{i}", n, 1, policy_doc(i + 1, 1)))
+                upsert_line(sandbox_doc(f"storm-{i}", n, 1, policy_doc(i + 1, STORM_PRIME_FLAVOUR)))
                 for i, n in enumerate(storm_names)
             )
             send_feed(feed, prime, agent, "storm setup")
