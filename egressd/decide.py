@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from egressd.config import Config
 from egressd.policy import IPNetwork, Policy, Targets
+from egressd.render import EMBEDDED_IPV4
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -19,7 +20,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 @dataclass(frozen=True)
 class Verdict:
     action: str  # "accept" or "deny"
-    step: str  # guard.deny, guard.allow, allow_out, deny_out, guard.private, internet
+    step: str  # embedded-ipv4, guard.deny, guard.allow, allow_out, deny_out, guard.private, internet
     entry: str | None = None  # the list entry that matched, when a list decided
 
     def __str__(self) -> str:
@@ -46,7 +47,9 @@ def decide(policy: Policy, config: Config, dst: str | IPAddress) -> Verdict:
     """The verdict for an original-direction packet from the sandbox to dst (not loopback, not ND)."""
     addr = ipaddress.ip_address(dst) if isinstance(dst, str) else dst
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+        addr = addr.ipv4_mapped  # what a socket sends for it: an IPv4 packet
+    elif isinstance(addr, ipaddress.IPv6Address) and addr in EMBEDDED_IPV4[1] and int(addr) > 1:
+        return Verdict("deny", "embedded-ipv4", str(EMBEDDED_IPV4[1]))
     steps: list[tuple[str, Iterable[IPNetwork], str]] = [
         ("guard.deny", config.guard.deny, "deny"),
         ("guard.allow", config.guard.allow, "accept"),

@@ -27,6 +27,9 @@ _T = {"family": FAMILY, "table": TABLE}
 ND_TYPES = ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]
 # Multicast listener reports for link-local groups: a snooping bridge needs them to deliver neighbour
 # solicitations to the sandbox. Hop limit 1 and ff02::/16 keep them on the link.
+# IPv4-mapped (::ffff:a.b.c.d) and IPv4-compatible (::a.b.c.d) IPv6 destinations. A socket sends the
+# former as IPv4 (judged by the IPv4 rules); as IPv6 packets they are only ever a way around those rules.
+EMBEDDED_IPV4 = (ipaddress.IPv6Network("::ffff:0:0/96"), ipaddress.IPv6Network("::/96"))
 MLD_TYPES = ["mld-listener-report", "mld-listener-done", "mld2-listener-report"]
 
 Json = dict[str, Any]
@@ -153,7 +156,9 @@ def render(policy: Policy, config: Config) -> Ruleset:
     b.rules.append(
         _rule("decide", _match(icmpv6_type, {"set": MLD_TYPES}), _match(hoplimit, 1), link_multicast, ACCEPT)
     )
-    # 2-6. operator deny, operator allow, tenant allow, tenant deny, private ranges.
+    # 2-6. operator deny, operator allow, tenant allow, tenant deny, private ranges. IPv6 destinations that
+    # embed an IPv4 address go first: on the wire they would slip past every IPv4 rule (to a translator).
+    b.set_rules("embedded", EMBEDDED_IPV4, DENY)
     b.set_rules("guard_deny", config.guard.deny, DENY)
     if not policy.allow_internet_access and policy.allow_out.hostnames and config.sandbox_resolvers:
         # A closed sandbox that names hosts needs DNS to use them: port 53 of the operator's resolvers only.

@@ -16,6 +16,9 @@ Spec keys (one dict per packet):
 - ``sport``/``dport`` (tcp, udp, sctp; defaults 40000/9), ``flags`` (tcp, default ``"S"``)
 - ``payload`` - hex string (default: ``"netns-fixtures"`` in ASCII), ``ttl`` (hop limit, default 64)
 - ``count`` - how many copies to send (default 1), ``spi`` (esp, default 0x100)
+- ``icmp_type``/``icmp_code`` (icmp: any ICMP or ICMPv6 type instead of an echo request)
+- ``ext`` (IPv6: extension headers in order, among ``hbh``, ``dst``, ``rh``)
+- ``fragment`` - fragment size in bytes: the packet leaves as fragments (IPv6: with a fragment header)
 """
 
 from __future__ import annotations
@@ -33,21 +36,34 @@ DEFAULT_PAYLOAD = b"netns-fixtures"
 def _source_for(family: int, dst: str) -> str:
     """Ask the kernel which source it would use for ``dst`` (a UDP connect sends nothing)."""
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.connect((dst, 9))
-        return str(sock.getsockname()[0])
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        if family == socket.AF_INET6 and dst.lower().startswith(("fe80:", "ff02:", "ff01:")):
+            sock.connect((dst, 9, 0, socket.if_nametoindex("eth0")))
+        else:
+            sock.connect((dst, 9))
+        return str(sock.getsockname()[0]).split("%")[0]
 
 
-def build(spec: dict[str, Any]) -> tuple[int, str, bytes]:
-    """Turn one spec into (family, dst, wire bytes). Raises ValueError for bad specs."""
-    from scapy.layers.inet import ICMP, IP, TCP, UDP
-    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+def build(spec: dict[str, Any]) -> tuple[int, str, list[bytes]]:
+    """Turn one spec into (family, dst, wire packets): several when it asks for fragments."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
+    from scapy.layers.inet6 import (
+        ICMPv6EchoRequest,
+        ICMPv6Unknown,
+        IPv6,
+        IPv6ExtHdrDestOpt,
+        IPv6ExtHdrFragment,
+        IPv6ExtHdrHopByHop,
+        IPv6ExtHdrRouting,
+        fragment6,
+    )
     from scapy.layers.l2 import GRE
     from scapy.layers.sctp import SCTP, SCTPChunkInit
     from scapy.packet import Packet, Raw
 
     unknown = set(spec) - {
         "dst", "family", "proto", "proto_num", "src", "sport", "dport", "flags", "payload", "ttl",
-        "count", "spi",
+        "count", "spi", "icmp_type", "icmp_code", "ext", "fragment",
     }  # fmt: skip
     if unknown:
         raise ValueError(f"unknown spec keys {sorted(unknown)}")
@@ -69,6 +85,9 @@ def build(spec: dict[str, Any]) -> tuple[int, str, bytes]:
         upper = TCP(sport=sport, dport=dport, flags=str(spec.get("flags", "S")), seq=1000) / Raw(payload)
     elif proto == "udp":
         upper = UDP(sport=sport, dport=dport) / Raw(payload)
+    elif proto == "icmp" and "icmp_type" in spec:
+        kind, code = int(spec["icmp_type"]), int(spec.get("icmp_code", 0))
+        upper = (ICMPv6Unknown(type=kind, code=code) if v6 else ICMP(type=kind, code=code)) / Raw(payload)
     elif proto == "icmp":
         upper = (ICMPv6EchoRequest(id=0x4E46, seq=1) if v6 else ICMP(id=0x4E46, seq=1)) / Raw(payload)
     elif proto == "sctp":
@@ -88,15 +107,33 @@ def build(spec: dict[str, Any]) -> tuple[int, str, bytes]:
         proto_num = int(spec["proto_num"])
         if not 0 <= proto_num <= 255:
             raise ValueError("proto_num must be 0..255")
+    frag = int(spec.get("fragment", 0))
     if v6:
-        l3 = IPv6(src=src, dst=dst, hlim=ttl)
+        l3: Packet = IPv6(src=src, dst=dst, hlim=ttl)
+        last = l3
+        exts = {"hbh": IPv6ExtHdrHopByHop, "dst": IPv6ExtHdrDestOpt, "rh": IPv6ExtHdrRouting}
+        for name in spec.get("ext", ()):
+            if name not in exts:
+                raise ValueError(f"ext must be among {sorted(exts)}")
+            hdr = exts[name](addresses=[dst]) if name == "rh" else exts[name]()
+            l3 = l3 / hdr
+            last = hdr
+        if frag:
+            l3 = l3 / IPv6ExtHdrFragment()
+            last = l3.lastlayer()
         if proto_num is not None:
-            l3.nh = proto_num
+            last.nh = proto_num
+        pkt = l3 / upper
+        wires = [bytes(p) for p in fragment6(pkt, frag)] if frag else [bytes(pkt)]
     else:
+        if spec.get("ext"):
+            raise ValueError("ext is for IPv6 only")
         l3 = IP(src=src, dst=dst, ttl=ttl)
         if proto_num is not None:
             l3.proto = proto_num
-    return family, dst, bytes(l3 / upper)
+        pkt = l3 / upper
+        wires = [bytes(p) for p in fragment(pkt, fragsize=frag)] if frag else [bytes(pkt)]
+    return family, dst, wires
 
 
 def send_specs(specs: Sequence[dict[str, Any]]) -> tuple[int, int]:
@@ -107,16 +144,23 @@ def send_specs(specs: Sequence[dict[str, Any]]) -> tuple[int, int]:
     """
     built = []
     for spec in specs:
-        family, dst, wire = build(spec)
-        built += [(family, dst, wire)] * int(spec.get("count", 1))
-    socks: dict[int, socket.socket] = {}
+        family, dst, wires = build(spec)
+        built += [(family, dst, wire) for wire in wires] * int(spec.get("count", 1))
+    socks: dict[tuple[int, bool], socket.socket] = {}
     refused = 0
     try:
         for family, dst, wire in built:
-            sock = socks.get(family)
+            # Link-scope IPv6 destinations need an interface: a socket bound to the sandbox's eth0.
+            link_scope = family == socket.AF_INET6 and dst.lower().startswith(("fe80:", "ff02:", "ff01:"))
+            key = (family, link_scope)
+            sock = socks.get(key)
             if sock is None:
                 # IPPROTO_RAW implies "header included" for both families on Linux.
-                sock = socks[family] = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+                sock = socks[key] = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+                if family == socket.AF_INET:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+                if link_scope:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
             try:
                 sock.sendto(wire, (dst, 0))
             except PermissionError:

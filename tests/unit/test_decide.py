@@ -51,6 +51,7 @@ def policy(**np):
             "10.1.2.3",
             "accept: allow_internet_access=true and no list entry matches",
         ),
+        ({"allow_out": ["::/0"]}, {}, "::203.0.113.9", "deny: embedded-ipv4 ::/96"),
     ],
 )
 def test_steps(np, cfg, dst, expected):

@@ -65,6 +65,7 @@ def test_semantic_order_of_decide_chain():
         if isinstance(right, str) and right.startswith("@"):
             sets.append(right)
     assert sets == [
+        "@embedded6",
         "@guard_deny4",
         "@guard_deny6",
         "@guard_allow4",
