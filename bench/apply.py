@@ -33,7 +33,7 @@ from typing import Any
 from egressd.config import Config
 from egressd.nft import LibnftBackend, fingerprint_of, replace_table
 from egressd.policy import IPNetwork, Policy, Targets
-from egressd.render import FAMILY, FINGERPRINT_CHAIN, TABLE, Json, Ruleset, render
+from egressd.render import FAMILY, FINGERPRINT_CHAIN, TABLE, Json, Ruleset, neutral_name, render
 
 NETNS_DIR = Path("/run/netns")
 # RFC 2544 benchmarking range and RFC 3849 documentation range: never routed, never anyone's real policy.
@@ -154,7 +154,7 @@ def set_elements(listing: list[Json]) -> int:
     total = 0
     for item in listing:
         s = item.get("set")
-        if s and s.get("name") in ALLOW_SETS:
+        if s and neutral_name(s.get("name", "")) in ALLOW_SETS:
             total += len(s.get("elem", []))
     return total
 

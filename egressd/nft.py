@@ -16,7 +16,19 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from egressd.netns import ContextCache, NetnsError
-from egressd.render import FAMILY, FINGERPRINT_CHAIN, TABLE, Json, Ruleset
+from egressd.render import (
+    FAMILY,
+    FINGERPRINT_CHAIN,
+    TABLE,
+    VARIANTS,
+    Json,
+    Ruleset,
+    create_commands,
+    neutral_name,
+    stage_commands,
+    switch_commands,
+    variant_name,
+)
 
 
 class ApplyError(Exception):
@@ -26,39 +38,30 @@ class ApplyError(Exception):
 Elements = Mapping[str, Iterable[str]]
 
 
-def element_commands(op: str, elements: Elements | None) -> list[Json]:
-    """add/delete element commands for the DNS sets, one per non-empty set."""
+def element_commands(op: str, elements: Elements | None, variant: str = "a") -> list[Json]:
+    """add/delete element commands for the DNS sets of one variant, one per non-empty set."""
     out = []
     for name, elems in sorted((elements or {}).items()):
         elem = sorted(elems)
         if elem:
-            out.append({op: {"element": {"family": FAMILY, "table": TABLE, "name": name, "elem": elem}}})
+            set_name = variant_name(name, variant)
+            out.append({op: {"element": {"family": FAMILY, "table": TABLE, "name": set_name, "elem": elem}}})
     return out
 
 
 def replace_table(ruleset: Ruleset, elements: Elements | None = None) -> Json:
-    """One transaction: create-if-absent, delete, rebuild, fill the DNS sets. All of it, or none."""
+    """One transaction: create-if-absent, delete, rebuild, fill the DNS sets. All of it, or none.
+
+    Only for a table that is absent or not ours to trust: an update of our own table goes through
+    stage and switch instead (see LibnftBackend.apply)."""
     return {
         "nftables": [
             {"add": {"table": {"family": FAMILY, "name": TABLE}}},
             {"delete": {"table": {"family": FAMILY, "name": TABLE}}},
-            *ruleset.commands,
-            *element_commands("add", elements),
+            *create_commands(ruleset, "a"),
+            *element_commands("add", elements, "a"),
         ]
     }
-
-
-def set_elements(listing: list[Json], names: Iterable[str]) -> dict[str, frozenset[str]]:
-    """The elements the kernel holds in the named (plain, address) sets of a listing."""
-    wanted = set(names)
-    out: dict[str, frozenset[str]] = {}
-    for item in listing:
-        obj = item.get("set")
-        if obj and obj.get("name") in wanted:
-            out[obj["name"]] = frozenset(
-                str(ipaddress.ip_address(e)) for e in obj.get("elem", ()) if isinstance(e, str)
-            )
-    return out
 
 
 def fingerprint_of(listing: list[Json]) -> str | None:
@@ -70,13 +73,59 @@ def fingerprint_of(listing: list[Json]) -> str | None:
     return None
 
 
+def active_variant(listing: list[Json] | None) -> str | None:
+    """Which variant the output hook of a listed table uses, or None when the table is not in our shape."""
+    for item in listing or ():
+        rule = item.get("rule")
+        if rule and rule.get("chain") == "output":
+            for expr in rule.get("expr", ()):
+                target = expr.get("jump", {}).get("target", "") if isinstance(expr, dict) else ""
+                if target.startswith("decide_") and target[len("decide_") :] in VARIANTS:
+                    return target[len("decide_") :]
+    return None
+
+
+def retire_commands(listing: list[Json], variant: str) -> list[Json]:
+    """Delete every per-variant object of `variant` found in listing: chains (emptied first), then sets."""
+    chains = [
+        i["chain"]["name"] for i in listing if "chain" in i and i["chain"]["name"].endswith("_" + variant)
+    ]
+    sets = [i["set"]["name"] for i in listing if "set" in i and i["set"]["name"].endswith("_" + variant)]
+    chains.sort(key=lambda n: not n.startswith("decide"))  # decide jumps to deny: it goes first
+    out: list[Json] = []
+    for name in chains:
+        out.append({"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}})
+        out.append({"delete": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}})
+    out += [{"delete": {"set": {"family": FAMILY, "table": TABLE, "name": n}}} for n in sets]
+    return out
+
+
+def set_elements(listing: list[Json], names: Iterable[str]) -> dict[str, frozenset[str]]:
+    """The elements the kernel holds in the named (plain, address) sets, by neutral name."""
+    wanted = set(names)
+    out: dict[str, frozenset[str]] = {}
+    for item in listing:
+        obj = item.get("set")
+        if obj and neutral_name(obj.get("name", "")) in wanted:
+            elems = frozenset(str(ipaddress.ip_address(e)) for e in obj.get("elem", ()) if isinstance(e, str))
+            out[neutral_name(obj["name"])] = elems
+    return out
+
+
 class Backend(Protocol):
-    def apply(self, netns: str, ruleset: Ruleset, elements: Elements | None = None) -> None:
-        """Replace egressd's table in netns with ruleset (and DNS set elements), atomically.
+    def apply(
+        self,
+        netns: str,
+        ruleset: Ruleset,
+        elements: Elements | None = None,
+        listing: list[Json] | None = None,
+    ) -> None:
+        """Put ruleset (and DNS set elements) in force in netns, with no instant in which neither the old
+        nor the new policy holds. `listing`: the table as just read, if the caller has it.
         Raises NetnsError or ApplyError."""
 
-    def update_elements(self, netns: str, add: Elements, delete: Elements) -> None:
-        """Add and delete DNS set elements in one transaction."""
+    def update_elements(self, netns: str, add: Elements, delete: Elements, variant: str = "a") -> None:
+        """Add and delete DNS set elements of the variant in force, in one transaction."""
 
     def read(self, netns: str) -> list[Json] | None:
         """egressd's table in netns as a libnftables listing, or None when there is none."""
@@ -117,18 +166,39 @@ class LibnftBackend:
         with self._lock(netns):
             return nft.json_cmd(cmd)
 
-    def apply(self, netns: str, ruleset: Ruleset, elements: Elements | None = None) -> None:
-        rc, _, err = self._cmd(netns, replace_table(ruleset, elements))
+    def _run(self, netns: str, cmds: Json, what: str) -> None:
+        rc, _, err = self._cmd(netns, cmds)
         if rc != 0:
-            raise ApplyError(f"nftables refused the table for {netns}: {err.strip()}")
+            raise ApplyError(f"nftables refused the {what} for {netns}: {err.strip()}")
 
-    def update_elements(self, netns: str, add: Elements, delete: Elements) -> None:
-        cmds = element_commands("delete", delete) + element_commands("add", add)
-        if not cmds:
+    def apply(
+        self,
+        netns: str,
+        ruleset: Ruleset,
+        elements: Elements | None = None,
+        listing: list[Json] | None = None,
+    ) -> None:
+        """Two transactions when our table is there: stage the new policy in the unused variant (its sets are
+        committed here), then switch the hooks to it and retire the old variant. Between the two both
+        variants exist but only the old one is used: the old policy holds until the new one does."""
+        if listing is None:
+            listing = self.read(netns)
+        active = active_variant(listing)
+        if active is None:  # no table, or not one we can trust to build on: replace it whole
+            self._run(netns, replace_table(ruleset, elements), "table")
             return
-        rc, _, err = self._cmd(netns, {"nftables": cmds})
-        if rc != 0:
-            raise ApplyError(f"nftables refused the set update for {netns}: {err.strip()}")
+        new = VARIANTS[1] if active == VARIANTS[0] else VARIANTS[0]
+        assert listing is not None
+        stage = retire_commands(listing, new) + stage_commands(ruleset, new)
+        self._run(netns, {"nftables": stage + element_commands("add", elements, new)}, "staged policy")
+        self._run(
+            netns, {"nftables": switch_commands(ruleset, new, retire_commands(listing, active))}, "switch"
+        )
+
+    def update_elements(self, netns: str, add: Elements, delete: Elements, variant: str = "a") -> None:
+        cmds = element_commands("delete", delete, variant) + element_commands("add", add, variant)
+        if cmds:
+            self._run(netns, {"nftables": cmds}, "set update")
 
     def _list(self, netns: str, what: Json) -> list[Json] | None:
         rc, out, err = self._cmd(netns, {"nftables": [{"list": what}]})
@@ -182,14 +252,20 @@ class FakeBackend:
             if exc is not None:
                 raise exc
 
-    def apply(self, netns: str, ruleset: Ruleset, elements: Elements | None = None) -> None:
+    def apply(
+        self,
+        netns: str,
+        ruleset: Ruleset,
+        elements: Elements | None = None,
+        listing: list[Json] | None = None,
+    ) -> None:
         self._check(netns, "apply")
         # Round-trip through JSON, as the real backend does, so later changes to ruleset cannot leak in.
         self.tables[netns] = json.loads(json.dumps(ruleset.commands))
         self.elements[netns] = {name: set((elements or {}).get(name, ())) for name in ruleset.dns_sets}
         self.writes.append(("apply", netns))
 
-    def update_elements(self, netns: str, add: Elements, delete: Elements) -> None:
+    def update_elements(self, netns: str, add: Elements, delete: Elements, variant: str = "a") -> None:
         self._check(netns, "update")
         sets = self.elements.get(netns, {})
         for name, elems in delete.items():
@@ -209,7 +285,7 @@ class FakeBackend:
             return None
         listing = [c["add"] for c in copy.deepcopy(table)]
         for item in listing:
-            name = item.get("set", {}).get("name")
+            name = neutral_name(item.get("set", {}).get("name", ""))
             elems = self.elements.get(netns, {}).get(name)
             if elems:
                 item["set"]["elem"] = sorted(elems)

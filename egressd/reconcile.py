@@ -27,7 +27,7 @@ from egressd.config import Config
 from egressd.dns import DnsCache, DnsService
 from egressd.logs import log
 from egressd.netns import NetnsError
-from egressd.nft import ApplyError, Backend, fingerprint_of, set_elements
+from egressd.nft import ApplyError, Backend, active_variant, fingerprint_of, set_elements
 from egressd.policy import (
     DENY_ALL,
     Delete,
@@ -40,7 +40,7 @@ from egressd.policy import (
     parse_sandbox,
     sandbox_to_record,
 )
-from egressd.render import Json, Ruleset, elements_for, render
+from egressd.render import Json, Ruleset, elements_for, neutral_name, render
 
 MAX_TOMBSTONES = 100_000
 DNS_SET_SUFFIXES = ("_dns4", "_dns6")
@@ -91,13 +91,15 @@ def listing_digest(listing: list[Json]) -> str:
             return {k: clean(v) for k, v in obj.items() if k != "handle"}
         if isinstance(obj, list):
             return [clean(v) for v in obj]
+        if isinstance(obj, str):  # the same policy in variant a or b is the same table
+            return "@" + neutral_name(obj[1:]) if obj.startswith("@") else neutral_name(obj)
         return obj
 
     items = []
     for item in listing:
         if "counter" in item:
             item = {"counter": {k: v for k, v in item["counter"].items() if k not in ("packets", "bytes")}}
-        elif "set" in item and item["set"].get("name", "").endswith(DNS_SET_SUFFIXES):
+        elif "set" in item and neutral_name(item["set"].get("name", "")).endswith(DNS_SET_SUFFIXES):
             item = {
                 "set": {k: v for k, v in item["set"].items() if k != "elem"}
             }  # compared one by one instead
@@ -523,12 +525,12 @@ class Reconciler:
                     delete = {n: have.get(n, frozenset()) - e for n, e in elements.items()}
                     if not any(add.values()) and not any(delete.values()):
                         return SyncResult(outcome, found, digest, 0)
-                    self.backend.update_elements(netns, add, delete)
+                    self.backend.update_elements(netns, add, delete, active_variant(listing) or "a")
                     return SyncResult("dns_updated", found, digest, 1, _describe_change(add, delete))
                 detail = "table was altered in place"
             elif last_fp is not None and found != last_fp:
                 detail = "table was replaced"
-        self.backend.apply(netns, ruleset, elements)
+        self.backend.apply(netns, ruleset, elements, listing)
         after = self.backend.read(netns) or []
         digest = listing_digest(after)
         return SyncResult("repaired" if detail else "applied", ruleset.fingerprint, digest, 1, detail)

@@ -21,6 +21,8 @@ FAMILY = "inet"
 TABLE = "egressd"
 SCHEMA = "egressd/1"
 FINGERPRINT_CHAIN = "fingerprint"
+VARIANTS = ("a", "b")
+VARIANT_SUFFIXES = ("_a", "_b")
 _T = {"family": FAMILY, "table": TABLE}
 
 # ICMPv6 neighbour and router discovery: without these the sandbox cannot reach even its gateway over IPv6.
@@ -37,11 +39,24 @@ Json = dict[str, Any]
 
 @dataclass(frozen=True)
 class Ruleset:
-    """The commands that build the table, and the fingerprint they carry inside it."""
+    """One policy's table, in parts, with neutral names (decide, allow4, ...).
 
-    commands: list[Json]
+    An update never creates a set in the same transaction as the rules that read it (the kernel can show
+    such a set empty for an instant after the rules take effect). So the per-policy objects exist in two
+    variants, decide_a/allow4_a and decide_b/allow4_b: a new policy is staged in the unused variant in one
+    transaction, and the hooks are switched to it in a second. See nft.LibnftBackend.apply.
+    """
+
+    variant: list[Json]  # sets, deny and decide chains and their rules
+    hooks: list[Json]  # the rules of the output and forward base chains, which jump to decide
     fingerprint: str
     dns_sets: tuple[str, ...] = ()  # sets whose elements come from DNS (see elements_for)
+    names: frozenset[str] = frozenset()  # the per-variant objects
+
+    @property
+    def commands(self) -> list[Json]:
+        """The whole table built from nothing, variant a: what goldens and `egressd render` show."""
+        return create_commands(self)
 
 
 def _elem(net: IPNetwork) -> Any:
@@ -174,49 +189,89 @@ def render(policy: Policy, config: Config) -> Ruleset:
     b.rules.append(_rule("decide", ACCEPT if policy.allow_internet_access else DENY))
 
     uplink = _match(_meta("iifname"), config.uplink)
-    body: list[Json] = [
-        {"add": {"table": {"family": FAMILY, "name": TABLE}}},
+    variant: list[Json] = [
         *b.sets,
-        {"add": {"counter": {**_T, "name": "denied"}}},
         {"add": {"chain": {**_T, "name": "deny"}}},
         {"add": {"chain": {**_T, "name": "decide"}}},
-        {"add": {"chain": {**_T, "name": FINGERPRINT_CHAIN}}},
         *_deny_chain(config.deny_action),
         *b.rules,
-        {
-            "add": {
-                "chain": {
-                    **_T,
-                    "name": "output",
-                    "type": "filter",
-                    "hook": "output",
-                    "prio": 0,
-                    "policy": "accept",
-                }
-            }
-        },
+    ]
+    hooks: list[Json] = [
         _rule("output", {"jump": {"target": "decide"}}),
         # Forwarded traffic (a microVM behind a tap) is judged unless it enters from the uplink: that is
         # traffic towards the sandbox, not from it.
-        {
-            "add": {
-                "chain": {
-                    **_T,
-                    "name": "forward",
-                    "type": "filter",
-                    "hook": "forward",
-                    "prio": 0,
-                    "policy": "accept",
-                }
-            }
-        },
         _rule("forward", uplink, ACCEPT),
         _rule("forward", {"jump": {"target": "decide"}}),
     ]
-    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    fingerprint = f"{SCHEMA} sha256:{digest}"
-    body.append(_rule(FINGERPRINT_CHAIN, {"return": None}, comment=fingerprint))
-    return Ruleset(commands=body, fingerprint=fingerprint, dns_sets=tuple(dns_sets))
+    names = frozenset(
+        [c["add"]["set"]["name"] for c in b.sets] + ["deny", "decide"]
+    )  # the objects that exist twice during an update: name_a and name_b
+    canonical = json.dumps([variant, hooks, config.uplink], sort_keys=True, separators=(",", ":"))
+    fingerprint = f"{SCHEMA} sha256:{hashlib.sha256(canonical.encode()).hexdigest()}"
+    return Ruleset(variant, hooks, fingerprint, tuple(dns_sets), names)
+
+
+def _base_chain(name: str) -> Json:
+    return {
+        "add": {"chain": {**_T, "name": name, "type": "filter", "hook": name, "prio": 0, "policy": "accept"}}
+    }
+
+
+def variant_name(name: str, variant: str) -> str:
+    return f"{name}_{variant}"
+
+
+def neutral_name(name: str) -> str:
+    """decide_a -> decide, allow4_b -> allow4: the name a variant object has in the Ruleset."""
+    return name[:-2] if name.endswith(VARIANT_SUFFIXES) else name
+
+
+def _rename(obj: Any, variant: str, names: frozenset[str]) -> Any:
+    """The same commands, with every set and chain that exists per variant given its variant name."""
+    if isinstance(obj, list):
+        return [_rename(o, variant, names) for o in obj]
+    if not isinstance(obj, dict):
+        if isinstance(obj, str) and obj.startswith("@") and obj[1:] in names:
+            return "@" + variant_name(obj[1:], variant)
+        return obj
+    out = {}
+    for key, value in obj.items():
+        if key in ("name", "chain", "target") and isinstance(value, str) and value in names:
+            out[key] = variant_name(value, variant)
+        else:
+            out[key] = _rename(value, variant, names)
+    return out
+
+
+def create_commands(ruleset: Ruleset, variant: str = "a") -> list[Json]:
+    """The whole table, from nothing, with its per-variant objects named for `variant`."""
+    return [
+        {"add": {"table": {"family": FAMILY, "name": TABLE}}},
+        {"add": {"counter": {**_T, "name": "denied"}}},
+        {"add": {"chain": {**_T, "name": FINGERPRINT_CHAIN}}},
+        _base_chain("output"),
+        _base_chain("forward"),
+        *_rename(ruleset.variant, variant, ruleset.names),
+        *_rename(ruleset.hooks, variant, ruleset.names),
+        _rule(FINGERPRINT_CHAIN, {"return": None}, comment=ruleset.fingerprint),
+    ]
+
+
+def stage_commands(ruleset: Ruleset, variant: str) -> list[Json]:
+    """The per-variant objects of a new policy, added beside the ones in force and not yet used."""
+    return _rename(ruleset.variant, variant, ruleset.names)
+
+
+def switch_commands(ruleset: Ruleset, variant: str, retire: list[Json]) -> list[Json]:
+    """Point the hooks at the staged objects and retire the old ones, in one transaction: the staged sets
+    were committed before, so no set is new when the rules that read them take effect."""
+    flush = [{"flush": {"chain": {**_T, "name": n}}} for n in ("output", "forward", FINGERPRINT_CHAIN)]
+    return [
+        *flush,
+        *_rename(ruleset.hooks, variant, ruleset.names),
+        _rule(FINGERPRINT_CHAIN, {"return": None}, comment=ruleset.fingerprint),
+        *retire,
+    ]
 
 
 def elements_for(

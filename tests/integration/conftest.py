@@ -80,3 +80,16 @@ def agent(world, tmp_path):
         subprocess.run(
             ["ip", "netns", "exec", sb.name, "nft", "delete", "table", "inet", "egressd"], capture_output=True
         )
+
+
+def live_name(ns: str, neutral: str) -> str:
+    """The name a per-variant object (decide, allow_dns4, ...) has in the table right now: decide_a or _b."""
+    names = [
+        i[k]["name"]
+        for i in nft_json(ns, "list", "table", "inet", "egressd")
+        for k in ("chain", "set")
+        if k in i
+    ]
+    live = [n for n in names if n in (f"{neutral}_a", f"{neutral}_b")]
+    assert len(live) == 1, names
+    return live[0]

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from netns_fixtures.probe import ping, tcp_connect, udp_echo
-from tests.integration.conftest import nft_json
+from tests.integration.conftest import live_name, nft_json
 
 pytestmark = pytest.mark.root
 
@@ -107,7 +107,9 @@ def test_drift_is_repaired_within_the_resync_interval(world, agent):
     assert open_to(sb.name, OK4)
     assert a.wait_log("repaired", detail="table was deleted", timeout=5)
     assert closed_to(sb.name, OK4)
-    world.exec(sb.name, ["nft", "flush", "chain", "inet", "egressd", "decide"])  # altered in place
+    world.exec(
+        sb.name, ["nft", "flush", "chain", "inet", "egressd", live_name(sb.name, "decide")]
+    )  # in place
     assert a.wait_log("repaired", detail="table was altered in place", timeout=5)
     assert eventually(lambda: closed_to(sb.name, OK4))
 
@@ -195,7 +197,7 @@ def test_a_restart_rewrites_a_table_tampered_while_the_agent_was_down(world, age
     a.upsert("s0", sb.netns_path, 1, allow_internet_access=False)
     assert a.wait("s0", 1)
     a.stop()
-    world.exec(sb.name, ["nft", "flush", "chain", "inet", "egressd", "decide"])
+    world.exec(sb.name, ["nft", "flush", "chain", "inet", "egressd", live_name(sb.name, "decide")])
     assert open_to(sb.name, OK4)
     a.start()
     assert a.wait("s0", 1)

@@ -12,6 +12,7 @@ import pytest
 
 from netns_fixtures import DnsServer, dns_query
 from netns_fixtures.probe import ping, tcp_connect, udp_echo
+from tests.integration.conftest import live_name
 from tests.integration.test_agent import closed_to, eventually, open_to
 
 pytestmark = pytest.mark.root
@@ -145,7 +146,9 @@ def test_a_name_answering_the_metadata_address_is_never_reachable(world, server,
         assert a.wait("s0", 1)
         assert open_to(sb.name, A4)
         assert not ping(sb.name, METADATA) and tcp_connect(sb.name, METADATA, 80) == "reset"
-        sets = world.exec(sb.name, ["nft", "list", "set", "inet", "egressd", "allow_dns4"]).stdout
+        sets = world.exec(
+            sb.name, ["nft", "list", "set", "inet", "egressd", live_name(sb.name, "allow_dns4")]
+        ).stdout
         assert METADATA not in sets and A4 in sets
     finally:
         world.exec(world.router, ["ip", "addr", "del", f"{METADATA}/32", "dev", "lo"], check=False)

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+from dataclasses import replace
 
 import pytest
 
@@ -11,14 +12,14 @@ from egressd.config import Config
 from egressd.netns import NetnsError, open_netns
 from egressd.nft import ApplyError, LibnftBackend
 from egressd.policy import parse_sandbox
-from egressd.render import Ruleset, render
-from tests.integration.conftest import nft_json
+from egressd.render import neutral_name, render, stage_commands
+from tests.integration.conftest import live_name, nft_json
 from tests.unit.test_render import CASES
 
 pytestmark = pytest.mark.root
 
 
-def ruleset(**np) -> Ruleset:
+def ruleset(**np):
     return render(parse_sandbox({"id": "x", "network_policy": np}, max_entries=10_000).policy, Config())
 
 
@@ -52,17 +53,52 @@ def test_fingerprint_is_read_back_from_the_kernel(world, backend):
 def test_a_refused_transaction_leaves_the_old_table_in_force(world, backend):
     sb = world.sandboxes[0]
     good = ruleset(allow_internet_access=False)
-    backend.apply(sb.netns_path, good)
-    broken = Ruleset(
-        commands=[
-            *good.commands,
-            {"add": {"rule": {"family": "inet", "table": "egressd", "chain": "nope", "expr": []}}},
-        ],
-        fingerprint="broken",
-    )
+    bad_rule = {"add": {"rule": {"family": "inet", "table": "egressd", "chain": "nope", "expr": []}}}
+    broken = replace(good, variant=[*good.variant, bad_rule], fingerprint="broken")
     with pytest.raises(ApplyError):
-        backend.apply(sb.netns_path, broken)
+        backend.apply(sb.netns_path, broken)  # no table yet: the whole-table transaction fails
+    assert backend.fingerprint(sb.netns_path) is None
+    backend.apply(sb.netns_path, good)
+    with pytest.raises(ApplyError):
+        backend.apply(sb.netns_path, broken)  # the staging transaction fails
     assert backend.fingerprint(sb.netns_path) == good.fingerprint
+    assert {neutral_name(n) for n in chain_names(sb.name)} == {
+        "output",
+        "forward",
+        "fingerprint",
+        "decide",
+        "deny",
+    }
+    backend.remove(sb.netns_path)
+
+
+def chain_names(ns: str) -> list[str]:
+    return [i["chain"]["name"] for i in nft_json(ns, "list", "table", "inet", "egressd") if "chain" in i]
+
+
+def test_an_update_stages_the_new_policy_then_switches(world, backend):
+    """Two transactions: the new policy's sets are committed before any rule reads them."""
+    sb = world.sandboxes[0]
+    first, second = ruleset(deny_out=["203.0.113.0/24"]), ruleset(deny_out=["198.51.100.0/24"])
+    backend.apply(sb.netns_path, first)
+    assert live_name(sb.name, "decide") == "decide_a"
+    handle = [
+        i["table"]["handle"] for i in nft_json(sb.name, "list", "tables") if i["table"]["name"] == "egressd"
+    ]
+    backend.apply(sb.netns_path, second)
+    assert live_name(sb.name, "decide") == "decide_b" and live_name(sb.name, "deny4") == "deny4_b"
+    assert sorted(chain_names(sb.name)) == ["decide_b", "deny_b", "fingerprint", "forward", "output"]
+    assert [
+        i["table"]["handle"] for i in nft_json(sb.name, "list", "tables") if i["table"]["name"] == "egressd"
+    ] == handle
+    # an agent that died between the two transactions leaves a staged variant: the next update clears it
+    listing = backend.read(sb.netns_path)
+    backend._run(sb.netns_path, {"nftables": stage_commands(first, "a")}, "stage only")
+    backend.apply(sb.netns_path, first, listing=backend.read(sb.netns_path))
+    assert (
+        live_name(sb.name, "decide") == "decide_a" and backend.fingerprint(sb.netns_path) == first.fingerprint
+    )
+    assert listing is not None
     backend.remove(sb.netns_path)
 
 
@@ -90,11 +126,8 @@ def test_ten_thousand_entries_apply_in_one_transaction(world, backend):
     ]
     rs = ruleset(allow_out=entries)
     backend.apply(sb.netns_path, rs)
-    sets = {
-        i["set"]["name"]: i["set"]
-        for i in nft_json(sb.name, "list", "table", "inet", "egressd")
-        if "set" in i
-    }
+    listing = nft_json(sb.name, "list", "table", "inet", "egressd")
+    sets = {neutral_name(i["set"]["name"]): i["set"] for i in listing if "set" in i}
     # 5000 consecutive /32s collapse into a few prefixes; the v6 ones are not contiguous past ::ff boundaries
     assert sets["allow4"]["elem"] and sets["allow6"]["elem"]
     assert backend.fingerprint(sb.netns_path) == rs.fingerprint

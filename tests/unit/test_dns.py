@@ -210,15 +210,15 @@ def test_deny_host_keeps_the_sandbox_closed_until_it_resolves():
         decide = [
             c["add"]["rule"]["expr"]
             for c in fb.tables["/run/netns/s0"]
-            if c["add"].get("rule", {}).get("chain") == "decide"
+            if c["add"].get("rule", {}).get("chain") == "decide_a"
         ]
-        assert decide[-1] == [{"jump": {"target": "deny"}}]  # internet treated as off
+        assert decide[-1] == [{"jump": {"target": "deny_a"}}]  # internet treated as off
         answers["bad.test"] = ["203.0.113.7"]
         await until(lambda: r.is_enforced("s0", None))
         decide = [
             c["add"]["rule"]["expr"]
             for c in fb.tables["/run/netns/s0"]
-            if c["add"].get("rule", {}).get("chain") == "decide"
+            if c["add"].get("rule", {}).get("chain") == "decide_a"
         ]
         assert decide[-1] == [{"accept": None}]
         assert fb.elements["/run/netns/s0"]["deny_dns4"] == {"203.0.113.7"}

@@ -210,12 +210,12 @@ def test_drift_is_repaired_on_resync():
         assert fb.fingerprint("/run/netns/a") == fp(allow_internet_access=False)
         # altered in place, fingerprint rule left intact: only the digest can tell
         fb.tables["/run/netns/a"] = [
-            c for c in fb.tables["/run/netns/a"] if c["add"].get("rule", {}).get("chain") != "decide"
+            c for c in fb.tables["/run/netns/a"] if c["add"].get("rule", {}).get("chain") != "decide_a"
         ]
         r.resync()
         await settle(r)
         assert r.counters["repaired"] == 2
-        assert any(c["add"].get("rule", {}).get("chain") == "decide" for c in fb.tables["/run/netns/a"])
+        assert any(c["add"].get("rule", {}).get("chain") == "decide_a" for c in fb.tables["/run/netns/a"])
 
     run(scenario)
 

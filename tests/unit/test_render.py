@@ -46,10 +46,10 @@ def test_golden(name, update_goldens):
 
 
 def rules(ruleset, chain):
+    """Rule expressions of one chain, with neutral names (decide, deny, @allow4, ...)."""
+    cmds = ruleset.variant + ruleset.hooks
     return [
-        c["add"]["rule"]["expr"]
-        for c in ruleset.commands
-        if "rule" in c["add"] and c["add"]["rule"]["chain"] == chain
+        c["add"]["rule"]["expr"] for c in cmds if "rule" in c["add"] and c["add"]["rule"]["chain"] == chain
     ]
 
 
