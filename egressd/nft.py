@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from egressd.netns import ContextCache, NetnsError
+from egressd.netns import ContextCache, NetnsError, NsId
 from egressd.render import (
     FAMILY,
     FINGERPRINT_CHAIN,
@@ -100,6 +100,39 @@ def retire_commands(listing: list[Json], variant: str) -> list[Json]:
     return out
 
 
+def _other(variant: str) -> str:
+    return VARIANTS[1] if variant == VARIANTS[0] else VARIANTS[0]
+
+
+def _own_objects(ruleset: Ruleset, variant: str) -> list[Json]:
+    """A listing-shaped list of the per-variant objects a ruleset creates under `variant`."""
+    chains = [{"chain": {"name": variant_name(n, variant)}} for n in ("decide", "deny")]
+    sets = [
+        {"set": {"name": variant_name(n, variant)}}
+        for n in sorted(ruleset.names)
+        if n not in ("decide", "deny")
+    ]
+    return chains + sets
+
+
+def clear_commands(ruleset: Ruleset, variant: str) -> list[Json]:
+    """Make sure none of the objects the ruleset stages under `variant` is there: create each one (a no-op
+    for one that exists), empty it, delete it. Nothing left over, or planted, can mix into the new policy."""
+    t = {"family": FAMILY, "table": TABLE}
+    out: list[Json] = []
+    for chain in ("decide", "deny"):  # decide jumps to deny: it goes first
+        c = {**t, "name": variant_name(chain, variant)}
+        out += [{"add": {"chain": c}}, {"flush": {"chain": c}}, {"delete": {"chain": c}}]
+    for cmd in ruleset.variant:
+        obj = cmd["add"].get("set")
+        if obj is not None:
+            decl = {k: v for k, v in obj.items() if k != "elem"} | {
+                "name": variant_name(obj["name"], variant)
+            }
+            out += [{"add": {"set": decl}}, {"delete": {"set": {**t, "name": decl["name"]}}}]
+    return out
+
+
 def set_elements(listing: list[Json], names: Iterable[str]) -> dict[str, frozenset[str]]:
     """The elements the kernel holds in the named (plain, address) sets, by neutral name."""
     wanted = set(names)
@@ -156,6 +189,8 @@ class LibnftBackend:
         self._cache = ContextCache(_make_nft)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # per namespace: (namespace identity, variant in force, commands that would retire it)
+        self._written: dict[str, tuple[NsId | None, str, list[Json]]] = {}
 
     def _lock(self, netns: str) -> threading.Lock:
         with self._locks_guard:
@@ -180,19 +215,53 @@ class LibnftBackend:
     ) -> None:
         """Two transactions when our table is there: stage the new policy in the unused variant (its sets are
         committed here), then switch the hooks to it and retire the old variant. Between the two both
-        variants exist but only the old one is used: the old policy holds until the new one does."""
+        variants exist but only the old one is used: the old policy holds until the new one does.
+
+        With `listing`, what the kernel holds decides what is retired. Without it, what this backend wrote
+        last decides, which saves a read; should the kernel disagree, a transaction fails, nothing of it
+        happens, and the apply is done again from a fresh listing."""
+        written = self._written.get(netns)
+        if listing is None and written is not None and written[0] == self._cache.ident(netns):
+            _, active, retire = written
+            try:
+                clear = clear_commands(ruleset, _other(active))
+                self._stage_and_switch(netns, ruleset, elements, active, clear, retire)
+                return
+            except ApplyError:
+                self._written.pop(netns, None)
         if listing is None:
             listing = self.read(netns)
         active = active_variant(listing)
-        if active is None:  # no table, or not one we can trust to build on: replace it whole
+        if listing is None or active is None:  # no table, or not one we can build on: replace it whole
+            self._written.pop(netns, None)
             self._run(netns, replace_table(ruleset, elements), "table")
+            self._written[netns] = (
+                self._cache.ident(netns),
+                "a",
+                retire_commands(_own_objects(ruleset, "a"), "a"),
+            )
             return
-        new = VARIANTS[1] if active == VARIANTS[0] else VARIANTS[0]
-        assert listing is not None
-        stage = retire_commands(listing, new) + stage_commands(ruleset, new)
-        self._run(netns, {"nftables": stage + element_commands("add", elements, new)}, "staged policy")
-        self._run(
-            netns, {"nftables": switch_commands(ruleset, new, retire_commands(listing, active))}, "switch"
+        clear = retire_commands(listing, _other(active))
+        self._stage_and_switch(netns, ruleset, elements, active, clear, retire_commands(listing, active))
+
+    def _stage_and_switch(
+        self,
+        netns: str,
+        ruleset: Ruleset,
+        elements: Elements | None,
+        active: str,
+        clear: list[Json],
+        retire: list[Json],
+    ) -> None:
+        new = _other(active)
+        self._written.pop(netns, None)
+        stage = clear + stage_commands(ruleset, new) + element_commands("add", elements, new)
+        self._run(netns, {"nftables": stage}, "staged policy")
+        self._run(netns, {"nftables": switch_commands(ruleset, new, retire)}, "switch")
+        self._written[netns] = (
+            self._cache.ident(netns),
+            new,
+            retire_commands(_own_objects(ruleset, new), new),
         )
 
     def update_elements(self, netns: str, add: Elements, delete: Elements, variant: str = "a") -> None:
@@ -226,6 +295,7 @@ class LibnftBackend:
         return True
 
     def forget(self, netns: str) -> None:
+        self._written.pop(netns, None)
         self._cache.drop(netns)
         with self._locks_guard:
             self._locks.pop(netns, None)

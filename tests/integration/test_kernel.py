@@ -216,3 +216,25 @@ def test_cli_apply_is_idempotent(world, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out == [f"demo: applied in {sb.netns_path}", f"demo: unchanged in {sb.netns_path}"]
     subprocess.run(["ip", "netns", "exec", sb.name, "nft", "delete", "table", "inet", "egressd"], check=True)
+
+
+def test_what_the_backend_remembers_never_outweighs_the_kernel(world, backend):
+    """Updates without a listing use what this backend wrote last; planted or missing objects are handled."""
+    sb = world.sandboxes[0]
+    first, second = ruleset(deny_out=["203.0.113.0/24"]), ruleset(allow_internet_access=False)
+    backend.apply(sb.netns_path, first)
+    # someone plants the variant the next update will stage, with an accept-everything rule in it
+    world.exec(sb.name, ["nft", "add", "chain", "inet", "egressd", "decide_b"])
+    world.exec(sb.name, ["nft", "add", "rule", "inet", "egressd", "decide_b", "accept"])
+    backend.apply(sb.netns_path, second)
+    decide = [
+        i["rule"]["expr"]
+        for i in nft_json(sb.name, "list", "chain", "inet", "egressd", "decide_b")
+        if "rule" in i
+    ]
+    assert decide[0] != [{"accept": None}] and decide[-1] == [{"jump": {"target": "deny_b"}}]
+    # someone deletes the table: the remembered variant is wrong, the apply still lands
+    world.exec(sb.name, ["nft", "delete", "table", "inet", "egressd"])
+    backend.apply(sb.netns_path, first)
+    assert backend.fingerprint(sb.netns_path) == first.fingerprint
+    backend.remove(sb.netns_path)
