@@ -115,24 +115,6 @@ def _own_objects(ruleset: Ruleset, variant: str) -> list[Json]:
     return chains + sets
 
 
-def clear_commands(ruleset: Ruleset, variant: str) -> list[Json]:
-    """Make sure none of the objects the ruleset stages under `variant` is there: create each one (a no-op
-    for one that exists), empty it, delete it. Nothing left over, or planted, can mix into the new policy."""
-    t = {"family": FAMILY, "table": TABLE}
-    out: list[Json] = []
-    for chain in ("decide", "deny"):  # decide jumps to deny: it goes first
-        c = {**t, "name": variant_name(chain, variant)}
-        out += [{"add": {"chain": c}}, {"flush": {"chain": c}}, {"delete": {"chain": c}}]
-    for cmd in ruleset.variant:
-        obj = cmd["add"].get("set")
-        if obj is not None:
-            decl = {k: v for k, v in obj.items() if k != "elem"} | {
-                "name": variant_name(obj["name"], variant)
-            }
-            out += [{"add": {"set": decl}}, {"delete": {"set": {**t, "name": decl["name"]}}}]
-    return out
-
-
 def set_elements(listing: list[Json], names: Iterable[str]) -> dict[str, frozenset[str]]:
     """The elements the kernel holds in the named (plain, address) sets, by neutral name."""
     wanted = set(names)
@@ -224,8 +206,7 @@ class LibnftBackend:
         if listing is None and written is not None and written[0] == self._cache.ident(netns):
             _, active, retire = written
             try:
-                clear = clear_commands(ruleset, _other(active))
-                self._stage_and_switch(netns, ruleset, elements, active, clear, retire)
+                self._stage_and_switch(netns, ruleset, elements, active, [], retire)
                 return
             except ApplyError:
                 self._written.pop(netns, None)

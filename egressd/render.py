@@ -258,8 +258,26 @@ def create_commands(ruleset: Ruleset, variant: str = "a") -> list[Json]:
 
 
 def stage_commands(ruleset: Ruleset, variant: str) -> list[Json]:
-    """The per-variant objects of a new policy, added beside the ones in force and not yet used."""
-    return _rename(ruleset.variant, variant, ruleset.names)
+    """The per-variant objects of a new policy, beside the ones in force and not yet used. Sets and chains
+    are created with `create`, which fails when one is already there: nothing left over or planted under
+    that name can mix into the new policy (the caller then retires what the kernel holds, and tries again)."""
+    sets: list[Json] = []
+    elements: list[Json] = []
+    rest: list[Json] = []
+    for cmd in _rename(ruleset.variant, variant, ruleset.names):
+        obj = cmd["add"]
+        if "set" in obj:
+            decl = {k: v for k, v in obj["set"].items() if k != "elem"}
+            sets.append({"create": {"set": decl}})  # `create` takes no elements along: they follow
+            if obj["set"].get("elem"):
+                elements.append(
+                    {"add": {"element": {**_T, "name": decl["name"], "elem": obj["set"]["elem"]}}}
+                )
+        elif "chain" in obj:
+            rest.append({"create": obj})
+        else:
+            rest.append(cmd)
+    return [*sets, *elements, *rest]
 
 
 def switch_commands(ruleset: Ruleset, variant: str, retire: list[Json]) -> list[Json]:
