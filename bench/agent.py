@@ -902,11 +902,11 @@ def bench_profile(
         write_feed(agent, world)
         for phase in ("cold", "restart"):
             agent.profile_out = workdir / f"{phase}.prof"
-            _, done, _ = start_agent(agent, world, deadline, f"profiled {phase}")
+            _, done, rows = start_agent(agent, world, deadline, f"profiled {phase}")
             agent.stop()
-            out[phase] = f"{phase}: all enforced after {done:.2f} s under the profiler\n" + top_functions(
-                agent.profile_out
-            )
+            writes = sum(r["writes"] for r in rows if r["id"] in world.expected)
+            head = f"{phase}: all enforced after {done:.2f} s under the profiler, {writes} rule writes\n"
+            out[phase] = head + top_functions(agent.profile_out)
     finally:
         agent.stop()
     return out

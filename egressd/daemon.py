@@ -51,7 +51,10 @@ def sd_notify(message: str) -> bool:
 class Persister:
     """Writes desired state to disk, bursts coalesced into one write; a failed write never stops enforcing."""
 
-    def __init__(self, state: StateFile, export: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self, state: StateFile, export: Callable[[], tuple[dict[str, Any], int]], done: Callable[[int], None]
+    ) -> None:
+        self._done = done
         self._state = state
         self._export = export
         self._lock = asyncio.Lock()
@@ -75,7 +78,7 @@ class Persister:
             if not self._dirty:
                 return
             self._dirty = False
-            doc = self._export()
+            doc, generation = self._export()
             try:
                 await asyncio.to_thread(self._state.save, doc)
             except (OSError, StateError) as e:
@@ -92,6 +95,7 @@ class Persister:
                 asyncio.get_running_loop().call_later(5.0, self.mark)
                 return
             self.writes += 1
+            self._done(generation)
             if self.error is not None:
                 log(logging.INFO, "state_write_recovered", path=str(self._state.path))
             self.error = None
@@ -105,7 +109,7 @@ class Agent:
         self.config_path = config_path
         self.overrides = overrides
         self.state = StateFile(config.state_dir)
-        self.persister = Persister(self.state, lambda: export_state(self.reconciler))
+        self.persister = Persister(self.state, lambda: export_state(self.reconciler), self._persisted)
         cache = DnsCache(config.dns_min_ttl, config.dns_max_ttl, config.dns_retention)
         resolver = Resolver(config.dns_nameservers, config.dns_timeout)
         self.dns = DnsService(cache, resolver, on_change=lambda names: self.reconciler.names_changed(names))
@@ -121,6 +125,9 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self.state_problem: str | None = None
         self.exit_code = 0
+
+    def _persisted(self, generation: int) -> None:
+        self.reconciler.persisted_generation = max(self.reconciler.persisted_generation, generation)
 
     # --- feed -----------------------------------------------------------------------------------------
 

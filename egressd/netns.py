@@ -13,6 +13,7 @@ import fcntl
 import os
 import stat
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -107,7 +108,6 @@ def netns_id(path: str) -> NsId:
 
 @dataclass
 class _Entry:
-    fd: int
     ident: NsId
     ctx: Any
 
@@ -115,13 +115,18 @@ class _Entry:
 class ContextCache:
     """One object per namespace path, made by `factory` while this thread is inside that namespace.
 
-    The cached object (a libnftables context) keeps its namespace alive, so `drop` must be called when a
-    sandbox goes away. `get` notices when the path now names a different namespace and starts afresh.
+    The cached object (a libnftables context) keeps its namespace alive through its netlink socket, so
+    `drop` must be called when a sandbox goes away. `get` notices when the path now names a different
+    namespace and starts afresh. No namespace file descriptor is kept: libnftables 1.0.6 waits on its socket
+    with select(), which aborts the process for a descriptor at or above 1024, so descriptors are scarce.
+    For the same reason at most `limit` contexts are kept; the least recently used is closed first and
+    made again (about 0.3 ms) when needed.
     """
 
-    def __init__(self, factory: Callable[[], Any]) -> None:
+    def __init__(self, factory: Callable[[], Any], limit: int = 256) -> None:
         self._factory = factory
-        self._entries: dict[str, _Entry] = {}
+        self._limit = limit
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
         self._setns = _libc_setns()
         self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -144,15 +149,17 @@ class ContextCache:
             entry = self._entries.get(path)
             if entry is not None:
                 if netns_id(path) == entry.ident:
+                    self._entries.move_to_end(path)
                     return entry.ctx, False
                 self._close(path)
             fd, ident = open_netns(path)
             try:
                 ctx = self._enter_and_make(fd)
-            except BaseException:
+            finally:
                 os.close(fd)
-                raise
-            self._entries[path] = _Entry(fd, ident, ctx)
+            self._entries[path] = _Entry(ident, ctx)
+            while len(self._entries) > self._limit:
+                self._close(next(iter(self._entries)))
             return ctx, True
 
     def ident(self, path: str) -> NsId | None:
@@ -163,8 +170,7 @@ class ContextCache:
     def _close(self, path: str) -> None:
         entry = self._entries.pop(path, None)
         if entry is not None:
-            os.close(entry.fd)
-            entry.ctx = None
+            entry.ctx = None  # the last reference: libnftables frees the context and closes its socket
 
     def drop(self, path: str) -> None:
         """Forget path's context so the kernel can free a namespace that is gone."""

@@ -167,20 +167,18 @@ def _make_nft() -> Any:
 class LibnftBackend:
     """libnftables contexts cached per namespace: one netlink transaction per change, no process spawned."""
 
-    def __init__(self) -> None:
-        self._cache = ContextCache(_make_nft)
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+    def __init__(self, context_limit: int = 256) -> None:
+        self._cache = ContextCache(_make_nft, limit=context_limit)
+        self._nft_lock = threading.Lock()
         # per namespace: (namespace identity, variant in force, commands that would retire it)
         self._written: dict[str, tuple[NsId | None, str, list[Json]]] = {}
 
-    def _lock(self, netns: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault(netns, threading.Lock())
-
     def _cmd(self, netns: str, cmd: Json) -> tuple[int, Any, str]:
-        nft, _ = self._cache.get(netns)
-        with self._lock(netns):
+        # One libnftables call at a time in the whole process: 1.0.6 uses strtok() when it prints set types
+        # as JSON, and concurrent listings abort the process or return wrong types. The GIL serialises the
+        # Python side anyway; the netlink round trips are short.
+        with self._nft_lock:
+            nft, _ = self._cache.get(netns)
             return nft.json_cmd(cmd)
 
     def _run(self, netns: str, cmds: Json, what: str) -> None:
@@ -277,9 +275,8 @@ class LibnftBackend:
 
     def forget(self, netns: str) -> None:
         self._written.pop(netns, None)
-        self._cache.drop(netns)
-        with self._locks_guard:
-            self._locks.pop(netns, None)
+        with self._nft_lock:
+            self._cache.drop(netns)
 
     def close(self) -> None:
         self._cache.close()

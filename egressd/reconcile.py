@@ -118,6 +118,7 @@ class Desired:
     status: str = "running"
     problem: str | None = None  # why the latest record was rejected
     generation: int = 0
+    record: dict[str, Any] | None = None  # its state-file form, made once (see export_state)
 
 
 @dataclass
@@ -215,6 +216,7 @@ class Reconciler:
         self.queue = KeyedQueue()
         self._persist = persist
         self._flush = flush
+        self.persisted_generation = 0  # desired state up to this generation is on disk (set by the persister)
         self.dns = dns
         self._rendered: OrderedDict[tuple[Policy, int], Ruleset] = OrderedDict()
         self._notify_scheduled = False
@@ -290,7 +292,7 @@ class Reconciler:
         cur = self.desired.get(sid)
         if cur is not None:
             kept = f"revision {err.revision} rejected, still enforcing revision {cur.revision}: {problem}"
-            self._set(replace(cur, problem=kept))
+            self._set(replace(cur, problem=kept, record=None))
         else:
             netns = err.netns if err.netns and self._netns_owner(err.netns, sid) is None else None
             self._set(Desired(sid, netns, err.revision, DENY_ALL, problem=f"closed (deny-all): {problem}"))
@@ -426,7 +428,7 @@ class Reconciler:
                 ),
             )
             return
-        if self._flush is not None:
+        if self._flush is not None and d.generation > self.persisted_generation:
             await self._flush()  # desired state on disk before the kernel changes: a restart never goes back
         ruleset, elements, waiting = self._target(d)
         prev = self.status.get(sid)
@@ -632,18 +634,22 @@ class Reconciler:
         return counts
 
 
-def export_state(r: Reconciler) -> dict[str, Any]:
-    """What must survive a restart: desired state, tombstones, and the digests used to adopt tables."""
+def export_state(r: Reconciler) -> tuple[dict[str, Any], int]:
+    """What must survive a restart (desired state, tombstones, the digests used to adopt tables, the DNS
+    cache), and the desired generation it includes. Records are serialised once per generation."""
     sandboxes = []
     for d in r.desired.values():
-        sb = Sandbox(id=d.id, netns=d.netns, policy=d.policy, status=d.status, revision=d.revision)
-        sandboxes.append({"record": sandbox_to_record(sb), "problem": d.problem})
-    return {
+        if d.record is None:
+            sb = Sandbox(id=d.id, netns=d.netns, policy=d.policy, status=d.status, revision=d.revision)
+            d.record = {"record": sandbox_to_record(sb), "problem": d.problem}
+        sandboxes.append(d.record)
+    doc = {
         "sandboxes": sandboxes,
         "tombstones": [[sid, rev] for sid, rev in r.tombstones.items()],
         "digests": dict(r.digests),
         "dns": r.dns.cache.export() if r.dns is not None else {},
     }
+    return doc, r._generation
 
 
 def restore_state(r: Reconciler, doc: dict[str, Any]) -> list[str]:

@@ -166,17 +166,6 @@ def test_paths_that_are_not_sandbox_namespaces_are_refused(tmp_path, kind, says)
     assert says in str(e.value) and not e.value.gone
 
 
-def _fds_to(ino: int) -> list[str]:
-    fds = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.stat(f"/proc/self/fd/{fd}").st_ino == ino:
-                fds.append(fd)
-        except OSError:
-            continue
-    return fds
-
-
 def test_a_path_that_now_names_another_namespace_gets_a_fresh_context(world):
     """Delete a namespace and make a new one at the same path: the cached context must not be reused."""
     name = f"{world.prefix}re"
@@ -186,23 +175,76 @@ def test_a_path_that_now_names_another_namespace_gets_a_fresh_context(world):
         subprocess.run(["ip", "netns", "add", name], check=True)
         first = os.stat(path).st_ino
         backend.apply(path, ruleset(deny_out=["203.0.113.0/24"]))
-        assert _fds_to(first), "the cached context holds the namespace"
+        assert backend._cache.ident(path).ino == first
         subprocess.run(["ip", "netns", "del", name], check=True)
         subprocess.run(["ip", "netns", "add", name], check=True)
         assert os.stat(path).st_ino != first
         assert backend.fingerprint(path) is None  # a new namespace: no table, and no stale context
-        assert not _fds_to(first), "the old namespace's handle was released"
+        assert backend._cache.ident(path).ino == os.stat(path).st_ino
         rs = ruleset(deny_out=["198.51.100.0/24"])
         backend.apply(path, rs)
-        assert (
-            nft_json(name, "list", "chain", "inet", "egressd", "fingerprint")[-1]["rule"]["comment"]
-            == rs.fingerprint
-        )
+        listing = nft_json(name, "list", "chain", "inet", "egressd", "fingerprint")
+        assert listing[-1]["rule"]["comment"] == rs.fingerprint
         backend.forget(path)
-        assert not _fds_to(os.stat(path).st_ino)
+        assert backend._cache.ident(path) is None
     finally:
         backend.close()
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_contexts_are_bounded_and_hold_no_namespace_descriptor(world):
+    """libnftables 1.0.6 aborts the process on a socket descriptor >= 1024: descriptors must stay few."""
+    names = [f"{world.prefix}c{i}" for i in range(6)]
+    backend = LibnftBackend(context_limit=3)
+    before = _open_fds()
+    try:
+        for n in names:
+            subprocess.run(["ip", "netns", "add", n], check=True)
+        for _ in range(2):
+            for n in names:
+                backend.apply(f"/run/netns/{n}", ruleset(deny_out=["203.0.113.0/24"]))
+        assert len(backend._cache) == 3
+        assert _open_fds() - before <= 3  # one netlink socket per cached context, nothing per namespace
+        assert all(backend.fingerprint(f"/run/netns/{n}") is not None for n in names)
+    finally:
+        backend.close()
+        for n in names:
+            subprocess.run(["ip", "netns", "del", n], check=False)
+
+
+def test_concurrent_reads_do_not_crash(world):
+    """Reading tables from several threads at once aborted the process before calls were serialised."""
+    import threading
+
+    names = [f"{world.prefix}t{i}" for i in range(4)]
+    backend = LibnftBackend()
+    errors: list[str] = []
+    try:
+        for n in names:
+            subprocess.run(["ip", "netns", "add", n], check=True)
+            backend.apply(f"/run/netns/{n}", ruleset(allow_out=["198.51.100.0/24", "2001:db8::/48"]))
+
+        def reader(path):
+            for _ in range(200):
+                listing = backend.read(path) or []
+                types = {i["set"]["type"] for i in listing if "set" in i}
+                if not types <= {"ipv4_addr", "ipv6_addr"}:
+                    errors.append(repr(types))
+
+        threads = [threading.Thread(target=reader, args=(f"/run/netns/{n}",)) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+    finally:
+        backend.close()
+        for n in names:
+            subprocess.run(["ip", "netns", "del", n], check=False)
 
 
 def test_cli_apply_is_idempotent(world, tmp_path, capsys):

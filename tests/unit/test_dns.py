@@ -284,7 +284,7 @@ def test_restart_with_the_saved_cache_adopts_without_writing(addresses):
     async def first(r, fb, res):
         r.upsert(sb(0, allow_out=["api.test"], deny_out=["api.test"]))
         await until(lambda: r.is_enforced("s0", None))
-        saved.update(export_state(r))
+        saved.update(export_state(r)[0])
 
     run(first, answers, backend=fb)
     writes = len(fb.writes)

@@ -228,7 +228,7 @@ def test_restart_adopts_tables_without_writing():
         r.upsert(sandbox("a", deny_out=["1.1.1.1"]))
         r.upsert(sandbox("b", allow_internet_access=False))
         await settle(r)
-        saved.update(export_state(r))
+        saved.update(export_state(r)[0])
 
     run(first, fb)
     writes = len(fb.writes)
@@ -249,7 +249,7 @@ def test_restart_rewrites_a_table_tampered_while_the_agent_was_down():
     async def first(r, fb):
         r.upsert(sandbox("a", allow_internet_access=False))
         await settle(r)
-        saved.update(export_state(r))
+        saved.update(export_state(r)[0])
 
     run(first, fb)
     fb.tables["/run/netns/a"] = [c for c in fb.tables["/run/netns/a"] if "set" not in c["add"]][
@@ -298,3 +298,31 @@ def test_digests_of_policies_no_sandbox_has_are_pruned():
         assert list(r.digests) == [fp(deny_out=["10.0.0.4"])]
 
     run(scenario)
+
+
+def test_desired_state_is_written_before_applying_but_once_per_burst():
+    flushes = []
+    backend = FakeBackend(namespaces={f"/run/netns/n{i}" for i in range(100)})
+
+    async def main():
+        holder = []
+
+        async def flush():
+            r = holder[0]
+            flushes.append(r._generation)
+            r.persisted_generation = r._generation  # what the daemon's persister reports after a write
+
+        r = Reconciler(backend, CONFIG, flush=flush, rng=random.Random(1))
+        holder.append(r)
+        r.start()
+        try:
+            for i in range(100):
+                r.upsert(sandbox(f"n{i}"))
+            assert await r.wait_idle(5)
+            # every apply happened after a write that included its sandbox
+            assert flushes and flushes[0] == 100
+        finally:
+            await r.stop()
+
+    asyncio.run(main())
+    assert len(flushes) == 1 and len(backend.writes) == 100

@@ -1,0 +1,232 @@
+"""DNS benchmark: 1,000 sandboxes sharing 100 names, plus 10,000 distinct names, against a real dnsmasq.
+
+Measures, in one run: the queries per second that reach the resolver against names / TTL (the floor any
+design that refreshes every name once per TTL must pay), the time from a changed answer to enforcement in
+every sandbox that names it, and the agent's memory. The agent runs in the throwaway world's router
+namespace and resolves through the world's DNS server. Run as root from the project root:
+`python -m bench.dns [--smoke]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.apply import Deadline, machine_info
+from egressd.nft import LibnftBackend, set_elements
+from netns_fixtures import DnsServer, World, cleanup
+from tests.integration.agent import AgentProcess
+
+DNS4 = "198.51.100.53"
+
+
+def addresses_for(i: int) -> tuple[str, str]:
+    """A distinct benchmarking/documentation address pair per name index (up to 65,536 names)."""
+    return f"198.18.{(i >> 8) & 0xFF}.{i & 0xFF}", f"2001:db8:d::{i:x}"
+
+
+def records(shared: int, distinct: int) -> dict[str, list[str]]:
+    out = {}
+    for i in range(shared + distinct):
+        name = f"s{i}.bench.test" if i < shared else f"d{i}.bench.test"
+        out[name] = list(addresses_for(i))
+    return out
+
+
+def sandbox_records(
+    namespaces: list[str], shared: int, distinct: int, per_shared: int
+) -> list[dict[str, Any]]:
+    """Each sandbox names `per_shared` of the shared names and its own slice of the distinct ones."""
+    per_distinct = distinct // len(namespaces)
+    out = []
+    for k, ns in enumerate(namespaces):
+        names = [f"s{(k * 7 + j) % shared}.bench.test" for j in range(per_shared)]
+        names += [f"d{shared + k * per_distinct + j}.bench.test" for j in range(per_distinct)]
+        out.append(
+            {
+                "id": f"b{k}",
+                "netns": f"/run/netns/{ns}",
+                "revision": 1,
+                "network_policy": {"allow_internet_access": False, "allow_out": names},
+            }
+        )
+    return out
+
+
+def rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def agent_pid(agent: AgentProcess) -> int | None:
+    """`ip netns exec` execs the agent, so the Popen pid is the agent's own."""
+    return agent.proc.pid if agent.proc is not None else None
+
+
+def wait_all_enforced(agent: AgentProcess, count: int, deadline: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() < deadline:
+        if not agent.running():  # still starting: its control socket is not there yet
+            time.sleep(0.02)
+            continue
+        status = agent.status()
+        if sum(1 for s in status.values() if s["state"] == "enforced") >= count:
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    raise TimeoutError(f"not all {count} sandboxes enforced in time")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    deadline = Deadline(time.monotonic() + args.max_seconds)
+    prefix = f"bd{os.getpid() % 10000}"
+    cleanup(prefix)
+    results: dict[str, Any] = {"settings": vars(args).copy(), "machine": machine_info()}
+    extra = [f"{prefix}n{i}" for i in range(args.sandboxes)]
+    with World(prefix, sandboxes=0) as world, tempfile.TemporaryDirectory() as tmp:
+        batch = "".join(f"netns add {n}\n" for n in extra)
+        subprocess.run(["ip", "-batch", "-"], input=batch, text=True, check=True, timeout=120)
+        try:
+            recs = records(args.shared, args.distinct)
+            with DnsServer(world, address=DNS4, ttl=int(args.ttl), records=recs) as server:
+                agent = AgentProcess(
+                    Path(tmp) / "agent",
+                    netns=world.router,
+                    extra_config=(
+                        f'[dns]\nnameservers = ["{DNS4}"]\nmin_ttl = {args.ttl}\nmax_ttl = {args.ttl}\n'
+                        f"retention = {args.ttl * 2}\ntimeout = 2\n"
+                    ),
+                )
+                snapshot = {
+                    "type": "snapshot",
+                    "sandboxes": sandbox_records(extra, args.shared, args.distinct, args.per_shared),
+                }
+                agent.send(snapshot)
+                t0 = time.monotonic()
+                agent.start(wait_ready=False)
+                results["cold_start_all_enforced_s"] = wait_all_enforced(agent, len(extra), deadline.end)
+                results["cold_start_total_s"] = time.monotonic() - t0
+                names = args.shared + args.distinct
+                # Queries per second at the server, in steady state, against names / TTL.
+                time.sleep(min(args.ttl, 5))
+                server.reset_counts()
+                window = args.ttl * args.windows
+                time.sleep(window)
+                a_queries = server.queries(qtype="A")
+                aaaa_queries = server.queries(qtype="AAAA")
+                floor = names / args.ttl
+                results["names"] = names
+                results["window_s"] = window
+                results["queries_a_per_s"] = a_queries / window
+                results["queries_aaaa_per_s"] = aaaa_queries / window
+                results["names_per_ttl"] = floor
+                results["ratio_a_to_floor"] = (a_queries / window) / floor
+                pid = agent_pid(agent)
+                results["agent_rss_mib"] = rss_mib(pid) if pid else None
+                # A changed answer for one shared name, until every sandbox naming it holds the new address.
+                backend = LibnftBackend()
+                target = "s0.bench.test"
+                naming = [r for r in snapshot["sandboxes"] if target in r["network_policy"]["allow_out"]]
+                new4 = "198.19.255.1"
+                t_change = time.monotonic()
+                server.set(target, new4, "2001:db8:d::ffff")
+                pending = {r["netns"] for r in naming}
+                first_seen: float | None = None
+                while pending and time.monotonic() < deadline.end:
+                    for path in list(pending):
+                        listing = backend.read(path) or []
+                        if new4 in set_elements(listing, ["allow_dns4"]).get("allow_dns4", frozenset()):
+                            pending.discard(path)
+                            first_seen = first_seen or time.monotonic()
+                    time.sleep(0.005)
+                backend.close()
+                done = time.monotonic()
+                changed = [e for e in agent.events("dns_changed") if e.get("host") == target]
+                results["change_sandboxes"] = len(naming)
+                results["change_to_all_enforced_s"] = done - t_change if not pending else None
+                results["change_first_to_last_sandbox_s"] = (
+                    (done - first_seen) if first_seen and not pending else None
+                )
+                results["change_log_events"] = len(changed)
+                agent.stop()
+        finally:
+            subprocess.run(
+                ["ip", "-batch", "-"],
+                input="".join(f"netns del {n}\n" for n in extra),
+                text=True,
+                timeout=120,
+            )
+    return results
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.dns", description=__doc__.splitlines()[0])
+    p.add_argument("--sandboxes", type=int, default=1000)
+    p.add_argument("--shared", type=int, default=100, help="names shared by many sandboxes")
+    p.add_argument("--distinct", type=int, default=10_000, help="names each named by one sandbox")
+    p.add_argument("--per-shared", type=int, default=10, help="shared names per sandbox")
+    p.add_argument("--ttl", type=float, default=10.0, help="the server's TTL (and min/max_ttl)")
+    p.add_argument("--windows", type=int, default=3, help="TTLs over which queries are counted")
+    p.add_argument("--max-seconds", type=float, default=600.0)
+    p.add_argument("--json", type=Path, metavar="OUT")
+    p.add_argument("--smoke", action="store_true", help="20 sandboxes, 10 + 100 names, TTL 2 s")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.sandboxes, args.shared, args.distinct, args.per_shared, args.ttl, args.windows = (
+            20,
+            10,
+            100,
+            3,
+            2.0,
+            2,
+        )
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    results = run(args)
+    results["wall_s"] = time.monotonic() - t0
+    r = results
+
+    def fmt(key: str, unit: str = "", digits: int = 2) -> str:
+        value = r.get(key)
+        return "-" if value is None else f"{value:.{digits}f}{unit}"
+
+    rows = [
+        ("names (shared + distinct)", str(r["names"]), ""),
+        ("cold start, all sandboxes enforced", fmt("cold_start_all_enforced_s", " s"), ""),
+        ("A queries/s at the resolver", fmt("queries_a_per_s", "", 1),
+         f"floor names/TTL = {fmt('names_per_ttl', '', 1)}"),
+        ("  ratio to the floor", fmt("ratio_a_to_floor", "", 3), "goal: within 10 %"),
+        ("AAAA queries/s", fmt("queries_aaaa_per_s", "", 1), ""),
+        ("changed answer -> every sandbox naming it", fmt("change_to_all_enforced_s", " s"),
+         f"{r['change_sandboxes']} sandboxes; includes the wait for the refresh (TTL {args.ttl:g} s)"),
+        ("  first -> last of them updated", fmt("change_first_to_last_sandbox_s", " s", 3), ""),
+        ("agent RSS", fmt("agent_rss_mib", " MiB", 1), ""),
+    ]  # fmt: skip
+    width = max(len(r[0]) for r in rows)
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:>12}  {note}")
+    print(f"wall time {results['wall_s']:.1f} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    ok = results["change_to_all_enforced_s"] is not None
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
