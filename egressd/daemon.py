@@ -303,6 +303,7 @@ class Agent:
         feed.add_done_callback(self._feed_ended)
         self._tasks.append(feed)
         await self._catch_up(feed)
+        self.reconciler.adopt_by_fingerprint = True
         self.reconciler.start()
         log(
             logging.INFO,
@@ -314,6 +315,8 @@ class Agent:
         )
         if not await self.reconciler.wait_idle(READY_TIMEOUT):
             log(logging.WARNING, "initial_reconcile_slow", detail=f"not done after {READY_TIMEOUT:g} s")
+        self.reconciler.adopt_by_fingerprint = False
+        self.reconciler.resync()  # the verification pass: every adopted table compared whole, right away
         self._tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
         watchdog_usec = os.environ.get("WATCHDOG_USEC")
         if watchdog_usec and watchdog_usec.isdigit() and int(watchdog_usec) > 0:

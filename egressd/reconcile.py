@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -83,28 +84,24 @@ def _describe_change(add: dict[str, frozenset[str]], delete: dict[str, frozenset
     return " ".join(parts[:20]) + (f" (+{len(parts) - 20} more)" if len(parts) > 20 else "")
 
 
+_HANDLE = re.compile(r'"handle":\s*\d+,?\s*')
+_COUNTS = re.compile(r'"(packets|bytes)":\s*\d+')
+_VARIANT = re.compile(r'_[ab]"')
+
+
 def listing_digest(listing: list[Json]) -> str:
-    """What the kernel holds, minus what changes without anyone editing the table (handles, counters)."""
-
-    def clean(obj: Any) -> Any:
-        if isinstance(obj, dict):
-            return {k: clean(v) for k, v in obj.items() if k != "handle"}
-        if isinstance(obj, list):
-            return [clean(v) for v in obj]
-        if isinstance(obj, str):  # the same policy in variant a or b is the same table
-            return "@" + neutral_name(obj[1:]) if obj.startswith("@") else neutral_name(obj)
-        return obj
-
+    """What the kernel holds, minus what changes without anyone editing the table: handles, counter values,
+    DNS set elements (compared one by one instead), and the variant suffix (the same policy in variant a
+    or b is the same table). Text substitutions on the JSON: 5x faster than walking it in Python."""
     items = []
     for item in listing:
-        if "counter" in item:
-            item = {"counter": {k: v for k, v in item["counter"].items() if k not in ("packets", "bytes")}}
-        elif "set" in item and neutral_name(item["set"].get("name", "")).endswith(DNS_SET_SUFFIXES):
-            item = {
-                "set": {k: v for k, v in item["set"].items() if k != "elem"}
-            }  # compared one by one instead
-        items.append(clean(item))
-    return hashlib.sha256(json.dumps(items, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        obj = item.get("set")
+        if obj is not None and neutral_name(obj.get("name", "")).endswith(DNS_SET_SUFFIXES):
+            item = {"set": {k: v for k, v in obj.items() if k != "elem"}}
+        items.append(item)
+    text = json.dumps(items, sort_keys=True, separators=(",", ":"))
+    text = _VARIANT.sub('"', _COUNTS.sub(r'"\1":0', _HANDLE.sub("", text)))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass
@@ -217,6 +214,7 @@ class Reconciler:
         self._persist = persist
         self._flush = flush
         self.persisted_generation = 0  # desired state up to this generation is on disk (set by the persister)
+        self.adopt_by_fingerprint = False  # the daemon sets it for its first pass (see _sync)
         self.dns = dns
         self._rendered: OrderedDict[tuple[Policy, int], Ruleset] = OrderedDict()
         self._notify_scheduled = False
@@ -510,6 +508,11 @@ class Reconciler:
         last_fp is what this agent last wrote or adopted there: a table that differs from it was changed by
         someone else (drift), one that equals it is simply our previous policy.
         """
+        # Startup: a table carrying the fingerprint is adopted on it alone (the whole table is compared by the
+        # verification pass right after): a restart costs one short read per sandbox.
+        quick = self.adopt_by_fingerprint and not ruleset.dns_sets and ruleset.fingerprint in self.digests
+        if quick and self.backend.fingerprint(netns) == ruleset.fingerprint:
+            return SyncResult("adopted", ruleset.fingerprint, self.digests[ruleset.fingerprint], 0)
         listing = self.backend.read(netns)
         detail = None
         if listing is None:
