@@ -21,3 +21,29 @@ def test_apply_benchmark_smoke(tmp_path):
     results = json.loads(out.read_text())
     assert results["sizes"] and all(size["verified"] for size in results["sizes"])
     assert not results["aborted"]
+
+
+def test_agent_benchmark_smoke(tmp_path):
+    out = tmp_path / "agent.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.agent", "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["restart"]["zero_writes"] is True and results["restart"]["handles_unchanged"] is True
+
+
+def test_dns_benchmark_smoke(tmp_path):
+    out = tmp_path / "dns.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.dns", "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["change_to_all_enforced_s"] is not None and results["queries_a_per_s"] > 0
