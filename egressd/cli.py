@@ -221,12 +221,7 @@ def _addresses(view: dict[str, Any]) -> str:
     return ", ".join(addrs) if addrs else "-"
 
 
-def cmd_status_dns(args: argparse.Namespace, config: Config) -> int:
-    answer = request(args.socket or config.control_socket, {"cmd": "dns"})
-    if args.json:
-        json.dump(answer, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0
+def cmd_status_dns(answer: dict[str, Any]) -> int:
     info = answer["dns"]
     print(
         f"{info['names']} names, {info['queries']} resolutions, {info['failures']} failed; "
@@ -251,13 +246,13 @@ def cmd_status_dns(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    if args.dns:
-        return cmd_status_dns(args, config)
-    answer = request(args.socket or config.control_socket, {"cmd": "status"})
+    answer = request(args.socket or config.control_socket, {"cmd": "dns" if args.dns else "status"})
     if args.json:
         json.dump(answer, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
+    if args.dns:
+        return cmd_status_dns(answer)
     agent = answer["agent"]
     counts = agent["counts"]
     print(
