@@ -358,3 +358,19 @@ def test_stdin_feed_and_its_end(world, agent):
     assert a.wait("s0")
     a.wait_log("feed_ended")
     assert closed_to(sb.name, OK4) and a.running()
+
+
+def test_a_corrupt_state_file_is_reported_and_rebuilt_from_the_feed(world, agent):
+    sb = world.sandboxes[0]
+    a = agent()
+    a.start()
+    a.upsert("s0", sb.netns_path, 1, allow_internet_access=False)
+    assert a.wait("s0", 1)
+    a.kill()
+    state = a.dir / "state" / "state.json"
+    state.write_bytes(state.read_bytes()[: len(state.read_bytes()) // 2])  # torn, as by a bad disk
+    a.start()
+    assert "corrupt" in a.events("state_unreadable")[0]["error"]
+    assert a.wait("s0", 1)  # the file feed is read from its start: desired state is back
+    assert closed_to(sb.name, OK4)
+    assert eventually(lambda: b'"s0"' in state.read_bytes())  # and written again, whole

@@ -326,3 +326,33 @@ def test_desired_state_is_written_before_applying_but_once_per_burst():
 
     asyncio.run(main())
     assert len(flushes) == 1 and len(backend.writes) == 100
+
+
+def test_a_full_disk_never_stops_enforcement(tmp_path, monkeypatch):
+    """The persister reports the failed write and retries; the reconciler applies all the same."""
+    from egressd.daemon import Persister
+    from egressd.state import StateFile
+
+    backend = FakeBackend(namespaces={"/run/netns/a"})
+    state = StateFile(tmp_path / "state")
+
+    def full(doc):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state, "save", full)
+
+    async def main():
+        holder = []
+        persister = Persister(state, lambda: export_state(holder[0]), lambda g: None)
+        r = Reconciler(backend, CONFIG, persist=persister.mark, flush=persister.flush, rng=random.Random(1))
+        holder.append(r)
+        r.start()
+        try:
+            r.upsert(sandbox(allow_internet_access=False))
+            assert await r.wait_enforced("a", None, 5)
+            assert persister.error == "[Errno 28] No space left on device"
+        finally:
+            await r.stop()
+
+    asyncio.run(main())
+    assert backend.fingerprint("/run/netns/a") == fp(allow_internet_access=False)
