@@ -4,6 +4,8 @@ Every test sends the same packets to a destination the policy allows (proving th
 arrive) and to one it denies (where nothing may arrive).
 """
 
+import json
+import subprocess
 import threading
 import time
 
@@ -170,3 +172,39 @@ def test_rules_hold_while_the_ruleset_churns(world, backend):
         backend.remove(sb.netns_path)
     assert len(applied) > 50, "the ruleset did not churn"
     assert arrived(sniffer, DENIED4) == [] and arrived(sniffer, DENIED6) == []
+
+
+PROBE_SOCKETS = """
+import json, socket
+out = {}
+for name, args in (("packet", (socket.AF_PACKET, socket.SOCK_RAW, 0)), ("raw_ip", (socket.AF_INET, socket.SOCK_RAW, 255)),
+                   ("raw_ip6", (socket.AF_INET6, socket.SOCK_RAW, 255)), ("udp", (socket.AF_INET, socket.SOCK_DGRAM, 0))):
+    try:
+        socket.socket(*args).close()
+        out[name] = "ok"
+    except OSError as e:
+        out[name] = e.strerror
+print(json.dumps(out))
+"""
+
+
+def test_root_in_a_user_namespace_has_no_path_around_the_hooks(world):
+    """The threat model's boundary: root inside a user namespace, joined to a sandbox namespace the host owns,
+    holds no CAP_NET_RAW over it, so it cannot open packet sockets (which bypass the inet hooks) or raw sockets;
+    ordinary sockets are all it has, and the hooks see those."""
+    sb = world.sandboxes[0]
+    contained = subprocess.run(
+        ["ip", "netns", "exec", sb.name, "unshare", "--user", "--map-root-user", "/usr/bin/python3", "-c", PROBE_SOCKETS],
+        capture_output=True, text=True, timeout=20, check=True,
+    )  # fmt: skip
+    assert json.loads(contained.stdout) == {
+        "packet": "Operation not permitted",
+        "raw_ip": "Operation not permitted",
+        "raw_ip6": "Operation not permitted",
+        "udp": "ok",
+    }
+    host_root = subprocess.run(
+        ["ip", "netns", "exec", sb.name, "/usr/bin/python3", "-c", PROBE_SOCKETS],
+        capture_output=True, text=True, timeout=20, check=True,
+    )  # fmt: skip
+    assert json.loads(host_root.stdout)["packet"] == "ok"  # the same probe can tell: it is the user namespace
