@@ -356,3 +356,31 @@ def test_a_full_disk_never_stops_enforcement(tmp_path, monkeypatch):
 
     asyncio.run(main())
     assert backend.fingerprint("/run/netns/a") == fp(allow_internet_access=False)
+
+
+def test_ten_thousand_sandboxes_on_one_agent():
+    """Scale of the bookkeeping alone (fake backend): every sandbox enforced, one write each, a snapshot that
+    drops half of them removes exactly those tables."""
+    n = 10_000
+    backend = FakeBackend(namespaces={f"/run/netns/m{i}" for i in range(n)})
+
+    async def scenario(r, fb):
+        for i in range(n):
+            r.upsert(sandbox(f"m{i}", deny_out=[f"10.{i // 256 % 256}.{i % 256}.0/24"]))
+        assert await r.wait_idle(120)
+        assert r.state_counts() == {"enforced": n, "pending": 0, "error": 0}
+        keep = [record(f"m{i}", deny_out=[f"10.{i // 256 % 256}.{i % 256}.0/24"]) for i in range(0, n, 2)]
+        r.snapshot(parse_event({"type": "snapshot", "sandboxes": keep}))
+        assert await r.wait_idle(120)
+        assert len(fb.tables) == n // 2 and len(r.status) == n // 2
+
+    async def main():
+        r = Reconciler(backend, CONFIG, rng=random.Random(1))
+        r.start()
+        try:
+            await asyncio.wait_for(scenario(r, backend), 300)
+        finally:
+            await r.stop()
+
+    asyncio.run(main())
+    assert backend.writes.count(("apply", "/run/netns/m0")) == 1
