@@ -316,6 +316,7 @@ class Agent:
         if not await self.reconciler.wait_idle(READY_TIMEOUT):
             log(logging.WARNING, "initial_reconcile_slow", detail=f"not done after {READY_TIMEOUT:g} s")
         self.reconciler.adopt_by_fingerprint = False
+        await self.reconciler.prune_host()
         self.reconciler.resync()  # the verification pass: every adopted table compared whole, right away
         self._tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
         watchdog_usec = os.environ.get("WATCHDOG_USEC")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from egressd.hostside import HostTableError
 from egressd.netns import ContextCache, NetnsError, NsId
 from egressd.render import (
     FAMILY,
@@ -154,6 +155,12 @@ class Backend(Protocol):
     def forget(self, netns: str) -> None:
         """Release everything held for netns (the kernel can then free a dead namespace)."""
 
+    def host_run(self, cmds: list[Json], what: str) -> None:
+        """One transaction in egressd's own namespace (the host-side table); raises HostTableError."""
+
+    def host_list(self, what: Json) -> list[Json] | None:
+        """A listing from egressd's own namespace, or None when the object does not exist."""
+
 
 def _make_nft() -> Any:
     import nftables  # Debian's python3-nftables; imported late so unit tests run without it
@@ -170,6 +177,7 @@ class LibnftBackend:
     def __init__(self, context_limit: int = 256) -> None:
         self._cache = ContextCache(_make_nft, limit=context_limit)
         self._nft_lock = threading.Lock()
+        self._home_nft: Any = None  # for the host-side table, in the namespace egressd runs in
         # per namespace: (namespace identity, variant in force, commands that would retire it)
         self._written: dict[str, tuple[NsId | None, str, list[Json]]] = {}
 
@@ -278,8 +286,28 @@ class LibnftBackend:
         with self._nft_lock:
             self._cache.drop(netns)
 
+    def _host_cmd(self, cmd: Json) -> tuple[int, Any, str]:
+        with self._nft_lock:
+            if self._home_nft is None:
+                self._home_nft = _make_nft()  # threads only visit sandbox namespaces inside ContextCache
+            return self._home_nft.json_cmd(cmd)
+
+    def host_run(self, cmds: list[Json], what: str) -> None:
+        rc, _, err = self._host_cmd({"nftables": cmds})
+        if rc != 0:
+            raise HostTableError(f"nftables refused the {what}: {err.strip()}")
+
+    def host_list(self, what: Json) -> list[Json] | None:
+        rc, out, err = self._host_cmd({"nftables": [{"list": what}]})
+        if rc != 0:
+            if "No such file or directory" in err:
+                return None
+            raise HostTableError(f"cannot list the host-side table: {err.strip()}")
+        return [item for item in out["nftables"] if "metainfo" not in item]
+
     def close(self) -> None:
         self._cache.close()
+        self._home_nft = None
 
 
 @dataclass
@@ -291,6 +319,7 @@ class FakeBackend:
     elements: dict[str, dict[str, set[str]]] = field(default_factory=dict)
     writes: list[tuple[str, str]] = field(default_factory=list)
     fail: Callable[[str, str], Exception | None] | None = None
+    host: dict[str, Any] | None = None  # the host-side table: maps, sets, chains with their rules
 
     def _check(self, netns: str, op: str) -> None:
         if netns not in self.namespaces:
@@ -351,3 +380,99 @@ class FakeBackend:
 
     def forget(self, netns: str) -> None:
         return None
+
+    def host_run(self, cmds: list[Json], what: str) -> None:
+        """A small interpreter of the commands HostSide sends: all of a transaction, or none of it."""
+        if self.fail is not None:
+            exc = self.fail("host", "apply")
+            if exc is not None:
+                raise exc
+        holder = {"table": copy.deepcopy(self.host)}
+        for cmd in cmds:
+            _fake_host_command(holder, cmd, what)
+        self.host = holder["table"]
+        self.writes.append(("host", what))
+
+    def host_list(self, what: Json) -> list[Json] | None:
+        if self.host is None:
+            return None
+        if "set" in what:
+            found = self.host["sets"].get(what["set"]["name"])
+            return None if found is None else [{"set": copy.deepcopy(found)}]
+        listing: list[Json] = [{"table": {"family": FAMILY, "name": "egressd_host"}}]
+        listing += [{"map": copy.deepcopy(m)} for m in self.host["maps"].values()]
+        listing += [{"set": copy.deepcopy(s)} for s in self.host["sets"].values()]
+        listing += [{"chain": copy.deepcopy(c["decl"])} for c in self.host["chains"].values()]
+        for c in self.host["chains"].values():
+            listing += [{"rule": copy.deepcopy(r)} for r in c["rules"]]
+        return listing
+
+
+def _fake_host_command(holder: dict[str, Any], cmd: Json, what: str) -> None:
+    """Apply one command to the fake host table (in place); raises HostTableError as nftables would."""
+    ((op, body),) = cmd.items()
+    ((kind, obj),) = body.items()
+
+    def fail(reason: str) -> None:
+        raise HostTableError(f"nftables refused the {what}: {reason}")
+
+    if kind == "table":
+        if op == "add" and holder["table"] is None:
+            holder["table"] = {"maps": {}, "sets": {}, "chains": {}}
+        elif op == "delete":
+            if holder["table"] is None:
+                fail("No such file or directory (table)")
+            holder["table"] = None
+        return
+    table = holder["table"]
+    if table is None:
+        fail("No such file or directory (table)")
+        return
+    store = {"map": table["maps"], "set": table["sets"]}
+    if kind in ("map", "set"):
+        if op in ("add", "create"):
+            if obj["name"] in store[kind]:
+                if op == "create":
+                    fail(f"File exists: {obj['name']}")
+                return
+            store[kind][obj["name"]] = {**copy.deepcopy(obj), "elem": list(obj.get("elem", []))}
+        elif op == "delete" and store[kind].pop(obj["name"], None) is None:
+            fail(f"No such file or directory: {obj['name']}")
+    elif kind == "chain":
+        chains = table["chains"]
+        if op in ("add", "create"):
+            if obj["name"] in chains:
+                if op == "create":
+                    fail(f"File exists: {obj['name']}")
+                return
+            chains[obj["name"]] = {"decl": copy.deepcopy(obj), "rules": []}
+        elif obj["name"] not in chains:
+            fail(f"No such file or directory: {obj['name']}")
+        elif op == "flush":
+            chains[obj["name"]]["rules"] = []
+        elif op == "delete":
+            if chains[obj["name"]]["rules"]:
+                fail(f"Device or resource busy: {obj['name']}")
+            del chains[obj["name"]]
+    elif kind == "rule":
+        if obj["chain"] not in table["chains"]:
+            fail(f"No such file or directory: {obj['chain']}")
+        table["chains"][obj["chain"]]["rules"].append(copy.deepcopy(obj))
+    elif kind == "element":
+        target = table["maps"].get(obj["name"]) or table["sets"].get(obj["name"])
+        if target is None:
+            fail(f"No such file or directory: {obj['name']}")
+            return
+        keys = [json.dumps(e[0] if isinstance(e, list) else e) for e in target["elem"]]
+        for e in obj["elem"]:
+            k = json.dumps(e[0] if isinstance(e, list) else e)
+            if op == "add":
+                if k in keys:
+                    fail(f"File exists: element {k}")
+                target["elem"].append(copy.deepcopy(e))
+                keys.append(k)
+            else:
+                if k not in keys:
+                    fail(f"No such file or directory: element {k}")
+                i = keys.index(k)
+                del target["elem"][i], keys[i]

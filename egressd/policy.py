@@ -22,6 +22,9 @@ DEFAULT_MAX_ENTRIES = 4096
 SANDBOX_STATUSES = ("pending", "running", "snapshotting", "suspending", "suspended", "terminated")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 _NETNS_RE = re.compile(r"^(/run/netns/[A-Za-z0-9][A-Za-z0-9._-]{0,254}|/proc/[1-9][0-9]{0,9}/ns/net)$")
+# An interface name the kernel accepts (IFNAMSIZ 16, so 1-15 bytes), limited to the characters veth and tap
+# names use in practice: no wildcard, quote or separator can reach nftables.
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,14}$")
 _LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
@@ -39,11 +42,13 @@ class PolicyError(ValueError):
         sandbox_id: str | None = None,
         netns: str | None = None,
         revision: int | None = None,
+        host_interface: str | None = None,
     ) -> None:
         self.problems = list(problems)
         self.sandbox_id = sandbox_id
         self.netns = netns
         self.revision = revision
+        self.host_interface = host_interface
         super().__init__("; ".join(self.problems))
 
 
@@ -131,6 +136,7 @@ class Sandbox:
     policy: Policy
     status: str = "running"
     revision: int | None = None
+    host_interface: str | None = None  # its link's host end, where the host-side table judges it again
 
 
 # --- entries ---------------------------------------------------------------------------------------------
@@ -245,6 +251,7 @@ class _SandboxModel(BaseModel):
     network_policy: _NetworkPolicyModel | None = None
     netns: str | None = None
     revision: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    host_interface: str | None = None
 
 
 def _pydantic_problems(prefix: str, err: ValidationError) -> list[str]:
@@ -280,11 +287,13 @@ def parse_sandbox(raw: Any, max_entries: int = DEFAULT_MAX_ENTRIES) -> Sandbox:
     if not isinstance(raw, dict):
         raise PolicyError([f"a sandbox record must be a JSON object, not {type(raw).__name__}"])
     rid, rns, rrev = raw.get("id"), raw.get("netns"), raw.get("revision")
+    rif = raw.get("host_interface")
     sid = rid if isinstance(rid, str) and _ID_RE.match(rid) else "?"
     ident = {
         "sandbox_id": None if sid == "?" else sid,
         "netns": rns if isinstance(rns, str) and _NETNS_RE.match(rns) else None,
         "revision": rrev if type(rrev) is int and 0 <= rrev < 2**63 else None,
+        "host_interface": rif if isinstance(rif, str) and _IFNAME_RE.match(rif) else None,
     }
     try:
         model = _SandboxModel.model_validate(raw)
@@ -300,6 +309,12 @@ def parse_sandbox(raw: Any, max_entries: int = DEFAULT_MAX_ENTRIES) -> Sandbox:
         problems.append(
             f"sandbox {sid!r}: netns {model.netns[:200]!r} must be /run/netns/NAME or /proc/PID/ns/net"
         )
+    if model.host_interface is not None and not _IFNAME_RE.match(model.host_interface):
+        problems.append(
+            f"sandbox {sid!r}: host_interface {model.host_interface[:40]!r} is not an interface name: use "
+            "1-15 letters, digits and . _ @ + - starting with a letter or digit (the host end of its veth "
+            "or tap), or leave it out"
+        )
     np = model.network_policy or _NetworkPolicyModel()
     allow = _parse_list(sid, "allow_out", np.allow_out, max_entries, problems)
     deny = _parse_list(sid, "deny_out", np.deny_out, max_entries, problems)
@@ -310,6 +325,7 @@ def parse_sandbox(raw: Any, max_entries: int = DEFAULT_MAX_ENTRIES) -> Sandbox:
         netns=model.netns,
         status=model.status,
         revision=model.revision,
+        host_interface=model.host_interface,
         policy=Policy(
             allow_internet_access=np.allow_internet_access,
             allow_out=Targets.from_entries(allow),
@@ -382,7 +398,7 @@ def parse_event(raw: Any, max_entries: int = DEFAULT_MAX_ENTRIES) -> Event:
                 sb = parse_sandbox(item, max_entries)
             except PolicyError as e:
                 problems = [f"sandboxes[{i}]: {p}" for p in e.problems]
-                rejected.append(PolicyError(problems, e.sandbox_id, e.netns, e.revision))
+                rejected.append(PolicyError(problems, e.sandbox_id, e.netns, e.revision, e.host_interface))
                 continue
             if sb.id in seen:
                 rejected.append(PolicyError([f"sandboxes[{i}]: sandbox {sb.id!r} is listed twice"], sb.id))
@@ -399,7 +415,7 @@ def targets_to_entries(t: Targets) -> list[str]:
 
 def sandbox_to_record(sb: Sandbox) -> dict[str, Any]:
     """The record form of a validated sandbox: parse_sandbox(sandbox_to_record(sb)) == sb."""
-    return {
+    record: dict[str, Any] = {
         "id": sb.id,
         "status": sb.status,
         "netns": sb.netns,
@@ -410,3 +426,6 @@ def sandbox_to_record(sb: Sandbox) -> dict[str, Any]:
             "deny_out": targets_to_entries(sb.policy.deny_out),
         },
     }
+    if sb.host_interface is not None:
+        record["host_interface"] = sb.host_interface
+    return record

@@ -26,6 +26,7 @@ from typing import Any
 
 from egressd.config import Config
 from egressd.dns import DnsCache, DnsService
+from egressd.hostside import HostResult, HostSide, HostTableError
 from egressd.logs import log
 from egressd.netns import NetnsError
 from egressd.nft import ApplyError, Backend, active_variant, fingerprint_of, set_elements
@@ -47,6 +48,8 @@ MAX_TOMBSTONES = 100_000
 DNS_SET_SUFFIXES = ("_dns4", "_dns6")
 RENDER_CACHE = 4096
 PENDING_RETRY_MAX = 1.0  # a namespace that does not exist yet is looked for at least every second
+COUNTERS = ("applied", "unchanged", "adopted", "repaired", "dns_updated", "failed")
+COUNTERS += ("host_applied", "host_repaired", "host_failed")
 
 
 def plan(
@@ -116,6 +119,7 @@ class Desired:
     problem: str | None = None  # why the latest record was rejected
     generation: int = 0
     record: dict[str, Any] | None = None  # its state-file form, made once (see export_state)
+    host_interface: str | None = None
 
 
 @dataclass
@@ -215,19 +219,22 @@ class Reconciler:
         self._flush = flush
         self.persisted_generation = 0  # desired state up to this generation is on disk (set by the persister)
         self.adopt_by_fingerprint = False  # the daemon sets it for its first pass (see _sync)
+        # Told where each sandbox's table now lives (path) or that it has none any more (None): the daemon
+        # points its change monitor at it (see monitor.py).
+        self.on_table: Callable[[str, str | None], None] | None = None
         self.dns = dns
-        self._rendered: OrderedDict[tuple[Policy, int], Ruleset] = OrderedDict()
+        self._rendered: OrderedDict[tuple[Policy, int, bool], Ruleset] = OrderedDict()
         self._notify_scheduled = False
         self._rng = rng or random.Random()
         self._attempts: dict[str, int] = {}
         self._applied_at: dict[str, str] = {}  # sandbox id -> netns path holding its table
+        self.host = HostSide(backend)  # the host-side table, for sandboxes that name host_interface
+        self._host_at: dict[str, str] = {}  # sandbox id -> interface its host-side group is reached from
         self._generation = 0
         self._changed = asyncio.Condition()
         self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="egressd-apply")
         self._workers: list[asyncio.Task[None]] = []
-        self.counters: Counter[str] = Counter(
-            dict.fromkeys(("applied", "unchanged", "adopted", "repaired", "dns_updated", "failed"), 0)
-        )
+        self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
 
     # --- desired state, from the feed -----------------------------------------------------------------
 
@@ -249,6 +256,12 @@ class Reconciler:
     def _netns_owner(self, netns: str, sid: str) -> str | None:
         for other in self.desired.values():
             if other.id != sid and other.netns == netns:
+                return other.id
+        return None
+
+    def _iface_owner(self, iface: str, sid: str) -> str | None:
+        for other in self.desired.values():
+            if other.id != sid and other.host_interface == iface:
                 return other.id
         return None
 
@@ -278,7 +291,23 @@ class Reconciler:
                     )
                 )
                 return False
-        self._set(Desired(sb.id, sb.netns, sb.revision, sb.policy, sb.status))
+        if sb.host_interface is not None:
+            owner = self._iface_owner(sb.host_interface, sb.id)
+            if owner is not None:
+                self.reject(
+                    PolicyError(
+                        [
+                            f"sandbox {sb.id!r}: host_interface {sb.host_interface} is already used by "
+                            f"sandbox {owner!r}"
+                        ],
+                        sb.id,
+                        None,
+                        sb.revision,
+                    )
+                )
+                return False
+        d = Desired(sb.id, sb.netns, sb.revision, sb.policy, sb.status, host_interface=sb.host_interface)
+        self._set(d)
         return True
 
     def reject(self, err: PolicyError) -> None:
@@ -293,7 +322,13 @@ class Reconciler:
             self._set(replace(cur, problem=kept, record=None))
         else:
             netns = err.netns if err.netns and self._netns_owner(err.netns, sid) is None else None
-            self._set(Desired(sid, netns, err.revision, DENY_ALL, problem=f"closed (deny-all): {problem}"))
+            iface = err.host_interface
+            if iface is not None and self._iface_owner(iface, sid) is not None:
+                iface = None
+            self._set(
+                Desired(sid, netns, err.revision, DENY_ALL, problem=f"closed (deny-all): {problem}",
+                        host_interface=iface)
+            )  # fmt: skip
 
     def delete(self, sid: str) -> None:
         cur = self.desired.pop(sid, None)
@@ -352,6 +387,7 @@ class Reconciler:
 
     def resync(self) -> None:
         """Check every sandbox against the kernel again (drift, late namespaces, earlier failures)."""
+        self.host.invalidate()  # the host-side table is read again too, once, by the first worker
         in_use = {st.fingerprint for st in self.status.values()}
         for fingerprint in [f for f in self.digests if f not in in_use]:
             del self.digests[fingerprint]  # policies no sandbox has any more: keep the map bounded
@@ -418,6 +454,14 @@ class Reconciler:
         old_path = self._applied_at.get(sid)
         if old_path is not None and old_path != d.netns:
             await self._release(sid, old_path)
+        if self._flush is not None and d.generation > self.persisted_generation:
+            await self._flush()  # desired state on disk before the kernel changes: a restart never goes back
+        # The host side first: it needs no namespace, so a sandbox is judged there even before its own
+        # namespace exists.
+        host_error, host_writes = await self._reconcile_host(sid, d)
+        if host_error is not None:
+            self._attempts_failed(sid, d, host_error, pending=False)
+            return
         if d.netns is None:
             self._record(
                 sid,
@@ -426,8 +470,6 @@ class Reconciler:
                 ),
             )
             return
-        if self._flush is not None and d.generation > self.persisted_generation:
-            await self._flush()  # desired state on disk before the kernel changes: a restart never goes back
         ruleset, elements, waiting = self._target(d)
         prev = self.status.get(sid)
         last_fp = prev.fingerprint if prev is not None and prev.netns == d.netns else None
@@ -443,6 +485,8 @@ class Reconciler:
         except ApplyError as e:
             self._attempts_failed(sid, d, str(e), pending=False)
             return
+        if self._applied_at.get(sid) != d.netns and self.on_table is not None:
+            self.on_table(sid, d.netns)
         self._applied_at[sid] = d.netns
         self._attempts.pop(sid, None)
         self.digests[result.fingerprint] = result.digest  # on the loop thread: workers only read the map
@@ -457,7 +501,7 @@ class Reconciler:
         self._record(
             sid,
             Status(state, d.revision, error, netns=d.netns, fingerprint=result.fingerprint,
-                   writes=result.writes, generation=d.generation),
+                   writes=result.writes + host_writes, generation=d.generation),
         )  # fmt: skip
         if result.outcome != "unchanged":
             log(
@@ -487,12 +531,52 @@ class Reconciler:
         self._record(sid, Status(state, d.revision, reason, netns=d.netns, generation=d.generation))
         self._retry(sid, min(PENDING_RETRY_MAX, self.config.retry_max) if pending else self.config.retry_max)
 
-    def _render(self, policy: Policy) -> Ruleset:
+    async def _reconcile_host(self, sid: str, d: Desired) -> tuple[str | None, int]:
+        """The host-side group of a sandbox that names host_interface: (why it failed, writes made)."""
+        loop = asyncio.get_running_loop()
+        iface = d.host_interface
+        if iface is None:
+            if sid in self._host_at:
+                try:
+                    await loop.run_in_executor(self._executor, self.host.remove, sid)
+                except HostTableError as e:
+                    return f"host-side table: {e}", 0
+                self._host_at.pop(sid, None)
+                log(logging.INFO, "host_removed", sandbox=sid, revision=d.revision)
+            return None, 0
+        cache = self.dns.cache if self.dns is not None else None
+        ruleset, elements, _ = plan(d.policy, self.config, cache, self._render_host)
+        t0 = time.monotonic()
+        try:
+            result: HostResult = await loop.run_in_executor(
+                self._executor, self.host.sync, sid, iface, ruleset, elements
+            )
+        except HostTableError as e:
+            self.counters["host_failed"] += 1
+            return f"host-side table: {e}", 0
+        self._host_at[sid] = iface
+        if result.outcome in ("applied", "repaired"):
+            self.counters[f"host_{result.outcome}"] += 1
+            log(
+                logging.WARNING if result.outcome == "repaired" else logging.INFO,
+                f"host_{result.outcome}",
+                sandbox=sid,
+                revision=d.revision,
+                host_interface=iface,
+                duration_ms=round((time.monotonic() - t0) * 1000, 2),
+                detail=result.detail,
+            )
+        return None, result.writes
+
+    def _render_host(self, policy: Policy) -> Ruleset:
+        return self._render(policy, host=True)
+
+    def _render(self, policy: Policy, host: bool = False) -> Ruleset:
         """Rendering is cached: a DNS refresh or a resync re-renders nothing."""
-        key = (policy, id(self.config))
+        key = (policy, id(self.config), host)
         ruleset = self._rendered.get(key)
         if ruleset is None:
-            ruleset = self._rendered[key] = render(policy, self.config)
+            ruleset = self._rendered[key] = render(policy, self.config, host)
             if len(self._rendered) > RENDER_CACHE:
                 self._rendered.popitem(last=False)
         return ruleset
@@ -543,6 +627,8 @@ class Reconciler:
     async def _release(self, sid: str, path: str) -> None:
         """The sandbox left path (deleted, or moved to another namespace): take our table out of it."""
         self._applied_at.pop(sid, None)
+        if self.on_table is not None:
+            self.on_table(sid, None)
         if any(d.netns == path for d in self.desired.values()):
             return  # another sandbox now owns that namespace; its worker rewrites the table
         loop = asyncio.get_running_loop()
@@ -568,9 +654,30 @@ class Reconciler:
         path = self._applied_at.get(sid)
         if path is not None:
             await self._release(sid, path)
+        if self._host_at.pop(sid, None) is not None:
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(self._executor, self.host.remove, sid)
+                log(logging.INFO, "host_removed", sandbox=sid)
+            except HostTableError as e:
+                log(logging.ERROR, "host_remove_failed", sandbox=sid, error=str(e))
         self._attempts.pop(sid, None)
         if self.status.pop(sid, None) is not None:
             self._notify()
+
+    async def prune_host(self) -> list[str]:
+        """Take out host-side groups of sandboxes that are gone (deleted while no agent ran). At start,
+        after the first pass: only then is every sandbox that still names an interface known."""
+        keep = [d.id for d in self.desired.values() if d.host_interface is not None]
+        loop = asyncio.get_running_loop()
+        try:
+            gone = await loop.run_in_executor(self._executor, self.host.prune, keep)
+        except HostTableError as e:
+            log(logging.ERROR, "host_prune_failed", error=str(e))
+            return []
+        if gone:
+            log(logging.INFO, "host_pruned", groups=len(gone))
+        return gone
 
     # --- waiting and reporting ------------------------------------------------------------------------
 
@@ -643,7 +750,8 @@ def export_state(r: Reconciler) -> tuple[dict[str, Any], int]:
     sandboxes = []
     for d in r.desired.values():
         if d.record is None:
-            sb = Sandbox(id=d.id, netns=d.netns, policy=d.policy, status=d.status, revision=d.revision)
+            sb = Sandbox(id=d.id, netns=d.netns, policy=d.policy, status=d.status, revision=d.revision,
+                         host_interface=d.host_interface)  # fmt: skip
             d.record = {"record": sandbox_to_record(sb), "problem": d.problem}
         sandboxes.append(d.record)
     doc = {
@@ -666,8 +774,9 @@ def restore_state(r: Reconciler, doc: dict[str, Any]) -> list[str]:
             continue
         problem = item.get("problem")
         d = Desired(
-            sb.id, sb.netns, sb.revision, sb.policy, sb.status, problem if isinstance(problem, str) else None
-        )
+            sb.id, sb.netns, sb.revision, sb.policy, sb.status, problem if isinstance(problem, str) else None,
+            host_interface=sb.host_interface,
+        )  # fmt: skip
         r._set(d)
     for entry in doc.get("tombstones", []):
         if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str):

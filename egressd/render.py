@@ -148,9 +148,11 @@ class _Builder:
         return names
 
 
-def _deny_chain(action: str) -> list[Json]:
-    rules = [_rule("deny", {"counter": "denied"})]
-    if action == "drop":
+def _deny_chain(action: str, host: bool = False) -> list[Json]:
+    # The host-side copy has no named counter (one per table) and always drops: what reaches it got past
+    # the sandbox's own table, so it is not a socket that a reset would help.
+    rules = [_rule("deny", {"counter": None} if host else {"counter": "denied"})]
+    if action == "drop" or host:
         rules.append(_rule("deny", {"drop": None}))
     else:
         rules.append(_rule("deny", _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}))
@@ -158,15 +160,31 @@ def _deny_chain(action: str) -> list[Json]:
     return rules
 
 
-def render(policy: Policy, config: Config) -> Ruleset:
-    """The whole `inet egressd` table for one sandbox. Order of `decide` is the documented semantics."""
+def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
+    """The whole `inet egressd` table for one sandbox. Order of `decide` is the documented semantics.
+
+    host=True: the same decision for the host-side table (see hostside.py), which sees the sandbox's
+    packets as they arrive from its link: no loopback there, and neighbour discovery only towards the link
+    itself (link-local or multicast destinations, or this host's own addresses), which closes the
+    neighbour-solicitation channel the sandbox's own table has to leave open.
+    """
     b = _Builder()
     # 1. loopback, replies on connections opened from outside, IPv6 neighbour discovery.
-    b.rules.append(_rule("decide", _match(_meta("oifname"), "lo"), ACCEPT))
+    if not host:
+        b.rules.append(_rule("decide", _match(_meta("oifname"), "lo"), ACCEPT))
     b.rules.append(_rule("decide", _match({"ct": {"key": "direction"}}, "reply"), ACCEPT))
     icmpv6_type = _payload("icmpv6", "type")
     hoplimit = _payload("ip6", "hoplimit")
-    b.rules.append(_rule("decide", _match(icmpv6_type, {"set": ND_TYPES}), _match(hoplimit, 255), ACCEPT))
+    nd = (_match(icmpv6_type, {"set": ND_TYPES}), _match(hoplimit, 255))
+    if host:
+        on_link = {
+            "set": [{"prefix": {"addr": "fe80::", "len": 10}}, {"prefix": {"addr": "ff02::", "len": 16}}]
+        }
+        b.rules.append(_rule("decide", *nd, _match(_payload("ip6", "daddr"), on_link), ACCEPT))
+        local = {"fib": {"result": "type", "flags": ["daddr"]}}
+        b.rules.append(_rule("decide", *nd, _match(local, "local"), ACCEPT))
+    else:
+        b.rules.append(_rule("decide", *nd, ACCEPT))
     link_multicast = _match(_payload("ip6", "daddr"), {"prefix": {"addr": "ff02::", "len": 16}})
     b.rules.append(
         _rule("decide", _match(icmpv6_type, {"set": MLD_TYPES}), _match(hoplimit, 1), link_multicast, ACCEPT)
@@ -193,20 +211,26 @@ def render(policy: Policy, config: Config) -> Ruleset:
         *b.sets,
         {"add": {"chain": {**_T, "name": "deny"}}},
         {"add": {"chain": {**_T, "name": "decide"}}},
-        *_deny_chain(config.deny_action),
+        *_deny_chain(config.deny_action, host),
         *b.rules,
     ]
-    hooks: list[Json] = [
-        _rule("output", {"jump": {"target": "decide"}}),
-        # Forwarded traffic (a microVM behind a tap) is judged unless it enters from the uplink: that is
-        # traffic towards the sandbox, not from it.
-        _rule("forward", uplink, ACCEPT),
-        _rule("forward", {"jump": {"target": "decide"}}),
-    ]
+    hooks: list[Json] = (
+        []
+        if host
+        else [
+            _rule("output", {"jump": {"target": "decide"}}),
+            # Forwarded traffic (a microVM behind a tap) is judged unless it enters from the uplink: that is
+            # traffic towards the sandbox, not from it.
+            _rule("forward", uplink, ACCEPT),
+            _rule("forward", {"jump": {"target": "decide"}}),
+        ]
+    )
     names = frozenset(
         [c["add"]["set"]["name"] for c in b.sets] + ["deny", "decide"]
     )  # the objects that exist twice during an update: name_a and name_b
-    canonical = json.dumps([variant, hooks, config.uplink], sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(
+        [variant, hooks, "host" if host else config.uplink], sort_keys=True, separators=(",", ":")
+    )
     fingerprint = f"{SCHEMA} sha256:{hashlib.sha256(canonical.encode()).hexdigest()}"
     return Ruleset(variant, hooks, fingerprint, tuple(dns_sets), names)
 

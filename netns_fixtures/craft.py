@@ -19,6 +19,9 @@ Spec keys (one dict per packet):
 - ``icmp_type``/``icmp_code`` (icmp: any ICMP or ICMPv6 type instead of an echo request)
 - ``ext`` (IPv6: extension headers in order, among ``hbh``, ``dst``, ``rh``)
 - ``fragment`` - fragment size in bytes: the packet leaves as fragments (IPv6: with a fragment header)
+- ``via`` - ``"packet"`` sends it the way scapy does by default, through an AF_PACKET socket (routed and
+  resolved by scapy, framed for ``eth0``): below IP, so no inet hook of this namespace sees it. That is the
+  raw-socket bypass the host-side table exists for.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def build(spec: dict[str, Any]) -> tuple[int, str, list[bytes]]:
 
     unknown = set(spec) - {
         "dst", "family", "proto", "proto_num", "src", "sport", "dport", "flags", "payload", "ttl",
-        "count", "spi", "icmp_type", "icmp_code", "ext", "fragment",
+        "count", "spi", "icmp_type", "icmp_code", "ext", "fragment", "via",
     }  # fmt: skip
     if unknown:
         raise ValueError(f"unknown spec keys {sorted(unknown)}")
@@ -143,9 +146,13 @@ def send_specs(specs: Sequence[dict[str, Any]]) -> tuple[int, int]:
     tests look for, not an error, so it is counted and sending goes on.
     """
     built = []
+    below_ip = []
     for spec in specs:
         family, dst, wires = build(spec)
-        built += [(family, dst, wire) for wire in wires] * int(spec.get("count", 1))
+        copies = [(family, dst, wire) for wire in wires] * int(spec.get("count", 1))
+        (below_ip if spec.get("via") == "packet" else built).extend(copies)
+    if below_ip:
+        _send_packet_socket(below_ip)
     socks: dict[tuple[int, bool], socket.socket] = {}
     refused = 0
     try:
@@ -168,7 +175,20 @@ def send_specs(specs: Sequence[dict[str, Any]]) -> tuple[int, int]:
     finally:
         for sock in socks.values():
             sock.close()
-    return len(built) - refused, refused
+    return len(built) + len(below_ip) - refused, refused
+
+
+def _send_packet_socket(packets: list[tuple[int, str, bytes]]) -> None:
+    """Through scapy's default layer-3 sender on Linux, which frames the packet itself and writes it to
+    an AF_PACKET socket on the route's interface."""
+    from scapy.config import conf
+    from scapy.layers.inet import IP
+    from scapy.layers.inet6 import IPv6
+    from scapy.sendrecv import send
+
+    conf.verb = 0
+    for family, _, wire in packets:
+        send(IP(wire) if family == socket.AF_INET else IPv6(wire), verbose=False)
 
 
 def main(argv: list[str] | None = None) -> int:

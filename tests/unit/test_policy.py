@@ -141,6 +141,11 @@ def test_default_list_limit_is_4096():
         ({"id": "a", "revision": "7"}, None),  # pydantic's lax int: "7" is 7; documented
         ({"id": "a", "netns": "/etc/passwd"}, "must be /run/netns/NAME or /proc/PID/ns/net"),
         ({"id": "a", "netns": "/run/netns/../../etc/x"}, "must be /run/netns/NAME"),
+        ({"id": "a", "host_interface": "veth*"}, "host_interface 'veth*' is not an interface name"),
+        ({"id": "a", "host_interface": "a-very-long-name0"}, "is not an interface name: use 1-15"),
+        ({"id": "a", "host_interface": ""}, "is not an interface name"),
+        ({"id": "a", "host_interface": 'x" accept'}, "is not an interface name"),
+        ({"id": "a", "host_interface": 7}, "host_interface"),
         ({"id": "a", "network_policy": {"allow_internet_access": "no"}}, "allow_internet_access"),
         ({"id": "a", "network_policy": {"allow_out": "8.8.8.8"}}, "allow_out"),
         ({"id": "a", "network_policy": []}, "network_policy"),
@@ -249,10 +254,21 @@ def test_record_round_trip():
             "netns": "/run/netns/a",
             "revision": 4,
             "status": "pending",
+            "host_interface": "veth-a.1",
             "network_policy": {
                 "allow_internet_access": False,
                 "allow_out": ["10.0.0.0/8", "2001:db8::1", "x.org"],
             },
         }
     )
+    assert sb.host_interface == "veth-a.1"
     assert parse_sandbox(sandbox_to_record(sb)) == sb
+
+
+def test_a_rejected_record_keeps_a_readable_host_interface():
+    with pytest.raises(PolicyError) as e:
+        parse_sandbox({"id": "x", "host_interface": "tap7", "network_policy": {"allow_out": [1]}})
+    assert e.value.host_interface == "tap7"
+    with pytest.raises(PolicyError) as e:
+        parse_sandbox({"id": "x", "host_interface": "tap*", "network_policy": {}})
+    assert e.value.host_interface is None

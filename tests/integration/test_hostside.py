@@ -1,0 +1,160 @@
+"""The host-side table: the same decision a second time, in the agent's own namespace, on what arrives from
+a sandbox's link. Packet sockets in the sandbox go below its own table's hooks; they do not get past this.
+
+The agent runs in the world's router namespace (the world's "host"); each sandbox's `host_interface` is the
+router end of its veth.
+"""
+
+import subprocess
+
+import pytest
+
+from netns_fixtures.probe import Sniffer, l3, ping, scapy_send, tcp_connect, udp_echo
+from tests.integration.conftest import nft_json
+from tests.integration.test_agent import eventually
+
+pytestmark = pytest.mark.root
+
+ALLOWED4, DENIED4 = "198.51.100.10", "203.0.113.9"
+ALLOWED6, DENIED6 = "2001:db8:1::10", "2001:db8:bad::9"
+CLOSED = {"allow_internet_access": False, "allow_out": [ALLOWED4, ALLOWED6]}
+
+
+@pytest.fixture
+def host_agent(world, agent):
+    def make(**kw):
+        return agent(netns=world.router, **kw)
+
+    return make
+
+
+def upsert(a, sid, sb, revision, netns=True, host=True, **policy):
+    record = {"id": sid, "revision": revision, "network_policy": policy}
+    if netns:
+        record["netns"] = sb.netns_path
+    if host:
+        record["host_interface"] = sb.host_if
+    a.send({"type": "upsert", "sandbox": record})
+
+
+def host_table(world):
+    return nft_json(world.router, "list", "table", "inet", "egressd_host")
+
+
+def dispatch(world):
+    for item in host_table(world):
+        if "map" in item and item["map"]["name"] == "dispatch":
+            return {k: v["jump"]["target"] for k, v in item["map"].get("elem", [])}
+    return {}
+
+
+def passes(ns, dst):
+    """Every protocol gets through: TCP connects, UDP echoes, ping answers."""
+    return (tcp_connect(ns, dst, 80), udp_echo(ns, dst, 7), ping(ns, dst)) == ("open", "reply", True)
+
+
+def stopped(ns, dst):
+    """Nothing gets through and nothing answers: the host side drops (a reset would need the sandbox's table)."""
+    return (
+        tcp_connect(ns, dst, 80, timeout=0.5) != "open"
+        and udp_echo(ns, dst, 7, timeout=0.5) != "reply"
+        and not ping(ns, dst, timeout=0.5)
+    )
+
+
+def test_the_host_side_alone_enforces_every_step_in_both_families(world, host_agent):
+    """A record with host_interface and no netns yet: only the host-side table judges it."""
+    sb = world.sandboxes[0]
+    a = host_agent().start()
+    upsert(a, "h0", sb, 1, netns=False, **CLOSED)
+    a.wait_log("host_applied", sandbox="h0", revision=1)
+    assert nft_json(sb.name, "list", "table", "inet", "egressd") == []  # nothing in the sandbox itself
+    assert passes(sb.name, ALLOWED4) and passes(sb.name, ALLOWED6)
+    assert stopped(sb.name, DENIED4) and stopped(sb.name, DENIED6)
+    assert a.status()["h0"]["state"] == "pending"  # its own table is not there yet: not "enforced"
+
+    upsert(a, "h0", sb, 2, netns=False, deny_out=[DENIED4, DENIED6, "198.51.100.0/24"], allow_out=[ALLOWED4])
+    a.wait_log("host_applied", sandbox="h0", revision=2)
+    assert passes(sb.name, ALLOWED4)  # allow_out before deny_out
+    assert stopped(sb.name, "198.51.100.20") and stopped(sb.name, DENIED6)
+    assert passes(sb.name, "2001:db8:1::20")  # the internet is open; only deny_out entries are not
+    assert stopped(sb.name, "169.254.169.254")  # guard.deny, whatever the policy
+
+
+PACKET_SOCKET_PROBES = [
+    {"dst": dst, "proto": proto, "dport": 7, "via": "packet"}
+    for dst in (DENIED4, DENIED6)
+    for proto in ("udp", "tcp", "icmp")
+]
+
+
+def test_packets_sent_below_the_sandbox_table_do_not_get_past_the_host_side(world, host_agent):
+    sb = world.sandboxes[1]
+    a = host_agent().start()
+    upsert(a, "h1", sb, 1, host=False, **CLOSED)
+    assert a.wait("h1", 1)
+    # The hole: root in the sandbox's namespace writes frames to a packet socket; its own table never sees them.
+    with Sniffer(world.inet) as control:
+        scapy_send(sb.name, PACKET_SOCKET_PROBES)
+    assert {DENIED4, DENIED6} <= {str(l3(p).dst) for p in control.ip_packets()}, "the bypass must be real"
+
+    upsert(a, "h1", sb, 2, **CLOSED)
+    assert a.wait("h1", 2)
+    a.wait_log("host_applied", sandbox="h1", revision=2)
+    allowed = [{**spec, "dst": ALLOWED4 if "." in spec["dst"] else ALLOWED6} for spec in PACKET_SOCKET_PROBES]
+    with Sniffer(world.inet) as sniffer:
+        scapy_send(sb.name, PACKET_SOCKET_PROBES + allowed)
+    arrived = {str(l3(p).dst) for p in sniffer.ip_packets()}
+    assert DENIED4 not in arrived and DENIED6 not in arrived
+    assert {ALLOWED4, ALLOWED6} <= arrived  # the same frames reach an allowed destination: they are real
+
+
+def test_neighbour_solicitations_for_remote_addresses_stop_at_the_host(world, host_agent):
+    """The residual channel of the sandbox's own table: ND with hop limit 255 is accepted whatever its
+    destination. The host side accepts it only towards the link (link-local, multicast, the host itself)."""
+    sb = world.sandboxes[0]
+    ns_remote = {"dst": DENIED6, "proto": "icmp", "icmp_type": 135, "ttl": 255, "count": 3}
+    a = host_agent().start()
+    upsert(a, "h2", sb, 1, host=False, allow_internet_access=False)
+    assert a.wait("h2", 1)
+    with Sniffer(world.inet, bpf="icmp6") as control:
+        scapy_send(sb.name, [ns_remote])
+    assert [str(l3(p).dst) for p in control.ip_packets()].count(DENIED6) >= 1, "the channel must be real"
+
+    upsert(a, "h2", sb, 2, allow_internet_access=False, allow_out=[ALLOWED6])
+    assert a.wait("h2", 2)
+    a.wait_log("host_applied", sandbox="h2", revision=2)
+    subprocess.run(["ip", "-n", sb.name, "-6", "neigh", "flush", "all"], check=True, timeout=5)
+    with Sniffer(world.inet, bpf="icmp6") as sniffer:
+        scapy_send(sb.name, [ns_remote])
+        assert passes(sb.name, ALLOWED6)  # neighbour discovery with the gateway still works
+    assert DENIED6 not in {str(l3(p).dst) for p in sniffer.ip_packets()}
+
+
+def test_restart_adopts_repair_and_removal(world, host_agent):
+    sb0, sb1 = world.sandboxes
+    a = host_agent(resync_interval=1.0).start()
+    upsert(a, "r0", sb0, 1, **CLOSED)
+    upsert(a, "r1", sb1, 1, allow_internet_access=False)
+    assert a.wait("r0", 1) and a.wait("r1", 1)
+    assert set(dispatch(world)) == {sb0.host_if, sb1.host_if}
+    target_r0 = dispatch(world)[sb0.host_if]
+
+    a.kill()
+    a.send({"type": "delete", "id": "r1"})  # deleted while no agent runs
+    a.start()
+    assert a.wait("r0", 1)
+    assert len(a.events("host_applied")) == 2  # both from the first run: the restart wrote nothing for r0
+    assert a.status()["r0"]["writes"] == 0
+    assert eventually(lambda: set(dispatch(world)) == {sb0.host_if}, timeout=5), "r1's group must go"
+    assert dispatch(world)[sb0.host_if] == target_r0
+
+    # An operator flushes the host's firewall: the next resync puts the host side back.
+    subprocess.run(["ip", "netns", "exec", world.router, "nft", "delete", "table", "inet", "egressd_host"],
+                   check=True, timeout=5)  # fmt: skip
+    a.wait_log("host_repaired", sandbox="r0", timeout=10)
+    assert sb0.host_if in dispatch(world)
+
+    a.send({"type": "delete", "id": "r0"})
+    assert eventually(lambda: dispatch(world) == {}, timeout=5)
+    assert not any("chain" in i and i["chain"]["name"].startswith("s") for i in host_table(world))
