@@ -7,15 +7,21 @@ tap), one shared table `inet egressd_host` in egressd's own namespace judges eve
 that interface, after conntrack (so replies on connections opened from outside still pass) and before
 destination NAT (so the address the sandbox asked for is the one judged).
 
-Shape: one prerouting chain, `iifname vmap @dispatch`, jumps to the sandbox's own chain: a hash lookup per
-packet, whatever the number of sandboxes. Each sandbox's objects are named `<key>_<tag>_<name>`: key from
-the sandbox id, tag from the policy's fingerprint plus one digit, so an update stages a new group beside
-the one in force and then swaps one map element, in two transactions (a set is never new in the
-transaction whose rules read it; see render.Ruleset).
+Shape: one prerouting chain, `iifname vmap @dispatch`, jumps to the sandbox's entry chain (named by its
+key, a hash of its id), whose one rule jumps to the group in force: `<key>_<tag><digit>_decide`, with the
+tag from the policy's fingerprint and its DNS addresses. A hash lookup per packet, whatever the number of
+sandboxes. An update stages a new group beside the one in force, then rewrites the entry chain's rule and
+deletes the old group: two transactions, so a set is never new in the transaction whose rules read it
+(see render.Ruleset).
+
+Cost, measured on libnftables 1.0.6: any `add element` or `delete element` command makes it load the whole
+ruleset with every set's elements first (about 100 ms per transaction with 200 sandboxes here), while
+elements given in a set or map declaration cost nothing extra. So elements always come inside
+declarations, a DNS change stages a new group instead of editing sets, each interface's dispatch element is
+written once, and elements of removed sandboxes are deleted later, many in one transaction (`collect`).
 
 The table is mirrored in memory and read whole (one call) only when the mirror is unknown: at start, after
-`invalidate` (each resync), or after a failed write. Reading single chains costs as much as the whole table
-in libnftables 1.0.6, so nothing here reads per sandbox except DNS sets, which are cheap.
+`invalidate` (each resync), or after a failed write.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ HOOK_CHAIN = "prerouting"
 # destination is judged, not one a port forward rewrote it to.
 PRIORITY = -150
 _T = {"family": FAMILY, "table": HOST_TABLE}
+_KEY = re.compile(r"^s[0-9a-f]{12}$")
 _GROUP = re.compile(r"^(s[0-9a-f]{12})_([0-9a-f]{10})([0-9])_(.+)$")
 
 
@@ -60,8 +67,10 @@ def sandbox_key(sid: str) -> str:
     return "s" + hashlib.sha256(sid.encode()).hexdigest()[:12]
 
 
-def policy_tag(fingerprint: str) -> str:
-    return hashlib.sha256(fingerprint.encode()).hexdigest()[:10]
+def policy_tag(fingerprint: str, elements: Mapping[str, Iterable[str]] | None = None) -> str:
+    """Which group a policy with these DNS addresses is: a change of either is a new group."""
+    canonical = json.dumps([fingerprint, {k: sorted(v) for k, v in sorted((elements or {}).items())}])
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
 
 
 def base_commands(with_rule: bool = True) -> list[Json]:
@@ -115,7 +124,8 @@ def _retarget(obj: Any, group: str, names: frozenset[str]) -> Any:
 
 
 def stage_commands(ruleset: Ruleset, group: str, elements: Mapping[str, Iterable[str]]) -> list[Json]:
-    """The group's sets (created, then filled), chains and rules. `create` fails on a name already there."""
+    """The group's sets, chains and rules. `create` fails on a name already there, so nothing left over or
+    planted can mix in; the elements follow in an `add` of the same declaration (see the module doc)."""
     sets: list[Json] = []
     fill: list[Json] = []
     rest: list[Json] = []
@@ -124,23 +134,15 @@ def stage_commands(ruleset: Ruleset, group: str, elements: Mapping[str, Iterable
         if "set" in obj:
             decl = {k: v for k, v in obj["set"].items() if k != "elem"}
             sets.append({"create": {"set": decl}})
-            if obj["set"].get("elem"):
-                fill.append({"add": {"element": {**_T, "name": decl["name"], "elem": obj["set"]["elem"]}}})
+            elem = list(obj["set"].get("elem", ()))
+            elem += sorted(elements.get(decl["name"][len(group) + 1 :], ()))
+            if elem:
+                fill.append({"add": {"set": {**decl, "elem": elem}}})
         elif "chain" in obj:
             rest.append({"create": obj})
         else:
             rest.append(cmd)
-    fill += element_commands("add", group, elements)
     return [*sets, *fill, *rest]
-
-
-def element_commands(op: str, group: str, elements: Mapping[str, Iterable[str]]) -> list[Json]:
-    out = []
-    for name, elems in sorted(elements.items()):
-        elem = sorted(elems)
-        if elem:
-            out.append({op: {"element": {**_T, "name": f"{group}_{name}", "elem": elem}}})
-    return out
 
 
 def retire_commands(group: Group) -> list[Json]:
@@ -153,8 +155,21 @@ def retire_commands(group: Group) -> list[Json]:
     return out
 
 
-def _dispatch_element(iface: str, target: str) -> Json:
-    return {"element": {**_T, "name": DISPATCH, "elem": [[iface, {"jump": {"target": target}}]]}}
+def _entry_commands(key: str, group: str) -> list[Json]:
+    return [
+        {"flush": {"chain": {**_T, "name": key}}},
+        {"add": {"rule": {**_T, "chain": key, "expr": [{"jump": {"target": f"{group}_decide"}}]}}},
+    ]
+
+
+def _wire(iface: str, key: str) -> Json:
+    """The dispatch element, inside a map declaration: no cache load (see the module doc)."""
+    elem = [[iface, {"jump": {"target": key}}]]
+    return {"add": {"map": {**_T, "name": DISPATCH, "type": "ifname", "map": "verdict", "elem": elem}}}
+
+
+def _unwire(ifaces: Iterable[str]) -> list[Json]:
+    return [{"delete": {"element": {**_T, "name": DISPATCH, "elem": sorted(ifaces)}}}] if ifaces else []
 
 
 @dataclass
@@ -177,7 +192,8 @@ class Mirror:
 
     base: bool = False  # table, map, hook chain and its rule
     hook_rule: bool = False  # the hook chain's one rule (adding it twice would double every lookup)
-    dispatch: dict[str, str] = field(default_factory=dict)  # interface -> decide chain it jumps to
+    dispatch: dict[str, str] = field(default_factory=dict)  # interface -> the entry chain it jumps to
+    entries: dict[str, str | None] = field(default_factory=dict)  # key -> group its entry jumps to
     groups: dict[str, dict[str, Group]] = field(default_factory=dict)  # key -> group name -> group
 
 
@@ -205,19 +221,24 @@ def _parse(listing: list[Json] | None) -> Mirror:
                 target = verdict.get("jump", {}).get("target") if isinstance(verdict, dict) else None
                 if isinstance(iface, str) and isinstance(target, str):
                     mirror.dispatch[iface] = target
+        elif "chain" in item and _KEY.match(item["chain"]["name"]):
+            mirror.entries.setdefault(item["chain"]["name"], None)
         elif "chain" in item and (g := group_of(item["chain"]["name"])):
             g.chains.add(item["chain"]["name"])
             members.setdefault(g.name, []).append(item)
         elif "set" in item and (g := group_of(item["set"]["name"])):
             g.sets.add(item["set"]["name"])
-            obj = item["set"]
-            if "_dns" in obj["name"]:
-                item = {"set": {k: v for k, v in obj.items() if k != "elem"}}
             members.setdefault(g.name, []).append(item)
         elif "rule" in item:
             chain = item["rule"].get("chain", "")
             if chain == HOOK_CHAIN:
                 hook_rule = True
+            elif _KEY.match(chain):
+                # An entry chain holds one jump; anything else in it and it is not ours to trust.
+                jumps = [e["jump"]["target"] for e in item["rule"].get("expr", ()) if "jump" in e]
+                ok = len(item["rule"].get("expr", ())) == 1 and jumps and jumps[0].endswith("_decide")
+                first = chain not in mirror.entries or mirror.entries[chain] is None
+                mirror.entries[chain] = jumps[0][: -len("_decide")] if ok and first else "?"
             elif g := group_of(chain):
                 members.setdefault(g.name, []).append(item)
     mirror.hook_rule = hook_rule
@@ -234,7 +255,7 @@ def _parse(listing: list[Json] | None) -> Mirror:
 
 @dataclass(frozen=True)
 class HostResult:
-    outcome: str  # "unchanged", "applied", "repaired", "dns_updated", "removed"
+    outcome: str  # "unchanged", "applied", "repaired"
     writes: int
     detail: str | None = None
 
@@ -282,104 +303,109 @@ class HostSide:
     def sync(
         self, sid: str, iface: str, ruleset: Ruleset, elements: Mapping[str, frozenset[str]]
     ) -> HostResult:
-        """Make iface jump to this policy's group, with these DNS elements, writing only what differs."""
+        """Make iface lead to this policy's group, with these DNS addresses, writing only what differs."""
         with self._lock:
             m = self._load()
-            key, tag = sandbox_key(sid), policy_tag(ruleset.fingerprint)
+            key, tag = sandbox_key(sid), policy_tag(ruleset.fingerprint, elements)
             groups = m.groups.get(key, {})
-            target = m.dispatch.get(iface)
-            current = next((g for g in groups.values() if g.decide == target), None)
-            stray = [i for i, t in m.dispatch.items() if i != iface and t.startswith(key + "_")]
+            entry = m.entries.get(key)
+            current = groups.get(entry) if entry else None
+            wired = m.dispatch.get(iface) == key
+            stray = [i for i, t in m.dispatch.items() if t == key and i != iface]
             same_policy = current is not None and current.name[:-1].endswith(tag)
             known = self._digests.get(tag)
             untouched = current is not None and (current.digest is None or known in (None, current.digest))
-            if same_policy and untouched and not stray and len(groups) == 1 and current is not None:
+            if same_policy and untouched and wired and not stray and len(groups) == 1:
                 self._ours.add(key)
-                return self._update_elements(current, ruleset, elements)
+                return HostResult("unchanged", 0)
             detail = None
-            if key in self._ours and current is None and not stray:
-                detail = "host-side table or its dispatch element was removed"
+            if key in self._ours and not stray and (current is None or not wired):
+                detail = "host-side table, entry chain or dispatch element was removed"
             elif key in self._ours and same_policy and not untouched:
                 detail = "host-side chain was altered"
             used = {g.name for g in groups.values()}
             name = next(f"{key}_{tag}{n}" for n in range(10) if f"{key}_{tag}{n}" not in used)
             new = Group(name, {f"{name}_decide", f"{name}_deny"},
                         {f"{name}_{n}" for n in ruleset.names if n not in ("decide", "deny")})  # fmt: skip
-            base = [] if m.base else base_commands(with_rule=not m.hook_rule)
-            self._run([*base, *stage_commands(ruleset, name, elements)], "host-side staged policy")
+            stage = [] if m.base else base_commands(with_rule=not m.hook_rule)
+            if key not in m.entries:
+                stage.append({"create": {"chain": {**_T, "name": key}}})
+            self._run([*stage, *stage_commands(ruleset, name, elements)], "host-side staged policy")
             m.base = m.hook_rule = True
-            switch = [
-                {"delete": _dispatch_element(i, m.dispatch[i])} for i in [*stray, iface] if i in m.dispatch
-            ]
-            switch.append({"add": _dispatch_element(iface, new.decide)})
+            m.entries.setdefault(key, None)
+            # Rare and costly (a whole-ruleset load): the interface led elsewhere, or this sandbox moved.
+            switch = _unwire([*stray, *([iface] if iface in m.dispatch and not wired else [])])
+            if not wired:
+                switch.append(_wire(iface, key))
+            switch += _entry_commands(key, name)
             for g in groups.values():
                 switch += retire_commands(g)
             self._run(switch, "host-side switch")
             for i in stray:
                 m.dispatch.pop(i, None)
-            m.dispatch[iface] = new.decide
+            m.dispatch[iface] = key
+            m.entries[key] = name
             m.groups[key] = {name: new}
             self._ours.add(key)
             return HostResult("repaired" if detail else "applied", 2, detail)
 
-    def _update_elements(
-        self, group: Group, ruleset: Ruleset, elements: Mapping[str, frozenset[str]]
-    ) -> HostResult:
-        add: dict[str, frozenset[str]] = {}
-        delete: dict[str, frozenset[str]] = {}
-        for name, want in elements.items():
-            listing = self._nft.host_list({"set": {**_T, "name": f"{group.name}_{name}"}}) or []
-            have = frozenset(
-                str(e) for item in listing for e in item.get("set", {}).get("elem", ()) if isinstance(e, str)
-            )
-            add[name], delete[name] = want - have, have - want
-        cmds = element_commands("delete", group.name, delete) + element_commands("add", group.name, add)
-        if not cmds:
-            return HostResult("unchanged", 0)
-        self._run(cmds, "host-side set update")
-        return HostResult("dns_updated", 1)
-
     def remove(self, sid: str) -> bool:
-        """Take a sandbox's groups and dispatch elements out; False when it had none."""
+        """Take a sandbox's groups out and empty its entry chain; False when it had none. Its dispatch
+        elements and entry chain stay, leading nowhere, until `collect` deletes them in bulk."""
         with self._lock:
             m = self._load()
             key = sandbox_key(sid)
             groups = m.groups.get(key, {})
-            ifaces = [i for i, t in m.dispatch.items() if t.startswith(key + "_")]
-            if not groups and not ifaces:
+            if not groups and m.entries.get(key) is None:
                 return False
-            cmds = [{"delete": _dispatch_element(i, m.dispatch[i])} for i in ifaces]
+            cmds: list[Json] = [{"flush": {"chain": {**_T, "name": key}}}] if key in m.entries else []
             for g in groups.values():
                 cmds += retire_commands(g)
             self._run(cmds, "host-side removal")
-            for i in ifaces:
-                m.dispatch.pop(i, None)
             m.groups.pop(key, None)
+            if key in m.entries:
+                m.entries[key] = None
             self._ours.discard(key)
             return True
 
+    def collect(self) -> int:
+        """Delete, in one transaction, the dispatch elements and entry chains that lead nowhere; returns how
+        many entry chains went."""
+        with self._lock:
+            m = self._load()
+            idle = [k for k, g in m.entries.items() if g is None and not m.groups.get(k)]
+            if not idle:
+                return 0
+            gone = set(idle)
+            ifaces = [i for i, t in m.dispatch.items() if t in gone]
+            cmds = _unwire(ifaces) + [{"delete": {"chain": {**_T, "name": k}}} for k in idle]
+            self._run(cmds, "host-side cleanup")
+            for i in ifaces:
+                del m.dispatch[i]
+            for k in idle:
+                del m.entries[k]
+            return len(idle)
+
     def prune(self, keep: Iterable[str]) -> list[str]:
-        """Remove the groups of sandboxes not in keep (deleted while no agent ran); returns their keys."""
-        keys = {sandbox_key(s) for s in keep}
+        """Remove what belongs to sandboxes not in keep (deleted while no agent ran); returns their keys."""
+        keys = {sandbox_key(sid) for sid in keep}
         with self._lock:
             self._mirror = None
             m = self._load()
-            gone = [k for k in m.groups if k not in keys]
-            gone += [t.split("_", 1)[0] for t in m.dispatch.values() if t.split("_", 1)[0] not in keys]
-            gone = sorted(set(gone))
+            gone = sorted((set(m.groups) | set(m.entries) | set(m.dispatch.values())) - keys)
             if not gone:
                 return []
-            cmds: list[Json] = []
-            for i, t in list(m.dispatch.items()):
-                if t.split("_", 1)[0] in gone:
-                    cmds.append({"delete": _dispatch_element(i, t)})
+            ifaces = [i for i, t in m.dispatch.items() if t in gone]
+            cmds = _unwire(ifaces)
+            cmds += [{"flush": {"chain": {**_T, "name": k}}} for k in gone if k in m.entries]
             for k in gone:
                 for g in m.groups.get(k, {}).values():
                     cmds += retire_commands(g)
+            cmds += [{"delete": {"chain": {**_T, "name": k}}} for k in gone if k in m.entries]
             self._run(cmds, "host-side prune")
-            for i, t in list(m.dispatch.items()):
-                if t.split("_", 1)[0] in gone:
-                    del m.dispatch[i]
+            for i in ifaces:
+                del m.dispatch[i]
             for k in gone:
                 m.groups.pop(k, None)
+                m.entries.pop(k, None)
             return gone

@@ -434,6 +434,9 @@ def _fake_host_command(holder: dict[str, Any], cmd: Json, what: str) -> None:
             if obj["name"] in store[kind]:
                 if op == "create":
                     fail(f"File exists: {obj['name']}")
+                if obj.get("elem"):  # a declaration's elements are added to the existing set or map
+                    elem_op = {"add": {"element": {"name": obj["name"], "elem": obj["elem"]}}}
+                    _fake_host_command(holder, elem_op, what)
                 return
             store[kind][obj["name"]] = {**copy.deepcopy(obj), "elem": list(obj.get("elem", []))}
         elif op == "delete" and store[kind].pop(obj["name"], None) is None:

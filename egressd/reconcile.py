@@ -388,6 +388,8 @@ class Reconciler:
     def resync(self) -> None:
         """Check every sandbox against the kernel again (drift, late namespaces, earlier failures)."""
         self.host.invalidate()  # the host-side table is read again too, once, by the first worker
+        if self._workers:
+            asyncio.get_running_loop().create_task(self._collect_host())
         in_use = {st.fingerprint for st in self.status.values()}
         for fingerprint in [f for f in self.digests if f not in in_use]:
             del self.digests[fingerprint]  # policies no sandbox has any more: keep the map bounded
@@ -665,6 +667,17 @@ class Reconciler:
         if self.status.pop(sid, None) is not None:
             self._notify()
 
+    async def _collect_host(self) -> None:
+        """Dispatch elements of removed sandboxes, deleted in bulk: one costly transaction for all."""
+        loop = asyncio.get_running_loop()
+        try:
+            collected = await loop.run_in_executor(self._executor, self.host.collect)
+        except HostTableError as e:
+            log(logging.ERROR, "host_collect_failed", error=str(e))
+            return
+        if collected:
+            log(logging.INFO, "host_collected", entries=collected)
+
     async def prune_host(self) -> list[str]:
         """Take out host-side groups of sandboxes that are gone (deleted while no agent ran). At start,
         after the first pass: only then is every sandbox that still names an interface known."""
@@ -725,6 +738,7 @@ class Reconciler:
             else:
                 row = st.as_dict(sid)
             row["desired_revision"] = d.revision if d else None
+            row["host_interface"] = d.host_interface if d else None
             if d is not None and self.dns is not None:
                 row["hostnames"] = [
                     {"list": lst, **self.dns.cache.view(h)}

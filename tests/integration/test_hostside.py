@@ -5,7 +5,9 @@ The agent runs in the world's router namespace (the world's "host"); each sandbo
 router end of its veth.
 """
 
+import json
 import subprocess
+import sys
 
 import pytest
 
@@ -156,5 +158,29 @@ def test_restart_adopts_repair_and_removal(world, host_agent):
     assert sb0.host_if in dispatch(world)
 
     a.send({"type": "delete", "id": "r0"})
+    a.wait_log("host_removed", sandbox="r0")
+    assert passes(sb0.name, DENIED4)  # no sandbox, no policy: the host side lets it be
+    # Its dispatch element goes with the next resync's bulk cleanup, and nothing else is left.
     assert eventually(lambda: dispatch(world) == {}, timeout=5)
     assert not any("chain" in i and i["chain"]["name"].startswith("s") for i in host_table(world))
+    assert not any("set" in i for i in host_table(world))
+
+
+def test_the_apply_command_writes_the_host_side_too(world, tmp_path):
+    """`egressd apply` without an agent: a record with only host_interface is enforced on the host."""
+    sb = world.sandboxes[1]
+    record = {"id": "cli", "host_interface": sb.host_if, "network_policy": CLOSED}
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps(record))
+    argv = ["ip", "netns", "exec", world.router, sys.executable, "-m", "egressd", "apply", str(path)]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert f"cli: host side applied on {sb.host_if}" in out.stdout
+        assert passes(sb.name, ALLOWED4) and stopped(sb.name, DENIED4) and stopped(sb.name, DENIED6)
+        again = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert f"cli: host side unchanged on {sb.host_if}" in again.stdout
+    finally:
+        subprocess.run(["ip", "netns", "exec", world.router, "nft", "delete", "table", "inet", "egressd_host"],
+                       timeout=5, capture_output=True)  # fmt: skip
+    assert passes(sb.name, DENIED4)

@@ -23,6 +23,12 @@ def dispatch(fb):
     return {e[0]: e[1]["jump"]["target"] for e in fb.host["maps"]["dispatch"]["elem"]} if fb.host else {}
 
 
+def group_of(fb, iface):
+    """The group an interface leads to: dispatch -> entry chain -> its one jump."""
+    entry = fb.host["chains"][dispatch(fb)[iface]]["rules"]
+    return entry[0]["expr"][0]["jump"]["target"].removesuffix("_decide") if entry else None
+
+
 def chains_of(fb, sid):
     return sorted(n for n in (fb.host or {}).get("chains", {}) if n.startswith(sandbox_key(sid)))
 
@@ -42,7 +48,8 @@ def test_sync_writes_once_then_costs_nothing_and_a_new_process_adopts():
     h = HostSide(fb)
     rs = host_ruleset(allow_internet_access=False, allow_out=["192.0.2.0/24"])
     assert h.sync("sb1", "veth1", rs, {}).outcome == "applied"
-    assert dispatch(fb) == {"veth1": f"{sandbox_key('sb1')}_{policy_tag(rs.fingerprint)}0_decide"}
+    assert dispatch(fb) == {"veth1": sandbox_key("sb1")}
+    assert group_of(fb, "veth1") == f"{sandbox_key('sb1')}_{policy_tag(rs.fingerprint, {})}0"
     writes = len(fb.writes)
     assert h.sync("sb1", "veth1", rs, {}).outcome == "unchanged"
     h.invalidate()
@@ -59,13 +66,17 @@ def test_an_update_stages_a_new_group_then_switches_and_retires_the_old():
     new_rs = host_ruleset(allow_out=["api.example.com"])
     assert h.sync("sb1", "veth1", new_rs, DNS).outcome == "applied"
     assert fb.writes[-2:] == [("host", "host-side staged policy"), ("host", "host-side switch")]
-    assert set(chains_of(fb, "sb1")).isdisjoint(old) and len(chains_of(fb, "sb1")) == 2
-    group = dispatch(fb)["veth1"].removesuffix("_decide")
+    assert set(chains_of(fb, "sb1")) & set(old) == {sandbox_key("sb1")}  # only the entry chain stays
+    assert len(chains_of(fb, "sb1")) == 3
+    group = group_of(fb, "veth1")
     assert fb.host["sets"][f"{group}_allow_dns4"]["elem"] == ["198.51.100.7"]
+    # New DNS answers are a new group: sets are never edited element by element (see hostside's doc).
     moved = {"allow_dns4": frozenset({"198.51.100.8"}), "allow_dns6": frozenset({"2001:db8::8"})}
-    assert h.sync("sb1", "veth1", new_rs, moved).outcome == "dns_updated"
+    assert h.sync("sb1", "veth1", new_rs, moved).outcome == "applied"
+    group = group_of(fb, "veth1")
     assert fb.host["sets"][f"{group}_allow_dns4"]["elem"] == ["198.51.100.8"]
     assert fb.host["sets"][f"{group}_allow_dns6"]["elem"] == ["2001:db8::8"]
+    assert h.sync("sb1", "veth1", new_rs, moved).outcome == "unchanged"
 
 
 def test_sandboxes_share_the_table_and_never_touch_each_other():
@@ -77,8 +88,11 @@ def test_sandboxes_share_the_table_and_never_touch_each_other():
     h.sync("a", "veth-a", host_ruleset(deny_out=["203.0.113.0/24"]), {})
     assert chains_of(fb, "b") == before_b and set(dispatch(fb)) == {"veth-a", "veth-b"}
     assert h.remove("a") and not h.remove("a")
+    assert group_of(fb, "veth-a") is None  # leads nowhere until the bulk cleanup
+    assert chains_of(fb, "a") == [sandbox_key("a")]
+    assert h.collect() == 1 and h.collect() == 0
     assert set(dispatch(fb)) == {"veth-b"} and chains_of(fb, "a") == []
-    assert [r for r in fb.host["chains"]["prerouting"]["rules"]]  # the hook stays for the others
+    assert fb.host["chains"]["prerouting"]["rules"]  # the hook stays for the others
 
 
 def test_moving_to_another_interface_leaves_nothing_on_the_old_one():
@@ -88,7 +102,7 @@ def test_moving_to_another_interface_leaves_nothing_on_the_old_one():
     h.sync("a", "veth1", rs, {})
     result = h.sync("a", "veth2", rs, {})
     assert result.outcome == "applied" and result.detail is None
-    assert set(dispatch(fb)) == {"veth2"} and len(chains_of(fb, "a")) == 2
+    assert set(dispatch(fb)) == {"veth2"} and len(chains_of(fb, "a")) == 3
 
 
 def test_a_deleted_table_or_element_is_repaired_and_an_altered_group_replaced():
@@ -105,7 +119,7 @@ def test_a_deleted_table_or_element_is_repaired_and_an_altered_group_replaced():
     assert h.sync("b", "veth-b", rs, {}).outcome == "repaired"
     assert h.sync("c", "veth-c", rs, {}).outcome == "repaired"
     # Someone edits a's chain in place: it no longer looks like the other groups of its policy.
-    group = dispatch(fb)["veth-a"].removesuffix("_decide")
+    group = group_of(fb, "veth-a")
     fb.host["chains"][f"{group}_decide"]["rules"].insert(
         0, {"family": "inet", "table": HOST_TABLE, "chain": f"{group}_decide", "expr": [{"accept": None}]}
     )
@@ -113,7 +127,7 @@ def test_a_deleted_table_or_element_is_repaired_and_an_altered_group_replaced():
     result = h.sync("a", "veth-a", rs, {})
     assert result.outcome == "repaired" and result.detail == "host-side chain was altered"
     assert h.sync("b", "veth-b", rs, {}).outcome == "unchanged"
-    assert dispatch(fb)["veth-a"] != f"{group}_decide"  # a fresh group, then the altered one retired
+    assert group_of(fb, "veth-a") != group  # a fresh group, then the altered one retired
     assert f"{group}_decide" not in fb.host["chains"]
 
 
@@ -134,7 +148,7 @@ def test_a_failed_switch_leaves_the_old_policy_and_the_next_try_succeeds():
     fb = FakeBackend()
     h = HostSide(fb)
     h.sync("a", "veth1", host_ruleset(allow_internet_access=False), {})
-    before = dispatch(fb)
+    before = group_of(fb, "veth1")
     calls = []
 
     def fail(netns, op):
@@ -144,10 +158,10 @@ def test_a_failed_switch_leaves_the_old_policy_and_the_next_try_succeeds():
     fb.fail = fail
     with pytest.raises(HostTableError):
         h.sync("a", "veth1", host_ruleset(), {})
-    assert dispatch(fb) == before  # still the old policy, never none
+    assert group_of(fb, "veth1") == before  # still the old policy, never none
     fb.fail = None
     assert h.sync("a", "veth1", host_ruleset(), {}).outcome == "applied"
-    assert len(chains_of(fb, "a")) == 2  # the staged leftover was retired too
+    assert len(chains_of(fb, "a")) == 3  # the staged leftover was retired too
 
 
 def test_prune_removes_groups_of_sandboxes_no_one_lists():
@@ -187,12 +201,16 @@ def test_the_reconciler_applies_both_and_removes_both():
         assert "veth-a" in dispatch(fb) and "/run/netns/a" in fb.tables
         r.upsert(record("a", None, allow_internet_access=False))  # host_interface dropped from the record
         await settle(r)
-        assert dispatch(fb) == {} and "/run/netns/a" in fb.tables
+        assert group_of(fb, "veth-a") is None and "/run/netns/a" in fb.tables
         r.upsert(record("a", "veth-a", deny_out=["203.0.113.0/24"]))
         await settle(r)
         r.delete("a")
         await settle(r)
-        assert dispatch(fb) == {} and chains_of(fb, "a") == [] and "/run/netns/a" not in fb.tables
+        assert group_of(fb, "veth-a") is None and "/run/netns/a" not in fb.tables
+        r.resync()  # the bulk cleanup of what leads nowhere runs with every resync
+        await settle(r)
+        await asyncio.sleep(0.05)
+        assert dispatch(fb) == {} and chains_of(fb, "a") == []
 
     run(scenario)
 
@@ -202,7 +220,7 @@ def test_an_interface_belongs_to_one_sandbox_only():
         r.upsert(record("a", "veth1"))
         assert not r.upsert(record("b", "veth1"))
         await settle(r)
-        assert dispatch(fb)["veth1"].startswith(sandbox_key("a"))
+        assert dispatch(fb)["veth1"] == sandbox_key("a")
         assert "already used by sandbox 'a'" in r.status["b"].error
         assert r.desired["b"].policy == DENY_ALL and r.desired["b"].host_interface is None
 
@@ -213,7 +231,7 @@ def test_an_invalid_first_record_closes_the_host_side_too():
     async def scenario(r, fb):
         r.reject(PolicyError(["bad entry"], "a", "/run/netns/a", 1, "veth-a"))
         await settle(r)
-        group = dispatch(fb)["veth-a"].removesuffix("_decide")
+        group = group_of(fb, "veth-a")
         rules = fb.host["chains"][f"{group}_decide"]["rules"]
         assert rules[-1]["expr"] == [{"jump": {"target": f"{group}_deny"}}]  # the internet: denied
 
