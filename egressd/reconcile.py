@@ -228,6 +228,7 @@ class Reconciler:
         self._rng = rng or random.Random()
         self._attempts: dict[str, int] = {}
         self._applied_at: dict[str, str] = {}  # sandbox id -> netns path holding its table
+        self._written: dict[str, tuple[str, str]] = {}  # sandbox id -> (netns, fingerprint) last written
         self.host = HostSide(backend)  # the host-side table, for sandboxes that name host_interface
         self._host_at: dict[str, str] = {}  # sandbox id -> interface its host-side group is reached from
         self._generation = 0
@@ -473,8 +474,8 @@ class Reconciler:
             )
             return
         ruleset, elements, waiting = self._target(d)
-        prev = self.status.get(sid)
-        last_fp = prev.fingerprint if prev is not None and prev.netns == d.netns else None
+        last = self._written.get(sid)
+        last_fp = last[1] if last is not None and last[0] == d.netns else None
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         try:
@@ -490,6 +491,9 @@ class Reconciler:
         if self._applied_at.get(sid) != d.netns and self.on_table is not None:
             self.on_table(sid, d.netns)
         self._applied_at[sid] = d.netns
+        # What the kernel holds now, even if a newer revision overtook this one (then no status is recorded
+        # below): the next pass must not take our own write for someone else's.
+        self._written[sid] = (d.netns, result.fingerprint)
         self._attempts.pop(sid, None)
         self.digests[result.fingerprint] = result.digest  # on the loop thread: workers only read the map
         self.counters[result.outcome] += 1
@@ -653,6 +657,7 @@ class Reconciler:
         )
 
     async def _forget(self, sid: str) -> None:
+        self._written.pop(sid, None)
         path = self._applied_at.get(sid)
         if path is not None:
             await self._release(sid, path)

@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+import threading
 
 from egressd.config import config_from_dict
 from egressd.nft import ApplyError, FakeBackend
@@ -384,3 +385,30 @@ def test_ten_thousand_sandboxes_on_one_agent():
 
     asyncio.run(main())
     assert backend.writes.count(("apply", "/run/netns/m0")) == 1
+
+
+def test_a_write_overtaken_by_a_newer_revision_is_not_taken_for_drift():
+    """Revision 3 arrives while revision 2 is being written: writing 3 over 2 is no repair (found by the
+    crash test, which saw `repaired` warnings with nobody but the agent touching the tables)."""
+    entered, release = threading.Event(), threading.Event()
+
+    def pause(netns, op):
+        if op == "apply" and not release.is_set():
+            entered.set()
+            release.wait(5)
+        return None
+
+    async def scenario(r, fb):
+        r.upsert(sandbox(rev=1, allow_internet_access=False))
+        await settle(r)
+        fb.fail = pause
+        r.upsert(sandbox(rev=2, deny_out=["192.0.2.1"]))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        r.upsert(sandbox(rev=3, deny_out=["192.0.2.3"]))
+        release.set()
+        assert await r.wait_enforced("a", 3, 5)
+        assert r.counters["repaired"] == 0 and r.counters["applied"] == 3
+        assert fb.fingerprint("/run/netns/a") == fp(deny_out=["192.0.2.3"])
+
+    run(scenario)
