@@ -17,7 +17,7 @@ from egressd import __version__
 from egressd.config import Config, ConfigError, load_config
 from egressd.control import ControlError, request
 from egressd.dns import DnsCache, Resolver
-from egressd.hostside import HostSide, HostTableError
+from egressd.hostside import HostBackend
 from egressd.netns import NetnsError
 from egressd.nft import ApplyError, LibnftBackend, replace_table
 from egressd.policy import PolicyError, Sandbox, Snapshot, Upsert, parse_line, parse_sandbox
@@ -147,19 +147,22 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
         return 1
     cache = _resolve_once(config, sandboxes)
     backend = LibnftBackend()
-    host = HostSide(backend)
+    host = HostBackend(backend, config)
     failed = 0
     for sb in sandboxes:
         if sb.host_interface is not None:
             # The host side first, as the agent does: it is in force even if the namespace is not there.
             h_ruleset, h_elements, _ = plan(sb.policy, config, cache, lambda p: render(p, config, host=True))
             try:
-                result = host.sync(sb.id, sb.host_interface, h_ruleset, h_elements)
-            except HostTableError as e:
+                unchanged = host.fingerprint(sb.host_interface) == h_ruleset.fingerprint
+                if not unchanged or h_ruleset.dns_sets or args.force:
+                    host.apply(sb.host_interface, h_ruleset, h_elements)
+            except ApplyError as e:
                 print(f"{sb.id}: {e}", file=sys.stderr)
                 failed += 1
                 continue
-            print(f"{sb.id}: host side {result.outcome} on {sb.host_interface}")
+            outcome = "unchanged" if unchanged and not h_ruleset.dns_sets and not args.force else "applied"
+            print(f"{sb.id}: host side {outcome} on {sb.host_interface}")
             if sb.netns is None:
                 continue
         if sb.netns is None:

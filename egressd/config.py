@@ -59,6 +59,16 @@ class _Guard(_Strict):
 class _Enforce(_Strict):
     deny_action: Literal["reject", "drop"] = "reject"
     uplink: str = Field(default="eth0", min_length=1, max_length=15, pattern=r"^[A-Za-z0-9._@-]+$")
+    # The packet mark bit the host-side tables set on what they deny (see hostside.py). One bit that
+    # nothing else on the host uses.
+    host_mark: int = Field(default=0x00100000, ge=1, le=0x80000000, strict=True)
+
+    @field_validator("host_mark")
+    @classmethod
+    def _one_bit(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a single bit, such as 0x00100000, not {v:#x}")
+        return v
 
 
 class _Limits(_Strict):
@@ -103,6 +113,9 @@ class _Reconcile(_Strict):
     workers: int = Field(default=4, ge=1, le=64)
     retry_initial: float = Field(default=0.2, gt=0, le=60)
     retry_max: float = Field(default=30.0, gt=0, le=3600)
+    # Repair a table changed inside a sandbox as soon as nftables reports the change (see monitor.py),
+    # not only at the next resync. Strict: a quoted "false" is an error, not a truthy string.
+    watch_changes: bool = Field(default=True, strict=True)
 
 
 class _Control(_Strict):
@@ -151,6 +164,7 @@ class Config:
     )
     deny_action: str = "reject"
     uplink: str = "eth0"
+    host_mark: int = 0x00100000
     max_entries: int = DEFAULT_MAX_ENTRIES
     feed_source: str = "unix:/run/egressd/feed.sock"
     max_line_bytes: int = 1024 * 1024
@@ -165,6 +179,7 @@ class Config:
     workers: int = 4
     retry_initial: float = 0.2
     retry_max: float = 30.0
+    watch_changes: bool = True
     control_socket: str = "/run/egressd/control.sock"
     log_format: str = "json"
     log_level: str = "info"
@@ -180,6 +195,7 @@ def _to_config(m: _ConfigModel) -> Config:
             deny=_nets_of(m.guard.deny), allow=_nets_of(m.guard.allow), private=_nets_of(m.guard.private)
         ),
         deny_action=m.enforce.deny_action,
+        host_mark=m.enforce.host_mark,
         uplink=m.enforce.uplink,
         max_entries=m.limits.max_entries,
         feed_source=m.feed.source,
@@ -195,6 +211,7 @@ def _to_config(m: _ConfigModel) -> Config:
         workers=m.reconcile.workers,
         retry_initial=m.reconcile.retry_initial,
         retry_max=m.reconcile.retry_max,
+        watch_changes=m.reconcile.watch_changes,
         control_socket=m.control.socket,
         log_format=m.log.format,
         log_level=m.log.level,

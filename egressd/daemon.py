@@ -22,13 +22,16 @@ from egressd.config import Config, ConfigError, load_config
 from egressd.control import ControlError, ControlServer
 from egressd.dns import DnsCache, DnsService, Resolver
 from egressd.feed import FeedError, Line, Source, parse_source
+from egressd.hostside import HostBackend
 from egressd.logs import log, setup_logging
+from egressd.monitor import ChangeMonitor, raise_fd_limit
 from egressd.nft import Backend, LibnftBackend
 from egressd.policy import PolicyError, parse_line
 from egressd.reconcile import Reconciler, export_state, restore_state
 from egressd.state import StateError, StateFile
 
 READY_TIMEOUT = 120.0
+NAMESPACE_CHECK_INTERVAL = 1.0
 
 
 def sd_notify(message: str) -> bool:
@@ -113,9 +116,16 @@ class Agent:
         cache = DnsCache(config.dns_min_ttl, config.dns_max_ttl, config.dns_retention)
         resolver = Resolver(config.dns_nameservers, config.dns_timeout)
         self.dns = DnsService(cache, resolver, on_change=lambda names: self.reconciler.names_changed(names))
+        host = HostBackend(backend, config) if isinstance(backend, LibnftBackend) else None
         self.reconciler = Reconciler(
-            backend, config, persist=self.persister.mark, flush=self.persister.flush, dns=self.dns
+            backend,
+            config,
+            persist=self.persister.mark,
+            flush=self.persister.flush,
+            dns=self.dns,
+            host_backend=host,
         )
+        self.monitor = self._make_monitor(config)
         self.source: Source = parse_source(config.feed_source, max_line=config.max_line_bytes)
         self.control = ControlServer(config.control_socket, self.handle_request)
         self.started = time.time()
@@ -125,6 +135,29 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self.state_problem: str | None = None
         self.exit_code = 0
+
+    def _make_monitor(self, config: Config) -> ChangeMonitor | None:
+        """Tables changed inside a sandbox are repaired when nftables reports it, not at the next resync."""
+        if not config.watch_changes:
+            return None
+        soft, hard = raise_fd_limit()  # one descriptor per watched sandbox, above the ones libnftables needs
+        monitor = ChangeMonitor(lambda sid: self.reconciler.queue.add(sid, urgent=True))
+        self.reconciler.on_table = monitor.watch
+        detail = None
+        if monitor.capacity == 0:
+            detail = "RLIMIT_NOFILE too low: repair waits for the resync"
+        elif not monitor.own_filter:
+            detail = "not in the initial pid namespace: each of our own writes costs one extra table read"
+        log(
+            logging.INFO if detail is None else logging.WARNING,
+            "monitor_started",
+            capacity=monitor.capacity,
+            fd_limit=soft,
+            fd_hard_limit=hard,
+            own_filter=monitor.own_filter,
+            detail=detail,
+        )
+        return monitor
 
     def _persisted(self, generation: int) -> None:
         self.reconciler.persisted_generation = max(self.reconciler.persisted_generation, generation)
@@ -185,6 +218,7 @@ class Agent:
             "dns": self.dns_info(),
             "counts": self.reconciler.state_counts(),
             "reconciles": dict(self.reconciler.counters),
+            "monitor": self.monitor.info() if self.monitor is not None else None,
         }
 
     def dns_info(self) -> dict[str, Any]:
@@ -217,7 +251,7 @@ class Agent:
         except ConfigError as e:
             log(logging.ERROR, "reload_failed", error=str(e), detail="keeping the running configuration")
             return
-        fixed = {"feed_source", "state_dir", "control_socket", "workers"}
+        fixed = {"feed_source", "state_dir", "control_socket", "workers", "watch_changes"}
         changed = sorted(k for k in fixed if getattr(config, k) != getattr(self.config, k))
         if changed:
             log(logging.WARNING, "reload_needs_restart", keys=changed)
@@ -262,7 +296,17 @@ class Agent:
         while True:
             interval = self.reconciler.config.resync_interval
             await asyncio.sleep(interval * rng.uniform(0.9, 1.1))
+            if self.monitor is not None:
+                self.monitor.refresh()  # reopen what failed, follow namespaces replaced under their path
             self.reconciler.resync()
+
+    async def _namespace_loop(self) -> None:
+        """Every second: a sandbox whose namespace path now names another namespace (or none) is applied
+        again at once, not at the next resync. One stat per sandbox."""
+        while True:
+            await asyncio.sleep(NAMESPACE_CHECK_INTERVAL)
+            for sid in self.reconciler.check_namespaces():
+                log(logging.WARNING, "namespace_replaced", sandbox=sid)
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -292,6 +336,8 @@ class Agent:
             await self.persister.flush()
             await self.control.close()
             await self.reconciler.stop()
+            if self.monitor is not None:
+                self.monitor.close()
         log(logging.INFO, "stopped")
         return self.exit_code
 
@@ -304,6 +350,8 @@ class Agent:
         self._tasks.append(feed)
         await self._catch_up(feed)
         self.reconciler.adopt_by_fingerprint = True
+        if self.monitor is not None:
+            self.monitor.check_on_watch = False  # the verification pass below reads every table anyway
         self.reconciler.start()
         log(
             logging.INFO,
@@ -318,7 +366,10 @@ class Agent:
         self.reconciler.adopt_by_fingerprint = False
         await self.reconciler.prune_host()
         self.reconciler.resync()  # the verification pass: every adopted table compared whole, right away
+        if self.monitor is not None:
+            self.monitor.check_on_watch = True  # sandboxes watched from now on have no such pass
         self._tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
+        self._tasks.append(asyncio.create_task(self._namespace_loop(), name="namespaces"))
         watchdog_usec = os.environ.get("WATCHDOG_USEC")
         if watchdog_usec and watchdog_usec.isdigit() and int(watchdog_usec) > 0:
             self._tasks.append(asyncio.create_task(self._watchdog(int(watchdog_usec) / 2e6), name="watchdog"))

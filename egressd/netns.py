@@ -148,7 +148,13 @@ class ContextCache:
         with self._lock:
             entry = self._entries.get(path)
             if entry is not None:
-                if netns_id(path) == entry.ident:
+                try:
+                    same = netns_id(path) == entry.ident
+                except NetnsError:
+                    # Gone: let go of its context now, or its netlink socket keeps the dead namespace alive.
+                    self._close(path)
+                    raise
+                if same:
                     self._entries.move_to_end(path)
                     return entry.ctx, False
                 self._close(path)

@@ -15,15 +15,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from egressd.hostside import HostTableError
 from egressd.netns import ContextCache, NetnsError, NsId
 from egressd.render import (
     FAMILY,
     FINGERPRINT_CHAIN,
+    NETNS,
     TABLE,
     VARIANTS,
     Json,
     Ruleset,
+    Target,
     create_commands,
     neutral_name,
     stage_commands,
@@ -39,28 +40,32 @@ class ApplyError(Exception):
 Elements = Mapping[str, Iterable[str]]
 
 
-def element_commands(op: str, elements: Elements | None, variant: str = "a") -> list[Json]:
+def element_commands(
+    op: str, elements: Elements | None, variant: str = "a", target: Target = NETNS
+) -> list[Json]:
     """add/delete element commands for the DNS sets of one variant, one per non-empty set."""
     out = []
     for name, elems in sorted((elements or {}).items()):
         elem = sorted(elems)
         if elem:
             set_name = variant_name(name, variant)
-            out.append({op: {"element": {"family": FAMILY, "table": TABLE, "name": set_name, "elem": elem}}})
+            where = {"family": target.family, "table": target.table}
+            out.append({op: {"element": {**where, "name": set_name, "elem": elem}}})
     return out
 
 
-def replace_table(ruleset: Ruleset, elements: Elements | None = None) -> Json:
+def replace_table(ruleset: Ruleset, elements: Elements | None = None, target: Target = NETNS) -> Json:
     """One transaction: create-if-absent, delete, rebuild, fill the DNS sets. All of it, or none.
 
     Only for a table that is absent or not ours to trust: an update of our own table goes through
     stage and switch instead (see LibnftBackend.apply)."""
+    table = {"family": target.family, "name": target.table}
     return {
         "nftables": [
-            {"add": {"table": {"family": FAMILY, "name": TABLE}}},
-            {"delete": {"table": {"family": FAMILY, "name": TABLE}}},
-            *create_commands(ruleset, "a"),
-            *element_commands("add", elements, "a"),
+            {"add": {"table": table}},
+            {"delete": {"table": table}},
+            *create_commands(ruleset, "a", target),
+            *element_commands("add", elements, "a", target),
         ]
     }
 
@@ -78,7 +83,7 @@ def active_variant(listing: list[Json] | None) -> str | None:
     """Which variant the output hook of a listed table uses, or None when the table is not in our shape."""
     for item in listing or ():
         rule = item.get("rule")
-        if rule and rule.get("chain") == "output":
+        if rule and rule.get("chain") in ("output", "ingress"):
             for expr in rule.get("expr", ()):
                 target = expr.get("jump", {}).get("target", "") if isinstance(expr, dict) else ""
                 if target.startswith("decide_") and target[len("decide_") :] in VARIANTS:
@@ -86,18 +91,19 @@ def active_variant(listing: list[Json] | None) -> str | None:
     return None
 
 
-def retire_commands(listing: list[Json], variant: str) -> list[Json]:
+def retire_commands(listing: list[Json], variant: str, target: Target = NETNS) -> list[Json]:
     """Delete every per-variant object of `variant` found in listing: chains (emptied first), then sets."""
     chains = [
         i["chain"]["name"] for i in listing if "chain" in i and i["chain"]["name"].endswith("_" + variant)
     ]
     sets = [i["set"]["name"] for i in listing if "set" in i and i["set"]["name"].endswith("_" + variant)]
     chains.sort(key=lambda n: not n.startswith("decide"))  # decide jumps to deny: it goes first
+    where = {"family": target.family, "table": target.table}
     out: list[Json] = []
     for name in chains:
-        out.append({"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}})
-        out.append({"delete": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}})
-    out += [{"delete": {"set": {"family": FAMILY, "table": TABLE, "name": n}}} for n in sets]
+        out.append({"flush": {"chain": {**where, "name": name}}})
+        out.append({"delete": {"chain": {**where, "name": name}}})
+    out += [{"delete": {"set": {**where, "name": n}}} for n in sets]
     return out
 
 
@@ -154,12 +160,6 @@ class Backend(Protocol):
 
     def forget(self, netns: str) -> None:
         """Release everything held for netns (the kernel can then free a dead namespace)."""
-
-    def host_run(self, cmds: list[Json], what: str) -> None:
-        """One transaction in egressd's own namespace (the host-side table); raises HostTableError."""
-
-    def host_list(self, what: Json) -> list[Json] | None:
-        """A listing from egressd's own namespace, or None when the object does not exist."""
 
 
 def _make_nft() -> Any:
@@ -286,24 +286,12 @@ class LibnftBackend:
         with self._nft_lock:
             self._cache.drop(netns)
 
-    def _host_cmd(self, cmd: Json) -> tuple[int, Any, str]:
+    def host_cmd(self, cmd: Json) -> tuple[int, Any, str]:
+        """One libnftables call in egressd's own namespace (the host-side tables, see hostside.py)."""
         with self._nft_lock:
             if self._home_nft is None:
                 self._home_nft = _make_nft()  # threads only visit sandbox namespaces inside ContextCache
             return self._home_nft.json_cmd(cmd)
-
-    def host_run(self, cmds: list[Json], what: str) -> None:
-        rc, _, err = self._host_cmd({"nftables": cmds})
-        if rc != 0:
-            raise HostTableError(f"nftables refused the {what}: {err.strip()}")
-
-    def host_list(self, what: Json) -> list[Json] | None:
-        rc, out, err = self._host_cmd({"nftables": [{"list": what}]})
-        if rc != 0:
-            if "No such file or directory" in err:
-                return None
-            raise HostTableError(f"cannot list the host-side table: {err.strip()}")
-        return [item for item in out["nftables"] if "metainfo" not in item]
 
     def close(self) -> None:
         self._cache.close()
@@ -319,7 +307,6 @@ class FakeBackend:
     elements: dict[str, dict[str, set[str]]] = field(default_factory=dict)
     writes: list[tuple[str, str]] = field(default_factory=list)
     fail: Callable[[str, str], Exception | None] | None = None
-    host: dict[str, Any] | None = None  # the host-side table: maps, sets, chains with their rules
 
     def _check(self, netns: str, op: str) -> None:
         if netns not in self.namespaces:
@@ -381,101 +368,9 @@ class FakeBackend:
     def forget(self, netns: str) -> None:
         return None
 
-    def host_run(self, cmds: list[Json], what: str) -> None:
-        """A small interpreter of the commands HostSide sends: all of a transaction, or none of it."""
-        if self.fail is not None:
-            exc = self.fail("host", "apply")
-            if exc is not None:
-                raise exc
-        holder = {"table": copy.deepcopy(self.host)}
-        for cmd in cmds:
-            _fake_host_command(holder, cmd, what)
-        self.host = holder["table"]
-        self.writes.append(("host", what))
-
-    def host_list(self, what: Json) -> list[Json] | None:
-        if self.host is None:
-            return None
-        if "set" in what:
-            found = self.host["sets"].get(what["set"]["name"])
-            return None if found is None else [{"set": copy.deepcopy(found)}]
-        listing: list[Json] = [{"table": {"family": FAMILY, "name": "egressd_host"}}]
-        listing += [{"map": copy.deepcopy(m)} for m in self.host["maps"].values()]
-        listing += [{"set": copy.deepcopy(s)} for s in self.host["sets"].values()]
-        listing += [{"chain": copy.deepcopy(c["decl"])} for c in self.host["chains"].values()]
-        for c in self.host["chains"].values():
-            listing += [{"rule": copy.deepcopy(r)} for r in c["rules"]]
-        return listing
-
-
-def _fake_host_command(holder: dict[str, Any], cmd: Json, what: str) -> None:
-    """Apply one command to the fake host table (in place); raises HostTableError as nftables would."""
-    ((op, body),) = cmd.items()
-    ((kind, obj),) = body.items()
-
-    def fail(reason: str) -> None:
-        raise HostTableError(f"nftables refused the {what}: {reason}")
-
-    if kind == "table":
-        if op == "add" and holder["table"] is None:
-            holder["table"] = {"maps": {}, "sets": {}, "chains": {}}
-        elif op == "delete":
-            if holder["table"] is None:
-                fail("No such file or directory (table)")
-            holder["table"] = None
-        return
-    table = holder["table"]
-    if table is None:
-        fail("No such file or directory (table)")
-        return
-    store = {"map": table["maps"], "set": table["sets"]}
-    if kind in ("map", "set"):
-        if op in ("add", "create"):
-            if obj["name"] in store[kind]:
-                if op == "create":
-                    fail(f"File exists: {obj['name']}")
-                if obj.get("elem"):  # a declaration's elements are added to the existing set or map
-                    elem_op = {"add": {"element": {"name": obj["name"], "elem": obj["elem"]}}}
-                    _fake_host_command(holder, elem_op, what)
-                return
-            store[kind][obj["name"]] = {**copy.deepcopy(obj), "elem": list(obj.get("elem", []))}
-        elif op == "delete" and store[kind].pop(obj["name"], None) is None:
-            fail(f"No such file or directory: {obj['name']}")
-    elif kind == "chain":
-        chains = table["chains"]
-        if op in ("add", "create"):
-            if obj["name"] in chains:
-                if op == "create":
-                    fail(f"File exists: {obj['name']}")
-                return
-            chains[obj["name"]] = {"decl": copy.deepcopy(obj), "rules": []}
-        elif obj["name"] not in chains:
-            fail(f"No such file or directory: {obj['name']}")
-        elif op == "flush":
-            chains[obj["name"]]["rules"] = []
-        elif op == "delete":
-            if chains[obj["name"]]["rules"]:
-                fail(f"Device or resource busy: {obj['name']}")
-            del chains[obj["name"]]
-    elif kind == "rule":
-        if obj["chain"] not in table["chains"]:
-            fail(f"No such file or directory: {obj['chain']}")
-        table["chains"][obj["chain"]]["rules"].append(copy.deepcopy(obj))
-    elif kind == "element":
-        target = table["maps"].get(obj["name"]) or table["sets"].get(obj["name"])
-        if target is None:
-            fail(f"No such file or directory: {obj['name']}")
-            return
-        keys = [json.dumps(e[0] if isinstance(e, list) else e) for e in target["elem"]]
-        for e in obj["elem"]:
-            k = json.dumps(e[0] if isinstance(e, list) else e)
-            if op == "add":
-                if k in keys:
-                    fail(f"File exists: element {k}")
-                target["elem"].append(copy.deepcopy(e))
-                keys.append(k)
-            else:
-                if k not in keys:
-                    fail(f"No such file or directory: element {k}")
-                i = keys.index(k)
-                del target["elem"][i], keys[i]
+    def prune(self, keep: Iterable[str]) -> list[str]:
+        """As HostBackend.prune: drop every table not kept (the fake stands in for the host side too)."""
+        gone = sorted(set(self.tables) - set(keep))
+        for where in gone:
+            self.remove(where)
+        return gone

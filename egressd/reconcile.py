@@ -26,9 +26,9 @@ from typing import Any
 
 from egressd.config import Config
 from egressd.dns import DnsCache, DnsService
-from egressd.hostside import HostResult, HostSide, HostTableError
+from egressd.hostside import HostBackend
 from egressd.logs import log
-from egressd.netns import NetnsError
+from egressd.netns import NetnsError, NsId, netns_id
 from egressd.nft import ApplyError, Backend, active_variant, fingerprint_of, set_elements
 from egressd.policy import (
     DENY_ALL,
@@ -156,13 +156,20 @@ class KeyedQueue:
         self._dirty: set[str] = set()
         self._ready = asyncio.Event()
 
-    def add(self, key: str) -> None:
+    def add(self, key: str, urgent: bool = False) -> None:
+        """urgent: ahead of the queue (a table changed by someone else must not wait for a resync pass)."""
         if key in self._active:
             self._dirty.add(key)
         elif key not in self._queued:
             self._queued.add(key)
-            self._queue.append(key)
+            if urgent:
+                self._queue.appendleft(key)
+            else:
+                self._queue.append(key)
             self._ready.set()
+        elif urgent:
+            self._queue.remove(key)  # O(n), and rare: only tampering and replaced namespaces get here
+            self._queue.appendleft(key)
 
     async def get(self) -> str:
         while not self._queue:
@@ -207,8 +214,12 @@ class Reconciler:
         flush: Callable[[], Awaitable[None]] | None = None,
         dns: DnsService | None = None,
         rng: random.Random | None = None,
+        host_backend: Backend | None = None,
     ) -> None:
         self.backend = backend
+        # The host-side tables (hostside.py), for sandboxes that name host_interface; where a namespace
+        # path would be, it takes the interface name.
+        self.host_backend = host_backend
         self.config = config
         self.desired: dict[str, Desired] = {}
         self.status: dict[str, Status] = {}
@@ -229,8 +240,9 @@ class Reconciler:
         self._attempts: dict[str, int] = {}
         self._applied_at: dict[str, str] = {}  # sandbox id -> netns path holding its table
         self._written: dict[str, tuple[str, str]] = {}  # sandbox id -> (netns, fingerprint) last written
-        self.host = HostSide(backend)  # the host-side table, for sandboxes that name host_interface
-        self._host_at: dict[str, str] = {}  # sandbox id -> interface its host-side group is reached from
+        self._idents: dict[str, NsId] = {}  # sandbox id -> the namespace its path named when last synced
+        self._host_at: dict[str, str] = {}  # sandbox id -> interface whose host-side table it has
+        self._host_written: dict[str, tuple[str, str]] = {}  # sandbox id -> (interface, fingerprint)
         self._generation = 0
         self._changed = asyncio.Condition()
         self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="egressd-apply")
@@ -383,14 +395,37 @@ class Reconciler:
     def set_config(self, config: Config) -> None:
         """A reloaded config: everything is re-rendered; unchanged tables cost nothing."""
         self.config = config
+        if isinstance(self.host_backend, HostBackend):
+            self.host_backend.set_config(config)
         self._rendered.clear()
         self.resync()
 
+    def check_namespaces(self) -> list[str]:
+        """The sandboxes whose namespace path now names another namespace, or none: each is synced again
+        at once (and its change monitor moved), instead of at the next resync. A stat per sandbox: cheap
+        enough to run every second."""
+        changed = []
+        for sid, path in list(self._applied_at.items()):
+            before = self._idents.get(sid)
+            if before is not None and _ident(path) != before:
+                changed.append(sid)
+                del self._idents[sid]
+                self._written.pop(sid, None)  # that table went with its namespace: a new one is no repair
+                d = self.desired.get(sid)
+                if d is not None:  # not enforced until the new namespace has its table: `wait` must know
+                    reason = f"namespace at {path} was replaced or deleted; applying again"
+                    self._record(
+                        sid, Status("pending", d.revision, reason, netns=path, generation=d.generation)
+                    )
+                self.queue.add(sid, urgent=True)
+        return changed
+
     def resync(self) -> None:
         """Check every sandbox against the kernel again (drift, late namespaces, earlier failures)."""
-        self.host.invalidate()  # the host-side table is read again too, once, by the first worker
-        if self._workers:
-            asyncio.get_running_loop().create_task(self._collect_host())
+        if isinstance(self.host_backend, HostBackend) and self._workers:
+            self.host_backend.invalidate()
+            if any(d.host_interface for d in self.desired.values()):
+                asyncio.get_running_loop().create_task(self._check_guard(self.host_backend))
         in_use = {st.fingerprint for st in self.status.values()}
         for fingerprint in [f for f in self.digests if f not in in_use]:
             del self.digests[fingerprint]  # policies no sandbox has any more: keep the map bounded
@@ -474,13 +509,15 @@ class Reconciler:
             )
             return
         ruleset, elements, waiting = self._target(d)
+        ident = _ident(d.netns)
         last = self._written.get(sid)
-        last_fp = last[1] if last is not None and last[0] == d.netns else None
+        same_ns = ident is None or self._idents.get(sid) in (None, ident)
+        last_fp = last[1] if last is not None and last[0] == d.netns and same_ns else None
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         try:
             result = await loop.run_in_executor(
-                self._executor, self._sync, d.netns, ruleset, elements, last_fp
+                self._executor, self._sync, self.backend, d.netns, ruleset, elements, last_fp
             )
         except NetnsError as e:
             self._attempts_failed(sid, d, e.reason, pending=e.gone)
@@ -488,12 +525,14 @@ class Reconciler:
         except ApplyError as e:
             self._attempts_failed(sid, d, str(e), pending=False)
             return
-        if self._applied_at.get(sid) != d.netns and self.on_table is not None:
-            self.on_table(sid, d.netns)
+        if self.on_table is not None and (self._applied_at.get(sid) != d.netns or sid not in self._idents):
+            self.on_table(sid, d.netns)  # a new path, or a new namespace at the same path
         self._applied_at[sid] = d.netns
         # What the kernel holds now, even if a newer revision overtook this one (then no status is recorded
         # below): the next pass must not take our own write for someone else's.
         self._written[sid] = (d.netns, result.fingerprint)
+        if ident is not None:
+            self._idents[sid] = ident
         self._attempts.pop(sid, None)
         self.digests[result.fingerprint] = result.digest  # on the loop thread: workers only read the map
         self.counters[result.outcome] += 1
@@ -538,31 +577,36 @@ class Reconciler:
         self._retry(sid, min(PENDING_RETRY_MAX, self.config.retry_max) if pending else self.config.retry_max)
 
     async def _reconcile_host(self, sid: str, d: Desired) -> tuple[str | None, int]:
-        """The host-side group of a sandbox that names host_interface: (why it failed, writes made)."""
+        """The host-side table of a sandbox that names host_interface: (why it failed, writes made)."""
         loop = asyncio.get_running_loop()
         iface = d.host_interface
+        old = self._host_at.get(sid)
+        if old is not None and old != iface:
+            error = await self._release_host(sid, old)
+            if error is not None:
+                return error, 0
         if iface is None:
-            if sid in self._host_at:
-                try:
-                    await loop.run_in_executor(self._executor, self.host.remove, sid)
-                except HostTableError as e:
-                    return f"host-side table: {e}", 0
-                self._host_at.pop(sid, None)
-                log(logging.INFO, "host_removed", sandbox=sid, revision=d.revision)
             return None, 0
+        if self.host_backend is None:
+            return "host_interface is set but this agent has no host-side backend", 0
         cache = self.dns.cache if self.dns is not None else None
         ruleset, elements, _ = plan(d.policy, self.config, cache, self._render_host)
+        last = self._host_written.get(sid)
+        last_fp = last[1] if last is not None and last[0] == iface else None
         t0 = time.monotonic()
         try:
-            result: HostResult = await loop.run_in_executor(
-                self._executor, self.host.sync, sid, iface, ruleset, elements
+            result = await loop.run_in_executor(
+                self._executor, self._sync, self.host_backend, iface, ruleset, elements, last_fp
             )
-        except HostTableError as e:
+        except ApplyError as e:
             self.counters["host_failed"] += 1
-            return f"host-side table: {e}", 0
+            return str(e), 0
         self._host_at[sid] = iface
+        self._host_written[sid] = (iface, result.fingerprint)
+        self.digests[result.fingerprint] = result.digest
         if result.outcome in ("applied", "repaired"):
             self.counters[f"host_{result.outcome}"] += 1
+        if result.outcome != "unchanged":
             log(
                 logging.WARNING if result.outcome == "repaired" else logging.INFO,
                 f"host_{result.outcome}",
@@ -573,6 +617,36 @@ class Reconciler:
                 detail=result.detail,
             )
         return None, result.writes
+
+    async def _check_guard(self, host: HostBackend) -> None:
+        """The host-side guard table is shared by every sandbox and changes with none: each resync reads it,
+        and puts it back if it is gone or not as the config wants it (`nft flush ruleset` on the host)."""
+        try:
+            rewritten = await asyncio.get_running_loop().run_in_executor(self._executor, host.ensure_guard)
+        except ApplyError as e:
+            log(logging.ERROR, "host_guard_failed", error=str(e))
+            return
+        if rewritten:
+            log(
+                logging.WARNING,
+                "host_guard_repaired",
+                detail="the guard table was missing or not as configured",
+            )
+
+    async def _release_host(self, sid: str, iface: str) -> str | None:
+        """The sandbox no longer names iface (deleted, or moved): take its host-side table out."""
+        if self.host_backend is None:
+            return None
+        host = self.host_backend
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, host.remove, iface)
+        except ApplyError as e:
+            log(logging.ERROR, "host_remove_failed", sandbox=sid, host_interface=iface, error=str(e))
+            return str(e)
+        self._host_at.pop(sid, None)
+        self._host_written.pop(sid, None)
+        log(logging.INFO, "host_removed", sandbox=sid, host_interface=iface)
+        return None
 
     def _render_host(self, policy: Policy) -> Ruleset:
         return self._render(policy, host=True)
@@ -591,7 +665,12 @@ class Reconciler:
         return plan(d.policy, self.config, self.dns.cache if self.dns is not None else None, self._render)
 
     def _sync(
-        self, netns: str, ruleset: Ruleset, elements: dict[str, frozenset[str]], last_fp: str | None
+        self,
+        backend: Backend,
+        netns: str,
+        ruleset: Ruleset,
+        elements: dict[str, frozenset[str]],
+        last_fp: str | None,
     ) -> SyncResult:
         """In a worker thread: make the table in netns equal to ruleset, writing only if it differs.
 
@@ -601,9 +680,9 @@ class Reconciler:
         # Startup: a table carrying the fingerprint is adopted on it alone (the whole table is compared by the
         # verification pass right after): a restart costs one short read per sandbox.
         quick = self.adopt_by_fingerprint and not ruleset.dns_sets and ruleset.fingerprint in self.digests
-        if quick and self.backend.fingerprint(netns) == ruleset.fingerprint:
+        if quick and backend.fingerprint(netns) == ruleset.fingerprint:
             return SyncResult("adopted", ruleset.fingerprint, self.digests[ruleset.fingerprint], 0)
-        listing = self.backend.read(netns)
+        listing = backend.read(netns)
         detail = None
         if listing is None:
             if last_fp is not None:
@@ -620,13 +699,13 @@ class Reconciler:
                     delete = {n: have.get(n, frozenset()) - e for n, e in elements.items()}
                     if not any(add.values()) and not any(delete.values()):
                         return SyncResult(outcome, found, digest, 0)
-                    self.backend.update_elements(netns, add, delete, active_variant(listing) or "a")
+                    backend.update_elements(netns, add, delete, active_variant(listing) or "a")
                     return SyncResult("dns_updated", found, digest, 1, _describe_change(add, delete))
                 detail = "table was altered in place"
             elif last_fp is not None and found != last_fp:
                 detail = "table was replaced"
-        self.backend.apply(netns, ruleset, elements, listing)
-        after = self.backend.read(netns) or []
+        backend.apply(netns, ruleset, elements, listing)
+        after = backend.read(netns) or []
         digest = listing_digest(after)
         return SyncResult("repaired" if detail else "applied", ruleset.fingerprint, digest, 1, detail)
 
@@ -658,43 +737,31 @@ class Reconciler:
 
     async def _forget(self, sid: str) -> None:
         self._written.pop(sid, None)
+        self._idents.pop(sid, None)
         path = self._applied_at.get(sid)
         if path is not None:
             await self._release(sid, path)
-        if self._host_at.pop(sid, None) is not None:
-            loop = asyncio.get_running_loop()
-            try:
-                await loop.run_in_executor(self._executor, self.host.remove, sid)
-                log(logging.INFO, "host_removed", sandbox=sid)
-            except HostTableError as e:
-                log(logging.ERROR, "host_remove_failed", sandbox=sid, error=str(e))
+        iface = self._host_at.get(sid)
+        if iface is not None and await self._release_host(sid, iface) is not None:
+            self._retry(sid, self.config.retry_max)  # a table for a deleted sandbox must not stay
         self._attempts.pop(sid, None)
         if self.status.pop(sid, None) is not None:
             self._notify()
 
-    async def _collect_host(self) -> None:
-        """Dispatch elements of removed sandboxes, deleted in bulk: one costly transaction for all."""
-        loop = asyncio.get_running_loop()
-        try:
-            collected = await loop.run_in_executor(self._executor, self.host.collect)
-        except HostTableError as e:
-            log(logging.ERROR, "host_collect_failed", error=str(e))
-            return
-        if collected:
-            log(logging.INFO, "host_collected", entries=collected)
-
     async def prune_host(self) -> list[str]:
-        """Take out host-side groups of sandboxes that are gone (deleted while no agent ran). At start,
-        after the first pass: only then is every sandbox that still names an interface known."""
-        keep = [d.id for d in self.desired.values() if d.host_interface is not None]
+        """Delete host-side tables of interfaces no sandbox names (sandboxes deleted while no agent ran).
+        At start, after the first pass: only then is every sandbox that still names one known."""
+        if self.host_backend is None:
+            return []
+        keep = [d.host_interface for d in self.desired.values() if d.host_interface is not None]
         loop = asyncio.get_running_loop()
         try:
-            gone = await loop.run_in_executor(self._executor, self.host.prune, keep)
-        except HostTableError as e:
+            gone: list[str] = await loop.run_in_executor(self._executor, self.host_backend.prune, keep)
+        except ApplyError as e:
             log(logging.ERROR, "host_prune_failed", error=str(e))
             return []
         if gone:
-            log(logging.INFO, "host_pruned", groups=len(gone))
+            log(logging.INFO, "host_pruned", tables=len(gone))
         return gone
 
     # --- waiting and reporting ------------------------------------------------------------------------
@@ -761,6 +828,15 @@ class Reconciler:
         for row in self.report():
             counts[row["state"]] = counts.get(row["state"], 0) + 1
         return counts
+
+
+def _ident(path: str | None) -> NsId | None:
+    if path is None:
+        return None
+    try:
+        return netns_id(path)
+    except NetnsError:
+        return None
 
 
 def export_state(r: Reconciler) -> tuple[dict[str, Any], int]:

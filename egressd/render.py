@@ -148,11 +148,15 @@ class _Builder:
         return names
 
 
-def _deny_chain(action: str, host: bool = False) -> list[Json]:
-    # The host-side copy has no named counter (one per table) and always drops: what reaches it got past
-    # the sandbox's own table, so it is not a socket that a reset would help.
-    rules = [_rule("deny", {"counter": None} if host else {"counter": "denied"})]
-    if action == "drop" or host:
+def _deny_chain(action: str, host_mark: int | None = None) -> list[Json]:
+    rules = [_rule("deny", {"counter": "denied"})]
+    if host_mark is not None:
+        # The host side runs before conntrack (see hostside.py): it marks, and the guard table drops what is
+        # marked unless conntrack calls it a reply.
+        mark = {"meta": {"key": "mark"}}
+        rules.append(_rule("deny", {"mangle": {"key": mark, "value": {"|": [mark, host_mark]}}}, ACCEPT))
+        return rules
+    if action == "drop":
         rules.append(_rule("deny", {"drop": None}))
     else:
         rules.append(_rule("deny", _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}))
@@ -163,16 +167,15 @@ def _deny_chain(action: str, host: bool = False) -> list[Json]:
 def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
     """The whole `inet egressd` table for one sandbox. Order of `decide` is the documented semantics.
 
-    host=True: the same decision for the host-side table (see hostside.py), which sees the sandbox's
-    packets as they arrive from its link: no loopback there, and neighbour discovery only towards the link
-    itself (link-local or multicast destinations, or this host's own addresses), which closes the
+    host=True: the same decision for the sandbox's host-side table (see hostside.py), which sees its packets
+    as they arrive from its link, at the ingress hook, before conntrack: no loopback there, and no reply
+    step (a deny only marks the packet; the guard table drops it unless conntrack calls it a reply). Neighbour
+    discovery passes only towards the link itself (link-local or multicast destinations); to any other
+    address the guard table lets it through only to this host's own addresses, which closes the
     neighbour-solicitation channel the sandbox's own table has to leave open.
     """
     b = _Builder()
     # 1. loopback, replies on connections opened from outside, IPv6 neighbour discovery.
-    if not host:
-        b.rules.append(_rule("decide", _match(_meta("oifname"), "lo"), ACCEPT))
-    b.rules.append(_rule("decide", _match({"ct": {"key": "direction"}}, "reply"), ACCEPT))
     icmpv6_type = _payload("icmpv6", "type")
     hoplimit = _payload("ip6", "hoplimit")
     nd = (_match(icmpv6_type, {"set": ND_TYPES}), _match(hoplimit, 255))
@@ -181,9 +184,9 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
             "set": [{"prefix": {"addr": "fe80::", "len": 10}}, {"prefix": {"addr": "ff02::", "len": 16}}]
         }
         b.rules.append(_rule("decide", *nd, _match(_payload("ip6", "daddr"), on_link), ACCEPT))
-        local = {"fib": {"result": "type", "flags": ["daddr"]}}
-        b.rules.append(_rule("decide", *nd, _match(local, "local"), ACCEPT))
     else:
+        b.rules.append(_rule("decide", _match(_meta("oifname"), "lo"), ACCEPT))
+        b.rules.append(_rule("decide", _match({"ct": {"key": "direction"}}, "reply"), ACCEPT))
         b.rules.append(_rule("decide", *nd, ACCEPT))
     link_multicast = _match(_payload("ip6", "daddr"), {"prefix": {"addr": "ff02::", "len": 16}})
     b.rules.append(
@@ -211,20 +214,18 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
         *b.sets,
         {"add": {"chain": {**_T, "name": "deny"}}},
         {"add": {"chain": {**_T, "name": "decide"}}},
-        *_deny_chain(config.deny_action, host),
+        *_deny_chain(config.deny_action, config.host_mark if host else None),
         *b.rules,
     ]
-    hooks: list[Json] = (
-        []
-        if host
-        else [
-            _rule("output", {"jump": {"target": "decide"}}),
-            # Forwarded traffic (a microVM behind a tap) is judged unless it enters from the uplink: that is
-            # traffic towards the sandbox, not from it.
-            _rule("forward", uplink, ACCEPT),
-            _rule("forward", {"jump": {"target": "decide"}}),
-        ]
-    )
+    hooks: list[Json] = [
+        _rule("output", {"jump": {"target": "decide"}}),
+        # Forwarded traffic (a microVM behind a tap) is judged unless it enters from the uplink: that is
+        # traffic towards the sandbox, not from it.
+        _rule("forward", uplink, ACCEPT),
+        _rule("forward", {"jump": {"target": "decide"}}),
+    ]
+    if host:
+        hooks = [_rule("ingress", {"jump": {"target": "decide"}})]
     names = frozenset(
         [c["add"]["set"]["name"] for c in b.sets] + ["deny", "decide"]
     )  # the objects that exist twice during an update: name_a and name_b
@@ -235,10 +236,41 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
     return Ruleset(variant, hooks, fingerprint, tuple(dns_sets), names)
 
 
-def _base_chain(name: str) -> Json:
-    return {
-        "add": {"chain": {**_T, "name": name, "type": "filter", "hook": name, "prio": 0, "policy": "accept"}}
-    }
+@dataclass(frozen=True)
+class Target:
+    """Where a ruleset goes: the sandbox's own `inet egressd`, or its host-side `netdev` table (hostside.py),
+    which has one base chain, at the ingress hook of the sandbox's interface."""
+
+    family: str = FAMILY
+    table: str = TABLE
+    base: tuple[Json, ...] = (
+        {"name": "output", "type": "filter", "hook": "output", "prio": 0, "policy": "accept"},
+        {"name": "forward", "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"},
+    )
+
+
+NETNS = Target()
+
+
+def retarget(cmds: Any, target: Target) -> Any:
+    """Commands written for the sandbox's own table, aimed at target instead."""
+    if target == NETNS:
+        return cmds
+    if isinstance(cmds, list):
+        return [retarget(c, target) for c in cmds]
+    if not isinstance(cmds, dict):
+        return cmds
+    out = {}
+    for key, value in cmds.items():
+        if key == "family" and value == FAMILY:
+            out[key] = target.family
+        elif key == "table" and value == TABLE:
+            out[key] = target.table
+        elif key == "table" and isinstance(value, dict) and value.get("name") == TABLE:
+            out[key] = {**value, "family": target.family, "name": target.table}
+        else:
+            out[key] = retarget(value, target)
+    return out
 
 
 def variant_name(name: str, variant: str) -> str:
@@ -267,21 +299,23 @@ def _rename(obj: Any, variant: str, names: frozenset[str]) -> Any:
     return out
 
 
-def create_commands(ruleset: Ruleset, variant: str = "a") -> list[Json]:
+def create_commands(ruleset: Ruleset, variant: str = "a", target: Target = NETNS) -> list[Json]:
     """The whole table, from nothing, with its per-variant objects named for `variant`."""
-    return [
-        {"add": {"table": {"family": FAMILY, "name": TABLE}}},
-        {"add": {"counter": {**_T, "name": "denied"}}},
-        {"add": {"chain": {**_T, "name": FINGERPRINT_CHAIN}}},
-        _base_chain("output"),
-        _base_chain("forward"),
-        *_rename(ruleset.variant, variant, ruleset.names),
-        *_rename(ruleset.hooks, variant, ruleset.names),
-        _rule(FINGERPRINT_CHAIN, {"return": None}, comment=ruleset.fingerprint),
-    ]
+    return retarget(
+        [
+            {"add": {"table": {"family": FAMILY, "name": TABLE}}},
+            {"add": {"counter": {**_T, "name": "denied"}}},
+            {"add": {"chain": {**_T, "name": FINGERPRINT_CHAIN}}},
+            *[{"add": {"chain": {**_T, **base}}} for base in target.base],
+            *_rename(ruleset.variant, variant, ruleset.names),
+            *_rename(ruleset.hooks, variant, ruleset.names),
+            _rule(FINGERPRINT_CHAIN, {"return": None}, comment=ruleset.fingerprint),
+        ],
+        target,
+    )
 
 
-def stage_commands(ruleset: Ruleset, variant: str) -> list[Json]:
+def stage_commands(ruleset: Ruleset, variant: str, target: Target = NETNS) -> list[Json]:
     """The per-variant objects of a new policy, beside the ones in force and not yet used. Sets and chains
     are created with `create`, which fails when one is already there: nothing left over or planted under
     that name can mix into the new policy (the caller then retires what the kernel holds, and tries again)."""
@@ -301,19 +335,20 @@ def stage_commands(ruleset: Ruleset, variant: str) -> list[Json]:
             rest.append({"create": obj})
         else:
             rest.append(cmd)
-    return [*sets, *elements, *rest]
+    return retarget([*sets, *elements, *rest], target)
 
 
-def switch_commands(ruleset: Ruleset, variant: str, retire: list[Json]) -> list[Json]:
+def switch_commands(ruleset: Ruleset, variant: str, retire: list[Json], target: Target = NETNS) -> list[Json]:
     """Point the hooks at the staged objects and retire the old ones, in one transaction: the staged sets
     were committed before, so no set is new when the rules that read them take effect."""
-    flush = [{"flush": {"chain": {**_T, "name": n}}} for n in ("output", "forward", FINGERPRINT_CHAIN)]
-    return [
+    names = [base["name"] for base in target.base] + [FINGERPRINT_CHAIN]
+    flush = [{"flush": {"chain": {**_T, "name": n}}} for n in names]
+    switch = [
         *flush,
         *_rename(ruleset.hooks, variant, ruleset.names),
         _rule(FINGERPRINT_CHAIN, {"return": None}, comment=ruleset.fingerprint),
-        *retire,
     ]
+    return [*retarget(switch, target), *retire]
 
 
 def elements_for(

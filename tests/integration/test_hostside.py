@@ -11,9 +11,10 @@ import sys
 
 import pytest
 
+from egressd.hostside import GUARD_TABLE, table_name
 from netns_fixtures.probe import Sniffer, l3, ping, scapy_send, tcp_connect, udp_echo
+from netns_fixtures.world import SANDBOX_TCP_PORT
 from tests.integration.conftest import nft_json
-from tests.integration.test_agent import eventually
 
 pytestmark = pytest.mark.root
 
@@ -39,15 +40,14 @@ def upsert(a, sid, sb, revision, netns=True, host=True, **policy):
     a.send({"type": "upsert", "sandbox": record})
 
 
-def host_table(world):
-    return nft_json(world.router, "list", "table", "inet", "egressd_host")
+def host_tables(world):
+    """The host-side tables in the agent's namespace, read with the nft CLI."""
+    return {i["table"]["name"] for i in nft_json(world.router, "list", "tables", "netdev") if "table" in i}
 
 
-def dispatch(world):
-    for item in host_table(world):
-        if "map" in item and item["map"]["name"] == "dispatch":
-            return {k: v["jump"]["target"] for k, v in item["map"].get("elem", [])}
-    return {}
+def handle(world, iface):
+    tables = nft_json(world.router, "list", "table", "netdev", table_name(iface))
+    return next((i["table"]["handle"] for i in tables if "table" in i), None)
 
 
 def passes(ns, dst):
@@ -139,31 +139,26 @@ def test_restart_adopts_repair_and_removal(world, host_agent):
     upsert(a, "r0", sb0, 1, **CLOSED)
     upsert(a, "r1", sb1, 1, allow_internet_access=False)
     assert a.wait("r0", 1) and a.wait("r1", 1)
-    assert set(dispatch(world)) == {sb0.host_if, sb1.host_if}
-    target_r0 = dispatch(world)[sb0.host_if]
+    assert host_tables(world) == {table_name(sb0.host_if), table_name(sb1.host_if)}
+    before = handle(world, sb0.host_if)
 
     a.kill()
     a.send({"type": "delete", "id": "r1"})  # deleted while no agent runs
     a.start()
     assert a.wait("r0", 1)
-    assert len(a.events("host_applied")) == 2  # both from the first run: the restart wrote nothing for r0
-    assert a.status()["r0"]["writes"] == 0
-    assert eventually(lambda: set(dispatch(world)) == {sb0.host_if}, timeout=5), "r1's group must go"
-    assert dispatch(world)[sb0.host_if] == target_r0
+    assert len(a.events("host_applied")) == 2  # both from the first run: the restart wrote nothing
+    assert a.status()["r0"]["writes"] == 0 and handle(world, sb0.host_if) == before
+    assert host_tables(world) == {table_name(sb0.host_if)}, "r1's table must go"
 
-    # An operator flushes the host's firewall: the next resync puts the host side back.
-    subprocess.run(["ip", "netns", "exec", world.router, "nft", "delete", "table", "inet", "egressd_host"],
-                   check=True, timeout=5)  # fmt: skip
+    # An operator flushes the host's firewall: the next resync puts both tables back.
+    subprocess.run(["ip", "netns", "exec", world.router, "nft", "flush", "ruleset"], check=True, timeout=5)
     a.wait_log("host_repaired", sandbox="r0", timeout=10)
-    assert sb0.host_if in dispatch(world)
+    a.wait_log("host_guard_repaired", timeout=10)
+    assert nft_json(world.router, "list", "table", "inet", GUARD_TABLE)
 
     a.send({"type": "delete", "id": "r0"})
     a.wait_log("host_removed", sandbox="r0")
-    assert passes(sb0.name, DENIED4)  # no sandbox, no policy: the host side lets it be
-    # Its dispatch element goes with the next resync's bulk cleanup, and nothing else is left.
-    assert eventually(lambda: dispatch(world) == {}, timeout=5)
-    assert not any("chain" in i and i["chain"]["name"].startswith("s") for i in host_table(world))
-    assert not any("set" in i for i in host_table(world))
+    assert host_tables(world) == set()
 
 
 def test_the_apply_command_writes_the_host_side_too(world, tmp_path):
@@ -181,6 +176,24 @@ def test_the_apply_command_writes_the_host_side_too(world, tmp_path):
         again = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         assert f"cli: host side unchanged on {sb.host_if}" in again.stdout
     finally:
-        subprocess.run(["ip", "netns", "exec", world.router, "nft", "delete", "table", "inet", "egressd_host"],
-                       timeout=5, capture_output=True)  # fmt: skip
+        for family, table in (("netdev", table_name(sb.host_if)), ("inet", GUARD_TABLE)):
+            subprocess.run(["ip", "netns", "exec", world.router, "nft", "delete", "table", family, table],
+                           timeout=5, capture_output=True)  # fmt: skip
     assert passes(sb.name, DENIED4)
+
+
+def test_replies_on_connections_opened_from_outside_still_pass(world, host_agent):
+    """The ingress hook runs before conntrack: a deny there only marks, and the guard table lets marked
+    replies through. A closed sandbox still answers a connection opened from outside, in both families,
+    while what it opens itself to the same address is dropped."""
+    sb = world.sandboxes[0]
+    a = host_agent().start()
+    upsert(a, "in0", sb, 1, netns=False, allow_internet_access=False)
+    a.wait_log("host_applied", sandbox="in0", revision=1)
+    assert tcp_connect(world.inet, sb.addr4, SANDBOX_TCP_PORT) == "open"
+    assert tcp_connect(world.inet, sb.addr6, SANDBOX_TCP_PORT) == "open"
+    assert stopped(sb.name, DENIED4) and stopped(sb.name, DENIED6)
+    counters = [
+        i["rule"] for i in nft_json(world.router, "list", "table", "inet", GUARD_TABLE) if "rule" in i
+    ]
+    assert counters[-1]["expr"][1]["counter"]["packets"] > 0  # what it opened itself was dropped there

@@ -1,13 +1,14 @@
 """The reconciler against the fake backend: coalescing, ordering, failures, drift, adoption. No root."""
 
 import asyncio
+import dataclasses
 import random
 import threading
 
 from egressd.config import config_from_dict
 from egressd.nft import ApplyError, FakeBackend
 from egressd.policy import DENY_ALL, PolicyError, parse_event, parse_sandbox
-from egressd.reconcile import Reconciler, export_state, restore_state
+from egressd.reconcile import KeyedQueue, Reconciler, export_state, restore_state
 from egressd.render import render
 
 CONFIG = config_from_dict({"reconcile": {"retry_initial": 0.01, "retry_max": 0.05, "workers": 2}})
@@ -412,3 +413,39 @@ def test_a_write_overtaken_by_a_newer_revision_is_not_taken_for_drift():
         assert fb.fingerprint("/run/netns/a") == fp(deny_out=["192.0.2.3"])
 
     run(scenario)
+
+
+def test_a_namespace_replaced_at_the_same_path_is_pending_then_applied_again(tmp_path):
+    """The platform makes a new namespace at the same path with no new record: the agent's check (a stat
+    per sandbox, every second in the daemon) sees another inode, says pending, and writes the table again;
+    that is a new namespace, not a repair."""
+    path = tmp_path / "ns"
+    path.write_text("")
+    fb = FakeBackend(namespaces={str(path)})
+
+    async def scenario(r, fb):
+        r.upsert(dataclasses.replace(sandbox(allow_internet_access=False), netns=str(path)))
+        assert await r.wait_enforced("a", None, 5)
+        assert r.check_namespaces() == []
+        (tmp_path / "new").write_text("")
+        (tmp_path / "new").replace(path)  # another inode at the same path
+        del fb.tables[str(path)]  # the new namespace has no table
+        assert r.check_namespaces() == ["a"]
+        assert r.status["a"].state == "pending" and "replaced" in r.status["a"].error
+        assert await r.wait_enforced("a", None, 5)
+        assert str(path) in fb.tables and r.counters["repaired"] == 0 and r.counters["applied"] == 2
+
+    run(scenario, fb)
+
+
+def test_an_urgent_key_jumps_the_queue():
+    async def scenario():
+        q = KeyedQueue()
+        for key in "abcd":
+            q.add(key)
+        q.add("c", urgent=True)  # already queued: moved to the front
+        q.add("e", urgent=True)
+        got = [await q.get() for _ in range(5)]
+        assert got == ["e", "c", "a", "b", "d"]
+
+    asyncio.run(scenario())

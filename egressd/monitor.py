@@ -1,0 +1,569 @@
+"""Tamper repair within moments: nftables change events from every watched sandbox namespace.
+
+Without this, a table deleted or altered inside a sandbox is put back only by the periodic resync. Here,
+per watched sandbox, one netlink socket made inside its namespace joins the NFNLGRP_NFTABLES multicast
+group: the kernel sends it one message per object a committed transaction changed there, then NEWGEN,
+which names the committing thread. A transaction that touched table `egressd` and was committed by any
+thread other than this process's own makes the sandbox dirty in the reconciler's queue; the worker then
+reads the table, compares it with what it wrote, and rewrites it if it differs.
+
+No thread per namespace: every socket is non-blocking and read by the event loop (`loop.add_reader`). A
+single helper thread makes the sockets, because a socket belongs to the namespace it was made in and only a
+thread inside that namespace can make it there.
+
+Descriptors: one per watched sandbox. libnftables 1.0.6 (in this same process) waits on its own socket with
+select() and aborts the process if that descriptor is 1024 or more, so every monitor socket is moved to a
+descriptor at or above FD_BASE, leaving the low ones to libnftables, and the soft RLIMIT_NOFILE is raised
+to the hard limit at start. With a hard limit too low for every sandbox, the first ones are watched and the
+rest are left to the resync (logged as `monitor_full`); they are watched when descriptors free up.
+
+When unsure, trigger: a spurious trigger costs one table read and compare; a missed one leaves a sandbox
+open until the next resync. Lost events (ENOBUFS), truncated or malformed messages, and message kinds this
+module does not know all trigger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import resource
+import socket
+import struct
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from egressd.logs import log
+from egressd.netns import CLONE_NEWNET, NetnsError, NsId, _libc_setns, netns_id, open_netns
+
+# Netlink and nf_tables constants, checked against linux/netlink.h, linux/netfilter/nfnetlink.h and
+# linux/netfilter/nf_tables.h (and against this kernel: see tests/integration/test_monitor.py).
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+SO_RCVBUFFORCE = 33  # socket.h; needs CAP_NET_ADMIN, falls back to SO_RCVBUF (capped by rmem_max)
+NFNLGRP_NFTABLES = 7
+NFNL_SUBSYS_NFTABLES = 10
+NLMSG_NOOP = 1
+NLMSG_MIN_TYPE = 0x10  # types below are netlink control messages (error, done, overrun)
+# enum nf_tables_msg_types
+NFT_MSG_NEWTABLE = 0
+NFT_MSG_DELFLOWTABLE = 24
+NFT_MSG_NEWGEN = 15
+NFT_MSG_GETGEN = 16
+NFT_MSG_TRACE = 17
+# enum nft_gen_attributes
+NFTA_GEN_PROC_PID = 2  # be32: task_pid_nr(current), the committing thread's id in the initial pid namespace
+NFTA_GEN_PROC_NAME = 3  # the committing thread's comm
+# In every object message from NEWTABLE to DELFLOWTABLE, attribute 1 names the table: NFTA_TABLE_NAME,
+# NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_TABLE, NFTA_SET_ELEM_LIST_TABLE, NFTA_OBJ_TABLE,
+# NFTA_FLOWTABLE_TABLE.
+NFTA_TABLE_ATTR = 1
+NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
+PROC_PID_INIT_INO = 0xEFFFFFFC  # inode of the initial pid namespace (include/linux/proc_ns.h)
+
+NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+NLATTR = struct.Struct("=HH")  # len, type
+NFGENMSG_LEN = 4
+TABLE = b"egressd"
+
+FD_BASE = 1024  # monitor sockets live at or above this descriptor; libnftables needs those below
+FD_HEADROOM = 64  # high descriptors left unused, for whatever else needs one once the low ones run out
+RCVBUF = 1 << 20  # per socket; memory is used only while events wait to be read
+RECV_BUFFER = 1 << 16  # larger than any notification datagram (the kernel batches them up to a page or so)
+DATAGRAMS_PER_WAKE = 64  # then other sockets get their turn; a socket with more stays readable
+MIN_GAP = 0.1  # seconds between two triggers of one sandbox: a tenant looping deletes cannot spin us
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+class TransactionParser:
+    """Turns the event stream of one namespace into "check this sandbox" decisions, one per transaction.
+
+    Messages of a transaction come in order, ended by NEWGEN; the parser remembers whether the messages
+    since the last NEWGEN touched table `egressd` (or could have: unknown kinds, missing names), and at
+    NEWGEN decides on the committer. State carries over between datagrams.
+    """
+
+    def __init__(self, is_own: Callable[[int], bool] | None = None, table: bytes = TABLE) -> None:
+        self._is_own = is_own
+        self._table = table
+        self.touched = False
+
+    def reset(self) -> None:
+        """Events were lost: what was collected so far says nothing."""
+        self.touched = False
+
+    def feed(self, data: bytes | bytearray | memoryview) -> str | None:
+        """Consume one datagram; return why the sandbox must be checked, or None when it need not be."""
+        view = memoryview(data)
+        reason: str | None = None
+        unpack = NLMSGHDR.unpack_from
+        header = NLMSGHDR.size
+        off = 0
+        end = len(view)
+        while off < end:
+            if end - off < header:
+                self.reset()
+                return reason or "malformed event: truncated netlink header"
+            length, kind, _, _, _ = unpack(view, off)
+            if length < header or off + length > end:
+                self.reset()
+                return reason or f"malformed event: netlink length {length}"
+            start, off = off, off + _align(length)
+            if kind == NLMSG_NOOP:
+                continue
+            if kind < NLMSG_MIN_TYPE or kind >> 8 != NFNL_SUBSYS_NFTABLES:
+                self.reset()
+                reason = reason or f"unexpected netlink message type {kind:#x}"
+                continue
+            if length < header + NFGENMSG_LEN:
+                self.reset()
+                return reason or "malformed event: no nfgenmsg header"
+            msg = kind & 0xFF
+            if msg != NFT_MSG_NEWGEN and (self.touched or msg in (NFT_MSG_GETGEN, NFT_MSG_TRACE)):
+                continue  # the common case, cheap: the transaction already matters (or this changes nothing)
+            attrs_view = view[start + header + NFGENMSG_LEN : start + length]
+            if msg == NFT_MSG_NEWGEN:
+                try:
+                    attrs = _attributes(attrs_view, (NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME))
+                except ValueError as e:
+                    self.reset()
+                    return reason or f"malformed event: {e}"
+                touched, self.touched = self.touched, False
+                if not touched:
+                    continue
+                pid = _be32(attrs.get(NFTA_GEN_PROC_PID))
+                if pid is not None and self._is_own is not None and self._is_own(pid):
+                    continue
+                name = _text(attrs.get(NFTA_GEN_PROC_NAME))
+                reason = reason or f"table changed by pid {pid if pid is not None else '?'} ({name or '?'})"
+                continue
+            if msg > NFT_MSG_DELFLOWTABLE:
+                self.touched = True  # a kind newer than this module: cannot tell, so it matters
+                continue
+            try:
+                table = _attributes(attrs_view, (NFTA_TABLE_ATTR,)).get(NFTA_TABLE_ATTR)
+            except ValueError as e:
+                self.reset()
+                return reason or f"malformed event: {e}"
+            if table is None or bytes(table).rstrip(b"\0") == self._table:
+                self.touched = True
+        return reason
+
+
+def _attributes(data: memoryview, wanted: tuple[int, ...]) -> dict[int, memoryview]:
+    """The wanted top-level attributes of a netlink message body; ValueError when the body is malformed."""
+    out: dict[int, memoryview] = {}
+    off = 0
+    end = len(data)
+    while off < end:
+        if end - off < NLATTR.size:
+            raise ValueError("truncated attribute header")
+        length, kind = NLATTR.unpack_from(data, off)
+        if length < NLATTR.size or off + length > end:
+            raise ValueError(f"attribute length {length}")
+        kind &= NLA_TYPE_MASK
+        if kind in wanted and kind not in out:
+            out[kind] = data[off + NLATTR.size : off + length]
+        off += _align(length)
+    return out
+
+
+def _be32(value: memoryview | None) -> int | None:
+    if value is None or len(value) != 4:
+        return None
+    return int.from_bytes(value, "big")
+
+
+def _text(value: memoryview | None) -> str | None:
+    if value is None:
+        return None
+    return bytes(value).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def own_thread_check() -> Callable[[int], bool] | None:
+    """A test for "this thread id is one of ours", or None when NEWGEN's ids cannot be compared with ours.
+
+    The kernel reports the committing thread's id in the initial pid namespace. Our /proc/self/task lists
+    ours in our own pid namespace: the two agree only when that is the initial one. Elsewhere (an agent in
+    a container's pid namespace) every transaction counts as foreign: our own writes then each cost one
+    extra read, never a missed change.
+    """
+    try:
+        if os.stat("/proc/self/ns/pid").st_ino != PROC_PID_INIT_INO:
+            return None
+        if os.readlink("/proc/self") != str(os.getpid()):
+            return None  # a /proc of another pid namespace
+    except OSError:
+        return None
+    return lambda tid: os.path.exists(f"/proc/self/task/{tid}")
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit (monitor sockets need one descriptor each); (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as e:
+            log(logging.WARNING, "fd_limit_not_raised", soft=soft, hard=hard, error=str(e))
+        else:
+            soft = hard
+    return soft, hard
+
+
+def fd_capacity(soft_limit: int, fd_base: int = FD_BASE) -> int:
+    """How many monitor sockets fit between fd_base and the soft limit, leaving some headroom."""
+    if soft_limit == resource.RLIM_INFINITY:
+        soft_limit = 1 << 20
+    return max(0, soft_limit - fd_base - FD_HEADROOM)
+
+
+def _subscribed_socket(rcvbuf: int) -> socket.socket:
+    """Run inside the target namespace: a netfilter netlink socket in the nftables event group."""
+    sock = socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
+    )
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((0, 0))
+        sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def open_monitor_socket(
+    path: str,
+    fd_base: int = FD_BASE,
+    rcvbuf: int = RCVBUF,
+    setns: Callable[[int, int], int] | None = None,
+) -> tuple[socket.socket, NsId]:
+    """A non-blocking socket hearing nftables events of the namespace at path, at a descriptor >= fd_base.
+
+    Blocks briefly and enters the namespace on the calling thread, so call it from a helper thread. The
+    path goes through the same checks as every namespace egressd touches (open_netns: a network namespace,
+    never the agent's own). Raises NetnsError, or OSError (EMFILE, EINVAL: no high descriptor is free).
+    """
+    setns = setns or _libc_setns()
+    ns_fd, ident = open_netns(path)
+    try:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if setns(ns_fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns into sandbox namespace failed: {os.strerror(err)}")
+            try:
+                low = _subscribed_socket(rcvbuf)
+            finally:
+                if setns(home, CLONE_NEWNET) != 0:
+                    # This thread is stuck in a sandbox namespace; nothing it does next can be trusted.
+                    err = ctypes.get_errno()
+                    raise SystemExit(f"egressd: cannot return to the host namespace: {os.strerror(err)}")
+        finally:
+            os.close(home)
+    finally:
+        os.close(ns_fd)
+    try:
+        high = fcntl.fcntl(low.fileno(), fcntl.F_DUPFD_CLOEXEC, fd_base)
+    finally:
+        low.close()
+    try:
+        sock = socket.socket(fileno=high)
+    except OSError:
+        os.close(high)
+        raise
+    sock.setblocking(False)
+    return sock, ident
+
+
+@dataclass
+class _Watch:
+    """One watched sandbox: the path wanted, and the socket once it is open."""
+
+    path: str
+    parser: TransactionParser
+    sock: socket.socket | None = None
+    ident: NsId | None = None
+    opening: bool = False
+    reason: str | None = None  # why the pending trigger fires, for the log; None: a routine check
+    failures: int = 0
+
+
+@dataclass
+class MonitorStats:
+    triggers: int = 0
+    overflows: int = 0
+    open_failures: int = 0
+    spoofed: int = 0
+
+
+class ChangeMonitor:
+    """Watches the nftables events of sandbox namespaces; calls `callback(sid)` when a sandbox's table may
+    have been changed by someone else. Use from the event loop thread only.
+
+    `check_on_watch`: once a socket listens, check the sandbox once, since a change made between the
+    table's first write and the subscription would otherwise go unseen (a tenant deleting the table in a
+    tight loop would win that race). The daemon turns it off during its first pass, which is followed by
+    a full read of every table anyway.
+    """
+
+    def __init__(
+        self,
+        callback: Callable[[str], None],
+        *,
+        fd_base: int = FD_BASE,
+        capacity: int | None = None,
+        is_own: Callable[[int], bool] | None = None,
+        min_gap: float = MIN_GAP,
+        opener: Callable[[str], tuple[socket.socket, NsId]] | None = None,
+    ) -> None:
+        self._callback = callback
+        self._fd_base = fd_base
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self._max_capacity = fd_capacity(soft, fd_base) if capacity is None else capacity
+        self.capacity = self._max_capacity  # lowered when the kernel has fewer descriptors than that
+        self._is_own = is_own if is_own is not None else own_thread_check()
+        self.own_filter = self._is_own is not None
+        self._min_gap = min_gap
+        setns = _libc_setns()  # one libc handle, not one per socket
+        self._opener = opener or (lambda path: open_monitor_socket(path, self._fd_base, setns=setns))
+        self._watches: dict[str, _Watch] = {}
+        self._starved: dict[str, None] = {}  # sandboxes waiting for a descriptor, oldest first
+        self._in_use = 0  # sockets open or being opened
+        self._last: dict[str, float] = {}
+        self._scheduled: dict[str, asyncio.TimerHandle] = {}
+        self._buffer = bytearray(RECV_BUFFER)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="egressd-monitor")
+        self._full_logged = False
+        self._closed = False
+        self.check_on_watch = True
+        self.stats = MonitorStats()
+
+    # --- what to watch --------------------------------------------------------------------------------
+
+    def watch(self, sid: str, path: str | None) -> None:
+        """Watch the namespace at path for sandbox sid, instead of whatever was watched for it; None: stop."""
+        old = self._watches.pop(sid, None)
+        if old is not None:
+            self._release(old)
+        self._starved.pop(sid, None)
+        timer = self._scheduled.pop(sid, None)
+        if timer is not None:
+            timer.cancel()
+        self._last.pop(sid, None)
+        if path is not None and not self._closed:
+            w = _Watch(path, TransactionParser(self._is_own))  # identity, not path, tells watches apart
+            self._watches[sid] = w
+            self._open(sid, w)
+        self._retry_starved()
+
+    def refresh(self) -> None:
+        """Called before each resync: reopen what failed, follow a path that names another namespace now,
+        and let go of namespaces whose path is gone (the socket would keep them alive)."""
+        self.capacity = self._max_capacity  # try again what a shortage of descriptors held back
+        for sid, w in list(self._watches.items()):
+            if w.opening or sid in self._starved:
+                continue
+            if w.sock is None:
+                self._open(sid, w)
+                continue
+            try:
+                same = netns_id(w.path) == w.ident
+            except NetnsError:
+                self._release(w)
+                continue
+            if not same:
+                self._release(w)
+                self._open(sid, w)
+        self._retry_starved()
+
+    def _open(self, sid: str, w: _Watch) -> None:
+        if self._in_use >= self.capacity:
+            self._starved[sid] = None
+            if not self._full_logged:
+                self._full_logged = True
+                log(
+                    logging.WARNING,
+                    "monitor_full",
+                    capacity=self.capacity,
+                    detail="no descriptor left for more change monitors (raise the hard RLIMIT_NOFILE, "
+                    "LimitNOFILE= under systemd); the other sandboxes are repaired by the resync only",
+                )
+            return
+        self._starved.pop(sid, None)
+        self._in_use += 1
+        w.opening = True
+        loop = asyncio.get_running_loop()
+
+        def done(f: Future[tuple[socket.socket, NsId]]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the process is ending anyway
+                loop.call_soon_threadsafe(self._opened, sid, w, f)
+
+        self._executor.submit(self._opener, w.path).add_done_callback(done)
+
+    def _opened(self, sid: str, w: _Watch, future: Future[tuple[socket.socket, NsId]]) -> None:
+        w.opening = False
+        current = self._watches.get(sid) is w and not self._closed
+        if future.cancelled():  # close() stopped the helper thread first
+            self._in_use -= 1
+            return
+        try:
+            sock, ident = future.result()
+        except (NetnsError, OSError) as e:
+            self._in_use -= 1
+            if current:
+                self._open_failed(sid, w, e)
+            self._retry_starved()
+            return
+        if not current:
+            self._in_use -= 1
+            sock.close()  # unwatched, or watched elsewhere, while it was being made
+            self._retry_starved()
+            return
+        w.sock, w.ident, w.failures = sock, ident, 0
+        w.parser.reset()
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, sid, w)
+        log(logging.DEBUG, "watching", sandbox=sid, netns=w.path, fd=sock.fileno())
+        if self.check_on_watch:
+            self._trigger(sid, w)
+
+    def _open_failed(self, sid: str, w: _Watch, e: Exception) -> None:
+        self.stats.open_failures += 1
+        w.failures += 1
+        if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE, errno.EINVAL):
+            # No high descriptor free, though the limit said there would be: that is the capacity now.
+            self.capacity = min(self.capacity, self._in_use)
+            self._starved[sid] = None
+        if w.failures == 1:
+            log(
+                logging.INFO if isinstance(e, NetnsError) and e.gone else logging.WARNING,
+                "watch_failed",
+                sandbox=sid,
+                netns=w.path,
+                error=e.reason if isinstance(e, NetnsError) else str(e),
+                detail="tried again at each resync, which also repairs the table meanwhile",
+            )
+
+    def _retry_starved(self) -> None:
+        """Descriptors came free: give them to sandboxes that wait for one, oldest first."""
+        while self._starved and self._in_use < self.capacity and not self._closed:
+            sid = next(iter(self._starved))
+            del self._starved[sid]
+            w = self._watches.get(sid)
+            if w is not None and w.sock is None and not w.opening:
+                self._open(sid, w)
+        if not self._starved:
+            self._full_logged = False  # a later shortage is logged again
+
+    def _release(self, w: _Watch) -> None:
+        """Close w's socket, if it has one (an open in flight is closed when it completes)."""
+        w.parser.reset()
+        if w.sock is None:
+            return
+        with contextlib.suppress(RuntimeError):  # no loop any more (shutdown): nothing is registered then
+            asyncio.get_running_loop().remove_reader(w.sock.fileno())
+        w.sock.close()
+        w.sock = None
+        w.ident = None
+        self._in_use -= 1
+
+    # --- events ---------------------------------------------------------------------------------------
+
+    def _readable(self, sid: str, w: _Watch) -> None:
+        sock = w.sock
+        if sock is None or self._watches.get(sid) is not w:
+            return
+        reason: str | None = None
+        buf = self._buffer
+        for _ in range(DATAGRAMS_PER_WAKE):
+            try:
+                n, (sender, _) = sock.recvfrom_into(buf, len(buf), socket.MSG_TRUNC)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                w.parser.reset()
+                if e.errno == errno.ENOBUFS:
+                    self.stats.overflows += 1
+                    reason = reason or "events were lost (ENOBUFS)"
+                    continue
+                reason = reason or f"monitor socket failed: {e.strerror}"
+                self._release(w)  # opened again at the next refresh
+                break
+            if sender != 0:
+                # Not from the kernel: a process with CAP_NET_ADMIN in the namespace can send to this
+                # socket, and a forged NEWGEN must not hide its real change. Dropped, and checked.
+                self.stats.spoofed += 1
+                reason = reason or f"a message from netlink port {sender}, not the kernel"
+                continue
+            if n > len(buf):
+                w.parser.reset()
+                reason = reason or f"event of {n} bytes truncated"
+                continue
+            found = w.parser.feed(memoryview(buf)[:n])  # always: the parser's state must follow
+            reason = reason or found
+        if reason is not None:
+            w.reason = w.reason or reason
+            self._trigger(sid, w)
+
+    def _trigger(self, sid: str, w: _Watch) -> None:
+        """At most one callback per sandbox per min_gap; one that comes sooner waits for the gap to end."""
+        if sid in self._scheduled:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._last.get(sid, float("-inf")) + self._min_gap - loop.time()
+        if wait > 0:
+            self._scheduled[sid] = loop.call_later(wait, self._fire, sid, w)
+        else:
+            self._fire(sid, w)
+
+    def _fire(self, sid: str, w: _Watch) -> None:
+        self._scheduled.pop(sid, None)
+        if self._watches.get(sid) is not w or self._closed:
+            return
+        self._last[sid] = asyncio.get_running_loop().time()
+        self.stats.triggers += 1
+        reason, w.reason = w.reason, None
+        if reason is not None:
+            log(logging.INFO, "table_changed", sandbox=sid, netns=w.path, detail=reason)
+        self._callback(sid)
+
+    # --- reporting and shutdown -----------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """For `status`: how many sandboxes are watched, and what the monitor saw."""
+        return {
+            "watched": sum(1 for w in self._watches.values() if w.sock is not None),
+            "waiting_for_descriptors": len(self._starved),
+            "capacity": self.capacity,
+            "own_filter": self.own_filter,
+            "triggers": self.stats.triggers,
+            "overflows": self.stats.overflows,
+            "open_failures": self.stats.open_failures,
+            "spoofed": self.stats.spoofed,
+        }
+
+    def close(self) -> None:
+        """Close every socket (each keeps its namespace alive) and stop the helper thread."""
+        self._closed = True
+        for timer in self._scheduled.values():
+            timer.cancel()
+        self._scheduled.clear()
+        for w in self._watches.values():
+            self._release(w)
+        self._watches.clear()
+        self._starved.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,229 @@
+"""The change monitor's decoder: which nftables events make a sandbox be checked, and which do not. No root.
+
+Messages are built byte by byte the way the kernel lays them out (nlmsghdr, nfgenmsg, attributes), so
+these tests pin the constants as well as the logic.
+"""
+
+import asyncio
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from egressd.config import ConfigError, config_from_dict
+from egressd.monitor import ChangeMonitor, TransactionParser, fd_capacity
+from egressd.netns import NetnsError
+
+OWN_TID = 4242
+OTHER_TID = 777
+
+
+def attr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def msg(kind: int, attrs: bytes = b"", family: int = 1, subsys: int = 10) -> bytes:
+    body = struct.pack("=BBH", family, 0, 0) + attrs  # nfgenmsg: family, version, res_id
+    length = 16 + len(body)
+    return struct.pack("=IHHII", length, (subsys << 8) | kind, 0, 1, 0) + body + b"\0" * (-length % 4)
+
+
+def table_msg(kind: int, table: bytes = b"egressd") -> bytes:
+    """NEWTABLE/DELTABLE carry NFTA_TABLE_NAME (1); chains, rules, sets, elements carry the table in 1 too."""
+    return msg(kind, attr(1, table + b"\0") + attr(2, b"x\0"))
+
+
+def newgen(pid: int | None, name: bytes = b"nft") -> bytes:
+    attrs = attr(1, struct.pack(">I", 9))  # NFTA_GEN_ID
+    if pid is not None:
+        attrs += attr(2, struct.pack(">I", pid))  # NFTA_GEN_PROC_PID, big-endian
+    return msg(15, attrs + attr(3, name + b"\0"), family=0)  # NFT_MSG_NEWGEN, AF_UNSPEC
+
+
+NEWTABLE, DELTABLE, NEWCHAIN, NEWRULE, DELRULE, NEWSET, NEWSETELEM, DELSETELEM = 0, 2, 3, 6, 8, 9, 12, 14
+
+
+def parser() -> TransactionParser:
+    return TransactionParser(is_own=lambda tid: tid == OWN_TID)
+
+
+@pytest.mark.parametrize(
+    "kind", [NEWTABLE, DELTABLE, NEWCHAIN, NEWRULE, DELRULE, NEWSET, NEWSETELEM, DELSETELEM]
+)
+def test_a_foreign_change_to_our_table_triggers_once_per_transaction(kind):
+    p = parser()
+    reason = p.feed(table_msg(kind) + table_msg(kind) + newgen(OTHER_TID, b"nft"))
+    assert reason is not None and "pid 777 (nft)" in reason
+    assert p.feed(newgen(OTHER_TID)) is None  # an empty transaction afterwards changes nothing
+
+
+def test_our_own_transactions_trigger_nothing():
+    p = parser()
+    assert p.feed(table_msg(NEWTABLE) + table_msg(NEWSETELEM) + newgen(OWN_TID, b"python")) is None
+
+
+def test_other_tables_of_the_sandbox_are_not_ours_to_watch():
+    p = parser()
+    assert (
+        p.feed(table_msg(NEWTABLE, b"filter") + table_msg(NEWRULE, b"egressd_x") + newgen(OTHER_TID)) is None
+    )
+    assert p.feed(table_msg(DELTABLE, b"egressd2") + newgen(OTHER_TID)) is None
+
+
+def test_a_transaction_split_over_datagrams_is_judged_at_its_newgen():
+    p = parser()
+    assert p.feed(table_msg(DELRULE)) is None
+    assert p.feed(table_msg(NEWRULE, b"other")) is None
+    assert p.feed(newgen(OTHER_TID)) is not None
+
+
+def test_our_transaction_then_a_foreign_one_in_the_same_datagram():
+    p = parser()
+    data = table_msg(NEWRULE) + newgen(OWN_TID) + table_msg(DELTABLE) + newgen(OTHER_TID)
+    assert "pid 777" in p.feed(data)
+    data = table_msg(DELTABLE) + newgen(OTHER_TID) + table_msg(NEWRULE) + newgen(OWN_TID)
+    assert "pid 777" in p.feed(data)
+
+
+def test_a_newgen_without_a_pid_is_foreign():
+    assert parser().feed(table_msg(DELTABLE) + newgen(None)) is not None
+
+
+def test_without_an_own_thread_test_every_change_counts():
+    """Outside the initial pid namespace the ids cannot be compared: our own writes cost a read each."""
+    assert TransactionParser(is_own=None).feed(table_msg(NEWRULE) + newgen(OWN_TID)) is not None
+
+
+def test_a_message_without_a_table_name_or_of_an_unknown_kind_counts_when_foreign():
+    p = parser()
+    assert p.feed(msg(NEWRULE, attr(2, b"output\0")) + newgen(OTHER_TID)) is not None
+    assert p.feed(msg(30, attr(1, b"filter\0")) + newgen(OTHER_TID)) is not None  # a kind newer than us
+    assert p.feed(msg(30) + newgen(OWN_TID)) is None
+
+
+def test_attribute_flags_are_masked_off_the_type():
+    nested_table = struct.pack("=HH", 12, 0x8000 | 1) + b"egressd\0"
+    assert parser().feed(msg(NEWSETELEM, nested_table) + newgen(OTHER_TID)) is not None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(table_msg(NEWRULE)[:10], id="truncated header"),
+        pytest.param(table_msg(NEWRULE)[:30], id="length beyond the datagram"),
+        pytest.param(struct.pack("=IHHII", 8, 0xA06, 0, 0, 0), id="length below the header"),
+        pytest.param(struct.pack("=IHHII", 18, 0xA06, 0, 0, 0) + b"\1\0", id="no nfgenmsg"),
+        pytest.param(msg(NEWRULE, struct.pack("=HH", 50, 1) + b"egressd\0"), id="attribute too long"),
+        pytest.param(msg(NEWRULE, struct.pack("=HH", 2, 1) + b"ab"), id="attribute too short"),
+        pytest.param(msg(15, struct.pack("=HH", 40, 2)), id="broken newgen"),
+        pytest.param(msg(0, subsys=2), id="another netfilter subsystem"),
+        pytest.param(struct.pack("=IHHII", 16, 2, 0, 0, 0), id="netlink error message"),
+        pytest.param(b"garbage!", id="garbage"),
+    ],
+)
+def test_anything_malformed_or_unexpected_triggers_at_once(data):
+    assert parser().feed(data) is not None
+
+
+def test_after_garbage_the_parser_starts_clean():
+    p = parser()
+    assert p.feed(table_msg(DELTABLE)[:20]) is not None
+    assert p.feed(newgen(OWN_TID)) is None
+    assert p.feed(table_msg(DELTABLE) + newgen(OTHER_TID)) is not None
+
+
+def test_reset_forgets_a_half_seen_transaction():
+    """After lost events (ENOBUFS) the monitor triggers anyway and starts over."""
+    p = parser()
+    assert p.feed(table_msg(DELTABLE)) is None
+    p.reset()
+    assert p.feed(newgen(OTHER_TID)) is None
+
+
+def test_noop_messages_and_empty_datagrams_are_ignored():
+    noop = struct.pack("=IHHII", 16, 1, 0, 0, 0)
+    assert parser().feed(noop + b"") is None
+    assert parser().feed(b"") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_never_raise(data):
+    p = parser()
+    p.feed(data)
+    p.feed(table_msg(DELTABLE) + newgen(OTHER_TID))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(["ours", "foreign", "other-table"]), min_size=1, max_size=8))
+def test_only_transactions_with_a_foreign_change_to_our_table_trigger(transactions):
+    p = parser()
+    data = b""
+    for t in transactions:
+        if t == "ours":
+            data += table_msg(NEWRULE) + newgen(OWN_TID)
+        elif t == "foreign":
+            data += table_msg(DELRULE) + newgen(OTHER_TID)
+        else:
+            data += table_msg(DELRULE, b"nat") + newgen(OTHER_TID)
+    assert (p.feed(data) is not None) == ("foreign" in transactions)
+
+
+def test_descriptor_capacity_leaves_the_low_descriptors_and_some_headroom():
+    assert fd_capacity(1024) == 0
+    assert fd_capacity(1000) == 0
+    assert fd_capacity(4096) == 4096 - 1024 - 64
+    assert fd_capacity(524288) > 500_000
+
+
+def test_a_namespace_that_cannot_be_opened_is_logged_and_left_to_the_resync(caplog):
+    def opener(path):
+        raise NetnsError(path, "does not exist (yet)", gone=True)
+
+    async def main():
+        m = ChangeMonitor(lambda sid: None, capacity=10, is_own=lambda tid: False, opener=opener)
+        m.watch("a", "/run/netns/a")
+        await asyncio.sleep(0.05)
+        info = m.info()
+        m.refresh()  # tried again, quietly
+        await asyncio.sleep(0.05)
+        m.watch("a", None)
+        m.close()
+        return info
+
+    with caplog.at_level("INFO", logger="egressd"):
+        info = asyncio.run(main())
+    assert info["watched"] == 0 and info["open_failures"] == 1
+    assert [r.getMessage() for r in caplog.records].count("watch_failed") == 1
+
+
+def test_sandboxes_beyond_the_descriptor_capacity_wait_and_are_logged_once(caplog):
+    opened = []
+
+    def opener(path):
+        opened.append(path)
+        raise NetnsError(path, "gone", gone=True)  # no real socket: only the bookkeeping is looked at
+
+    async def main():
+        m = ChangeMonitor(lambda sid: None, capacity=0, is_own=lambda tid: False, opener=opener)
+        for sid in "abc":
+            m.watch(sid, f"/run/netns/{sid}")
+        await asyncio.sleep(0.05)
+        info = m.info()
+        m.close()
+        return info
+
+    with caplog.at_level("INFO", logger="egressd"):
+        info = asyncio.run(main())
+    assert opened == [] and info["waiting_for_descriptors"] == 3
+    assert [r.getMessage() for r in caplog.records].count("monitor_full") == 1
+
+
+def test_watch_changes_is_on_by_default_and_strictly_boolean():
+    assert config_from_dict({}).watch_changes is True
+    assert config_from_dict({"reconcile": {"watch_changes": False}}).watch_changes is False
+    for bad in ("false", 0):
+        with pytest.raises(ConfigError, match=r"reconcile\.watch_changes"):
+            config_from_dict({"reconcile": {"watch_changes": bad}}, "egressd.toml")
