@@ -1,6 +1,7 @@
-"""The `egressd` command line: render, validate and apply policies.
+"""The `egressd` command line: render, validate and apply policies; ask the running agent.
 
-Exit codes: 0 success, 1 the input or an apply failed (every problem printed), 2 usage or config error.
+Exit codes: 0 success, 1 the input or an apply failed (every problem printed), 2 usage or config error or
+no answer from the agent. `explain` is like grep: 0 accepted, 1 denied, 2 it could not answer.
 """
 
 from __future__ import annotations
@@ -307,6 +308,28 @@ def cmd_wait(args: argparse.Namespace, config: Config) -> int:
     return 1
 
 
+def cmd_explain(args: argparse.Namespace, config: Config) -> int:
+    """Exit 0 when every address of DEST is accepted, 1 when any is denied, 2 when there is no answer."""
+    req = {"cmd": "explain", "id": args.sandbox, "dest": args.dest}
+    answer = request(args.socket or config.control_socket, req, timeout=config.dns_timeout + 5)
+    results = answer["results"]
+    if args.json:
+        json.dump(answer, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for r in results:
+            print(f"{r['address']}: {r['text']}" if answer["hostname"] is not None else r["text"])
+        if answer["state"] != "enforced":
+            why = f": {answer['problem']}" if answer["problem"] else ""
+            print(
+                f"note: {args.sandbox} is {answer['state']}{why}; the verdict is for its desired state",
+                file=sys.stderr,
+            )
+        for note in answer["notes"]:
+            print(f"note: {note}", file=sys.stderr)
+    return 0 if all(r["action"] == "accept" for r in results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="TOML config file (default: built-in defaults)")
@@ -353,6 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--socket", metavar="PATH", help="the control socket (default: from the config)")
     w.set_defaults(func=cmd_wait)
+
+    e = sub.add_parser(
+        "explain",
+        parents=[common],
+        help="why SANDBOX can or cannot reach DEST; exit 0 accepted, 1 denied, 2 no answer",
+    )
+    e.add_argument("sandbox")
+    e.add_argument("dest", help="an IPv4 or IPv6 address, or a host name (resolved by the agent)")
+    e.add_argument("--json", action="store_true", help="machine-readable")
+    e.add_argument("--socket", metavar="PATH", help="the control socket (default: from the config)")
+    e.set_defaults(func=cmd_explain)
     return p
 
 

@@ -1,7 +1,7 @@
-"""The status socket: how `egressd status` and `egressd wait` talk to the running agent.
+"""The status socket: how `egressd status`, `wait` and `explain` talk to the running agent.
 
-A Unix socket, mode 0600 (root only), speaking one JSON object per line each way. It only reports and
-waits; nothing on it changes what is enforced.
+A Unix socket, mode 0600 (root only), speaking one JSON object per line each way. It only reports, waits
+and explains; nothing on it changes what is enforced.
 """
 
 from __future__ import annotations

@@ -15,12 +15,15 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from ipaddress import ip_address
 from typing import Any
 
 from egressd import __version__
 from egressd.config import Config, ConfigError, load_config
 from egressd.control import ControlError, ControlServer
-from egressd.dns import DnsCache, DnsService, Resolver
+from egressd.decide import IPAddress
+from egressd.dns import Answer, DnsCache, DnsService, Resolver
+from egressd.explain import explain_addresses, parse_dest
 from egressd.feed import FeedError, Line, Source, parse_source
 from egressd.hostside import HostBackend
 from egressd.logs import log, setup_logging
@@ -204,7 +207,51 @@ class Agent:
             ok = await self.reconciler.wait_enforced(sid, revision, float(timeout))
             row = next((r for r in self.reconciler.report() if r["id"] == sid), None)
             return {"ok": ok, "sandbox": row}
-        return {"error": f"unknown command {cmd!r}; expected status, dns or wait"}
+        if cmd == "explain":
+            return await self.explain(req)
+        return {"error": f"unknown command {cmd!r}; expected status, dns, wait or explain"}
+
+    async def explain(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The verdict for one destination of one sandbox, from its desired state and the DNS cache: what
+        the kernel is given. A host name is resolved once with the agent's own resolver."""
+        sid, dest = req.get("id"), req.get("dest")
+        if not isinstance(sid, str) or not isinstance(dest, str):
+            return {"error": 'explain needs "id" (string) and "dest" (an address or host name)'}
+        d = self.reconciler.desired.get(sid)
+        if d is None:
+            return {"error": f"no sandbox {sid!r} is known to the agent; `egressd status` lists them"}
+        try:
+            target = parse_dest(dest)
+        except ValueError as e:
+            return {"error": f"destination {dest!r}: {e}"}
+        addrs: list[IPAddress]
+        if isinstance(target, str):
+            try:
+                answer = await asyncio.wait_for(
+                    self.dns.resolver.resolve(target), self.config.dns_timeout + 1
+                )
+            except TimeoutError:
+                answer = Answer("error", error="timeout: no answer from the nameservers")
+            if answer.kind != "ok" or not answer.addresses:
+                why = answer.error or (
+                    "NXDOMAIN: no such name" if answer.kind == "nxdomain" else "no addresses"
+                )
+                return {"error": f"destination {dest!r}: cannot resolve it: {why}; give an address instead"}
+            addrs = sorted({ip_address(a) for a in answer.addresses}, key=lambda a: (a.version, int(a)))
+        else:
+            addrs = [target]
+        st = self.reconciler.status.get(sid)
+        out = explain_addresses(d.policy, self.reconciler.config, self.dns.cache, addrs)
+        return {
+            "sandbox": sid,
+            "dest": dest,
+            "hostname": target if isinstance(target, str) else None,
+            "revision": d.revision,
+            "state": st.state if st is not None else "pending",
+            # not "error": on the control socket that key means the request failed
+            "problem": d.problem or (st.error if st is not None else "not reconciled yet"),
+            **out,
+        }
 
     def agent_info(self) -> dict[str, Any]:
         return {

@@ -7,7 +7,7 @@ differential tests send real packets and compare what the kernel did with what t
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from egressd.config import Config
@@ -22,8 +22,11 @@ class Verdict:
     action: str  # "accept" or "deny"
     step: str  # embedded-ipv4, guard.deny, guard.allow, allow_out, deny_out, guard.private, internet
     entry: str | None = None  # the list entry that matched, when a list decided
+    host: bool = False  # entry is a host name, and dst is among the addresses it resolved to
 
     def __str__(self) -> str:
+        if self.host:
+            return f"{self.action}: {self.step} entry {self.entry}"
         if self.entry is not None:
             return f"{self.action}: {self.step} {self.entry}"
         if self.step == "internet":
@@ -43,8 +46,32 @@ def _targets(t: Targets) -> tuple[IPNetwork, ...]:
     return (*t.nets4, *t.nets6)
 
 
-def decide(policy: Policy, config: Config, dst: str | IPAddress) -> Verdict:
-    """The verdict for an original-direction packet from the sandbox to dst (not loopback, not ND)."""
+def _first_host(
+    addr: IPAddress, names: Iterable[str], resolved: Callable[[str], Collection[str]]
+) -> str | None:
+    """The first host name whose resolved addresses hold addr: the kernel's allow_dns/deny_dns sets."""
+    text = str(addr)
+    for name in names:
+        if text in resolved(name):
+            return name
+    return None
+
+
+def _no_addresses(name: str) -> Collection[str]:
+    return ()
+
+
+def decide(
+    policy: Policy,
+    config: Config,
+    dst: str | IPAddress,
+    resolved: Callable[[str], Collection[str]] = _no_addresses,
+) -> Verdict:
+    """The verdict for an original-direction packet from the sandbox to dst (not loopback, not ND).
+
+    resolved(name) gives the addresses a host-name entry stands for right now (DnsCache.addresses: what the
+    DNS sets hold); by default host names match nothing, as in a table whose names have not resolved yet.
+    """
     addr = ipaddress.ip_address(dst) if isinstance(dst, str) else dst
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped  # what a socket sends for it: an IPv4 packet
@@ -57,8 +84,13 @@ def decide(policy: Policy, config: Config, dst: str | IPAddress) -> Verdict:
         ("deny_out", _targets(policy.deny_out), "deny"),
         ("guard.private", config.guard.private, "deny"),
     ]
+    hosts = {"allow_out": policy.allow_out.hostnames, "deny_out": policy.deny_out.hostnames}
     for step, nets, action in steps:
         hit = _first_match(addr, nets)
         if hit is not None:
             return Verdict(action, step, str(hit))
+        # Each list's DNS sets come right after its CIDR sets (render.render).
+        name = _first_host(addr, hosts.get(step, ()), resolved)
+        if name is not None:
+            return Verdict(action, step, name, host=True)
     return Verdict("accept" if policy.allow_internet_access else "deny", "internet")

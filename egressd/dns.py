@@ -178,6 +178,14 @@ class DnsCache:
         st = self.names.get(name)
         return frozenset(st.seen) | st.current if st is not None else frozenset()
 
+    def held_since(self, name: str, addr: str) -> tuple[float, bool] | None:
+        """How long ago an answer last held addr for name, and whether the latest answer still does (else
+        it is only retained); None when the name does not stand for addr."""
+        st = self.names.get(name)
+        if st is None or addr not in st.seen:
+            return None
+        return round(max(0.0, self.clock() - st.seen[addr]), 1), addr in st.current
+
     def settled(self, name: str) -> bool:
         st = self.names.get(name)
         return st is not None and st.settled

@@ -52,6 +52,15 @@ COUNTERS = ("applied", "unchanged", "adopted", "repaired", "dns_updated", "faile
 COUNTERS += ("host_applied", "host_repaired", "host_failed")
 
 
+def enforced_policy(policy: Policy, cache: DnsCache | None) -> tuple[Policy, list[str]]:
+    """The policy the kernel is given, and the deny_out hosts it waits for: while any is unresolved, the
+    sandbox is held closed (allow_internet_access false). plan() and `egressd explain` both use this."""
+    waiting = [h for h in policy.deny_out.hostnames if cache is None or not cache.settled(h)]
+    if waiting and policy.allow_internet_access:
+        policy = replace(policy, allow_internet_access=False)
+    return policy, waiting
+
+
 def plan(
     policy: Policy,
     config: Config,
@@ -64,9 +73,7 @@ def plan(
     as if allow_internet_access were false. An allow_out host not resolved yet allows nothing.
     """
     allow_hosts, deny_hosts = policy.allow_out.hostnames, policy.deny_out.hostnames
-    waiting = [h for h in deny_hosts if cache is None or not cache.settled(h)]
-    if waiting and policy.allow_internet_access:
-        policy = replace(policy, allow_internet_access=False)
+    policy, waiting = enforced_policy(policy, cache)
     ruleset = render_fn(policy) if render_fn is not None else render(policy, config)
     if not ruleset.dns_sets:
         return ruleset, {}, None

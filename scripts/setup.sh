@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
     nftables python3-nftables python3-venv python3-pip iproute2 iputils-ping
     tcpdump conntrack netcat-openbsd dnsmasq-base
+    systemd  # systemd-analyze, to verify packaging/egressd.service
 )
 
 if [ "$(id -u)" != 0 ]; then

@@ -1,0 +1,74 @@
+"""`egressd explain`: why a sandbox can or cannot reach a destination, in the agent's own terms.
+
+Every verdict comes from decide.decide, the function the differential tests check against the kernel, fed
+with what the kernel is given: the enforced policy (held closed as plan() holds it) and the DNS cache's
+addresses. This module only chooses the inputs and words the answer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from egressd.config import Config
+from egressd.decide import IPAddress, Verdict, decide
+from egressd.dns import DnsCache
+from egressd.policy import Policy, parse_entry
+from egressd.reconcile import enforced_policy
+
+
+def parse_dest(text: str) -> IPAddress | str:
+    """One address (as an address) or one host name (normalised); anything else is a ValueError that says
+    what to write instead."""
+    try:
+        return ipaddress.ip_address(text.strip())
+    except ValueError:
+        pass
+    entry = parse_entry(text)  # its errors already say what to write instead
+    if isinstance(entry, str):
+        return entry
+    if entry.prefixlen == entry.max_prefixlen:
+        return entry.network_address  # e.g. 198.51.100.7/32
+    raise ValueError(
+        f"{entry} is a network; explain judges one destination: give one address in it, "
+        f"e.g. {next(iter(entry.hosts()), entry.network_address)}"
+    )
+
+
+def _detail(v: Verdict, addr: IPAddress, cache: DnsCache | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"address": str(addr), "action": v.action, "step": v.step, "entry": v.entry}
+    out["host"] = v.host
+    text = str(v)
+    if v.host and v.entry is not None:
+        held = cache.held_since(v.entry, str(addr)) if cache is not None else None
+        ago, current = held if held is not None else (None, False)
+        out["resolved_ago"], out["current"] = ago, current
+        when = "" if ago is None else f", resolved {ago:g} s ago"
+        text += f" ({addr}{when}{'' if current else ', retained from an earlier answer'})"
+    out["text"] = text
+    return out
+
+
+def explain_addresses(
+    policy: Policy, config: Config, cache: DnsCache | None, addrs: list[IPAddress]
+) -> dict[str, Any]:
+    """The verdict for each address under the policy in force; `held_closed` says when plan() holds the
+    sandbox closed (its allow_internet_access is then false whatever the record says)."""
+    enforced, waiting = enforced_policy(policy, cache)
+    resolved = cache.addresses if cache is not None else (lambda name: frozenset())
+    results = [_detail(decide(enforced, config, a, resolved), a, cache) for a in addrs]
+    held = None
+    if waiting and policy.allow_internet_access:
+        held = f"held closed until deny_out hosts resolve: {', '.join(waiting)}"
+        for r in results:
+            if r["step"] == "internet":
+                r["text"] += f" ({held})"
+    notes = []
+    if not enforced.allow_internet_access and enforced.allow_out.hostnames and config.sandbox_resolvers:
+        for a, r in zip(addrs, results, strict=True):
+            guarded = r["step"] in ("embedded-ipv4", "guard.deny")
+            if not guarded and any(a.version == n.version and a in n for n in config.sandbox_resolvers):
+                notes.append(
+                    f"{a}: port 53 (TCP and UDP) is accepted first, as one of [dns] sandbox_resolvers"
+                )
+    return {"held_closed": held, "results": results, "notes": notes}
