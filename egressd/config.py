@@ -127,6 +127,53 @@ class _Log(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+def parse_listen(value: str) -> tuple[str, int] | None:
+    """`host:port` or `[v6]:port` -> (host, port); "" -> None (metrics off). ValueError says what to write."""
+    if value == "":
+        return None
+    hint = 'give "HOST:PORT", e.g. "127.0.0.1:9469" or "[::1]:9469", or "" to turn metrics off'
+    if "/" in value:
+        raise ValueError(f"{value!r}: not a URL; {hint}")
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{value!r}: an IPv6 address in brackets must be followed by :PORT; {hint}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{value!r}: {host!r} is not an IPv6 address; {hint}") from None
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{value!r}: no port; {hint}")
+        if ":" in host:
+            raise ValueError(f'{value!r}: put an IPv6 address in brackets, e.g. "[::1]:9469"')
+        if not all(c.isalnum() or c in ".-" for c in host):
+            raise ValueError(f"{value!r}: {host!r} is not an address or host name; {hint}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: port {port!r} must be a number from 1 to 65535; {hint}")
+    return host, int(port)
+
+
+class _Metrics(_Strict):
+    listen: str = "127.0.0.1:9469"
+    # Seconds between reads of every sandbox's `denied` counter; 0 turns the per-sandbox series off.
+    counters_interval: float = Field(default=15.0, ge=0, le=3600)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: str) -> str:
+        parse_listen(v)
+        return v
+
+    @field_validator("counters_interval")
+    @classmethod
+    def _check_interval(cls, v: float) -> float:
+        if 0 < v < 0.1:
+            raise ValueError("must be 0 (off) or at least 0.1 seconds")
+        return v
+
+
 class _ConfigModel(_Strict):
     guard: _Guard = Field(default_factory=_Guard)
     enforce: _Enforce = Field(default_factory=_Enforce)
@@ -137,6 +184,7 @@ class _ConfigModel(_Strict):
     reconcile: _Reconcile = Field(default_factory=_Reconcile)
     control: _Control = Field(default_factory=_Control)
     log: _Log = Field(default_factory=_Log)
+    metrics: _Metrics = Field(default_factory=_Metrics)
 
 
 @dataclass(frozen=True)
@@ -183,6 +231,8 @@ class Config:
     control_socket: str = "/run/egressd/control.sock"
     log_format: str = "json"
     log_level: str = "info"
+    metrics_listen: str = "127.0.0.1:9469"  # "" turns metrics off; see parse_listen
+    metrics_counters_interval: float = 15.0
 
 
 def _to_config(m: _ConfigModel) -> Config:
@@ -215,6 +265,8 @@ def _to_config(m: _ConfigModel) -> Config:
         control_socket=m.control.socket,
         log_format=m.log.format,
         log_level=m.log.level,
+        metrics_listen=m.metrics.listen,
+        metrics_counters_interval=m.metrics.counters_interval,
     )
 
 

@@ -27,6 +27,7 @@ from egressd.explain import explain_addresses, parse_dest
 from egressd.feed import FeedError, Line, Source, parse_source
 from egressd.hostside import HostBackend
 from egressd.logs import log, setup_logging
+from egressd.metrics import DeniedCounters, Metrics, MetricsError, on_loop, snapshot
 from egressd.monitor import ChangeMonitor, raise_fd_limit
 from egressd.nft import Backend, LibnftBackend
 from egressd.policy import PolicyError, parse_line
@@ -114,6 +115,7 @@ class Agent:
         self.config = config
         self.config_path = config_path
         self.overrides = overrides
+        self.backend = backend
         self.state = StateFile(config.state_dir)
         self.persister = Persister(self.state, lambda: export_state(self.reconciler), self._persisted)
         cache = DnsCache(config.dns_min_ttl, config.dns_max_ttl, config.dns_retention)
@@ -138,6 +140,26 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self.state_problem: str | None = None
         self.exit_code = 0
+        self.metrics: Metrics | None = None
+        self.denied: DeniedCounters | None = None
+        self.metrics_error: str | None = None
+
+    def _start_metrics(self) -> None:
+        """[metrics] listen: the endpoint, the reconciler's timing hook, the denied-counter cache."""
+        if not self.config.metrics_listen:
+            return
+        self.denied = DeniedCounters(self.reconciler, self.backend)  # type: ignore[arg-type]
+
+        def read() -> Any:
+            return snapshot(self.reconciler, self.feed_lines, self.feed_rejected, self.denied)
+
+        self.metrics = Metrics(on_loop(asyncio.get_running_loop(), read))
+        self.reconciler.observe = self.metrics.observe
+        try:
+            self.metrics.serve(self.config.metrics_listen)
+        except MetricsError as e:  # metrics are not worth stopping enforcement for: said loudly, not fatal
+            self.metrics_error = str(e)
+            log(logging.ERROR, "metrics_failed", error=str(e), detail="enforcement goes on without metrics")
 
     def _make_monitor(self, config: Config) -> ChangeMonitor | None:
         """Tables changed inside a sandbox are repaired when nftables reports it, not at the next resync."""
@@ -266,6 +288,7 @@ class Agent:
             "counts": self.reconciler.state_counts(),
             "reconciles": dict(self.reconciler.counters),
             "monitor": self.monitor.info() if self.monitor is not None else None,
+            "metrics": {"listen": self.config.metrics_listen or None, "error": self.metrics_error},
         }
 
     def dns_info(self) -> dict[str, Any]:
@@ -298,7 +321,7 @@ class Agent:
         except ConfigError as e:
             log(logging.ERROR, "reload_failed", error=str(e), detail="keeping the running configuration")
             return
-        fixed = {"feed_source", "state_dir", "control_socket", "workers", "watch_changes"}
+        fixed = {"feed_source", "state_dir", "control_socket", "workers", "watch_changes", "metrics_listen"}
         changed = sorted(k for k in fixed if getattr(config, k) != getattr(self.config, k))
         if changed:
             log(logging.WARNING, "reload_needs_restart", keys=changed)
@@ -385,12 +408,15 @@ class Agent:
             await self.reconciler.stop()
             if self.monitor is not None:
                 self.monitor.close()
+            if self.metrics is not None:
+                self.metrics.close()
         log(logging.INFO, "stopped")
         return self.exit_code
 
     async def _start(self) -> None:
         """Persisted state and the feed's backlog first, then one reconcile of everything, then READY=1."""
         self._restore()
+        self._start_metrics()
         self._tasks.append(asyncio.create_task(self.dns.run(), name="dns"))
         feed = asyncio.create_task(self.source.run(self.on_line), name="feed")
         feed.add_done_callback(self._feed_ended)
@@ -417,6 +443,9 @@ class Agent:
             self.monitor.check_on_watch = True  # sandboxes watched from now on have no such pass
         self._tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
         self._tasks.append(asyncio.create_task(self._namespace_loop(), name="namespaces"))
+        if self.denied is not None:
+            counters = self.denied.run(lambda: self.config.metrics_counters_interval)
+            self._tasks.append(asyncio.create_task(counters, name="denied-counters"))
         watchdog_usec = os.environ.get("WATCHDOG_USEC")
         if watchdog_usec and watchdog_usec.isdigit() and int(watchdog_usec) > 0:
             self._tasks.append(asyncio.create_task(self._watchdog(int(watchdog_usec) / 2e6), name="watchdog"))

@@ -271,6 +271,12 @@ class LibnftBackend:
         listing = self._list(netns, {"chain": {"family": FAMILY, "table": TABLE, "name": FINGERPRINT_CHAIN}})
         return None if listing is None else fingerprint_of(listing)
 
+    def counter(self, netns: str, name: str = "denied") -> tuple[int, int] | None:
+        """(packets, bytes) of a named counter of egressd's table; None when there is no such table or
+        counter. One libnftables call, under the global lock."""
+        listing = self._list(netns, {"counter": {"family": FAMILY, "table": TABLE, "name": name}})
+        return counter_of(listing, name)
+
     def remove(self, netns: str) -> bool:
         rc, _, err = self._cmd(
             netns, {"nftables": [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]}
@@ -298,6 +304,15 @@ class LibnftBackend:
         self._home_nft = None
 
 
+def counter_of(listing: list[Json] | None, name: str) -> tuple[int, int] | None:
+    """(packets, bytes) of the named counter in a listing."""
+    for item in listing or ():
+        c = item.get("counter")
+        if c and c.get("name") == name:
+            return int(c.get("packets", 0)), int(c.get("bytes", 0))
+    return None
+
+
 @dataclass
 class FakeBackend:
     """In memory, copy-on-apply, with a record of every write; `fail` injects errors per namespace."""
@@ -307,6 +322,7 @@ class FakeBackend:
     elements: dict[str, dict[str, set[str]]] = field(default_factory=dict)
     writes: list[tuple[str, str]] = field(default_factory=list)
     fail: Callable[[str, str], Exception | None] | None = None
+    counters: dict[str, tuple[int, int]] = field(default_factory=dict)  # netns -> denied (packets, bytes)
 
     def _check(self, netns: str, op: str) -> None:
         if netns not in self.namespaces:
@@ -358,6 +374,12 @@ class FakeBackend:
     def fingerprint(self, netns: str) -> str | None:
         listing = self.read(netns)
         return None if listing is None else fingerprint_of(listing)
+
+    def counter(self, netns: str, name: str = "denied") -> tuple[int, int] | None:
+        self._check(netns, "counter")
+        if netns not in self.tables or name != "denied":
+            return None
+        return self.counters.get(netns, (0, 0))
 
     def remove(self, netns: str) -> bool:
         self._check(netns, "remove")

@@ -255,6 +255,10 @@ class Reconciler:
         self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="egressd-apply")
         self._workers: list[asyncio.Task[None]] = []
         self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
+        self.retries = 0  # retries scheduled after a failed attempt
+        # Told how long each piece of work took: ("reconcile", s) for one sandbox's whole pass, ("apply", s)
+        # for one table sync in a worker thread (the daemon feeds its metrics with it; see metrics.py).
+        self.observe: Callable[[str, float], None] | None = None
 
     # --- desired state, from the feed -----------------------------------------------------------------
 
@@ -455,6 +459,7 @@ class Reconciler:
     async def _worker(self) -> None:
         while True:
             sid = await self.queue.get()
+            t0 = time.monotonic()
             try:
                 await self._reconcile(sid)
             except Exception as e:  # a bug must not stop the worker: it is logged, reported and retried
@@ -463,9 +468,24 @@ class Reconciler:
                 self._retry(sid, self.config.retry_max)
             finally:
                 self.queue.done(sid)
+                self._observe("reconcile", time.monotonic() - t0)
+
+    def _observe(self, kind: str, seconds: float) -> None:
+        if self.observe is not None:
+            self.observe(kind, seconds)
+
+    def tables(self) -> dict[str, str]:
+        """Sandbox id -> the namespace path that holds its table, for every table this agent wrote or
+        adopted (a copy: safe to keep across awaits)."""
+        return dict(self._applied_at)
+
+    async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) in the reconciler's worker threads, as the table work runs (metrics reads counters)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _retry(self, sid: str, cap: float) -> None:
         attempt = self._attempts.get(sid, 0)
+        self.retries += 1
         self._attempts[sid] = attempt + 1
         delay = min(cap, self.config.retry_initial * (2**attempt)) * self._rng.uniform(0.5, 1.0)
         asyncio.get_running_loop().call_later(delay, self.queue.add, sid)
@@ -527,11 +547,14 @@ class Reconciler:
                 self._executor, self._sync, self.backend, d.netns, ruleset, elements, last_fp
             )
         except NetnsError as e:
+            self._observe("apply", time.monotonic() - t0)
             self._attempts_failed(sid, d, e.reason, pending=e.gone)
             return
         except ApplyError as e:
+            self._observe("apply", time.monotonic() - t0)
             self._attempts_failed(sid, d, str(e), pending=False)
             return
+        self._observe("apply", time.monotonic() - t0)
         if self.on_table is not None and (self._applied_at.get(sid) != d.netns or sid not in self._idents):
             self.on_table(sid, d.netns)  # a new path, or a new namespace at the same path
         self._applied_at[sid] = d.netns
@@ -606,8 +629,10 @@ class Reconciler:
                 self._executor, self._sync, self.host_backend, iface, ruleset, elements, last_fp
             )
         except ApplyError as e:
+            self._observe("apply", time.monotonic() - t0)
             self.counters["host_failed"] += 1
             return str(e), 0
+        self._observe("apply", time.monotonic() - t0)
         self._host_at[sid] = iface
         self._host_written[sid] = (iface, result.fingerprint)
         self.digests[result.fingerprint] = result.digest

@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from egressd.config import ConfigError, config_from_dict, load_config
+from egressd.config import ConfigError, config_from_dict, load_config, parse_listen
 
 
 def test_defaults_match_the_documented_guard():
@@ -52,3 +52,36 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("[guard\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "listen, says",
+    [
+        ("127.0.0.1", "no port"),
+        ("::1:9469", "put an IPv6 address in brackets"),
+        ("[::1]9469", "must be followed by :PORT"),
+        ("[nope]:9469", "is not an IPv6 address"),
+        ("127.0.0.1:0", "must be a number from 1 to 65535"),
+        ("127.0.0.1:http", "must be a number from 1 to 65535"),
+        ("http://127.0.0.1:9469", "not a URL"),
+        ("a b:9469", "is not an address or host name"),
+    ],
+)
+def test_metrics_listen_errors(listen, says):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"metrics": {"listen": listen}}, "egressd.toml")
+    assert says in str(e.value) and "metrics.listen" in str(e.value)
+
+
+def test_metrics_listen_forms():
+    assert load_config(None).metrics_listen == "127.0.0.1:9469"
+    assert load_config(None).metrics_counters_interval == 15
+    assert parse_listen("127.0.0.1:9469") == ("127.0.0.1", 9469)
+    assert parse_listen("[::1]:9469") == ("::1", 9469)
+    assert parse_listen("localhost:80") == ("localhost", 80)
+    assert parse_listen("") is None
+    assert config_from_dict({"metrics": {"listen": ""}}).metrics_listen == ""
+    with pytest.raises(ConfigError, match=r"unknown key 'metrics\.port'"):
+        config_from_dict({"metrics": {"port": 1}})
+    with pytest.raises(ConfigError, match=r"metrics\.counters_interval"):
+        config_from_dict({"metrics": {"counters_interval": 0.01}})

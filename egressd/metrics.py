@@ -1,0 +1,254 @@
+"""Prometheus metrics: `[metrics] listen` (default 127.0.0.1:9469), served by prometheus_client.
+
+Nothing is counted twice: a custom collector reads the agent's own state (statuses, reconcile counters,
+DNS and feed counts) at scrape time, on the event loop, so a scrape sees one consistent moment. Only two
+things live here: the reconcile/apply duration histograms, fed by the reconciler's `observe` hook, and the
+cache of per-sandbox `denied` counters.
+
+Reading a sandbox's `denied` counter is one libnftables call in its namespace under the process-wide
+lock, so it is never done by a scrape: a background task reads every table every `counters_interval`
+seconds, in batches of COUNTER_BATCH on the reconciler's worker threads (table work interleaves between
+batches), and the collector serves the last values read.
+
+Cardinality: every series has a small fixed label set, except the two per-sandbox counters, which carry
+`sandbox` (the id): 2 x N series for N sandboxes with a table (2,000 at 1,000 sandboxes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from egressd.config import parse_listen
+from egressd.logs import log
+from egressd.netns import NetnsError
+from egressd.nft import ApplyError
+from egressd.reconcile import COUNTERS, Reconciler
+
+COUNTER_BATCH = 50  # counters read per trip to a worker thread
+SCRAPE_TIMEOUT = 5.0
+STATES = ("enforced", "pending", "error")
+# Apply: one table sync (a read, and a write when needed): 1 ms .. 1 s is the range that matters.
+APPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+RECONCILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class MetricsError(Exception):
+    """The metrics endpoint cannot be served (the address is in use, or not ours)."""
+
+
+class CounterBackend(Protocol):
+    def counter(self, netns: str, name: str = "denied") -> tuple[int, int] | None: ...
+
+
+@dataclass
+class Snapshot:
+    """What a scrape reports, read at one moment on the event loop."""
+
+    states: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
+    reconciles: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    retries: int = 0
+    dns_queries: int = 0
+    dns_failures: int = 0
+    dns_names: int = 0
+    feed_lines: int = 0
+    feed_rejected: int = 0
+    denied: dict[str, tuple[int, int]] = field(default_factory=dict)  # sandbox -> (packets, bytes)
+
+
+def snapshot(
+    reconciler: Reconciler, feed_lines: int, feed_rejected: int, denied: DeniedCounters | None
+) -> Snapshot:
+    """The agent's live state, as the collector reports it. Call on the event loop."""
+    states = dict.fromkeys(STATES, 0)
+    for sid in set(reconciler.desired) | set(reconciler.status):
+        st = reconciler.status.get(sid)
+        state = st.state if st is not None else "pending"  # as `egressd status` reports it
+        states[state] = states.get(state, 0) + 1
+    dns = reconciler.dns
+    known = reconciler.desired
+    return Snapshot(
+        states=states,
+        reconciles=dict(reconciler.counters),
+        retries=reconciler.retries,
+        dns_queries=dns.queries if dns is not None else 0,
+        dns_failures=dns.failures if dns is not None else 0,
+        dns_names=len(dns.cache.names) if dns is not None else 0,
+        feed_lines=feed_lines,
+        feed_rejected=feed_rejected,
+        denied={s: v for s, v in denied.values.items() if s in known} if denied is not None else {},
+    )
+
+
+class AgentCollector(Collector):
+    """Builds every state-derived metric from read() at scrape time."""
+
+    def __init__(self, read: Callable[[], Snapshot]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        s = self._read()
+        g = GaugeMetricFamily(
+            "egressd_sandboxes", "Sandboxes known to the agent, by enforcement state", labels=["state"]
+        )
+        for state, n in sorted(s.states.items()):
+            g.add_metric([state], n)
+        yield g
+        c = CounterMetricFamily(
+            "egressd_reconciles",
+            "Reconcile outcomes per sandbox pass (host_* are host-side tables)",
+            labels=["outcome"],
+        )
+        for outcome, n in sorted(s.reconciles.items()):
+            c.add_metric([outcome], n)
+        yield c
+        yield CounterMetricFamily(
+            "egressd_apply_errors",
+            "Reconcile attempts that failed (nftables refused, namespace missing, host side failed)",
+            value=s.reconciles.get("failed", 0),
+        )
+        yield CounterMetricFamily(
+            "egressd_apply_retries", "Retries scheduled after a failed attempt", value=s.retries
+        )
+        yield CounterMetricFamily("egressd_dns_queries", "DNS queries sent by the agent", value=s.dns_queries)
+        yield CounterMetricFamily(
+            "egressd_dns_failures", "DNS queries that got no usable answer", value=s.dns_failures
+        )
+        yield GaugeMetricFamily(
+            "egressd_dns_cache_names", "Host names held in the DNS cache", value=s.dns_names
+        )
+        yield CounterMetricFamily("egressd_feed_lines", "Feed lines read", value=s.feed_lines)
+        yield CounterMetricFamily(
+            "egressd_feed_lines_rejected", "Feed lines (or records in them) rejected", value=s.feed_rejected
+        )
+        packets = CounterMetricFamily(
+            "egressd_denied_packets",
+            "Packets denied by a sandbox's table (its `denied` counter, read every counters_interval)",
+            labels=["sandbox"],
+        )
+        nbytes = CounterMetricFamily(
+            "egressd_denied_bytes",
+            "Bytes denied by a sandbox's table (its `denied` counter, read every counters_interval)",
+            labels=["sandbox"],
+        )
+        for sid, (p, b) in sorted(s.denied.items()):
+            packets.add_metric([sid], p)
+            nbytes.add_metric([sid], b)
+        yield packets
+        yield nbytes
+
+
+class DeniedCounters:
+    """The last `denied` counter values read from each sandbox's table, refreshed in the background."""
+
+    def __init__(self, reconciler: Reconciler, backend: CounterBackend, batch: int = COUNTER_BATCH) -> None:
+        self.reconciler = reconciler
+        self.backend = backend
+        self.batch = batch
+        self.values: dict[str, tuple[int, int]] = {}
+        self.refreshes = 0
+        self.last_duration = 0.0
+
+    def _read(self, items: list[tuple[str, str]]) -> list[tuple[str, tuple[int, int] | None]]:
+        """In a worker thread: one libnftables call per namespace."""
+        out: list[tuple[str, tuple[int, int] | None]] = []
+        for sid, netns in items:
+            try:
+                out.append((sid, self.backend.counter(netns)))
+            except (NetnsError, ApplyError):
+                out.append((sid, None))  # gone or being replaced: the reconciler deals with it
+        return out
+
+    async def refresh(self) -> None:
+        """Read every table's counter once, in batches, so table work is never queued behind all of it."""
+        t0 = time.monotonic()
+        tables = list(self.reconciler.tables().items())
+        fresh: dict[str, tuple[int, int]] = {}
+        for i in range(0, len(tables), self.batch):
+            for sid, value in await self.reconciler.run_blocking(self._read, tables[i : i + self.batch]):
+                if value is not None:
+                    fresh[sid] = value
+        self.values = fresh  # sandboxes deleted since the last pass drop out of the series
+        self.refreshes += 1
+        self.last_duration = time.monotonic() - t0
+
+    async def run(self, interval: Callable[[], float]) -> None:
+        while True:
+            every = interval()
+            if every <= 0:
+                self.values = {}
+                await asyncio.sleep(5.0)  # off; the interval may be turned on by a reload
+                continue
+            try:
+                await self.refresh()
+            except RuntimeError:  # the executor is shut down: the agent is stopping
+                return
+            await asyncio.sleep(every)
+
+
+class Metrics:
+    """The registry, the histograms, the denied-counter cache and the HTTP server of one agent."""
+
+    def __init__(self, read: Callable[[], Snapshot]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.reconcile_seconds = Histogram(
+            "egressd_reconcile_duration_seconds",
+            "One sandbox's whole reconcile pass (host side, table, status)",
+            buckets=RECONCILE_BUCKETS,
+            registry=self.registry,
+        )
+        self.apply_seconds = Histogram(
+            "egressd_apply_duration_seconds",
+            "One table sync in a worker thread: read, and write when the kernel differs",
+            buckets=APPLY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(AgentCollector(read))
+        self._server: Any = None
+        self._thread: Any = None
+
+    def observe(self, kind: str, seconds: float) -> None:
+        """The reconciler's hook."""
+        if kind == "reconcile":
+            self.reconcile_seconds.observe(seconds)
+        elif kind == "apply":
+            self.apply_seconds.observe(seconds)
+
+    def serve(self, listen: str) -> tuple[str, int] | None:
+        """Start the HTTP server (its own thread) on listen; "" serves nothing."""
+        where = parse_listen(listen)
+        if where is None:
+            return None
+        host, port = where
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise MetricsError(f"[metrics] listen = {listen!r}: cannot serve metrics there: {e}") from None
+        log(logging.INFO, "metrics_listening", address=listen, port=self._server.server_port)
+        return host, self._server.server_port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, read: Callable[[], Snapshot]) -> Callable[[], Snapshot]:
+    """read(), called from the HTTP server's thread but run on the event loop, which owns the state."""
+
+    async def call() -> Snapshot:
+        return read()
+
+    def threadsafe() -> Snapshot:
+        return asyncio.run_coroutine_threadsafe(call(), loop).result(SCRAPE_TIMEOUT)
+
+    return threadsafe

@@ -1,0 +1,174 @@
+"""Metrics: the collector reads live reconciler state at scrape time; per-sandbox counters come from a
+cache refreshed in the background; the HTTP endpoint. No root: the fake backend stands in for nftables."""
+
+import asyncio
+import random
+import socket
+import urllib.request
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from egressd.config import config_from_dict
+from egressd.metrics import DeniedCounters, Metrics, MetricsError, Snapshot, on_loop, snapshot
+from egressd.nft import FakeBackend
+from egressd.policy import PolicyError, parse_sandbox
+from egressd.reconcile import Reconciler
+
+CONFIG = config_from_dict({"reconcile": {"retry_initial": 0.01, "retry_max": 0.05, "workers": 2}})
+
+
+def sandbox(sid, **np):
+    return parse_sandbox({"id": sid, "netns": f"/run/netns/{sid}", "network_policy": np})
+
+
+def samples(registry) -> dict[tuple[str, tuple], float]:
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_collector_reads_live_state_and_cached_counters():
+    fb = FakeBackend(namespaces={"/run/netns/a", "/run/netns/b", "/run/netns/bad"})
+
+    async def main():
+        r = Reconciler(fb, CONFIG, rng=random.Random(1))
+        denied = DeniedCounters(r, fb, batch=1)  # batch 1: several trips to the executor
+        feed = {"lines": 7, "rejected": 2}
+        m = Metrics(lambda: snapshot(r, feed["lines"], feed["rejected"], denied))
+        r.observe = m.observe
+        r.start()
+        try:
+            r.upsert(sandbox("a", allow_internet_access=False))
+            r.upsert(sandbox("b"))
+            r.upsert(sandbox("late"))  # its namespace does not exist: pending, retried
+            r.reject(
+                PolicyError(["bad"], "bad", "/run/netns/bad", None)
+            )  # a new invalid record: deny-all, error
+            assert await r.wait_enforced("a", None, 5) and await r.wait_enforced("b", None, 5)
+            await asyncio.sleep(0.1)  # a few retries of "late"
+            fb.counters["/run/netns/a"] = (3, 180)
+            await denied.refresh()
+            got = samples(m.registry)
+            assert got[("egressd_sandboxes", (("state", "enforced"),))] == 2
+            assert got[("egressd_sandboxes", (("state", "pending"),))] == 1
+            assert got[("egressd_sandboxes", (("state", "error"),))] == 1
+            assert got[("egressd_reconciles_total", (("outcome", "applied"),))] == 3
+            assert got[("egressd_apply_errors_total", ())] >= 1
+            assert got[("egressd_apply_retries_total", ())] >= 1
+            assert got[("egressd_feed_lines_total", ())] == 7
+            assert got[("egressd_feed_lines_rejected_total", ())] == 2
+            assert got[("egressd_dns_queries_total", ())] == 0
+            assert got[("egressd_reconcile_duration_seconds_count", ())] >= 4
+            assert got[("egressd_apply_duration_seconds_count", ())] >= 3
+            assert got[("egressd_denied_packets_total", (("sandbox", "a"),))] == 3
+            assert got[("egressd_denied_bytes_total", (("sandbox", "a"),))] == 180
+            assert got[("egressd_denied_packets_total", (("sandbox", "b"),))] == 0
+            assert not any(k[1] == (("sandbox", "late"),) for k in got)  # no table: no series
+            # Live: the next scrape sees the next state, and a deleted sandbox's series go.
+            r.delete("b")
+            feed["lines"] += 1
+            assert await r.wait_idle(5)
+            await denied.refresh()
+            got = samples(m.registry)
+            assert got[("egressd_feed_lines_total", ())] == 8
+            assert got[("egressd_sandboxes", (("state", "enforced"),))] == 1
+            assert ("egressd_denied_packets_total", (("sandbox", "b"),)) not in got
+            assert denied.refreshes == 2
+        finally:
+            await r.stop()
+
+    asyncio.run(main())
+
+
+def test_counter_read_failures_leave_the_sandbox_out():
+    fb = FakeBackend(namespaces={"/run/netns/a"})
+
+    async def main():
+        r = Reconciler(fb, CONFIG, rng=random.Random(1))
+        r.start()
+        try:
+            r.upsert(sandbox("a"))
+            assert await r.wait_enforced("a", None, 5)
+            fb.namespaces.clear()  # the namespace went away between reconcile and counter read
+            denied = DeniedCounters(r, fb)
+            await denied.refresh()
+            assert denied.values == {}
+        finally:
+            await r.stop()
+
+    asyncio.run(main())
+
+
+def test_counters_interval_zero_turns_the_per_sandbox_series_off():
+    async def main():
+        r = Reconciler(FakeBackend(), CONFIG)
+        denied = DeniedCounters(r, FakeBackend())
+        denied.values = {"a": (1, 1)}
+        task = asyncio.create_task(denied.run(lambda: 0))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        assert denied.values == {} and denied.refreshes == 0
+        await r.stop()
+
+    asyncio.run(main())
+
+
+def test_http_endpoint_and_scrapes_run_on_the_loop():
+    async def main():
+        loop = asyncio.get_running_loop()
+        threads = []
+
+        def read():
+            import threading
+
+            threads.append(threading.current_thread())
+            return Snapshot(feed_lines=5)
+
+        m = Metrics(on_loop(loop, read))
+        port = free_port()
+        assert m.serve(f"127.0.0.1:{port}") == ("127.0.0.1", port)
+        try:
+            url = f"http://127.0.0.1:{port}/metrics"
+            body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+            assert "egressd_feed_lines_total 5.0" in body
+            assert 'egressd_sandboxes{state="enforced"} 0.0' in body
+            import threading
+
+            assert threads == [threading.main_thread()]  # the loop's thread, not the HTTP server's
+            with pytest.raises(MetricsError, match="cannot serve metrics there"):
+                Metrics(read).serve(f"127.0.0.1:{port}")  # in use
+        finally:
+            m.close()
+
+    asyncio.run(main())
+
+
+def test_empty_listen_serves_nothing():
+    assert Metrics(Snapshot).serve("") is None
+
+
+def test_ipv6_listen():
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            port = s.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    m = Metrics(lambda: Snapshot(feed_lines=1))
+    assert m.serve(f"[::1]:{port}") == ("::1", port)
+    try:
+        body = urllib.request.urlopen(f"http://[::1]:{port}/metrics", timeout=5).read().decode()
+        assert "egressd_feed_lines_total 1.0" in body
+    finally:
+        m.close()
