@@ -1,5 +1,5 @@
 # Conveniences over scripts/; the README's Quick start uses the scripts directly.
-.PHONY: setup test unit demo bench lint format clean
+.PHONY: setup test unit demo bench lint format clean deb
 
 setup:
 	bash scripts/setup.sh
@@ -23,6 +23,10 @@ lint: setup
 format: setup
 	.venv/bin/ruff format egressd netns_fixtures tests bench
 	.venv/bin/ruff check --fix egressd netns_fixtures tests bench
+
+# dist/egressd_<version>_<arch>.deb (root; see scripts/build-deb.sh).
+deb:
+	bash scripts/build-deb.sh
 
 clean:
 	rm -rf .venv build dist *.egg-info .pytest_cache .ruff_cache
