@@ -26,9 +26,12 @@ class AgentProcess:
         feed: str = "",
         env: dict[str, str] | None = None,
         netns: str | None = None,
+        wrap: list[str] | None = None,
+        feed_config: str = "",
     ) -> None:
         self.env = env or {}
         self.netns = netns  # run the agent inside this namespace (a test world's "host"), not the machine's
+        self.wrap = wrap or []  # a command prefix, e.g. nsenter into a private mount namespace
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.feed_path = self.dir / "events.ndjson"
@@ -37,8 +40,11 @@ class AgentProcess:
         self.log_path = self.dir / "agent.log"
         self.config_path = self.dir / "egressd.toml"
         feed = feed or f"file:{self.feed_path}"
+        if "[metrics]" not in extra_config:
+            # Test agents run side by side: none takes the default metrics port unless a test asks.
+            extra_config += '[metrics]\nlisten = ""\n'
         self.config_path.write_text(
-            f'[feed]\nsource = "{feed}"\n[state]\ndir = "{self.dir / "state"}"\n'
+            f'[feed]\nsource = "{feed}"\n{feed_config}[state]\ndir = "{self.dir / "state"}"\n'
             f'[control]\nsocket = "{self.socket}"\n[reconcile]\nresync_interval = {resync_interval}\n'
             f"retry_initial = 0.05\nretry_max = 0.5\n{extra_config}"
         )
@@ -47,7 +53,7 @@ class AgentProcess:
     def start(self, wait_ready: bool = True, stdin: int = subprocess.DEVNULL) -> AgentProcess:
         readies = len(self.events("ready")) if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        prefix = [*self.wrap, *(["ip", "netns", "exec", self.netns] if self.netns else [])]
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "egressd", "run", "--config", str(self.config_path)],
             stdin=stdin,

@@ -33,14 +33,26 @@ def arrived(sniffer, dst):
 def test_every_protocol_number_is_judged(world, enforce):
     sb = world.sandboxes[0]
     enforce(sb, **CLOSED)
-    with Sniffer(world.inet) as sniffer:
-        for dst in (ALLOWED4, DENIED4, ALLOWED6, DENIED6):
-            # Three copies each: on a loaded machine tcpdump can miss one of a back-to-back burst, and the
-            # allowed side is the control that proves the packets are real.
-            scapy_send(sb.name, [{"dst": dst, "proto": "raw", "proto_num": n, "count": 3} for n in PROTOCOLS])
-    for dst in (ALLOWED4, ALLOWED6):
-        assert {l3_proto(p) for p in arrived(sniffer, dst)} >= set(PROTOCOLS) - {41}, dst
-    assert arrived(sniffer, DENIED4) == [] and arrived(sniffer, DENIED6) == []
+    expected = set(PROTOCOLS) - {41}
+    seen: dict[str, set[int]] = {ALLOWED4: set(), ALLOWED6: set()}
+    missing = {ALLOWED4: set(PROTOCOLS), ALLOWED6: set(PROTOCOLS)}
+    # The allowed side is the control that proves the packets are real. On a loaded machine a window of
+    # a burst can go missing on the way (seen here: three consecutive protocols, every copy), so what did
+    # not arrive is sent again, to both sides, in up to three more rounds.
+    for _ in range(4):
+        with Sniffer(world.inet) as sniffer:
+            for allowed, denied in ((ALLOWED4, DENIED4), (ALLOWED6, DENIED6)):
+                again = [{"dst": d, "proto": "raw", "proto_num": n} for d in (allowed, denied)
+                         for n in sorted(missing[allowed])]  # fmt: skip
+                if again:
+                    scapy_send(sb.name, again)
+        assert arrived(sniffer, DENIED4) == [] and arrived(sniffer, DENIED6) == []
+        for dst in (ALLOWED4, ALLOWED6):
+            seen[dst] |= {l3_proto(p) for p in arrived(sniffer, dst)}
+            missing[dst] = expected - seen[dst]
+        if not any(missing.values()):
+            break
+    assert missing == {ALLOWED4: set(), ALLOWED6: set()}
 
 
 @pytest.mark.parametrize("size", [8, 64, 256])
