@@ -81,6 +81,11 @@ def open_netns(path: str) -> tuple[int, NsId]:
         try:
             kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
         except OSError:
+            if stat.S_ISREG(st.st_mode):
+                # `ip netns add` and CNI plugins create an empty file, then bind-mount the namespace onto it
+                # (and `ip netns del` leaves one for an instant): wait for it like a missing path.
+                reason = "no namespace is mounted on it (yet, or any more)"
+                raise NetnsError(path, reason, gone=True) from None
             raise NetnsError(
                 path, "is not a namespace file (expected /run/netns/NAME or /proc/PID/ns/net)"
             ) from None

@@ -418,9 +418,12 @@ class Reconciler:
         changed = []
         for sid, path in list(self._applied_at.items()):
             before = self._idents.get(sid)
-            if before is not None and _ident(path) != before:
+            now = _ident(path)
+            if before is not None and now != before:
                 changed.append(sid)
                 del self._idents[sid]
+                if now is None:
+                    self._let_go(sid)
                 self._written.pop(sid, None)  # that table went with its namespace: a new one is no repair
                 d = self.desired.get(sid)
                 if d is not None:  # not enforced until the new namespace has its table: `wait` must know
@@ -430,6 +433,14 @@ class Reconciler:
                     )
                 self.queue.add(sid, urgent=True)
         return changed
+
+    def _let_go(self, sid: str) -> None:
+        """Its namespace is gone: hold nothing of it (the change monitor's socket, the libnftables context
+        would keep it alive). When a namespace appears at the path again, it is a first apply there."""
+        path = self._applied_at.pop(sid, None)
+        self._written.pop(sid, None)
+        if path is not None and self.on_table is not None:
+            self.on_table(sid, None)  # (the backend drops its context when it finds the path gone)
 
     def resync(self) -> None:
         """Check every sandbox against the kernel again (drift, late namespaces, earlier failures)."""
@@ -548,6 +559,8 @@ class Reconciler:
             )
         except NetnsError as e:
             self._observe("apply", time.monotonic() - t0)
+            if e.gone:
+                self._let_go(sid)
             self._attempts_failed(sid, d, e.reason, pending=e.gone)
             return
         except ApplyError as e:
