@@ -143,18 +143,21 @@ def test_missing_namespace_is_reported_and_never_created(backend):
 
 
 @pytest.mark.parametrize(
-    "kind, says",
+    "kind, says, gone",
     [
-        ("file", "is not a namespace file"),
-        ("dir", "is a directory"),
-        ("host", "is the agent's own (host) network namespace"),
-        ("mnt", "not a network namespace"),
+        # An empty file is what `ip netns add` leaves before it mounts the namespace: refused, and waited for.
+        ("empty", "no namespace is mounted on it", True),
+        ("file", "is a regular file, not a network namespace", False),
+        ("dir", "is a directory", False),
+        ("host", "is the agent's own (host) network namespace", False),
+        ("mnt", "not a network namespace", False),
     ],
 )
-def test_paths_that_are_not_sandbox_namespaces_are_refused(tmp_path, kind, says):
-    if kind == "file":
+def test_paths_that_are_not_sandbox_namespaces_are_refused(tmp_path, kind, says, gone):
+    if kind in ("empty", "file"):
         path = str(tmp_path / "netns")
-        open(path, "w").close()
+        with open(path, "w") as f:
+            f.write("" if kind == "empty" else "not a namespace")
     elif kind == "dir":
         path = str(tmp_path)
     elif kind == "host":
@@ -163,7 +166,7 @@ def test_paths_that_are_not_sandbox_namespaces_are_refused(tmp_path, kind, says)
         path = "/proc/self/ns/mnt"
     with pytest.raises(NetnsError) as e:
         open_netns(path)
-    assert says in str(e.value) and not e.value.gone
+    assert says in str(e.value) and e.value.gone is gone
 
 
 def test_a_path_that_now_names_another_namespace_gets_a_fresh_context(world):
