@@ -38,8 +38,11 @@ from egressd.nft import (
     active_variant,
     element_commands,
     fingerprint_of,
+    listing_of,
+    other_variant,
     replace_table,
     retire_commands,
+    update_commands,
 )
 from egressd.render import (
     FINGERPRINT_CHAIN,
@@ -47,8 +50,6 @@ from egressd.render import (
     Json,
     Ruleset,
     Target,
-    stage_commands,
-    switch_commands,
 )
 
 GUARD_TABLE = "egressd_host"
@@ -154,11 +155,7 @@ class HostBackend:
 
     def _list(self, what: Json) -> list[Json] | None:
         rc, out, err = self._nft.host_cmd({"nftables": [{"list": what}]})
-        if rc != 0:
-            if "No such file or directory" in err:
-                return None
-            raise ApplyError(f"cannot list the host-side tables: {err.strip()}")
-        return [item for item in out["nftables"] if "metainfo" not in item]
+        return listing_of(rc, out, err, "cannot list the host-side tables")
 
     def ensure_guard(self) -> bool:
         """The guard table, as this config wants it; True when it had to be (re)written. Without it a
@@ -192,12 +189,11 @@ class HostBackend:
         if listing is None or active is None:
             self._run(replace_table(ruleset, elements, target)["nftables"], "table")
             return
-        new = "b" if active == "a" else "a"
-        clear = retire_commands(listing, new, target)
-        stage = clear + stage_commands(ruleset, new, target) + element_commands("add", elements, new, target)
-        self._run(stage, "staged policy")
+        clear = retire_commands(listing, other_variant(active), target)
         retire = retire_commands(listing, active, target)
-        self._run(switch_commands(ruleset, new, retire, target), "switch")
+        _, stage, switch = update_commands(ruleset, elements, active, clear, retire, target)
+        self._run(stage, "staged policy")
+        self._run(switch, "switch")
 
     def update_elements(self, where: str, add: Elements, delete: Elements, variant: str = "a") -> None:
         target = target_for(where)

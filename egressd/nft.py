@@ -107,8 +107,33 @@ def retire_commands(listing: list[Json], variant: str, target: Target = NETNS) -
     return out
 
 
-def _other(variant: str) -> str:
+def other_variant(variant: str) -> str:
     return VARIANTS[1] if variant == VARIANTS[0] else VARIANTS[0]
+
+
+def update_commands(
+    ruleset: Ruleset,
+    elements: Elements | None,
+    active: str,
+    clear: list[Json],
+    retire: list[Json],
+    target: Target = NETNS,
+) -> tuple[str, list[Json], list[Json]]:
+    """An update of a table in our shape: (the new variant, its stage transaction, its switch transaction).
+    The stage clears leftovers of the unused variant and creates the new policy there; the switch points
+    the hooks at it and retires `retire` (the variant in force)."""
+    new = other_variant(active)
+    stage = clear + stage_commands(ruleset, new, target) + element_commands("add", elements, new, target)
+    return new, stage, switch_commands(ruleset, new, retire, target)
+
+
+def listing_of(rc: int, out: Any, err: str, what: str) -> list[Json] | None:
+    """A libnftables `list` reply as a listing; None when the object is not there."""
+    if rc != 0:
+        if "No such file or directory" in err:
+            return None
+        raise ApplyError(f"{what}: {err.strip()}")
+    return [item for item in out["nftables"] if "metainfo" not in item]
 
 
 def _own_objects(ruleset: Ruleset, variant: str) -> list[Json]:
@@ -228,7 +253,7 @@ class LibnftBackend:
                 retire_commands(_own_objects(ruleset, "a"), "a"),
             )
             return
-        clear = retire_commands(listing, _other(active))
+        clear = retire_commands(listing, other_variant(active))
         self._stage_and_switch(netns, ruleset, elements, active, clear, retire_commands(listing, active))
 
     def _stage_and_switch(
@@ -240,11 +265,10 @@ class LibnftBackend:
         clear: list[Json],
         retire: list[Json],
     ) -> None:
-        new = _other(active)
+        new, stage, switch = update_commands(ruleset, elements, active, clear, retire)
         self._written.pop(netns, None)
-        stage = clear + stage_commands(ruleset, new) + element_commands("add", elements, new)
         self._run(netns, {"nftables": stage}, "staged policy")
-        self._run(netns, {"nftables": switch_commands(ruleset, new, retire)}, "switch")
+        self._run(netns, {"nftables": switch}, "switch")
         self._written[netns] = (
             self._cache.ident(netns),
             new,
@@ -258,11 +282,7 @@ class LibnftBackend:
 
     def _list(self, netns: str, what: Json) -> list[Json] | None:
         rc, out, err = self._cmd(netns, {"nftables": [{"list": what}]})
-        if rc != 0:
-            if "No such file or directory" in err:
-                return None
-            raise ApplyError(f"cannot list egressd's table in {netns}: {err.strip()}")
-        return [item for item in out["nftables"] if "metainfo" not in item]
+        return listing_of(rc, out, err, f"cannot list egressd's table in {netns}")
 
     def read(self, netns: str) -> list[Json] | None:
         return self._list(netns, {"table": {"family": FAMILY, "name": TABLE}})
