@@ -12,6 +12,7 @@ from egressd.nft import LibnftBackend
 from egressd.policy import Sandbox, parse_sandbox
 from egressd.render import render
 from netns_fixtures import World, cleanup
+from netns_fixtures.bulk import BulkNamespaces
 
 pytestmark = pytest.mark.root
 
@@ -93,3 +94,25 @@ def live_name(ns: str, neutral: str) -> str:
     live = [n for n in names if n in (f"{neutral}_a", f"{neutral}_b")]
     assert len(live) == 1, names
     return live[0]
+
+
+@pytest.fixture
+def netns_name(request) -> Iterator[str]:
+    """One throwaway network namespace, by name, for a test that needs a real one outside the world."""
+    name = f"eg{request.module.__name__.rsplit('_', 1)[-1][:4]}{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
+def bulk_table(bulk: BulkNamespaces, ns: str) -> list[dict] | None:
+    """`nft -j -a list table inet egressd` inside a bulk namespace (handles included): None when there is no
+    table. Read with the nft CLI, never through egressd."""
+    out = bulk.exec(ns, ["nft", "-j", "-a", "list", "table", "inet", "egressd"], check=False)
+    if out.returncode != 0:
+        assert "No such file or directory" in out.stderr, out.stderr
+        return None
+    return [i for i in json.loads(out.stdout)["nftables"] if "metainfo" not in i]

@@ -298,17 +298,6 @@ def test_the_installed_egressd_validates_with_the_installed_config(scratch, tmp_
     assert f"{bad}:1:" not in out.stdout + out.stderr
 
 
-@pytest.fixture
-def netns_name():
-    name = f"egdeb{os.getpid() % 100000}"
-    subprocess.run(["ip", "netns", "delete", name], capture_output=True)
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
-
-
 def test_the_installed_egressd_writes_a_table(scratch, tmp_path, netns_name):
     """libnftables through Debian's python3-nftables, from the packaged venv: `egressd apply` for real."""
     record = tmp_path / "s0.json"

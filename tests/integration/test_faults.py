@@ -45,6 +45,7 @@ from egressd.policy import parse_sandbox
 from egressd.render import render
 from netns_fixtures.bulk import BulkNamespaces
 from tests.integration.agent import AgentProcess
+from tests.integration.conftest import bulk_table
 
 pytestmark = pytest.mark.root
 
@@ -160,14 +161,6 @@ def bystander_record(i: int) -> dict[str, Any]:
         "revision": 1,
         "network_policy": {"allow_internet_access": False, "deny_out": [f"203.0.113.{i + 1}"]},
     }
-
-
-def kernel_table(bulk: BulkNamespaces, ns: str) -> list[dict[str, Any]] | None:
-    out = bulk.exec(ns, ["nft", "-j", "-a", "list", "table", "inet", "egressd"], check=False)
-    if out.returncode != 0:
-        assert "No such file or directory" in out.stderr, out.stderr
-        return None
-    return [i for i in json.loads(out.stdout)["nftables"] if "metainfo" not in i]
 
 
 def fingerprint_in(listing: list[dict[str, Any]] | None) -> str | None:
@@ -340,7 +333,7 @@ def test_a_namespace_deleted_in_the_middle_of_an_apply(bulk, traced_agent):
     a.send({"type": "upsert", "sandbox": victim_record(rev)})
     for sid in ["victim", *(f"by{i}" for i in range(BYSTANDERS))]:
         assert a.wait(sid, 1, timeout=SETTLE)
-    bystanders = {f"by{i}": kernel_table(bulk, f"by{i}") for i in range(BYSTANDERS)}
+    bystanders = {f"by{i}": bulk_table(bulk, f"by{i}") for i in range(BYSTANDERS)}
     assert all(fingerprint_in(t) for t in bystanders.values())
 
     report = []
@@ -383,7 +376,7 @@ def test_a_namespace_deleted_in_the_middle_of_an_apply(bulk, traced_agent):
         status = rows(a)
         for sid, listing in bystanders.items():
             assert (status[sid]["state"], status[sid]["writes"]) == ("enforced", 1), status[sid]
-            assert kernel_table(bulk, sid) == listing, f"{sid} changed"
+            assert bulk_table(bulk, sid) == listing, f"{sid} changed"
         freed = not witness_alive(bulk, veth)
 
         # Where the deletion landed: inside a sync of the victim? Between two of its transactions?
@@ -395,7 +388,7 @@ def test_a_namespace_deleted_in_the_middle_of_an_apply(bulk, traced_agent):
         t_new = time.monotonic()
         bulk.create(["victim"])
         assert a.wait("victim", rev, timeout=SETTLE), rows(a)["victim"]
-        listing = kernel_table(bulk, "victim")
+        listing = bulk_table(bulk, "victim")
         assert fingerprint_in(listing) == expected(rev)
         assert allowed_in(listing) == set(allow_list(rev))
         report.append(
@@ -453,9 +446,9 @@ def test_a_namespace_replaced_at_the_same_path_is_enforced_there_soon(bulk, tmp_
         bulk.detach("sb")
         bulk.create(["sb"])
         deadline = time.monotonic() + 5  # the agent looks for missing namespaces every second
-        while kernel_table(bulk, "sb") is None and time.monotonic() < deadline:
+        while bulk_table(bulk, "sb") is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert kernel_table(bulk, "sb") is not None, f"no table in the new namespace; status {rows(a)['sb']}"
+        assert bulk_table(bulk, "sb") is not None, f"no table in the new namespace; status {rows(a)['sb']}"
     finally:
         a.stop()
 

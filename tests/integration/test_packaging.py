@@ -219,17 +219,6 @@ def _kernel_has_mdwe() -> bool:
     return out.stdout.strip() not in ("", "-1")
 
 
-@pytest.fixture
-def netns_name():
-    name = f"egpkg{os.getpid() % 100000}"
-    subprocess.run(["ip", "netns", "delete", name], capture_output=True)
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
-
-
 @pytest.mark.root
 def test_egressd_works_with_the_units_capabilities_and_memory_deny_write_execute(netns_name, tmp_path):
     """`egressd apply` (libnftables through ctypes, setns) as root bounded to the unit's two capabilities,

@@ -35,6 +35,7 @@ from egressd.policy import parse_sandbox
 from egressd.render import render
 from netns_fixtures.bulk import BulkNamespaces
 from tests.integration.agent import AgentProcess
+from tests.integration.conftest import bulk_table
 
 pytestmark = pytest.mark.root
 
@@ -144,15 +145,6 @@ def usage(pid: int) -> dict[str, Any]:
     }
 
 
-def kernel_table(bulk: BulkNamespaces, ns: str) -> list[dict[str, Any]] | None:
-    """`nft -j -a list table inet egressd` inside ns (handles included): None when there is no table."""
-    out = bulk.exec(ns, ["nft", "-j", "-a", "list", "table", "inet", "egressd"], check=False)
-    if out.returncode != 0:
-        assert "No such file or directory" in out.stderr, out.stderr
-        return None
-    return [i for i in json.loads(out.stdout)["nftables"] if "metainfo" not in i]
-
-
 def check_table(listing: list[dict[str, Any]] | None, i: int, fingerprint: str) -> None:
     """The table in sandbox i's namespace is sandbox i's: its fingerprint, and its own deny address."""
     assert listing is not None, f"{name(i)}: no table in the kernel"
@@ -230,7 +222,7 @@ def test_ten_thousand_sandboxes_on_one_agent(bulk, tmp_path, record_property):
         t0 = time.monotonic()
         before = {}
         for i in sample:
-            before[i] = kernel_table(bulk, name(i))
+            before[i] = bulk_table(bulk, name(i))
             check_table(before[i], i, fingerprints[i])
         figures["kernel_sample_s"] = round(time.monotonic() - t0, 1)
 
@@ -270,7 +262,7 @@ def test_ten_thousand_sandboxes_on_one_agent(bulk, tmp_path, record_property):
         figures["restart"] = usage(a.proc.pid)
         figures["restart_log"] = {k: v for k, v in counts.items() if k != "adopted"}
         for i in sample:
-            assert kernel_table(bulk, name(i)) == before[i], f"{name(i)}: rewritten by the restart"
+            assert bulk_table(bulk, name(i)) == before[i], f"{name(i)}: rewritten by the restart"
 
         # --- a snapshot that drops half: exactly those tables go, the rest untouched -------------------
         keep = list(range(0, N, 2))
@@ -296,12 +288,12 @@ def test_ten_thousand_sandboxes_on_one_agent(bulk, tmp_path, record_property):
         assert not {"applied", "repaired", "error", "remove_failed", "reconcile_bug"} & set(counts), counts
         figures["drop"] = usage(a.proc.pid)
         for i in rng.sample(dropped, SAMPLE):
-            assert kernel_table(bulk, name(i)) is None, f"{name(i)}: dropped, but its table is still there"
+            assert bulk_table(bulk, name(i)) is None, f"{name(i)}: dropped, but its table is still there"
         for i in sample:
             if i % 2 == 0:
-                assert kernel_table(bulk, name(i)) == before[i], f"{name(i)}: kept, but its table changed"
+                assert bulk_table(bulk, name(i)) == before[i], f"{name(i)}: kept, but its table changed"
         for i in rng.sample(keep, SAMPLE):
-            check_table(kernel_table(bulk, name(i)), i, fingerprints[i])
+            check_table(bulk_table(bulk, name(i)), i, fingerprints[i])
     finally:
         t0 = time.monotonic()
         a.stop(timeout=budget("stop"))
