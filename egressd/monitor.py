@@ -26,32 +26,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
 import os
 import resource
 import socket
-import struct
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from egressd.logs import log
-from egressd.netns import CLONE_NEWNET, NetnsError, NsId, _libc_setns, netns_id, open_netns
+from egressd.netns import CLOSE_GRACE_S, NetnsError, NsId, _libc_setns, in_netns, netns_id
+from egressd.nfnl import (
+    NETLINK_NETFILTER,
+    NFNL_SUBSYS_NFTABLES,
+    NLMSG_MIN_TYPE,
+    NLMSG_NOOP,
+    NLMSGHDR,
+    align,
+    attributes,
+)
 
 # Netlink and nf_tables constants, checked against linux/netlink.h, linux/netfilter/nfnetlink.h and
 # linux/netfilter/nf_tables.h (and against this kernel: see tests/integration/test_monitor.py).
-NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 SO_RCVBUFFORCE = 33  # socket.h; needs CAP_NET_ADMIN, falls back to SO_RCVBUF (capped by rmem_max)
 NFNLGRP_NFTABLES = 7
-NFNL_SUBSYS_NFTABLES = 10
-NLMSG_NOOP = 1
-NLMSG_MIN_TYPE = 0x10  # types below are netlink control messages (error, done, overrun)
 # enum nf_tables_msg_types
 NFT_MSG_NEWTABLE = 0
 NFT_MSG_DELFLOWTABLE = 24
@@ -65,11 +68,8 @@ NFTA_GEN_PROC_NAME = 3  # the committing thread's comm
 # NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_TABLE, NFTA_SET_ELEM_LIST_TABLE, NFTA_OBJ_TABLE,
 # NFTA_FLOWTABLE_TABLE.
 NFTA_TABLE_ATTR = 1
-NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 PROC_PID_INIT_INO = 0xEFFFFFFC  # inode of the initial pid namespace (include/linux/proc_ns.h)
 
-NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-NLATTR = struct.Struct("=HH")  # len, type
 NFGENMSG_LEN = 4
 TABLE = b"egressd"
 
@@ -79,10 +79,6 @@ RCVBUF = 1 << 20  # per socket; memory is used only while events wait to be read
 RECV_BUFFER = 1 << 16  # larger than any notification datagram (the kernel batches them up to a page or so)
 DATAGRAMS_PER_WAKE = 64  # then other sockets get their turn; a socket with more stays readable
 MIN_GAP = 0.1  # seconds between two triggers of one sandbox: a tenant looping deletes cannot spin us
-
-
-def _align(n: int) -> int:
-    return (n + 3) & ~3
 
 
 class TransactionParser:
@@ -118,7 +114,7 @@ class TransactionParser:
             if length < header or off + length > end:
                 self.reset()
                 return reason or f"malformed event: netlink length {length}"
-            start, off = off, off + _align(length)
+            start, off = off, off + align(length)
             if kind == NLMSG_NOOP:
                 continue
             if kind < NLMSG_MIN_TYPE or kind >> 8 != NFNL_SUBSYS_NFTABLES:
@@ -134,7 +130,7 @@ class TransactionParser:
             attrs_view = view[start + header + NFGENMSG_LEN : start + length]
             if msg == NFT_MSG_NEWGEN:
                 try:
-                    attrs = _attributes(attrs_view, (NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME))
+                    attrs = attributes(attrs_view, (NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME))
                 except ValueError as e:
                     self.reset()
                     return reason or f"malformed event: {e}"
@@ -151,31 +147,13 @@ class TransactionParser:
                 self.touched = True  # a kind newer than this module: cannot tell, so it matters
                 continue
             try:
-                table = _attributes(attrs_view, (NFTA_TABLE_ATTR,)).get(NFTA_TABLE_ATTR)
+                table = attributes(attrs_view, (NFTA_TABLE_ATTR,)).get(NFTA_TABLE_ATTR)
             except ValueError as e:
                 self.reset()
                 return reason or f"malformed event: {e}"
             if table is None or bytes(table).rstrip(b"\0") == self._table:
                 self.touched = True
         return reason
-
-
-def _attributes(data: memoryview, wanted: tuple[int, ...]) -> dict[int, memoryview]:
-    """The wanted top-level attributes of a netlink message body; ValueError when the body is malformed."""
-    out: dict[int, memoryview] = {}
-    off = 0
-    end = len(data)
-    while off < end:
-        if end - off < NLATTR.size:
-            raise ValueError("truncated attribute header")
-        length, kind = NLATTR.unpack_from(data, off)
-        if length < NLATTR.size or off + length > end:
-            raise ValueError(f"attribute length {length}")
-        kind &= NLA_TYPE_MASK
-        if kind in wanted and kind not in out:
-            out[kind] = data[off + NLATTR.size : off + length]
-        off += _align(length)
-    return out
 
 
 def _be32(value: memoryview | None) -> int | None:
@@ -258,25 +236,7 @@ def open_monitor_socket(
     path goes through the same checks as every namespace egressd touches (open_netns: a network namespace,
     never the agent's own). Raises NetnsError, or OSError (EMFILE, EINVAL: no high descriptor is free).
     """
-    setns = setns or _libc_setns()
-    ns_fd, ident = open_netns(path)
-    try:
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if setns(ns_fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns into sandbox namespace failed: {os.strerror(err)}")
-            try:
-                low = _subscribed_socket(rcvbuf)
-            finally:
-                if setns(home, CLONE_NEWNET) != 0:
-                    # This thread is stuck in a sandbox namespace; nothing it does next can be trusted.
-                    err = ctypes.get_errno()
-                    raise SystemExit(f"egressd: cannot return to the host namespace: {os.strerror(err)}")
-        finally:
-            os.close(home)
-    finally:
-        os.close(ns_fd)
+    low, ident = in_netns(path, lambda: _subscribed_socket(rcvbuf), setns)
     try:
         high = fcntl.fcntl(low.fileno(), fcntl.F_DUPFD_CLOEXEC, fd_base)
     finally:
@@ -474,10 +434,16 @@ class ChangeMonitor:
         w.parser.reset()
         if w.sock is None:
             return
-        with contextlib.suppress(RuntimeError):  # no loop any more (shutdown): nothing is registered then
-            asyncio.get_running_loop().remove_reader(w.sock.fileno())
-        w.sock.close()
-        w.sock = None
+        sock, w.sock = w.sock, None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop any more (shutdown): nothing is registered then
+            sock.close()
+        else:
+            loop.remove_reader(sock.fileno())
+            # Not at once: right after a commit in its namespace (the table's removal, usually) a close
+            # waits 15-25 ms in the kernel, and this is the event loop (see ContextCache._close).
+            loop.call_later(CLOSE_GRACE_S, sock.close)
         w.ident = None
         self._in_use -= 1
 

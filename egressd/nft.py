@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from egressd.netns import ContextCache, NetnsError, NsId
+from egressd.netns import ContextCache, NetnsError, NsId, _libc_setns
+from egressd.nfnl import NetlinkError, read_chain_comments
 from egressd.render import (
     FAMILY,
     FINGERPRINT_CHAIN,
@@ -168,7 +169,8 @@ class Backend(Protocol):
         listing: list[Json] | None = None,
     ) -> None:
         """Put ruleset (and DNS set elements) in force in netns, with no instant in which neither the old
-        nor the new policy holds. `listing`: the table as just read, if the caller has it.
+        nor the new policy holds. `listing`: the table as just read, if the caller has it ([]: there is
+        none).
         Raises NetnsError or ApplyError."""
 
     def update_elements(self, netns: str, add: Elements, delete: Elements, variant: str = "a") -> None:
@@ -203,6 +205,7 @@ class LibnftBackend:
         self._cache = ContextCache(_make_nft, limit=context_limit)
         self._nft_lock = threading.Lock()
         self._home_nft: Any = None  # for the host-side table, in the namespace egressd runs in
+        self._setns = _libc_setns()
         # per namespace: (namespace identity, variant in force, commands that would retire it)
         self._written: dict[str, tuple[NsId | None, str, list[Json]]] = {}
 
@@ -288,8 +291,15 @@ class LibnftBackend:
         return self._list(netns, {"table": {"family": FAMILY, "name": TABLE}})
 
     def fingerprint(self, netns: str) -> str | None:
-        listing = self._list(netns, {"chain": {"family": FAMILY, "table": TABLE, "name": FINGERPRINT_CHAIN}})
-        return None if listing is None else fingerprint_of(listing)
+        """Read over a transient raw netlink socket (nfnl.py): no context to make and no lock to wait for,
+        which is most of what a restart costs. libnftables is the fallback if that read fails."""
+        try:
+            comments = read_chain_comments(netns, TABLE, FINGERPRINT_CHAIN, self._setns)
+        except NetlinkError:
+            chain = {"chain": {"family": FAMILY, "table": TABLE, "name": FINGERPRINT_CHAIN}}
+            listing = self._list(netns, chain)
+            return None if listing is None else fingerprint_of(listing)
+        return next((c for c in comments or () if c is not None), None)
 
     def counter(self, netns: str, name: str = "denied") -> tuple[int, int] | None:
         """(packets, bytes) of a named counter of egressd's table; None when there is no such table or

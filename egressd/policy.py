@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,6 +26,11 @@ _NETNS_RE = re.compile(r"^(/run/netns/[A-Za-z0-9][A-Za-z0-9._-]{0,254}|/proc/[1-
 # An interface name the kernel accepts (IFNAMSIZ 16, so 1-15 bytes), limited to the characters veth and tap
 # names use in practice: no wildcard, quote or separator can reach nftables.
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,14}$")
+# Dotted quads without leading zeros, or IPv6 in hex and colons only; an optional prefix of 1-3 digits.
+_FAST_NET_RE = re.compile(
+    r"^((?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+    r"|[0-9A-Fa-f:]{2,39})(?:/([0-9]{1,3}))?$"
+)
 _LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
@@ -150,8 +156,36 @@ def _normalise_mapped(net: IPNetwork) -> IPNetwork:
     return net
 
 
+def _fast_network(text: str) -> IPNetwork | None:
+    """The common, well-formed entry parsed with inet_pton and integers: 5-15x faster than ipaddress parsing
+    the text, which was most of validating a record (and a restart validates every record). Only shapes on
+    which inet_pton and ipaddress agree take this path; None sends everything else to the careful parser."""
+    m = _FAST_NET_RE.match(text)
+    if m is None:
+        return None
+    addr_part, prefix_part = m.group(1), m.group(2)
+    v6 = ":" in addr_part
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, addr_part)
+    except OSError:
+        return None
+    bits = 128 if v6 else 32
+    length = bits if prefix_part is None else int(prefix_part)
+    if length > bits:
+        return None
+    value = int.from_bytes(packed, "big")
+    if v6:
+        if length >= 96 and value >> 32 == 0xFFFF:  # IPv4-mapped: see _normalise_mapped
+            return None
+        return ipaddress.IPv6Network((value, length), strict=False)
+    return ipaddress.IPv4Network((value, length), strict=False)
+
+
 def _parse_network(text: str) -> IPNetwork:
     """Parse an address or CIDR; raises ValueError with a message written for the operator."""
+    fast = _fast_network(text)
+    if fast is not None:
+        return fast
     addr_part, _, prefix_part = text.partition("/")
     if "%" in addr_part:
         raise ValueError("scoped IPv6 addresses (with %zone) are not supported; give the address alone")

@@ -268,6 +268,8 @@ def retarget(cmds: Any, target: Target) -> Any:
             out[key] = target.table
         elif key == "table" and isinstance(value, dict) and value.get("name") == TABLE:
             out[key] = {**value, "family": target.family, "name": target.table}
+        elif key == "elem":
+            out[key] = value  # addresses only: shared, not walked
         else:
             out[key] = retarget(value, target)
     return out
@@ -294,6 +296,8 @@ def _rename(obj: Any, variant: str, names: frozenset[str]) -> Any:
     for key, value in obj.items():
         if key in ("name", "chain", "target") and isinstance(value, str) and value in names:
             out[key] = variant_name(value, variant)
+        elif key == "elem":
+            out[key] = value  # set elements are addresses, never names: shared, not walked (10,000 of them)
         else:
             out[key] = _rename(value, variant, names)
     return out

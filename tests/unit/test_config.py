@@ -85,3 +85,10 @@ def test_metrics_listen_forms():
         config_from_dict({"metrics": {"port": 1}})
     with pytest.raises(ConfigError, match=r"metrics\.counters_interval"):
         config_from_dict({"metrics": {"counters_interval": 0.01}})
+
+
+def test_cached_contexts_is_bounded_by_what_libnftables_can_select_on():
+    assert config_from_dict({"reconcile": {"cached_contexts": 900}}).cached_contexts == 900
+    for bad in (0, 901, "64"):
+        with pytest.raises(ConfigError, match="cached_contexts"):
+            config_from_dict({"reconcile": {"cached_contexts": bad}})

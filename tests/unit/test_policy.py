@@ -3,6 +3,8 @@
 import ipaddress
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from egressd.policy import (
     Delete,
@@ -272,3 +274,37 @@ def test_a_rejected_record_keeps_a_readable_host_interface():
     with pytest.raises(PolicyError) as e:
         parse_sandbox({"id": "x", "host_interface": "tap*", "network_policy": {}})
     assert e.value.host_interface is None
+
+
+_ADDRESSY = st.one_of(
+    st.text(alphabet="0123456789abcdefABCDEF:./", min_size=1, max_size=44),
+    st.builds(
+        lambda a, n: f"{a}/{n}",
+        st.one_of(st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(str)),
+        st.integers(0, 140),
+    ),
+    st.ip_addresses().map(str),
+    st.builds(lambda a: f"::ffff:{a}", st.ip_addresses(v=4).map(str)),
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_ADDRESSY)
+def test_the_fast_address_parser_agrees_with_the_careful_one(text):
+    """_fast_network takes well-formed addresses and CIDRs past ipaddress' text parser; whatever it accepts
+    must come out exactly as the careful path makes it, and whatever it refuses goes that path."""
+    from egressd import policy
+
+    def outcome(fast: bool):
+        saved = policy._fast_network
+        if not fast:
+            policy._fast_network = lambda t: None
+        try:
+            return policy._parse_network(text)
+        except ValueError as e:
+            return f"error: {e}"
+        finally:
+            policy._fast_network = saved
+
+    fast, careful = outcome(True), outcome(False)
+    assert fast == careful and type(fast) is type(careful)

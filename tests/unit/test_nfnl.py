@@ -1,0 +1,89 @@
+"""Parsing of nf_tables dump replies (nfnl.py), from bytes built here: no root, no kernel."""
+
+import errno
+import struct
+
+import pytest
+
+from egressd.nfnl import (
+    NFGENMSG,
+    NFNL_SUBSYS_NFTABLES,
+    NFT_MSG_GETRULE,
+    NFT_MSG_NEWRULE,
+    NFTA_RULE_CHAIN,
+    NFTA_RULE_TABLE,
+    NFTA_RULE_USERDATA,
+    NLM_F_DUMP,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSGHDR,
+    DumpParser,
+    NetlinkError,
+    _attr,
+    attributes,
+    getrule_dump_request,
+    rule_comment,
+)
+
+
+def msg(kind: int, body: bytes, seq: int = 7) -> bytes:
+    raw = NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, 0, seq, 0) + body
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def rule(comment: bytes | None, other_udata: bytes = b"") -> bytes:
+    body = NFGENMSG.pack(1, 0, 0) + _attr(NFTA_RULE_TABLE, b"egressd\0")
+    if comment is not None or other_udata:
+        udata = other_udata + (bytes([0, len(comment)]) + comment if comment is not None else b"")
+        body += _attr(NFTA_RULE_USERDATA, udata)
+    return msg((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE, body)
+
+
+def test_the_request_names_table_and_chain_and_asks_for_a_dump():
+    req = getrule_dump_request("egressd", "fingerprint", seq=42)
+    length, kind, flags, seq, _ = NLMSGHDR.unpack_from(req)
+    assert length == len(req) and kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE
+    assert flags & NLM_F_DUMP == NLM_F_DUMP and seq == 42
+    attrs = attributes(memoryview(req)[NLMSGHDR.size + NFGENMSG.size :], (NFTA_RULE_TABLE, NFTA_RULE_CHAIN))
+    assert bytes(attrs[NFTA_RULE_TABLE]) == b"egressd\0" and bytes(attrs[NFTA_RULE_CHAIN]) == b"fingerprint\0"
+
+
+def test_comments_in_order_across_datagrams_until_done():
+    p = DumpParser(seq=7)
+    p.feed(rule(b"egressd/1 sha256:ab\0") + rule(None))
+    assert not p.done
+    p.feed(rule(b"second\0", other_udata=bytes([1, 4]) + b"\x01\x00\x00\x00") + msg(NLMSG_DONE, b"\0\0\0\0"))
+    assert p.done and not p.missing
+    assert p.comments == ["egressd/1 sha256:ab", None, "second"]
+
+
+def test_enoent_means_missing_and_other_errors_raise():
+    p = DumpParser(seq=7)
+    p.feed(msg(NLMSG_ERROR, struct.pack("=i", -errno.ENOENT) + b"\0" * 16))
+    assert p.done and p.missing
+    with pytest.raises(NetlinkError, match="refused"):
+        DumpParser(seq=7).feed(msg(NLMSG_ERROR, struct.pack("=i", -errno.EPERM) + b"\0" * 16))
+
+
+@pytest.mark.parametrize(
+    "data, problem",
+    [
+        (msg(0x10 << 8, b"\0" * 4), "unexpected message type"),
+        (rule(b"x\0")[:-6], "length"),
+        (msg(NLMSG_DONE, b"\0\0\0\0", seq=8), "another request"),
+        (
+            msg((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE, NFGENMSG.pack(1, 0, 0) + b"\x40\x00\x07\x00"),
+            "length",
+        ),
+        (b"\x01\x02", "truncated"),
+    ],
+)
+def test_anything_unexpected_is_an_error_never_a_fingerprint(data, problem):
+    with pytest.raises(NetlinkError, match=problem):
+        DumpParser(seq=7).feed(data)
+
+
+def test_a_truncated_comment_record_is_malformed():
+    with pytest.raises(ValueError):
+        rule_comment(memoryview(bytes([0, 10]) + b"abc"))
+    assert rule_comment(memoryview(bytes([1, 1, 9]))) is None
