@@ -13,8 +13,9 @@ unit: setup
 demo:
 	bash scripts/demo.sh
 
+# Every benchmark, one table, bench/results.json; about 40 minutes at most (root; see bench/README.md).
 bench: setup
-	.venv/bin/python -m bench.apply --json bench/results.json
+	.venv/bin/python -m bench
 
 lint: setup
 	.venv/bin/ruff check egressd netns_fixtures tests bench

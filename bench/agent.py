@@ -47,6 +47,7 @@ from bench.apply import (
     machine_info,
     run,
 )
+from bench.figures import Figure
 from egressd.config import Config, load_config
 from egressd.control import ControlError, request
 from egressd.feed import DEFAULT_MAX_LINE
@@ -518,7 +519,8 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[int(rank) - 1]
 
 
-def summary(values: Sequence[float]) -> dict[str, float | int | None]:
+def quantiles(values: Sequence[float]) -> dict[str, float | int | None]:
+    """n, p50, p99 and max of a latency list (named so that `summary` is the suite's hook)."""
     return {
         "n": len(values),
         "p50": percentile(values, 50),
@@ -933,8 +935,8 @@ def rows_for(
 ) -> list[Row]:
     rows: list[Row] = []
     for label, samples in (("idle", lat.idle), ("storm", lat.storm)):
-        k = summary([s.kernel_ms for s in samples])
-        w = summary([s.wait_ms for s in samples])
+        k = quantiles([s.kernel_ms for s in samples])
+        w = quantiles([s.wait_ms for s in samples])
         for q in ("p50", "p99", "max"):
             goal, met = "", None
             if label == "idle" and q == "p99" and k[q] is not None:
@@ -1067,13 +1069,13 @@ def to_json(
         "errors": list(errors),
         "latency": {
             "idle": {
-                "kernel_ms": summary([s.kernel_ms for s in lat.idle]),
-                "wait_ms": summary([s.wait_ms for s in lat.idle]),
+                "kernel_ms": quantiles([s.kernel_ms for s in lat.idle]),
+                "wait_ms": quantiles([s.wait_ms for s in lat.idle]),
                 "samples": [asdict(s) for s in lat.idle],
             },
             "storm": {
-                "kernel_ms": summary([s.kernel_ms for s in lat.storm]),
-                "wait_ms": summary([s.wait_ms for s in lat.storm]),
+                "kernel_ms": quantiles([s.kernel_ms for s in lat.storm]),
+                "wait_ms": quantiles([s.wait_ms for s in lat.storm]),
                 "samples": [asdict(s) for s in lat.storm],
                 "samples_between_rounds_dropped": lat.storm_outside,
                 "rounds": [
@@ -1094,6 +1096,101 @@ def to_json(
         "table": [asdict(r) for r in rows],
         "profile": profile,
     }
+
+
+def summary(results: dict[str, Any]) -> list[Figure]:
+    """Headline figures of a `--json` result for `python -m bench`: event-to-kernel latency idle and in the
+    storm, cold start against the `nft -j -f` loop of the same repeats, restart time and rule writes."""
+    goals = results.get("goals", {})
+    idle_goal = goals.get("idle_p99_ms", IDLE_P99_GOAL_MS)
+    cold_goal = goals.get("cold_start_s", COLD_GOAL_S)
+    restart_goal = goals.get("restart_s", RESTART_GOAL_S)
+    settings = results.get("settings", {})
+    n = settings.get("sandboxes", 0)
+    storm_events = settings.get("storm_events", 0)
+    lat = results.get("latency", {})
+    figures: list[Figure] = []
+    for label in ("idle", "storm"):
+        k = lat.get(label, {}).get("kernel_ms", {})
+        for q in ("p50", "p99"):
+            value = k.get(q)
+            goal, met = None, None
+            if label == "idle" and q == "p99":
+                goal, met = f"< {idle_goal:g} ms", None if value is None else value < idle_goal
+            where = "idle" if label == "idle" else f"during {storm_events:,}-event storms"
+            figures.append(
+                Figure(
+                    "agent",
+                    f"event -> enforced (kernel), {where}, {q}",
+                    "ms",
+                    value,
+                    goal=goal,
+                    met=met,
+                    note=f"{k.get('n', 0)} updates",
+                )
+            )
+    rounds = lat.get("storm", {}).get("rounds", [])
+    if rounds:
+        rate = _med([r["events_per_s"] for r in rounds])
+        figures.append(
+            Figure("agent", "storm throughput, events/s", "events/s", rate, lower_is_better=False,
+                   note=f"median of {len(rounds)} rounds")
+        )  # fmt: skip
+    reps = results.get("cold_start", {}).get("repeats", [])
+    m = f"median of {len(reps)} repeats"
+    cold = _med([r.get("cold_s") for r in reps])
+    figures.append(
+        Figure(
+            "agent",
+            f"cold start, {n:,} sandboxes, start -> all enforced",
+            "s",
+            cold,
+            _med([r.get("baseline_s") for r in reps]),
+            "ip netns exec NS nft -j -f FILE, each sandbox in turn",
+            f"< {cold_goal:g} s",
+            None if cold is None else cold < cold_goal,
+            note=m,
+        )
+    )
+    restart = _med([r.get("restart_s") for r in reps])
+    figures.append(
+        Figure(
+            "agent",
+            f"restart adopting {n:,} unchanged sandboxes",
+            "s",
+            restart,
+            goal=f"< {restart_goal:g} s",
+            met=None if restart is None else restart < restart_goal,
+            note=m,
+        )
+    )
+    done = [r for r in reps if r.get("restart_writes") is not None]
+    writes = sum(r["restart_writes"] for r in done) if done else None
+    changed = (
+        sum((r.get("handles_changed") or 0) + (r.get("cli_changed") or 0) for r in done) if done else None
+    )
+    figures.append(
+        Figure(
+            "agent",
+            "restart: rule writes, all repeats",
+            "writes",
+            writes,
+            goal="0",
+            met=None if writes is None else writes == 0,
+            note=None if changed is None else f"table handles changed: {changed}",
+        )
+    )
+    rss = _med([r.get("cold_proc", {}).get("vmrss_kib") for r in reps])
+    figures.append(
+        Figure(
+            "agent",
+            f"agent RSS after cold start, {n:,} sandboxes",
+            "MB",
+            None if rss is None else rss * 1024 / 1e6,
+            note="decimal MB; the memory goal is judged on bench.dns (with hostnames)",
+        )
+    )
+    return figures
 
 
 # --- command line --------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench.figures import Figure
 from egressd.config import Config
 from egressd.nft import LibnftBackend, fingerprint_of, replace_table
 from egressd.policy import IPNetwork, Policy, Targets
@@ -502,6 +503,43 @@ def to_json(runs: Sequence[SizeRun]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+BASELINE_NAME = "ip netns exec NS nft -j -f FILE, per namespace"
+
+
+def summary(results: dict[str, Any]) -> list[Figure]:
+    """Headline figures of a `--json` result for `python -m bench`: the warm apply of every size, against the
+    baseline of the same run, with the goals `rows_for` attaches (ratio at K=10, latency at K>=10,000)."""
+    figures: list[Figure] = []
+    for size in results.get("sizes", []):
+        n, k = size["namespaces"], size["entries"]
+        phases = size.get("phases", {})
+        warm = phases.get("egressd_warm", {}).get("median_ms_per_ns")
+        base = phases.get("baseline", {}).get("median_ms_per_ns")
+        goal: str | None = None
+        met: bool | None = None
+        if k == RATIO_GOAL_ENTRIES:
+            goal = f">= {RATIO_GOAL:g}x"
+            met = None if not warm or base is None else base / warm >= RATIO_GOAL
+        elif k >= LATENCY_GOAL_ENTRIES:
+            goal = f"< {LATENCY_GOAL_MS:g} ms"
+            met = None if warm is None else warm < LATENCY_GOAL_MS
+        reps = size.get("repeats_done", 0)
+        figures.append(
+            Figure(
+                bench="apply",
+                name=f"apply (warm), N={n} K={k:,}, ms per namespace",
+                unit="ms",
+                egressd=warm,
+                baseline=base,
+                baseline_name=BASELINE_NAME,
+                goal=goal,
+                met=met,
+                note=f"median of {reps} repeats" + ("" if size.get("verified") else "; NOT verified"),
+            )
+        )
+    return figures
 
 
 # --- command line --------------------------------------------------------------------------------------

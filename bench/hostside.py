@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.figures import Figure
 from egressd.config import Config
 from egressd.hostside import HostBackend, target_for
 from egressd.nft import LibnftBackend, replace_table
@@ -100,6 +101,30 @@ def run_ours(ns: str, n: int, k: int) -> dict[str, float]:
 
 def _netns(name: str, op: str) -> None:
     subprocess.run(["ip", "netns", op, name], check=op == "add", timeout=CMD_TIMEOUT_S, capture_output=True)
+
+
+def summary(results: dict[str, Any]) -> list[Figure]:
+    """Headline figures of a `--json` result for `python -m bench`: ms per sandbox for the host-side tables,
+    against `ip netns exec NS nft -j -f FILE` in the same run (medians over the repeats)."""
+    n, k, reps = results.get("sandboxes"), results.get("entries"), results.get("repeats")
+    base = "ip netns exec NS nft -j -f FILE, per sandbox"
+    note = f"median of {reps} repeats"
+    out = [
+        Figure("hostside", f"host-side table {label}, N={n} K={k}, ms per sandbox", "ms",
+               results.get(f"{label}_ms_per_sandbox"), results.get(f"base_{label}_ms_per_sandbox"), base,
+               note=note)
+        for label in ("cold", "update")
+    ]  # fmt: skip
+    out.append(
+        Figure(
+            "hostside",
+            f"host-side adopt on restart, N={n}, ms per sandbox",
+            "ms",
+            results.get("adopt_ms_per_sandbox"),
+            note=f"{results.get('adopted')}/{n} adopted; {note}",
+        )
+    )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

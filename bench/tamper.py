@@ -45,6 +45,7 @@ from bench.agent import (
     write_feed,
 )
 from bench.apply import Aborted, Deadline, _terminate, machine_info
+from bench.figures import Figure
 from egressd.config import load_config
 from egressd.control import ControlError
 from egressd.monitor import FD_BASE, ChangeMonitor, TransactionParser, open_monitor_socket, raise_fd_limit
@@ -486,6 +487,42 @@ def report(phases: Sequence[Phase], n: int) -> list[tuple[str, str, str]]:
 def table(rows: Sequence[tuple[str, str, str]]) -> str:
     head = f"{'figure':<48} {'monitor (events)':>22} {'resync only':>22}"
     return "\n".join([head, "-" * len(head), *(f"{a:<48} {b:>22} {c:>22}" for a, b, c in rows)])
+
+
+def summary(results: dict[str, Any]) -> list[Figure]:
+    """Headline figures of a `--json` result for `python -m bench`: tamper -> repair with the change monitor
+    against the periodic resync alone (same run, same namespaces), and what the monitor costs in RSS."""
+    by = {p["mode"]: p for p in results.get("phases", [])}
+    on, off = by.get("monitor", {}), by.get("resync", {})
+    n = results.get("args", {}).get("sandboxes")
+    base = f"periodic resync alone (resync_interval = {off.get('resync_interval', '?'):g} s)" if off else None
+    figures = []
+    for q in ("p50", "p99"):
+        figures.append(
+            Figure(
+                "tamper",
+                f"tamper -> repair commit, N={n}, {q}",
+                "ms",
+                on.get("latency_ms", {}).get(q),
+                off.get("latency_ms", {}).get(q),
+                base,
+                note=f"repaired and verified: {on.get('verified')}/{len(on.get('tampers', []))} monitor, "
+                f"{off.get('verified')}/{len(off.get('tampers', []))} resync",
+            )
+        )
+    rss = [p.get("agent", {}).get("vmrss_kib") for p in (on, off)]
+    figures.append(
+        Figure(
+            "tamper",
+            f"agent RSS with the monitor, N={n}",
+            "MB",
+            None if rss[0] is None else rss[0] * 1024 / 1e6,
+            None if rss[1] is None else rss[1] * 1024 / 1e6,
+            "agent without the monitor",
+            note=f"descriptors {on.get('agent', {}).get('fds')} vs {off.get('agent', {}).get('fds')}",
+        )
+    )
+    return figures
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

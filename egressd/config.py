@@ -118,7 +118,7 @@ class _Reconcile(_Strict):
     watch_changes: bool = Field(default=True, strict=True)
     # libnftables contexts kept open (one per namespace, the most recently used): each holds about 0.7 MiB
     # once it has written, and making one again costs about 0.4 ms.
-    cached_contexts: int = Field(default=64, ge=1, le=900, strict=True)
+    cached_contexts: int = Field(default=32, ge=1, le=800, strict=True)
 
 
 class _Control(_Strict):
@@ -231,7 +231,7 @@ class Config:
     retry_initial: float = 0.2
     retry_max: float = 30.0
     watch_changes: bool = True
-    cached_contexts: int = 64
+    cached_contexts: int = 32
     control_socket: str = "/run/egressd/control.sock"
     log_format: str = "json"
     log_level: str = "info"

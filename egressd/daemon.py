@@ -18,7 +18,7 @@ from collections.abc import Callable
 from ipaddress import ip_address
 from typing import Any
 
-from egressd import __version__
+from egressd import __version__, memory
 from egressd.config import Config, ConfigError, load_config
 from egressd.control import ControlError, ControlServer
 from egressd.decide import IPAddress
@@ -86,6 +86,12 @@ class Persister:
             delay = min(PERSIST_MAX_DELAY, max(PERSIST_MIN_DELAY, PERSIST_SPACING * self._last_write_s))
             asyncio.get_running_loop().call_later(delay, self._kick)
 
+    def settle(self) -> None:
+        """The reconciler has nothing left to do: write what is pending now, not after the spacing (a restart
+        right after a burst finds every table's fingerprint remembered, and adopts it without rendering)."""
+        if self._dirty:
+            asyncio.get_running_loop().create_task(self.flush())
+
     def _kick(self) -> None:
         self._scheduled = False
         asyncio.get_running_loop().create_task(self.flush())
@@ -138,6 +144,7 @@ class Agent:
             backend,
             config,
             persist=self.persister.mark,
+            idle=self.persister.settle,
             flush=self.persister.flush,
             dns=self.dns,
             host_backend=host,
@@ -439,7 +446,8 @@ class Agent:
         await self._catch_up(feed)
         self.reconciler.adopt_by_fingerprint = True
         if self.monitor is not None:
-            self.monitor.check_on_watch = False  # the verification pass below reads every table anyway
+            self.monitor.check_on_watch = False  # the verification pass (_verify) reads every table anyway
+            self.monitor.paused = True  # and its sockets are made after READY, before that pass
         self.reconciler.start()
         log(
             logging.INFO,
@@ -453,9 +461,6 @@ class Agent:
             log(logging.WARNING, "initial_reconcile_slow", detail=f"not done after {READY_TIMEOUT:g} s")
         self.reconciler.adopt_by_fingerprint = False
         await self.reconciler.prune_host()
-        self.reconciler.resync()  # the verification pass: every adopted table compared whole, right away
-        if self.monitor is not None:
-            self.monitor.check_on_watch = True  # sandboxes watched from now on have no such pass
         self._tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
         self._tasks.append(asyncio.create_task(self._namespace_loop(), name="namespaces"))
         if self.denied is not None:
@@ -467,12 +472,27 @@ class Agent:
         counts = self.reconciler.state_counts()
         sd_notify(f"READY=1\nSTATUS={self._status_line(counts)}")
         log(logging.INFO, "ready", **counts)
+        self._tasks.append(asyncio.create_task(self._verify(), name="verify"))
+
+    async def _verify(self) -> None:
+        """Right after READY: watch every table, then compare every table whole (the verification pass). In
+        that order a change made at any moment after the first pass is seen, by the pass or by the watch."""
+        if self.monitor is not None:
+            self.monitor.resume()
+            if not await self.monitor.settled(READY_TIMEOUT):
+                log(logging.WARNING, "monitor_slow", detail=f"sockets not all made after {READY_TIMEOUT:g} s")
+            self.monitor.check_on_watch = True  # sandboxes watched from now on have no such pass
+        self.reconciler.resync()
+        # The start's churn (the backlog parsed, a libnftables context made and freed per sandbox) is free
+        # memory now: hand it back, off the loop (it walks every heap: tens of milliseconds).
+        await asyncio.to_thread(memory.trim)
 
 
 def run(config_path: str | None, overrides: dict[str, Any]) -> int:
     """Entry point of `egressd run`; returns the exit code."""
     config = load_config(config_path, overrides)
     setup_logging(config.log_format, config.log_level)
+    memory.tune()
     backend = LibnftBackend(context_limit=config.cached_contexts)
 
     async def main() -> int:

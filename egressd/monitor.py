@@ -311,6 +311,9 @@ class ChangeMonitor:
         self._full_logged = False
         self._closed = False
         self.check_on_watch = True
+        # While paused (the agent's first pass), watches are recorded but their sockets not made: making
+        # 1,000 of them competed with the first pass for the interpreter. resume() makes them all.
+        self.paused = False
         self.stats = MonitorStats()
 
     # --- what to watch --------------------------------------------------------------------------------
@@ -351,7 +354,25 @@ class ChangeMonitor:
                 self._open(sid, w)
         self._retry_starved()
 
+    def resume(self) -> None:
+        """Make the sockets of every watch recorded while paused."""
+        self.paused = False
+        for sid, w in list(self._watches.items()):
+            if w.sock is None and not w.opening and sid not in self._starved:
+                self._open(sid, w)
+
+    async def settled(self, timeout: float) -> bool:
+        """Until no socket is being made (after resume()), at most timeout seconds."""
+        end = asyncio.get_running_loop().time() + timeout
+        while any(w.opening for w in self._watches.values()):
+            if asyncio.get_running_loop().time() >= end:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
     def _open(self, sid: str, w: _Watch) -> None:
+        if self.paused:
+            return  # resume() makes it
         if self._in_use >= self.capacity:
             self._starved[sid] = None
             if not self._full_logged:

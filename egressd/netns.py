@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import stat
 import threading
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 CLOSE_GRACE_S = 0.1  # see ContextCache._close
+GRAVEYARD_MAX = 64  # contexts waiting out CLOSE_GRACE_S at most; beyond, the oldest is freed at once
 NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file descriptor: which kind of namespace it is
 
 
@@ -51,8 +53,10 @@ def _libc_setns() -> Callable[[int, int], int]:
     return fn
 
 
-def _own_netns_ids() -> set[NsId]:
-    """The agent's own namespace and the host's (pid 1): a sandbox must never be either."""
+@functools.cache
+def _own_netns_ids() -> frozenset[NsId]:
+    """The agent's own namespace and the host's (pid 1): a sandbox must never be either. Looked up once
+    (neither changes while the agent runs): two stats per namespace opened were a tenth of a restart."""
     ids = set()
     for p in ("/proc/thread-self/ns/net", "/proc/1/ns/net"):
         try:
@@ -60,7 +64,7 @@ def _own_netns_ids() -> set[NsId]:
         except OSError:
             continue
         ids.add(NsId(st.st_dev, st.st_ino))
-    return ids
+    return frozenset(ids)
 
 
 def open_netns(path: str) -> tuple[int, NsId]:
@@ -165,14 +169,21 @@ class ContextCache:
     made again (about 0.3 ms) when needed.
     """
 
-    def __init__(self, factory: Callable[[], Any], limit: int = 256) -> None:
+    def __init__(
+        self, factory: Callable[[], Any], limit: int = 256, free_lock: threading.Lock | None = None
+    ) -> None:
         self._factory = factory
         self._limit = limit
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
-        # Contexts let go of, with when they may be freed (see CLOSE_GRACE_S); one timer frees them.
+        # Contexts let go of, with when they may be freed (see CLOSE_GRACE_S). One thread frees them, holding
+        # free_lock (the lock every libnftables call holds: freeing a context is a libnftables call too) and
+        # then self._lock, the order every other caller takes them in.
         self._graveyard: deque[tuple[float, Any]] = deque()
-        self._reaper: threading.Timer | None = None
+        self._free_lock = free_lock or threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self._reaper: threading.Thread | None = None
         self._setns = _libc_setns()
         self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
@@ -216,22 +227,26 @@ class ContextCache:
             return
         self._graveyard.append((time.monotonic() + CLOSE_GRACE_S, entry.ctx))
         entry.ctx = None
+        while len(self._graveyard) > GRAVEYARD_MAX:  # each holds a descriptor below 1024: keep them few
+            self._graveyard.popleft()  # callers hold free_lock when they can get here (see LibnftBackend)
         if self._reaper is None:
-            self._reaper = threading.Timer(CLOSE_GRACE_S, self.reap)
-            self._reaper.daemon = True
+            self._reaper = threading.Thread(target=self._reap_loop, name="egressd-free", daemon=True)
             self._reaper.start()
+        self._wake.notify()
 
-    def reap(self) -> None:
-        """Free the contexts whose grace has passed; the timer calls it, and comes back for the rest."""
-        with self._lock:
-            self._reaper = None
-            now = time.monotonic()
-            while self._graveyard and self._graveyard[0][0] <= now:
-                self._graveyard.popleft()  # the last reference: libnftables frees it and closes its socket
-            if self._graveyard:
-                self._reaper = threading.Timer(max(0.0, self._graveyard[0][0] - now), self.reap)
-                self._reaper.daemon = True
-                self._reaper.start()
+    def _reap_loop(self) -> None:
+        """Free each context once its grace has passed (the last reference goes: libnftables frees it and
+        closes its socket)."""
+        while True:
+            with self._lock:
+                while not self._closed and (not self._graveyard or self._graveyard[0][0] > time.monotonic()):
+                    self._wake.wait(self._graveyard[0][0] - time.monotonic() if self._graveyard else None)
+                if self._closed:
+                    return
+            with self._free_lock, self._lock:
+                now = time.monotonic()
+                while self._graveyard and self._graveyard[0][0] <= now:
+                    self._graveyard.popleft()
 
     def drop(self, path: str) -> None:
         """Forget path's context so the kernel can free a namespace that is gone."""
@@ -245,10 +260,9 @@ class ContextCache:
         with self._lock:
             for path in list(self._entries):
                 self._close(path)
-            if self._reaper is not None:
-                self._reaper.cancel()
-                self._reaper = None
+            self._closed = True
             self._graveyard.clear()
+            self._wake.notify()
             if self._home >= 0:
                 os.close(self._home)
                 self._home = -1

@@ -202,8 +202,8 @@ class LibnftBackend:
     """libnftables contexts cached per namespace: one netlink transaction per change, no process spawned."""
 
     def __init__(self, context_limit: int = 256) -> None:
-        self._cache = ContextCache(_make_nft, limit=context_limit)
         self._nft_lock = threading.Lock()
+        self._cache = ContextCache(_make_nft, limit=context_limit, free_lock=self._nft_lock)
         self._home_nft: Any = None  # for the host-side table, in the namespace egressd runs in
         self._setns = _libc_setns()
         # per namespace: (namespace identity, variant in force, commands that would retire it)
@@ -330,8 +330,9 @@ class LibnftBackend:
             return self._home_nft.json_cmd(cmd)
 
     def close(self) -> None:
-        self._cache.close()
-        self._home_nft = None
+        with self._nft_lock:  # freeing contexts is a libnftables call too
+            self._cache.close()
+            self._home_nft = None
 
 
 def counter_of(listing: list[Json] | None, name: str) -> tuple[int, int] | None:
@@ -353,6 +354,7 @@ class FakeBackend:
     writes: list[tuple[str, str]] = field(default_factory=list)
     fail: Callable[[str, str], Exception | None] | None = None
     counters: dict[str, tuple[int, int]] = field(default_factory=dict)  # netns -> denied (packets, bytes)
+    reads: int = 0  # whole-table reads (fingerprint reads are not counted)
 
     def _check(self, netns: str, op: str) -> None:
         if netns not in self.namespaces:
@@ -389,6 +391,10 @@ class FakeBackend:
         self.writes.append(("update", netns))
 
     def read(self, netns: str) -> list[Json] | None:
+        self.reads += 1
+        return self._listing(netns)
+
+    def _listing(self, netns: str) -> list[Json] | None:
         self._check(netns, "read")
         table = self.tables.get(netns)
         if table is None:
@@ -402,7 +408,7 @@ class FakeBackend:
         return listing
 
     def fingerprint(self, netns: str) -> str | None:
-        listing = self.read(netns)
+        listing = self._listing(netns)
         return None if listing is None else fingerprint_of(listing)
 
     def counter(self, netns: str, name: str = "denied") -> tuple[int, int] | None:

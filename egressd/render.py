@@ -52,6 +52,18 @@ class Ruleset:
     fingerprint: str
     dns_sets: tuple[str, ...] = ()  # sets whose elements come from DNS (see elements_for)
     names: frozenset[str] = frozenset()  # the per-variant objects
+    # The table without its set elements: every policy of one shape (the same sets, rules and config, other
+    # addresses) lists the same way but for the elements, so one read of the kernel's listing per shape
+    # teaches the reconciler what all of them look like (see reconcile.listing_digest).
+    shape: str = ""
+
+    def elements(self) -> dict[str, list[Any]]:
+        """The elements of each address set, by neutral name (the DNS sets are rendered empty)."""
+        return {
+            c["add"]["set"]["name"]: c["add"]["set"].get("elem", [])
+            for c in self.variant
+            if "set" in c.get("add", {})
+        }
 
     @property
     def commands(self) -> list[Json]:
@@ -233,7 +245,18 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
         [variant, hooks, "host" if host else config.uplink], sort_keys=True, separators=(",", ":")
     )
     fingerprint = f"{SCHEMA} sha256:{hashlib.sha256(canonical.encode()).hexdigest()}"
-    return Ruleset(variant, hooks, fingerprint, tuple(dns_sets), names)
+    bare = [
+        {"add": {"set": {k: v for k, v in c["add"]["set"].items() if k != "elem"}}}
+        if "set" in c["add"]
+        else c
+        for c in variant
+    ]
+    shape = hashlib.sha256(
+        json.dumps(
+            [bare, hooks, "host" if host else config.uplink], sort_keys=True, separators=(",", ":")
+        ).encode()
+    ).hexdigest()
+    return Ruleset(variant, hooks, fingerprint, tuple(dns_sets), names, shape)
 
 
 @dataclass(frozen=True)

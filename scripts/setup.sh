@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
     nftables python3-nftables python3-venv python3-pip iproute2 iputils-ping
     tcpdump conntrack netcat-openbsd dnsmasq-base
+    iperf3 iptables  # bench/datapath.py: throughput, and the linear-chain baselines (nft and legacy)
     systemd  # systemd-analyze, to verify packaging/egressd.service
 )
 
@@ -31,6 +32,6 @@ if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2> >(grep -v 'is ignored: it is neither' >&2)
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]' 2> >(grep -v 'is ignored: it is neither' >&2)
     touch "$stamp"
 fi

@@ -88,7 +88,7 @@ def test_metrics_listen_forms():
 
 
 def test_cached_contexts_is_bounded_by_what_libnftables_can_select_on():
-    assert config_from_dict({"reconcile": {"cached_contexts": 900}}).cached_contexts == 900
-    for bad in (0, 901, "64"):
+    assert config_from_dict({"reconcile": {"cached_contexts": 800}}).cached_contexts == 800
+    for bad in (0, 801, "64"):
         with pytest.raises(ConfigError, match="cached_contexts"):
             config_from_dict({"reconcile": {"cached_contexts": bad}})

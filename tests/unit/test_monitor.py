@@ -227,3 +227,34 @@ def test_watch_changes_is_on_by_default_and_strictly_boolean():
     for bad in ("false", 0):
         with pytest.raises(ConfigError, match=r"reconcile\.watch_changes"):
             config_from_dict({"reconcile": {"watch_changes": bad}}, "egressd.toml")
+
+
+def test_while_paused_watches_are_recorded_and_made_on_resume():
+    """The agent's first pass records every table to watch; the sockets are made after READY, all of them,
+    before the verification pass reads every table."""
+    import socket as socket_
+
+    opened = []
+
+    def opener(path):
+        opened.append(path)
+        a, b = socket_.socketpair()
+        b.close()
+        return a, None
+
+    async def main():
+        m = ChangeMonitor(lambda sid: None, capacity=10, is_own=lambda tid: False, opener=opener)
+        m.paused = True
+        for sid in "abc":
+            m.watch(sid, f"/run/netns/{sid}")
+        m.watch("c", None)  # gone again before READY: never opened
+        await asyncio.sleep(0.05)
+        assert opened == [] and m.info()["watched"] == 0
+        m.resume()
+        assert await m.settled(5)
+        info = m.info()
+        m.close()
+        return info
+
+    info = asyncio.run(main())
+    assert sorted(opened) == ["/run/netns/a", "/run/netns/b"] and info["watched"] == 2

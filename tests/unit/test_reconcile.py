@@ -8,7 +8,7 @@ import threading
 from egressd.config import config_from_dict
 from egressd.nft import ApplyError, FakeBackend
 from egressd.policy import DENY_ALL, PolicyError, parse_event, parse_sandbox
-from egressd.reconcile import KeyedQueue, Reconciler, export_state, restore_state
+from egressd.reconcile import KeyedQueue, Reconciler, elements_differ, export_state, restore_state
 from egressd.render import render
 
 CONFIG = config_from_dict({"reconcile": {"retry_initial": 0.01, "retry_max": 0.05, "workers": 2}})
@@ -289,15 +289,21 @@ def test_moving_to_another_namespace_removes_the_old_table():
     run(scenario)
 
 
-def test_digests_of_policies_no_sandbox_has_are_pruned():
+def test_digests_are_one_per_shape_and_pruned_with_the_policies():
     async def scenario(r, fb):
-        for i in range(5):
+        for i in range(5):  # five policies of one shape: the kernel's listing is learnt once
             r.upsert(sandbox(rev=i, deny_out=[f"10.0.0.{i}"]))
             assert await r.wait_enforced("a", i, 5)
-        assert len(r.digests) == 5
+        assert len(r.digests) == 1 and len(r._shapes) == 5
+        assert fb.reads == 1 + 5  # the read back of the first table, and one read before each write
+        r.upsert(sandbox("b", allow_out=["192.0.2.0/24"], allow_internet_access=False))  # another shape
+        await settle(r)
+        assert len(r.digests) == 2
+        r.delete("b")
+        await settle(r)
         r.resync()
         await settle(r)
-        assert list(r.digests) == [fp(deny_out=["10.0.0.4"])]
+        assert list(r._shapes) == [fp(deny_out=["10.0.0.4"])] and len(r.digests) == 1
 
     run(scenario)
 
@@ -479,10 +485,11 @@ def _count_renders(r):
 def test_restart_adopts_on_the_remembered_fingerprint_without_rendering():
     fb = FakeBackend(namespaces={"/run/netns/a", "/run/netns/b"})
     saved = _saved_after_first_run(fb, sandbox("a", rev=3, deny_out=["192.0.2.1"]), sandbox("b", rev=1))
-    assert saved["in_force"]["tables"] == {
-        "a": fp(deny_out=["192.0.2.1"]),
-        "b": render(sandbox("b").policy, CONFIG).fingerprint,
+    rendered = {
+        "a": render(sandbox("a", deny_out=["192.0.2.1"]).policy, CONFIG),
+        "b": render(sandbox("b").policy, CONFIG),
     }
+    assert saved["in_force"]["tables"] == {k: [rs.fingerprint, rs.shape] for k, rs in rendered.items()}
     writes = len(fb.writes)
 
     async def second(r, fb):
@@ -614,3 +621,59 @@ def test_eventual_state_writes_are_spaced_by_how_long_a_write_takes(tmp_path, mo
         await p.flush()  # flush() itself never waits: a reconcile that needs the state on disk calls it
 
     asyncio.run(main())
+
+
+def _allow4(table):
+    return next(c["add"]["set"] for c in table if c["add"].get("set", {}).get("name") == "allow4_a")
+
+
+def test_an_address_swapped_in_place_is_repaired_though_the_shape_is_the_same():
+    """Digests leave set elements out (one digest per shape); the elements are compared on their own."""
+
+    async def scenario(r, fb):
+        r.upsert(sandbox(allow_internet_access=False, allow_out=["192.0.2.1", "198.51.100.0/24"]))
+        await settle(r)
+        table = fb.tables["/run/netns/a"]
+        _allow4(table)["elem"] = ["192.0.2.1", {"prefix": {"addr": "203.0.113.0", "len": 24}}]
+        r.resync()
+        await settle(r)
+        assert r.counters["repaired"] == 1
+        assert _allow4(fb.tables["/run/netns/a"])["elem"] == [
+            "192.0.2.1",
+            {"prefix": {"addr": "198.51.100.0", "len": 24}},
+        ]
+
+    run(scenario)
+
+
+def test_a_table_with_the_right_fingerprint_but_other_addresses_is_not_adopted():
+    fb = FakeBackend(namespaces={"/run/netns/a"})
+    saved = _saved_after_first_run(fb, sandbox("a", allow_internet_access=False, allow_out=["192.0.2.1"]))
+    _allow4(fb.tables["/run/netns/a"])["elem"] = ["192.0.2.1", "203.0.113.9"]  # added while no agent ran
+    saved["digests"] = {}  # a state file that never learnt this shape: the first read must not adopt it
+
+    async def second(r, fb):
+        restore_state(r, saved)
+        await settle(r)
+        assert r.counters["repaired"] == 1 and r.counters["adopted"] == 0
+        assert _allow4(fb.tables["/run/netns/a"])["elem"] == ["192.0.2.1"]
+
+    run(second, fb)
+
+
+def test_elements_are_compared_as_addresses_however_they_are_printed():
+    rs = render(sandbox(allow_out=["198.51.100.0/24", "2001:db8::/48", "192.0.2.7"]).policy, CONFIG)
+    listing = [c["add"] for c in rs.commands if "set" in c["add"]]
+    assert elements_differ(listing, rs) is None
+    allow4 = next(i["set"] for i in listing if i["set"]["name"] == "allow4_a")
+    allow4["elem"] = [
+        {"range": ["198.51.100.0", "198.51.100.255"]},
+        {"prefix": {"addr": "192.0.2.7", "len": 32}},
+    ]
+    assert elements_differ(listing, rs) is None  # the same addresses, printed otherwise
+    allow4["elem"] = [{"range": ["198.51.100.0", "198.51.100.254"]}, "192.0.2.7"]
+    assert elements_differ(listing, rs) == "set allow4 holds other addresses than the policy's"
+    allow4["elem"] = ["198.51.100.0/24", "192.0.2.7", "192.0.2.8"]
+    assert elements_differ(listing, rs) is not None
+    allow4["elem"] = [{"weird": 1}, "192.0.2.7"]
+    assert elements_differ(listing, rs) is not None

@@ -1,0 +1,46 @@
+"""glibc malloc settings for a long-running agent whose allocations are mostly short-lived.
+
+Every table write goes through libnftables, which allocates and frees hundreds of kilobytes per call, from
+several worker threads. glibc keeps what is freed for reuse and returns it to the kernel only from the top
+of a heap, by default once 128 KiB or more are free there (a threshold that grows as the process frees
+large blocks). The threshold is pinned here, and trim() hands back free memory from anywhere in the heaps
+after the start's burst. Measured at 1,000 sandboxes: 140-150 MB resident instead of 150-165. Pinning the
+mmap threshold low as well saved 30 MB more but slowed cold starts by a quarter (a fresh mapping, zeroed
+pages, for every libnftables call), so it is left alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+from typing import Any
+
+from egressd.logs import log
+
+M_TRIM_THRESHOLD = -1
+TRIM_THRESHOLD = 128 * 1024
+
+
+def _libc() -> Any | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def tune() -> bool:
+    """Set the thresholds; False (and a log line) where libc has no mallopt (not glibc)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        log(logging.INFO, "malloc_not_tuned", detail="not glibc: memory settles at its high-water mark")
+        return False
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
+
+
+def trim() -> None:
+    """Return free heap memory to the kernel (after a start or a resync: a few milliseconds)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
