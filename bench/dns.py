@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,8 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.apply import Deadline, machine_info
+from bench.apply import Aborted, Deadline, _terminate, machine_info
 from bench.figures import Figure
+from egressd.control import ControlError
 from egressd.nft import LibnftBackend, set_elements
 from netns_fixtures import DnsServer, World, cleanup
 from tests.integration.agent import AgentProcess
@@ -82,21 +84,23 @@ def agent_pid(agent: AgentProcess) -> int | None:
 def wait_all_enforced(agent: AgentProcess, count: int, deadline: float) -> float:
     t0 = time.monotonic()
     while time.monotonic() < deadline:
-        if not agent.running():  # still starting: its control socket is not there yet
+        try:
+            status = agent.status()  # one status a poll: at 1,000 sandboxes each one costs the agent work
+        except ControlError:  # still starting: its control socket is not there yet
             time.sleep(0.02)
             continue
-        status = agent.status()
         if sum(1 for s in status.values() if s["state"] == "enforced") >= count:
             return time.monotonic() - t0
         time.sleep(0.1)
     raise TimeoutError(f"not all {count} sandboxes enforced in time")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
+    """Fills `results` as it goes, so an aborted run still reports what it measured."""
     deadline = Deadline(time.monotonic() + args.max_seconds)
     prefix = f"bd{os.getpid() % 10000}"
     cleanup(prefix)
-    results: dict[str, Any] = {"settings": vars(args).copy(), "machine": machine_info()}
+    results["machine"] = machine_info()
     extra = [f"{prefix}n{i}" for i in range(args.sandboxes)]
     with World(prefix, sandboxes=0) as world, tempfile.TemporaryDirectory() as tmp:
         batch = "".join(f"netns add {n}\n" for n in extra)
@@ -112,58 +116,61 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"retention = {args.ttl * 2}\ntimeout = 2\n"
                     ),
                 )
-                snapshot = {
-                    "type": "snapshot",
-                    "sandboxes": sandbox_records(extra, args.shared, args.distinct, args.per_shared),
-                }
-                agent.send(snapshot)
-                t0 = time.monotonic()
-                agent.start(wait_ready=False)
-                results["cold_start_all_enforced_s"] = wait_all_enforced(agent, len(extra), deadline.end)
-                results["cold_start_total_s"] = time.monotonic() - t0
-                names = args.shared + args.distinct
-                # Queries per second at the server, in steady state, against names / TTL.
-                time.sleep(min(args.ttl, 5))
-                server.reset_counts()
-                window = args.ttl * args.windows
-                time.sleep(window)
-                a_queries = server.queries(qtype="A")
-                aaaa_queries = server.queries(qtype="AAAA")
-                floor = names / args.ttl
-                results["names"] = names
-                results["window_s"] = window
-                results["queries_a_per_s"] = a_queries / window
-                results["queries_aaaa_per_s"] = aaaa_queries / window
-                results["names_per_ttl"] = floor
-                results["ratio_a_to_floor"] = (a_queries / window) / floor
-                pid = agent_pid(agent)
-                results["agent_rss_mib"] = rss_mib(pid) if pid else None
-                # A changed answer for one shared name, until every sandbox naming it holds the new address.
-                backend = LibnftBackend()
-                target = "s0.bench.test"
-                naming = [r for r in snapshot["sandboxes"] if target in r["network_policy"]["allow_out"]]
-                new4 = "198.19.255.1"
-                t_change = time.monotonic()
-                server.set(target, new4, "2001:db8:d::ffff")
-                pending = {r["netns"] for r in naming}
-                first_seen: float | None = None
-                while pending and time.monotonic() < deadline.end:
-                    for path in list(pending):
-                        listing = backend.read(path) or []
-                        if new4 in set_elements(listing, ["allow_dns4"]).get("allow_dns4", frozenset()):
-                            pending.discard(path)
-                            first_seen = first_seen or time.monotonic()
-                    time.sleep(0.005)
-                backend.close()
-                done = time.monotonic()
-                changed = [e for e in agent.events("dns_changed") if e.get("host") == target]
-                results["change_sandboxes"] = len(naming)
-                results["change_to_all_enforced_s"] = done - t_change if not pending else None
-                results["change_first_to_last_sandbox_s"] = (
-                    (done - first_seen) if first_seen and not pending else None
-                )
-                results["change_log_events"] = len(changed)
-                agent.stop()
+                try:
+                    snapshot = {
+                        "type": "snapshot",
+                        "sandboxes": sandbox_records(extra, args.shared, args.distinct, args.per_shared),
+                    }
+                    agent.send(snapshot)
+                    t0 = time.monotonic()
+                    agent.start(wait_ready=False)
+                    results["cold_start_all_enforced_s"] = wait_all_enforced(agent, len(extra), deadline.end)
+                    results["cold_start_total_s"] = time.monotonic() - t0
+                    names = args.shared + args.distinct
+                    # Queries per second at the server, in steady state, against names / TTL.
+                    time.sleep(min(args.ttl, 5))
+                    server.reset_counts()
+                    window = args.ttl * args.windows
+                    time.sleep(window)
+                    a_queries = server.queries(qtype="A")
+                    aaaa_queries = server.queries(qtype="AAAA")
+                    floor = names / args.ttl
+                    results["names"] = names
+                    results["window_s"] = window
+                    results["queries_a_per_s"] = a_queries / window
+                    results["queries_aaaa_per_s"] = aaaa_queries / window
+                    results["names_per_ttl"] = floor
+                    results["ratio_a_to_floor"] = (a_queries / window) / floor
+                    pid = agent_pid(agent)
+                    results["agent_rss_mib"] = rss_mib(pid) if pid else None
+                    # A changed answer for one shared name, until every sandbox naming it holds the new
+                    # address.
+                    backend = LibnftBackend()
+                    target = "s0.bench.test"
+                    naming = [r for r in snapshot["sandboxes"] if target in r["network_policy"]["allow_out"]]
+                    new4 = "198.19.255.1"
+                    t_change = time.monotonic()
+                    server.set(target, new4, "2001:db8:d::ffff")
+                    pending = {r["netns"] for r in naming}
+                    first_seen: float | None = None
+                    while pending and time.monotonic() < deadline.end:
+                        for path in list(pending):
+                            listing = backend.read(path) or []
+                            if new4 in set_elements(listing, ["allow_dns4"]).get("allow_dns4", frozenset()):
+                                pending.discard(path)
+                                first_seen = first_seen or time.monotonic()
+                        time.sleep(0.005)
+                    backend.close()
+                    done = time.monotonic()
+                    changed = [e for e in agent.events("dns_changed") if e.get("host") == target]
+                    results["change_sandboxes"] = len(naming)
+                    results["change_to_all_enforced_s"] = done - t_change if not pending else None
+                    results["change_first_to_last_sandbox_s"] = (
+                        (done - first_seen) if first_seen and not pending else None
+                    )
+                    results["change_log_events"] = len(changed)
+                finally:
+                    agent.stop()  # also when a check fails or the run is interrupted
         finally:
             subprocess.run(
                 ["ip", "-batch", "-"],
@@ -232,9 +239,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """0 when the run completed, 1 when the changed answer never reached every sandbox, 2 when it could not
+    run or was aborted (SIGTERM, --max-seconds): the figures measured until then are still written."""
     args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench.dns: needs root (it creates network namespaces)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
     t0 = time.monotonic()
-    results = run(args)
+    partial: dict[str, Any] = {"settings": vars(args).copy()}
+    try:
+        results = run(args, partial)
+    except (TimeoutError, KeyboardInterrupt, Aborted) as e:
+        partial["error"] = f"{type(e).__name__}: {e}"
+        partial["wall_s"] = time.monotonic() - t0
+        print(f"bench.dns: aborted: {partial['error']}", file=sys.stderr)
+        if args.json:
+            args.json.write_text(json.dumps(partial, indent=2, default=str))
+        return 2
     results["wall_s"] = time.monotonic() - t0
     r = results
 

@@ -1003,9 +1003,13 @@ class Reconciler:
         return out
 
     def state_counts(self) -> dict[str, int]:
+        """As report() would count them, without building it: status asks for this on every call, and a
+        report with 10,000 hostnames took the event loop for a quarter of a second."""
         counts = {"enforced": 0, "pending": 0, "error": 0}
-        for row in self.report():
-            counts[row["state"]] = counts.get(row["state"], 0) + 1
+        for sid in self.desired.keys() | self.status.keys():
+            st = self.status.get(sid)
+            state = st.state if st is not None else "pending"
+            counts[state] = counts.get(state, 0) + 1
         return counts
 
 
