@@ -367,7 +367,7 @@ def run_phase(
         phase.start_s = done
         # Steady state: the verification pass after READY (a read of every table) is over. A tamper during
         # it waits its turn in the queue, which is a different figure (see bench/README.md).
-        while agent.agent_status()["queue"] > 0:
+        while not (info := agent.agent_status())["verified"] or info["queue"] > 0:
             deadline.check(f"{phase.mode}: verification pass")
             time.sleep(0.05)
         time.sleep(SETTLE_S)

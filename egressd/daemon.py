@@ -35,6 +35,7 @@ from egressd.reconcile import Reconciler, export_state, restore_state
 from egressd.state import StateError, StateFile
 
 READY_TIMEOUT = 120.0
+VERIFY_TIMEOUT = 600.0  # the verification pass after READY: every table read whole (10,000 in seconds)
 # Eventual state writes (Persister.mark): at least PERSIST_MIN_DELAY after the mark, and about
 # PERSIST_SPACING times as long as the last write took, so writing takes at most ~5 % of the agent's time.
 PERSIST_MIN_DELAY = 0.05
@@ -135,6 +136,7 @@ class Agent:
         self.overrides = overrides
         self.backend = backend
         self.state = StateFile(config.state_dir)
+        self.verified = False  # the verification pass after READY is done (status: agent.verified)
         self.persister = Persister(self.state, lambda: export_state(self.reconciler), self._persisted)
         cache = DnsCache(config.dns_min_ttl, config.dns_max_ttl, config.dns_retention)
         resolver = Resolver(config.dns_nameservers, config.dns_timeout)
@@ -303,6 +305,7 @@ class Agent:
             "feed": self.source.health() | {"lines": self.feed_lines, "rejected": self.feed_rejected},
             "state": {"path": str(self.state.path), "error": self.persister.error or self.state_problem},
             "queue": len(self.reconciler.queue),
+            "verified": self.verified,
             "dns": self.dns_info(),
             "counts": self.reconciler.state_counts(),
             "reconciles": dict(self.reconciler.counters),
@@ -483,6 +486,11 @@ class Agent:
                 log(logging.WARNING, "monitor_slow", detail=f"sockets not all made after {READY_TIMEOUT:g} s")
             self.monitor.check_on_watch = True  # sandboxes watched from now on have no such pass
         self.reconciler.resync()
+        if await self.reconciler.wait_idle(VERIFY_TIMEOUT):
+            self.verified = True
+            log(logging.INFO, "verified", detail="every table compared whole after the start")
+        else:
+            log(logging.WARNING, "verification_slow", detail=f"not done after {VERIFY_TIMEOUT:g} s")
         # The start's churn (the backlog parsed, a libnftables context made and freed per sandbox) is free
         # memory now: hand it back, off the loop (it walks every heap: tens of milliseconds).
         await asyncio.to_thread(memory.trim)
