@@ -73,11 +73,19 @@ class Deadline:
         return min(CMD_TIMEOUT_S, self.end - time.monotonic())
 
 
-def run(argv: Sequence[str], deadline: Deadline, where: str) -> subprocess.CompletedProcess[str]:
-    """Run argv without a shell, bounded by the deadline; a failure names the command and its stderr."""
+def run(
+    argv: Sequence[str], deadline: Deadline, where: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run argv without a shell, bounded by the deadline; a failure names the command and its stderr.
+    `stdin`: text fed to the command (one restore process for a whole rule set, not one per rule)."""
     try:
         proc = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=deadline.timeout(where), check=False
+            list(argv),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=deadline.timeout(where),
+            check=False,
         )
     except subprocess.TimeoutExpired:
         raise Aborted(f"{' '.join(argv)} timed out during {where}") from None

@@ -257,26 +257,9 @@ class Topology(Namespaces):
 # --- loading and checking each configuration ----------------------------------------------------------
 
 
-def run_input(argv: Sequence[str], text: str, deadline: Deadline) -> None:
-    """bench.apply.run with stdin: one restore process for the whole rule set, not one per rule."""
-    try:
-        proc = subprocess.run(
-            list(argv),
-            input=text,
-            capture_output=True,
-            text=True,
-            timeout=deadline.timeout("load"),
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise Aborted(f"{' '.join(argv)} timed out") from None
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
-
-
 def load_conntrack(ns: str, deadline: Deadline) -> dict[str, Any]:
     """The conntrack-only reference table, read back so we know it is there."""
-    run_input(["ip", "netns", "exec", ns, "nft", "-f", "-"], CONNTRACK_ONLY, deadline)
+    run(["ip", "netns", "exec", ns, "nft", "-f", "-"], deadline, "load", stdin=CONNTRACK_ONLY)
     listed = run(["ip", "netns", "exec", ns, "nft", "list", "table", "inet", "ed_ct"], deadline, "load")
     if "ct state established,related accept" not in listed.stdout:
         raise RuntimeError(f"conntrack-only table in {ns} is not as loaded: {listed.stdout!r}")
@@ -316,7 +299,7 @@ def load_iptables(
         prog = "iptables" if fam == "v4" else "ip6tables"
         text = iptables_rules(nets[fam], fam, setup.established)
         t0 = time.perf_counter()
-        run_input(["ip", "netns", "exec", ns, f"{prog}-{flavour}-restore"], text, deadline)
+        run(["ip", "netns", "exec", ns, f"{prog}-{flavour}-restore"], deadline, "load", stdin=text)
         load_s = time.perf_counter() - t0
         saved = run(["ip", "netns", "exec", ns, f"{prog}-{flavour}-save", "-t", "filter"], deadline, "load")
         rules = sum(1 for line in saved.stdout.splitlines() if line.startswith("-A OUTPUT"))

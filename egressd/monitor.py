@@ -41,6 +41,7 @@ from egressd.logs import log
 from egressd.netns import CLOSE_GRACE_S, NetnsError, NsId, _libc_setns, in_netns, netns_id
 from egressd.nfnl import (
     NETLINK_NETFILTER,
+    NFGENMSG,
     NFNL_SUBSYS_NFTABLES,
     NLMSG_MIN_TYPE,
     NLMSG_NOOP,
@@ -70,7 +71,6 @@ NFTA_GEN_PROC_NAME = 3  # the committing thread's comm
 NFTA_TABLE_ATTR = 1
 PROC_PID_INIT_INO = 0xEFFFFFFC  # inode of the initial pid namespace (include/linux/proc_ns.h)
 
-NFGENMSG_LEN = 4
 TABLE = b"egressd"
 
 FD_BASE = 1024  # monitor sockets live at or above this descriptor; libnftables needs those below
@@ -121,13 +121,13 @@ class TransactionParser:
                 self.reset()
                 reason = reason or f"unexpected netlink message type {kind:#x}"
                 continue
-            if length < header + NFGENMSG_LEN:
+            if length < header + NFGENMSG.size:
                 self.reset()
                 return reason or "malformed event: no nfgenmsg header"
             msg = kind & 0xFF
             if msg != NFT_MSG_NEWGEN and (self.touched or msg in (NFT_MSG_GETGEN, NFT_MSG_TRACE)):
                 continue  # the common case, cheap: the transaction already matters (or this changes nothing)
-            attrs_view = view[start + header + NFGENMSG_LEN : start + length]
+            attrs_view = view[start + header + NFGENMSG.size : start + length]
             if msg == NFT_MSG_NEWGEN:
                 try:
                     attrs = attributes(attrs_view, (NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME))

@@ -1048,15 +1048,16 @@ def export_state(r: Reconciler) -> tuple[dict[str, Any], int]:
         "tombstones": [[sid, rev] for sid, rev in r.tombstones.items()],
         "digests": dict(r.digests),
         "dns": r.dns.cache.export() if r.dns is not None else {},
-        "in_force": {"key": adoption_key(r.config), "tables": in_force},
+        "in_force": {"key": adoption_key(r), "tables": in_force},
     }
     return doc, r._generation
 
 
-def adoption_key(config: Config) -> str:
+def adoption_key(r: Reconciler) -> str:
     """What a remembered fingerprint was rendered under: this version of egressd and every config value that
-    shapes a table (the guard sets, deny action, uplink: all in the deny-all table's fingerprint)."""
-    return f"{__version__} {render(DENY_ALL, config).fingerprint}"
+    shapes a table (the guard sets, deny action, uplink: all in the deny-all table's fingerprint). Through
+    the render cache: every state write asks for it."""
+    return f"{__version__} {r._render(DENY_ALL).fingerprint}"
 
 
 def restore_state(r: Reconciler, doc: dict[str, Any]) -> list[str]:
@@ -1075,7 +1076,7 @@ def restore_state(r: Reconciler, doc: dict[str, Any]) -> list[str]:
         )  # fmt: skip
         r._set(d)
     in_force = doc.get("in_force")
-    if isinstance(in_force, dict) and in_force.get("key") == adoption_key(r.config):
+    if isinstance(in_force, dict) and in_force.get("key") == adoption_key(r):
         tables = in_force.get("tables")
         for sid, pair in tables.items() if isinstance(tables, dict) else ():
             d = r.desired.get(sid)

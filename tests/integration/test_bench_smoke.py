@@ -1,4 +1,4 @@
-"""The apply benchmark still runs and verifies what it applied (no timing is asserted: the machine is noisy)."""
+"""Every benchmark still runs and checks what it measured (no timing is asserted: the machine is noisy)."""
 
 import json
 import subprocess
@@ -9,56 +9,35 @@ import pytest
 pytestmark = pytest.mark.root
 
 
-def test_apply_benchmark_smoke(tmp_path):
+def run_smoke(tmp_path, timeout: int, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """`python -m ARGS --json OUT` as a child process: it must exit 0; returns it and the JSON it wrote."""
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.apply", "--smoke", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-m", *args, "--json", str(out)], capture_output=True, text=True, timeout=timeout
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads(out.read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+def test_apply_benchmark_smoke(tmp_path):
+    _, results = run_smoke(tmp_path, 120, "bench.apply", "--smoke")
     assert results["sizes"] and all(size["verified"] for size in results["sizes"])
     assert not results["aborted"]
 
 
 def test_agent_benchmark_smoke(tmp_path):
-    out = tmp_path / "agent.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.agent", "--smoke", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    _, results = run_smoke(tmp_path, 300, "bench.agent", "--smoke")
     assert results["restart"]["zero_writes"] is True and results["restart"]["handles_unchanged"] is True
 
 
 def test_dns_benchmark_smoke(tmp_path):
-    out = tmp_path / "dns.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.dns", "--smoke", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    _, results = run_smoke(tmp_path, 300, "bench.dns", "--smoke")
     assert results["change_to_all_enforced_s"] is not None and results["queries_a_per_s"] > 0
 
 
 def test_tamper_benchmark_smoke(tmp_path):
-    out = tmp_path / "tamper.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.tamper", "--smoke", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    phases = {p["mode"]: p for p in json.loads(out.read_text())["phases"]}
+    _, results = run_smoke(tmp_path, 300, "bench.tamper", "--smoke")
+    phases = {p["mode"]: p for p in results["phases"]}
     for p in phases.values():  # every tamper repaired, and the repair checked in the kernel, both ways
         assert p["error"] is None and p["verified"] == len(p["tampers"]) > 0
     assert phases["monitor"]["high_fds"] == phases["monitor"]["monitor"]["watched"] > 0
@@ -66,30 +45,14 @@ def test_tamper_benchmark_smoke(tmp_path):
 
 
 def test_hostside_benchmark_smoke(tmp_path):
-    out = tmp_path / "results.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.hostside", "--smoke", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads(out.read_text())
+    _, results = run_smoke(tmp_path, 180, "bench.hostside", "--smoke")
     assert results["adopted"] == results["sandboxes"] == 20  # every table written was read back as written
     assert results["cold_ms_per_sandbox"] > 0 and results["base_update_ms_per_sandbox"] > 0
 
 
 def test_bench_suite_smoke(tmp_path):
     """`python -m bench` runs its benches, reads their JSON and writes one results file with every figure."""
-    out = tmp_path / "results.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--only", "apply", "hostside", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    proc, results = run_smoke(tmp_path, 300, "bench", "--smoke", "--only", "apply", "hostside")
     assert results["settings"]["smoke"] is True and results["machine"]["nproc"]
     assert set(results["benches"]) == {"apply", "hostside"} and results["failed"] == []
     for name, bench in results["benches"].items():
@@ -105,15 +68,7 @@ def test_bench_suite_smoke(tmp_path):
 
 
 def test_datapath_benchmark_smoke(tmp_path):
-    out = tmp_path / "datapath.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.datapath", "--smoke", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    _, results = run_smoke(tmp_path, 180, "bench.datapath", "--smoke")
     assert not results["aborted"] and not results["errors"]
     for family, rows in results["results"].items():  # every configuration moved data, in every family
         for key, row in rows.items():

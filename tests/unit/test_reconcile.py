@@ -493,9 +493,9 @@ def test_restart_adopts_on_the_remembered_fingerprint_without_rendering():
     writes = len(fb.writes)
 
     async def second(r, fb):
-        renders = _count_renders(r)
         r.adopt_by_fingerprint = True
         assert restore_state(r, saved) == []
+        renders = _count_renders(r)  # from here: the first pass
         await settle(r)
         assert r.status["a"].state == r.status["b"].state == "enforced" and r.status["a"].revision == 3
         assert renders == [] and r.counters["adopted"] == 2  # one fingerprint read each, nothing rendered
