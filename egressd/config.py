@@ -7,6 +7,8 @@ more open than the operator meant) in force.
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -75,9 +77,25 @@ class _Limits(_Strict):
     max_entries: int = Field(default=DEFAULT_MAX_ENTRIES, ge=1, le=1_000_000)
 
 
+class _FeedNats(_Strict):
+    bucket: str = Field(default="egressd-sandboxes", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    # "" means the machine's hostname up to its first dot. No dot: the keys are HOST_ID.SANDBOX_ID, and a
+    # host id with a dot could be a prefix of another host's keys.
+    host_id: str = Field(default="", max_length=64, pattern=r"^([A-Za-z0-9_-]+)?$")
+    creds: str = ""  # a .creds file (user JWT and NKey seed), as `nsc` writes it
+    nkey: str = ""  # a file holding an NKey user seed (SU...)
+    tls_ca: str = ""  # CA bundle to verify the server with (tls:// or any tls_* turns TLS on)
+    tls_cert: str = ""  # client certificate, for servers that verify clients
+    tls_key: str = ""
+    connect_timeout: float = Field(default=2.0, gt=0, le=60)
+    retry_initial: float = Field(default=0.5, gt=0, le=60)
+    retry_max: float = Field(default=30.0, gt=0, le=3600)
+
+
 class _Feed(_Strict):
     source: str = Field(default="unix:/run/egressd/feed.sock", min_length=1)
     max_line_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    nats: _FeedNats = Field(default_factory=_FeedNats)
 
 
 class _State(_Strict):
@@ -204,6 +222,27 @@ def _nets_of(values: Iterable[str]) -> tuple[IPNetwork, ...]:
 
 
 @dataclass(frozen=True)
+class NatsFeed:
+    """[feed.nats]: how a nats:// feed source finds and watches this host's keys."""
+
+    bucket: str = "egressd-sandboxes"
+    host_id: str = ""
+    creds: str = ""
+    nkey: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    connect_timeout: float = 2.0
+    retry_initial: float = 0.5
+    retry_max: float = 30.0
+
+
+def default_host_id() -> str:
+    """The hostname up to its first dot: what [feed.nats] host_id is when it is not set."""
+    return socket.gethostname().split(".", 1)[0]
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the agent reads from its config file, flat. Only guard, deny_action, uplink and
     sandbox_resolvers shape the rendered table; the rest is how the agent runs."""
@@ -219,6 +258,7 @@ class Config:
     max_entries: int = DEFAULT_MAX_ENTRIES
     feed_source: str = "unix:/run/egressd/feed.sock"
     max_line_bytes: int = 1024 * 1024
+    nats: NatsFeed = field(default_factory=NatsFeed)
     state_dir: str = "/var/lib/egressd"
     dns_nameservers: tuple[str, ...] = ()
     dns_min_ttl: float = 5.0
@@ -244,6 +284,19 @@ def _to_config(m: _ConfigModel) -> Config:
         raise ConfigError(f"dns.min_ttl ({m.dns.min_ttl}) is larger than dns.max_ttl ({m.dns.max_ttl})")
     if m.reconcile.retry_initial > m.reconcile.retry_max:
         raise ConfigError("reconcile.retry_initial is larger than reconcile.retry_max")
+    nats = m.feed.nats
+    if nats.retry_initial > nats.retry_max:
+        raise ConfigError("feed.nats.retry_initial is larger than feed.nats.retry_max")
+    if bool(nats.tls_cert) != bool(nats.tls_key):
+        raise ConfigError("feed.nats: tls_cert and tls_key go together; set both or neither")
+    if nats.creds and nats.nkey:
+        raise ConfigError("feed.nats: set creds or nkey, not both")
+    host_id = nats.host_id or default_host_id()
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", host_id):
+        raise ConfigError(
+            f"feed.nats.host_id: the hostname {host_id!r} cannot be a key prefix; set host_id to letters, "
+            "digits, _ and - (at most 64)"
+        )
     return Config(
         guard=Guard(
             deny=_nets_of(m.guard.deny), allow=_nets_of(m.guard.allow), private=_nets_of(m.guard.private)
@@ -254,6 +307,7 @@ def _to_config(m: _ConfigModel) -> Config:
         max_entries=m.limits.max_entries,
         feed_source=m.feed.source,
         max_line_bytes=m.feed.max_line_bytes,
+        nats=NatsFeed(**(nats.model_dump() | {"host_id": host_id})),
         state_dir=m.state.dir,
         dns_nameservers=tuple(m.dns.nameservers),
         dns_min_ttl=m.dns.min_ttl,

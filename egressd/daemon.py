@@ -30,7 +30,7 @@ from egressd.logs import log, setup_logging
 from egressd.metrics import DeniedCounters, Metrics, MetricsError, on_loop, snapshot
 from egressd.monitor import ChangeMonitor, raise_fd_limit
 from egressd.nft import Backend, LibnftBackend
-from egressd.policy import PolicyError, parse_line
+from egressd.policy import Event, PolicyError, parse_line
 from egressd.reconcile import Reconciler, export_state, restore_state
 from egressd.state import StateError, StateFile
 
@@ -152,7 +152,12 @@ class Agent:
             host_backend=host,
         )
         self.monitor = self._make_monitor(config)
-        self.source: Source = parse_source(config.feed_source, max_line=config.max_line_bytes)
+        self.source: Source = parse_source(
+            config.feed_source,
+            max_line=config.max_line_bytes,
+            nats=config.nats,
+            max_entries=config.max_entries,
+        )
         self.control = ControlServer(config.control_socket, self.handle_request)
         self.started = time.time()
         self.feed_lines = 0
@@ -172,7 +177,9 @@ class Agent:
         self.denied = DeniedCounters(self.reconciler, self.backend)  # type: ignore[arg-type]
 
         def read() -> Any:
-            return snapshot(self.reconciler, self.feed_lines, self.feed_rejected, self.denied)
+            return snapshot(
+                self.reconciler, self.feed_lines, self.feed_rejected, self.denied, self.source.health()
+            )
 
         self.metrics = Metrics(on_loop(asyncio.get_running_loop(), read))
         self.reconciler.observe = self.metrics.observe
@@ -211,18 +218,29 @@ class Agent:
     # --- feed -----------------------------------------------------------------------------------------
 
     def on_line(self, line: Line) -> None:
-        """One line of the feed. Bad input is logged with its place and reason, and skipped."""
+        """One line of the feed (or one key of a bucket). Bad input is logged with its place and reason,
+        and skipped."""
         self.feed_lines += 1
-        where = {"source": line.source, "line": line.lineno}
-        if line.text is None:
+        where: dict[str, Any] = (
+            {"source": line.source, "line": line.lineno}
+            if line.key is None
+            else {"source": line.source, "key": line.key, "revision": line.lineno}
+        )
+        if line.text is None and line.event is None:
             self._rejected(where, line.error or "refused")
             return
-        try:
-            event = parse_line(line.text, self.config.max_entries)
-        except PolicyError as e:
-            self._rejected(where, "; ".join(e.problems), sandbox=e.sandbox_id)
-            if e.sandbox_id is not None:
-                self.reconciler.reject(e)  # an invalid upsert: close a new sandbox, keep a known one as it is
+        event: Event | PolicyError
+        if line.event is not None:
+            event = line.event  # a source that parses its own records (nats://)
+        else:
+            try:
+                event = parse_line(line.text or "", self.config.max_entries)
+            except PolicyError as e:
+                event = e
+        if isinstance(event, PolicyError):
+            self._rejected(where, "; ".join(event.problems), sandbox=event.sandbox_id)
+            if event.sandbox_id is not None:
+                self.reconciler.reject(event)  # an invalid upsert: close a new one, keep a known one as it is
             return
         for err in getattr(event, "rejected", ()):
             self._rejected(where, "; ".join(err.problems), sandbox=err.sandbox_id)
@@ -344,8 +362,8 @@ class Agent:
             log(logging.ERROR, "reload_failed", error=str(e), detail="keeping the running configuration")
             return
         fixed = {
-            "feed_source", "state_dir", "control_socket", "workers", "watch_changes", "cached_contexts",
-            "metrics_listen",
+            "feed_source", "nats", "state_dir", "control_socket", "workers", "watch_changes",
+            "cached_contexts", "metrics_listen",
         }  # fmt: skip
         changed = sorted(k for k in fixed if getattr(config, k) != getattr(self.config, k))
         if changed:

@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO, Literal, NamedTuple, Protocol
 
+from egressd.config import NatsFeed, default_host_id
 from egressd.logs import log
+from egressd.policy import DEFAULT_MAX_ENTRIES, Event, PolicyError
 from egressd.sockets import SocketPathError, bind_unix, unlink_if_ours
 
 DEFAULT_MAX_LINE = 1 << 20  # 1 MiB
@@ -40,9 +42,11 @@ class Line:
     """One line and its provenance, so that every report about it can say exactly where it came from."""
 
     source: str
-    lineno: int
+    lineno: int  # for a bucket key: the KV revision
     text: str | None
     error: str | None = None
+    key: str | None = None  # the bucket key, for a nats:// source
+    event: Event | PolicyError | None = None  # already parsed, for a source that validates its own records
 
 
 OnLine = Callable[[Line], None]
@@ -160,7 +164,7 @@ class LineSplitter:
         self._skipping = False
 
 
-class _Stats:
+class FeedStats:
     """Counters behind health(); mutated only on the event loop thread."""
 
     def __init__(self, source: str) -> None:
@@ -198,7 +202,7 @@ class _Stats:
         }
 
 
-def _deliver(stats: _Stats, on_line: OnLine, lines: Iterable[Line | None]) -> None:
+def deliver(stats: FeedStats, on_line: OnLine, lines: Iterable[Line | None]) -> None:
     """Hand lines to the daemon; a handler that raises is logged and counted: it never stops the feed."""
     for line in lines:
         if line is None:
@@ -326,7 +330,7 @@ class FileSource:
         self.name = f"file:{self.path}"
         self.poll_interval = poll_interval
         self.max_line = max_line
-        self._stats = _Stats(self.name)
+        self._stats = FeedStats(self.name)
         self._tail = _Tail(self.path, chunk_size)
         self._splitter = LineSplitter(self.name, max_line)
         # True once all the file held at the start has been delivered: the daemon waits for it before
@@ -368,12 +372,12 @@ class FileSource:
             self._stats.error(f"reading {self.path}: {e.strerror or e}; retrying")
             return False
         if ev.kind == "data":
-            _deliver(self._stats, on_line, self._splitter.feed(ev.data))
+            deliver(self._stats, on_line, self._splitter.feed(ev.data))
             self._stats.max_buffered = max(self._stats.max_buffered, self._splitter.max_buffered)
             return True
         if ev.kind in ("truncated", "rotated"):
             partial = TRUNCATED_DROPPED if ev.kind == "truncated" else None
-            _deliver(self._stats, on_line, [self._splitter.finish(partial)])
+            deliver(self._stats, on_line, [self._splitter.finish(partial)])
             self._splitter.reset()
         if ev.kind == "problem":
             self._stats.error(ev.detail)
@@ -446,7 +450,7 @@ class StdinSource:
         self.max_line = max_line
         self.chunk_size = chunk_size
         self._stream = stream
-        self._stats = _Stats(self.name)
+        self._stats = FeedStats(self.name)
         self._splitter = LineSplitter(self.name, max_line)
         self.ended = False
         self._reading = False
@@ -486,7 +490,7 @@ class StdinSource:
                     self._stats.error(f"reading stdin: {err.strerror or err}; treating it as the end")
                 self._end(on_line)
                 return
-            _deliver(self._stats, on_line, self._splitter.feed(data))
+            deliver(self._stats, on_line, self._splitter.feed(data))
             self._stats.max_buffered = max(self._stats.max_buffered, self._splitter.max_buffered)
 
     def _fileno(self) -> int | None:
@@ -501,7 +505,7 @@ class StdinSource:
 
     def _end(self, on_line: OnLine) -> None:
         # Like the end of a file: a last line without its newline is still a line.
-        _deliver(self._stats, on_line, [self._splitter.finish()])
+        deliver(self._stats, on_line, [self._splitter.finish()])
         self.ended = True
         self._stats.note("stdin ended; no more events from it")
 
@@ -524,7 +528,7 @@ class UnixSource:
         self.max_line = max_line
         self.mode = mode
         self.chunk_size = chunk_size
-        self._stats = _Stats(self.name)
+        self._stats = FeedStats(self.name)
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepted = 0
         self._listening = False
@@ -593,15 +597,18 @@ class UnixSource:
                 self._stats.error(f"{splitter.source}: {e.strerror or e}")
                 data = b""
             if not data:
-                _deliver(self._stats, on_line, [splitter.finish(PARTIAL_DROPPED)])
+                deliver(self._stats, on_line, [splitter.finish(PARTIAL_DROPPED)])
                 return
-            _deliver(self._stats, on_line, splitter.feed(data))
+            deliver(self._stats, on_line, splitter.feed(data))
             self._stats.max_buffered = max(self._stats.max_buffered, splitter.max_buffered)
 
 
 # --- specs -------------------------------------------------------------------------------------------------
 
-_FORMS = "file:PATH (follow a file, like tail -F), stdin, or unix:PATH (listen on a unix socket)"
+_FORMS = (
+    "file:PATH (follow a file, like tail -F), stdin, unix:PATH (listen on a unix socket), or nats://HOST:PORT"
+    " (watch a NATS key-value bucket)"
+)
 
 
 def _path_of(spec: str, kind: str) -> str:
@@ -613,8 +620,19 @@ def _path_of(spec: str, kind: str) -> str:
     return path
 
 
-def parse_source(spec: str, *, max_line: int = DEFAULT_MAX_LINE) -> Source:
+def parse_source(
+    spec: str,
+    *,
+    max_line: int = DEFAULT_MAX_LINE,
+    nats: NatsFeed | None = None,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+) -> Source:
     """The source a spec names; FeedError names the accepted forms when it names none."""
+    if spec.startswith(("nats://", "tls://")):
+        from egressd.fleet import NatsSource  # a separate module: only fleet hosts load the NATS client
+
+        settings = nats or NatsFeed(host_id=default_host_id())
+        return NatsSource(spec, settings, max_value=max_line, max_entries=max_entries)
     if spec == "stdin":
         return StdinSource(max_line=max_line)
     if spec.startswith("file:"):

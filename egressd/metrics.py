@@ -61,11 +61,18 @@ class Snapshot:
     dns_names: int = 0
     feed_lines: int = 0
     feed_rejected: int = 0
+    feed_connected: int = 0  # the source's health: 1 when connected (NATS: session up, snapshot applied)
+    feed_disconnects: int = 0
+    feed_revision: int | None = None  # the last KV revision seen, for a nats:// source
     denied: dict[str, tuple[int, int]] = field(default_factory=dict)  # sandbox -> (packets, bytes)
 
 
 def snapshot(
-    reconciler: Reconciler, feed_lines: int, feed_rejected: int, denied: DeniedCounters | None
+    reconciler: Reconciler,
+    feed_lines: int,
+    feed_rejected: int,
+    denied: DeniedCounters | None,
+    feed: dict[str, object] | None = None,
 ) -> Snapshot:
     """The agent's live state, as the collector reports it. Call on the event loop."""
     states = dict.fromkeys(STATES, 0)
@@ -84,8 +91,15 @@ def snapshot(
         dns_names=len(dns.cache.names) if dns is not None else 0,
         feed_lines=feed_lines,
         feed_rejected=feed_rejected,
+        feed_connected=1 if feed and feed.get("connected") else 0,
+        feed_disconnects=_int(feed.get("disconnects", 0)) if feed else 0,
+        feed_revision=_int(feed["revision"]) if feed and "revision" in feed else None,
         denied={s: v for s, v in denied.values.items() if s in known} if denied is not None else {},
     )
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else 0
 
 
 class AgentCollector(Collector):
@@ -129,6 +143,22 @@ class AgentCollector(Collector):
         yield CounterMetricFamily(
             "egressd_feed_lines_rejected", "Feed lines (or records in them) rejected", value=s.feed_rejected
         )
+        yield GaugeMetricFamily(
+            "egressd_feed_connected",
+            "1 while the feed source is connected (nats://: a session is up and its snapshot applied)",
+            value=s.feed_connected,
+        )
+        yield CounterMetricFamily(
+            "egressd_feed_disconnects",
+            "Sessions with the feed's server that were lost",
+            value=s.feed_disconnects,
+        )
+        if s.feed_revision is not None:
+            yield GaugeMetricFamily(
+                "egressd_feed_revision",
+                "The last key-value revision the feed has seen",
+                value=s.feed_revision,
+            )
         packets = CounterMetricFamily(
             "egressd_denied_packets",
             "Packets denied by a sandbox's table (its `denied` counter, read every counters_interval)",

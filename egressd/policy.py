@@ -388,6 +388,9 @@ class Snapshot:
 
     sandboxes: tuple[Sandbox, ...]
     rejected: tuple[PolicyError, ...] = ()
+    # The source guarantees these are the latest records (a NATS bucket's current values): taken whatever
+    # revision the agent knew, so that a bucket made anew, with revisions from 1 again, is not "stale".
+    authoritative: bool = False
 
 
 Event = Upsert | Delete | Snapshot

@@ -178,6 +178,9 @@ def elements_differ(listing: list[Json], ruleset: Ruleset) -> str | None:
     return None
 
 
+CLOSED = "closed (deny-all): "  # the problem of a sandbox that never had a good record
+
+
 @dataclass
 class Desired:
     """What one sandbox should have. `policy` is what is enforced: the last good one, or deny-all."""
@@ -384,9 +387,10 @@ class Reconciler:
         if self._persist is not None:
             self._persist()
 
-    def upsert(self, sb: Sandbox) -> bool:
-        """Take a valid record; False when it is older than what is already known."""
-        if self._stale(sb.id, sb.revision):
+    def upsert(self, sb: Sandbox, latest: bool = False) -> bool:
+        """Take a valid record; False when it is older than what is already known (unless `latest`: the
+        source vouches that this is the current record, whatever its revision)."""
+        if not latest and self._stale(sb.id, sb.revision):
             return False
         if sb.netns is not None:
             owner = self._netns_owner(sb.netns, sb.id)
@@ -427,25 +431,28 @@ class Reconciler:
         self._set(d)
         return True
 
-    def reject(self, err: PolicyError) -> None:
+    def reject(self, err: PolicyError, latest: bool = False) -> None:
         """An invalid record: a known sandbox keeps its last good policy, a new one is closed (deny-all)."""
         sid = err.sandbox_id
-        if sid is None or self._stale(sid, err.revision):
+        if sid is None or (not latest and self._stale(sid, err.revision)):
             return
         problem = "; ".join(err.problems)
         cur = self.desired.get(sid)
-        if cur is not None:
+        if cur is not None and not (cur.problem or "").startswith(CLOSED):
             kept = f"revision {err.revision} rejected, still enforcing revision {cur.revision}: {problem}"
             self._set(replace(cur, problem=kept, record=None))
-        else:
-            netns = err.netns if err.netns and self._netns_owner(err.netns, sid) is None else None
-            iface = err.host_interface
-            if iface is not None and self._iface_owner(iface, sid) is not None:
-                iface = None
-            self._set(
-                Desired(sid, netns, err.revision, DENY_ALL, problem=f"closed (deny-all): {problem}",
-                        host_interface=iface)
-            )  # fmt: skip
+            return
+        # New, or never had a good record: closed wherever the record says it lives (a namespace named by an
+        # earlier bad record stays closed when this one names none).
+        netns = err.netns if err.netns and self._netns_owner(err.netns, sid) is None else None
+        iface = err.host_interface
+        if iface is not None and self._iface_owner(iface, sid) is not None:
+            iface = None
+        if cur is not None:
+            netns, iface = netns or cur.netns, iface or cur.host_interface
+        self._set(
+            Desired(sid, netns, err.revision, DENY_ALL, problem=f"{CLOSED}{problem}", host_interface=iface)
+        )
 
     def delete(self, sid: str) -> None:
         if sid not in self.desired:
@@ -462,22 +469,26 @@ class Reconciler:
             self._persist()
 
     def snapshot(self, snap: Snapshot) -> None:
-        for sb in snap.sandboxes:
-            self.upsert(sb)
-        for err in snap.rejected:
-            self.reject(err)
+        # Forget what is not listed first: a namespace (or interface) that passed from an unlisted sandbox to
+        # a listed one is then free when the listed one claims it.
         if any(err.sandbox_id is None for err in snap.rejected):
             log(
                 logging.ERROR,
                 "snapshot_partial",
                 reason="records without a readable id; no sandbox forgotten",
             )
-            return
-        listed = {sb.id for sb in snap.sandboxes} | {
-            err.sandbox_id for err in snap.rejected if err.sandbox_id
-        }
-        for sid in [s for s in self.desired if s not in listed]:
-            self.delete(sid)
+        else:
+            listed = {sb.id for sb in snap.sandboxes} | {
+                err.sandbox_id for err in snap.rejected if err.sandbox_id
+            }
+            for sid in [s for s in self.desired if s not in listed]:
+                self.delete(sid)
+        if snap.authoritative:
+            self.tombstones.clear()  # revisions from before this snapshot say nothing about the next events
+        for sb in snap.sandboxes:
+            self.upsert(sb, latest=snap.authoritative)
+        for err in snap.rejected:
+            self.reject(err, latest=snap.authoritative)
 
     def handle(self, event: Event) -> None:
         if isinstance(event, Upsert):

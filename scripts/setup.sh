@@ -9,6 +9,7 @@ APT_PACKAGES=(
     tcpdump conntrack netcat-openbsd dnsmasq-base
     iperf3 iptables  # bench/datapath.py: throughput, and the linear-chain baselines (nft and legacy)
     systemd  # systemd-analyze, to verify packaging/egressd.service
+    nats-server openssl  # tests/integration/test_fleet.py: a real JetStream server, and TLS certificates
 )
 
 if [ "$(id -u)" != 0 ]; then
@@ -25,6 +26,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
     apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    if [[ " ${missing[*]} " == *" nats-server "* ]] && [ -d /run/systemd/system ]; then
+        # Debian starts the package's own server on port 4222; the tests run theirs on free loopback ports.
+        systemctl disable --now nats-server.service >/dev/null 2>&1 || true
+    fi
 fi
 
 stamp=.venv/.egressd-setup

@@ -85,7 +85,13 @@ def test_parse_source_accepts_the_three_forms(tmp_path):
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ("", "write file:PATH (follow a file, like tail -F), stdin, or unix:PATH"),
+        ("", "write file:PATH (follow a file, like tail -F), stdin, unix:PATH"),
+        ("", "or nats://HOST:PORT (watch a NATS key-value bucket)"),
+        ("nats://127.0.0.1", "no port; write nats://127.0.0.1:4222"),
+        ("nats://u:secret@127.0.0.1:4222", "credentials in the URL would show in status and logs"),
+        ("nats://127.0.0.1:4222/bucket", "the bucket is [feed.nats] bucket"),
+        ("nats://127.0.0.1:99999", "Port out of range"),
+        ("nats://127.0.0.1:4222,http://x:1", "write nats://HOST:PORT or tls://HOST:PORT"),
         ("tcp:127.0.0.1:9000", "unknown event source 'tcp:127.0.0.1:9000'"),
         ("STDIN", "unknown event source 'STDIN'"),
         ("/var/lib/egressd/events.ndjson", "write file:/var/lib/egressd/events.ndjson or unix:/var/lib"),

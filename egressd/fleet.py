@@ -1,0 +1,417 @@
+"""nats://HOST:PORT: desired state from a NATS JetStream key-value bucket, for platforms with many hosts.
+
+The control plane writes one key per sandbox, `<host_id>.<sandbox_id>`, whose value is the same sandbox record
+the local feed carries. Each host watches only `<host_id>.>`. On every (re)connection the bucket's current
+values for this host are one authoritative snapshot (so a key written twice while we were away is applied
+once, at its latest value, and a key deleted meanwhile is forgotten); after it, every put is an upsert and
+every delete or purge a delete, with the KV revision as the record's revision.
+
+While the server cannot be reached, nothing here touches desired state: the agent enforces what it holds
+(restored from its state file at a start) and this source retries with backoff. Reconnecting is ours, not
+the client library's, so that every session starts with a snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import ssl
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from egressd.config import NatsFeed
+from egressd.feed import FeedError, FeedStats, Line, OnLine, deliver
+from egressd.logs import log
+from egressd.policy import (
+    DEFAULT_MAX_ENTRIES,
+    Delete,
+    PolicyError,
+    Sandbox,
+    Snapshot,
+    Upsert,
+    parse_sandbox,
+)
+
+KV_DEL, KV_PURGE = "DEL", "PURGE"
+PING_INTERVAL = 10  # seconds; a server that stops answering is given up after two unanswered pings
+CLOSE_TIMEOUT = 2.0
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KvEntry:
+    """One key as the watch delivers it, without the client library's types (unit tests build these)."""
+
+    key: str
+    value: bytes | None
+    revision: int
+    op: str | None = None  # None for a put, KV_DEL or KV_PURGE
+
+    @property
+    def deleted(self) -> bool:
+        return self.op in (KV_DEL, KV_PURGE)
+
+
+Change = Upsert | Delete | PolicyError
+
+
+def parse_servers(spec: str) -> list[str]:
+    """`nats://HOST:PORT` (or tls://), several separated by commas; FeedError says what to write."""
+    urls = [u.strip() for u in spec.split(",")]
+    for url in urls:
+        hint = f"write nats://HOST:PORT or tls://HOST:PORT (several separated by commas), not {url!r}"
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise FeedError(f"event source {spec!r}: {e}; {hint}") from None
+        if parts.scheme not in ("nats", "tls") or not parts.hostname:
+            raise FeedError(f"event source {spec!r}: {hint}")
+        if parts.username is not None or parts.password is not None:
+            raise FeedError(
+                f"event source {spec!r}: credentials in the URL would show in status and logs; "
+                "put them in a file and name it in [feed.nats] creds or nkey"
+            )
+        if port is None:
+            raise FeedError(f"event source {spec!r}: no port; write nats://{parts.hostname}:4222")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise FeedError(
+                f"event source {spec!r}: no path, query or fragment; the bucket is [feed.nats] bucket"
+            )
+    return urls
+
+
+def tls_context(settings: NatsFeed, servers: list[str]) -> ssl.SSLContext | None:
+    """TLS when a server is tls:// or any tls_* key is set; FeedError names the key whose file is unusable."""
+    if not (settings.tls_ca or settings.tls_cert or any(s.startswith("tls://") for s in servers)):
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=settings.tls_ca or None)
+    except (OSError, ssl.SSLError) as e:
+        raise FeedError(f"[feed.nats] tls_ca {settings.tls_ca!r}: {e}; give a PEM CA bundle") from None
+    if settings.tls_cert:
+        try:
+            ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+        except (OSError, ssl.SSLError) as e:
+            raise FeedError(
+                f"[feed.nats] tls_cert {settings.tls_cert!r} / tls_key {settings.tls_key!r}: {e}; "
+                "give a PEM certificate and its key"
+            ) from None
+    return ctx
+
+
+def _check_readable(key: str, path: str) -> None:
+    if not path:
+        return
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise FeedError(f"[feed.nats] {key} {path!r}: cannot read it: {e.strerror or e}") from None
+
+
+def entry_change(
+    entry: KvEntry,
+    host_id: str,
+    max_value: int = 1 << 20,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+) -> Change:
+    """What one key of this host means: an upsert, a delete, or a PolicyError naming what is wrong.
+
+    The key names the sandbox: the record's `id` may be left out, and must match when given. The KV
+    revision is the record's revision, whatever the value says.
+    """
+    sid = entry.key[len(host_id) + 1 :]
+    if entry.deleted:
+        return Delete(sid)
+    try:
+        parse_sandbox({"id": sid})  # only to learn whether the key's id is a valid sandbox id
+    except PolicyError as e:
+        return PolicyError([f"key {entry.key!r}: {p}" for p in e.problems])
+
+    def refused(problem: str) -> PolicyError:
+        return PolicyError([f"sandbox {sid!r}: {problem}"], sid, None, entry.revision)
+
+    value = entry.value or b""
+    if not value.strip():
+        return refused("the value is empty; to remove a sandbox, delete its key")
+    if len(value) > max_value:
+        return refused(f"the value is {len(value)} bytes, more than [feed] max_line_bytes ({max_value})")
+    try:
+        raw: Any = json.loads(value)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e) or "too deep"
+        return refused(f"the value is not a JSON record: {why}")
+    if not isinstance(raw, dict):
+        return refused(f"the value must be a JSON object (a sandbox record), not {type(raw).__name__}")
+    if "id" in raw and raw["id"] != sid:
+        return refused(
+            f"the record's id {str(raw['id'])[:80]!r} is not the key's; write it under key"
+            f" {host_id}.<its id>, or leave id out"
+        )
+    try:
+        return Upsert(parse_sandbox({**raw, "id": sid, "revision": entry.revision}, max_entries))
+    except PolicyError as e:
+        return e
+
+
+def snapshot_of(
+    entries: Iterable[KvEntry], host_id: str, max_value: int = 1 << 20, max_entries: int = DEFAULT_MAX_ENTRIES
+) -> tuple[Snapshot, list[tuple[KvEntry, PolicyError]]]:
+    """The bucket's current values for this host as one authoritative snapshot, plus the keys that cannot
+    name a sandbox at all (reported on their own: they must not stop the snapshot from forgetting others)."""
+    latest: dict[str, KvEntry] = {}
+    for e in entries:
+        latest[e.key] = e  # in revision order: the last one is the current value
+    sandboxes: list[Sandbox] = []
+    rejected: list[PolicyError] = []
+    unnamed: list[tuple[KvEntry, PolicyError]] = []
+    for e in latest.values():
+        change = entry_change(e, host_id, max_value, max_entries)
+        if isinstance(change, Upsert):
+            sandboxes.append(change.sandbox)
+        elif isinstance(change, PolicyError):
+            if change.sandbox_id is None:
+                unnamed.append((e, change))
+            else:
+                problems = [f"key {e.key} (revision {e.revision}): {p}" for p in change.problems]
+                rejected.append(
+                    PolicyError(
+                        problems, change.sandbox_id, change.netns, change.revision, change.host_interface
+                    )
+                )
+    return Snapshot(tuple(sandboxes), tuple(rejected), authoritative=True), unnamed
+
+
+class Backoff:
+    """Doubling delays up to a cap, each drawn from its upper half so that a fleet does not retry in step."""
+
+    def __init__(self, initial: float, cap: float, rng: random.Random | None = None) -> None:
+        self.initial, self.cap = initial, cap
+        self.failures = 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        delay = min(self.cap, self.initial * 2 ** min(self.failures, 32))
+        self.failures += 1
+        return delay * self._rng.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class NatsSource:
+    """nats://HOST:PORT with [feed.nats]: a snapshot of this host's keys per session, then every change."""
+
+    def __init__(
+        self, spec: str, settings: NatsFeed, max_value: int = 1 << 20, max_entries: int = DEFAULT_MAX_ENTRIES
+    ) -> None:
+        self.servers = parse_servers(spec)
+        self.settings = settings
+        self.name = spec
+        self.max_value = max_value
+        self.max_entries = max_entries
+        self._tls = tls_context(settings, self.servers)
+        _check_readable("creds", settings.creds)
+        _check_readable("nkey", settings.nkey)
+        self.prefix = f"{settings.host_id}."
+        self._stats = FeedStats(spec)
+        self._backoff = Backoff(settings.retry_initial, settings.retry_max)
+        # True once the first snapshot is in desired state, or the first attempt failed: the daemon waits
+        # for it before applying anything, and then enforces what it holds while we retry.
+        self.caught_up = False
+        self.live = False  # a session is up and its snapshot applied
+        self.server: str | None = None
+        self.keys: set[str] = set()
+        self.revision = 0
+        self.snapshots = 0
+        self.disconnects = 0
+        self.values_rejected = 0
+        self.connected_since: float | None = None
+        self.retry_at: float | None = None
+        self._cause: Exception | None = None
+
+    async def run(self, on_line: OnLine) -> None:
+        """Sessions until cancelled; a failed or lost one is retried with backoff, never raised."""
+        self._stats.since = time.time()
+        while True:
+            try:
+                await self._session(on_line)
+                problem = "the connection was closed"
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # any failure of a session is one more retry, never the agent's end
+                if type(e).__name__ == "NoServersError" and self._cause is not None:
+                    e = self._cause
+                problem = _describe(e, self.settings.bucket)
+                if not _expected(e):
+                    logger.exception("feed_session_failed", extra={"fields": {"source": self.name}})
+            if self.live:
+                self.disconnects += 1
+            self.live, self.server, self.connected_since = False, None, None
+            self.caught_up = True  # from now on the agent enforces what it holds
+            delay = self._backoff.next()
+            self.retry_at = time.time() + delay
+            self._stats.error(f"{problem}; enforcing the last known state, retrying in {delay:.1f} s")
+            await asyncio.sleep(delay)
+            self.retry_at = None
+
+    def health(self) -> dict[str, object]:
+        h = self._stats.as_dict()
+        h.update(
+            connected=int(self.live),
+            server=self.server,
+            bucket=self.settings.bucket,
+            host_id=self.settings.host_id,
+            keys=len(self.keys),
+            revision=self.revision,
+            snapshots=self.snapshots,
+            disconnects=self.disconnects,
+            values_rejected=self.values_rejected,
+            connected_since=self.connected_since,
+            retry_at=self.retry_at,
+        )
+        return h
+
+    async def _connect(self, lost: asyncio.Event) -> Any:
+        import nats  # the client library is loaded only by hosts that use this source
+
+        async def closed() -> None:
+            lost.set()
+
+        async def error(e: Exception) -> None:
+            self._cause = e  # what NoServersError hides; reported once per retry by run()
+
+        return await nats.connect(
+            servers=self.servers,
+            name=f"egressd {self.settings.host_id}",
+            allow_reconnect=False,  # ours: every new session starts with a snapshot
+            max_reconnect_attempts=1,  # so that connect() gives up: each server is tried twice
+            reconnect_time_wait=0.1,  # type: ignore[arg-type]
+            connect_timeout=self.settings.connect_timeout,  # type: ignore[arg-type]
+            ping_interval=PING_INTERVAL,
+            max_outstanding_pings=2,
+            tls=self._tls,
+            user_credentials=self.settings.creds or None,
+            nkeys_seed=self.settings.nkey or None,
+            error_cb=error,
+            disconnected_cb=closed,
+            closed_cb=closed,
+        )
+
+    async def _session(self, on_line: OnLine) -> None:
+        lost = asyncio.Event()
+        self._cause = None
+        nc = await self._connect(lost)
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            js = nc.jetstream(timeout=max(self.settings.connect_timeout, 5.0))
+            kv = await js.key_value(self.settings.bucket)
+            watcher = await kv.watch(f"{self.prefix}>")
+            self.server = str(nc.connected_url.geturl()) if nc.connected_url else None
+            tasks = [
+                asyncio.create_task(self._follow(watcher, on_line), name="feed-nats-watch"),
+                asyncio.create_task(lost.wait(), name="feed-nats-lost"),
+            ]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if tasks[0] in done:
+                tasks[0].result()  # the watch ended: raise why
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT)
+
+    async def _follow(self, watcher: Any, on_line: OnLine) -> None:
+        """The snapshot (everything up to the watch's end-of-initial-values marker), then each change."""
+        started = time.monotonic()
+        initial: list[KvEntry] = []
+        async for item in watcher:
+            if item is None:
+                break
+            initial.append(self._entry(item))
+        self._apply_snapshot(initial, on_line, time.monotonic() - started)
+        async for item in watcher:
+            if item is not None:
+                self._apply_change(self._entry(item), on_line)
+        raise ConnectionError("the bucket's watch was stopped by the server")
+
+    def _entry(self, item: Any) -> KvEntry:
+        entry = KvEntry(item.key, item.value, int(item.revision or 0), item.operation)
+        self.revision = max(self.revision, entry.revision)
+        return entry
+
+    def _apply_snapshot(self, entries: list[KvEntry], on_line: OnLine, took: float) -> None:
+        snap, unnamed = snapshot_of(entries, self.settings.host_id, self.max_value, self.max_entries)
+        for e, err in unnamed:
+            self._reject(e, err, on_line)
+        self.values_rejected += len(snap.rejected)
+        self.keys = {e.key for e in entries if not e.deleted}
+        deliver(self._stats, on_line, [Line(self.name, self.revision, None, event=snap)])
+        self.snapshots += 1
+        self.live, self.caught_up = True, True
+        self.connected_since = time.time()
+        self._backoff.reset()
+        self._stats.last_error = None
+        log(
+            logging.INFO,
+            "feed_connected",
+            source=self.name,
+            server=self.server,
+            bucket=self.settings.bucket,
+            host_id=self.settings.host_id,
+            keys=len(self.keys),
+            rejected=len(snap.rejected) + len(unnamed),
+            revision=self.revision,
+            snapshot_ms=round(took * 1000, 1),
+        )
+
+    def _apply_change(self, entry: KvEntry, on_line: OnLine) -> None:
+        if entry.deleted:
+            self.keys.discard(entry.key)
+        else:
+            self.keys.add(entry.key)
+        change = entry_change(entry, self.settings.host_id, self.max_value, self.max_entries)
+        if isinstance(change, PolicyError):
+            self._reject(entry, change, on_line)
+            return
+        deliver(self._stats, on_line, [Line(self.name, entry.revision, None, key=entry.key, event=change)])
+
+    def _reject(self, entry: KvEntry, err: PolicyError, on_line: OnLine) -> None:
+        self.values_rejected += 1
+        self._stats.last_error = f"key {entry.key} (revision {entry.revision}): {'; '.join(err.problems)}"
+        deliver(self._stats, on_line, [Line(self.name, entry.revision, None, key=entry.key, event=err)])
+
+
+def _expected(e: Exception) -> bool:
+    """Failures that are the network's or the server's, not a bug of ours: no traceback for them."""
+    try:
+        import nats.errors
+    except ImportError:
+        return isinstance(e, OSError | TimeoutError)
+    return isinstance(e, OSError | TimeoutError | ssl.SSLError | nats.errors.Error)
+
+
+def _describe(e: Exception, bucket: str) -> str:
+    """An operator's reading of a session failure, with what to do when there is something to do."""
+    name = type(e).__name__
+    text = str(e).strip() or name
+    if name == "BucketNotFoundError":
+        return (
+            f"bucket {bucket!r} does not exist; the control plane makes it: nats kv add {bucket} --history 1"
+        )
+    if name in ("NoRespondersError", "ServiceUnavailableError"):
+        return "the server has no JetStream (start nats-server with -js, or enable jetstream in its config)"
+    if name == "AuthorizationError" or "authorization" in text.lower():
+        return f"the server refused our credentials ({text}); check [feed.nats] creds or nkey"
+    if name in ("NoServersError", "TimeoutError") or isinstance(e, OSError | TimeoutError):
+        return f"cannot reach the server: {text}"
+    return f"{name}: {text}"

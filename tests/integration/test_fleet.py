@@ -1,0 +1,240 @@
+"""The fleet feed end to end: a real nats-server with JetStream on loopback, a real agent, real packets.
+
+Every key is `<host_id>.<sandbox_id>` in the bucket `egressd-sandboxes`; the KV revision is the record's
+revision, so `egressd wait` is asked for exactly the revision the put returned.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+
+from tests.integration.test_agent import (
+    BAD4,
+    BAD6,
+    OK4,
+    OK6,
+    OTHER4,
+    closed_to,
+    eventually,
+    open_to,
+    table_handle,
+)
+from tests.natsd import KvClient, NatsServer, free_port
+
+pytestmark = pytest.mark.root
+
+
+def record(sb, *, internet: bool = False, allow=(), deny=()) -> dict:
+    return {
+        "netns": sb.netns_path,
+        "network_policy": {
+            "allow_internet_access": internet,
+            "allow_out": list(allow),
+            "deny_out": list(deny),
+        },
+    }
+
+
+@pytest.fixture
+def nats(tmp_path):
+    server = NatsServer(tmp_path / "nats").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def kv(nats):
+    with KvClient(nats.url) as client:
+        yield client
+
+
+def fleet_agent(agent, url: str, host_id: str = "hosta", extra: str = "", **kw):
+    return agent(feed=url, feed_config=f'[feed.nats]\nhost_id = "{host_id}"\n{extra}', **kw)
+
+
+def feed_health(a) -> dict:
+    return a.agent_status()["feed"]
+
+
+def applied_revisions(a, sid: str) -> list[int]:
+    return [e["revision"] for e in a.events("applied") if e.get("sandbox") == sid]
+
+
+def test_create_update_delete_and_purge_through_the_bucket(world, agent, kv, nats):
+    sb = world.sandboxes[0]
+    a = fleet_agent(agent, nats.url).start()
+    r1 = kv.put("hosta.s0", record(sb, allow=[OK4, OK6]))
+    assert a.wait("s0", r1)
+    assert a.status()["s0"]["revision"] == r1
+    assert open_to(sb.name, OK4) and open_to(sb.name, OK6)
+    assert closed_to(sb.name, OTHER4) and closed_to(sb.name, BAD6)
+    r2 = kv.put("hosta.s0", record(sb, allow=[OTHER4]))  # update: OK4 out, OTHER4 in
+    assert r2 > r1 and a.wait("s0", r2)
+    assert open_to(sb.name, OTHER4) and closed_to(sb.name, OK4) and closed_to(sb.name, OK6)
+    kv.delete("hosta.s0")
+    assert eventually(lambda: "s0" not in a.status())
+    assert table_handle(sb.name) is None
+    assert open_to(sb.name, BAD4) and open_to(sb.name, BAD6)
+    r3 = kv.put("hosta.s0", record(sb))  # back, closed
+    assert a.wait("s0", r3)
+    assert closed_to(sb.name, OK4)
+    kv.purge("hosta.s0")  # a purge is a delete too
+    assert eventually(lambda: "s0" not in a.status())
+    assert open_to(sb.name, OK4)
+    h = feed_health(a)
+    assert h["connected"] == 1 and h["bucket"] == "egressd-sandboxes" and h["host_id"] == "hosta"
+    assert h["snapshots"] == 1 and h["revision"] >= r3 and h["keys"] == 0
+
+
+def test_two_hosts_watching_one_bucket_each_enforce_only_their_own_keys(world, agent, kv, nats):
+    s0, s1 = world.sandboxes
+    a = fleet_agent(agent, nats.url, "hosta").start()
+    b = fleet_agent(agent, nats.url, "hostb").start()
+    ra = kv.put("hosta.s0", record(s0, allow=[OK4]))
+    rb = kv.put("hostb.s1", record(s1, allow=[OTHER4]))
+    assert a.wait("s0", ra) and b.wait("s1", rb)
+    # host b's key names host a's sandbox namespace: host a must never see it, host b's own check refuses
+    # nothing because it is not a's business; each agent lists exactly its own
+    assert set(a.status()) == {"s0"} and set(b.status()) == {"s1"}
+    assert open_to(s0.name, OK4) and closed_to(s0.name, OTHER4)
+    assert open_to(s1.name, OTHER4) and closed_to(s1.name, OK4)
+    kv.delete("hostb.s1")
+    assert eventually(lambda: "s1" not in b.status())
+    assert open_to(s1.name, OK4)
+    assert a.status()["s0"]["revision"] == ra and closed_to(s0.name, OTHER4)  # untouched by b's change
+    assert feed_health(a)["keys"] == 1 and feed_health(b)["keys"] == 0
+
+
+def test_server_down_while_keys_change_converges_to_the_latest_values(world, agent, kv, nats, tmp_path):
+    s0, s1 = world.sandboxes
+    port = free_port()
+    a = fleet_agent(
+        agent, nats.url, extra="retry_initial = 0.2\nretry_max = 0.5\n",
+        extra_config=f'[metrics]\nlisten = "127.0.0.1:{port}"\n',
+    ).start()  # fmt: skip
+    r1 = kv.put("hosta.s0", record(s0, allow=[OK4]))
+    kv.put("hosta.s1", record(s1))
+    assert a.wait("s0", r1) and a.wait("s1")
+    nats.stop()
+    assert eventually(lambda: feed_health(a)["connected"] == 0, timeout=10)
+    h = feed_health(a)
+    assert h["disconnects"] == 1 and "retrying" in h["last_error"]
+    assert _metric(port, "egressd_feed_connected") == 0.0
+    assert _metric(port, "egressd_feed_disconnects_total") == 1.0
+    # Enforcement goes on while the bus is down.
+    assert open_to(s0.name, OK4) and closed_to(s0.name, OTHER4) and closed_to(s1.name, OK4)
+    # The same store served on another port: the control plane writes while this agent cannot connect.
+    other = NatsServer(tmp_path / "nats", port=free_port()).start()
+    try:
+        with KvClient(other.url, create=False) as writer:
+            r2 = writer.put("hosta.s0", record(s0, allow=[OK4, OTHER4]))
+            r3 = writer.put("hosta.s0", record(s0, allow=[OTHER4]))  # written twice: only this one counts
+            writer.delete("hosta.s1")
+            r4 = writer.put("hosta.s2", record(s1, allow=[OK6]))  # a new sandbox in s1's namespace
+    finally:
+        other.stop()
+    nats.start()
+    assert a.wait("s0", r3, timeout=15) and a.wait("s2", r4, timeout=15)
+    assert eventually(lambda: "s1" not in a.status())
+    assert r2 not in applied_revisions(a, "s0"), "a value overwritten while away must never be applied"
+    assert applied_revisions(a, "s0") == [r1, r3]
+    assert open_to(s0.name, OTHER4) and closed_to(s0.name, OK4)
+    assert open_to(s1.name, OK6) and closed_to(s1.name, OK4)
+    assert eventually(lambda: feed_health(a)["connected"] == 1)
+    assert feed_health(a)["snapshots"] == 2 and feed_health(a)["last_error"] is None
+    assert _metric(port, "egressd_feed_connected") == 1.0
+    assert _metric(port, "egressd_feed_revision") >= r4
+
+
+def test_agent_restarted_while_the_server_holds_changes_it_has_not_seen(world, agent, kv, nats):
+    s0, s1 = world.sandboxes
+    a = fleet_agent(agent, nats.url).start()
+    r1 = kv.put("hosta.s0", record(s0, allow=[OK4]))
+    kv.put("hosta.s1", record(s1))
+    assert a.wait("s0", r1) and a.wait("s1")
+    a.stop()
+    r2 = kv.put("hosta.s0", record(s0, allow=[OTHER4]))
+    kv.delete("hosta.s1")
+    r3 = kv.put("hosta.s2", {"netns": s1.netns_path, "network_policy": {"allow_internet_access": True}})
+    assert closed_to(s0.name, OTHER4), "the old table stays in force while the agent is down"
+    a.start()
+    assert a.wait("s0", r2) and a.wait("s2", r3)
+    assert "s1" not in a.status()
+    assert open_to(s0.name, OTHER4) and closed_to(s0.name, OK4)
+    assert open_to(s1.name, OK4)  # s2: internet allowed
+
+
+def test_agent_started_while_the_server_is_down_enforces_its_persisted_state(world, agent, kv, nats):
+    s0 = world.sandboxes[0]
+    a = fleet_agent(agent, nats.url, extra="retry_initial = 0.2\nretry_max = 0.5\n").start()
+    r1 = kv.put("hosta.s0", record(s0, allow=[OK4]))
+    assert a.wait("s0", r1)
+    a.stop()
+    nats.stop()
+    world.exec(s0.name, ["nft", "delete", "table", "inet", "egressd"])  # a host reboot, say
+    t0 = time.monotonic()
+    a.start()  # READY without the server, from the state file
+    assert time.monotonic() - t0 < 10
+    assert a.wait("s0", r1)
+    assert open_to(s0.name, OK4) and closed_to(s0.name, OTHER4)
+    h = feed_health(a)
+    assert h["connected"] == 0 and "cannot reach the server" in h["last_error"]
+    nats.start()
+    assert eventually(lambda: feed_health(a)["connected"] == 1, timeout=10)
+    kv.wait_connected()
+    r2 = kv.put("hosta.s0", record(s0, allow=[OTHER4]))
+    assert a.wait("s0", r2)
+    assert open_to(s0.name, OTHER4) and closed_to(s0.name, OK4)
+
+
+def test_malformed_values_are_rejected_with_the_key_and_entry_named(world, agent, kv, nats):
+    s0, s1 = world.sandboxes
+    a = fleet_agent(agent, nats.url).start()
+    good = kv.put("hosta.s0", record(s0, allow=[OK4]))
+    assert a.wait("s0", good)
+    # A known sandbox keeps its last good policy.
+    bad_entry = kv.put("hosta.s0", record(s0, allow=[OK4, "10.0.0.0/33"]))
+    [rej] = a.wait_log("feed_line_rejected", key="hosta.s0")
+    assert rej["revision"] == bad_entry and rej["sandbox"] == "s0"
+    assert "network_policy.allow_out[1] '10.0.0.0/33'" in rej["error"]
+    assert open_to(s0.name, OK4) and closed_to(s0.name, OTHER4)
+    assert a.status()["s0"]["revision"] == good
+    # A new sandbox with a broken value is closed in the namespace its record names, never opened.
+    bad_new = kv.put("hosta.s1", record(s1, internet=True, deny=["not a host name!"]))
+    [rej] = a.wait_log("feed_line_rejected", key="hosta.s1")
+    assert rej["revision"] == bad_new and "network_policy.deny_out[0] 'not a host name!'" in rej["error"]
+    assert eventually(lambda: a.status().get("s1", {}).get("state") == "error")  # closed, never "enforced"
+    assert eventually(lambda: closed_to(s1.name, OK4))
+    not_json = kv.put("hosta.s1", b"{not json")
+    [*_, rej] = a.wait_log("feed_line_rejected", key="hosta.s1", count=2)
+    assert rej["revision"] == not_json and "not a JSON record" in rej["error"]
+    kv.put("hosta.s1", json.dumps([1, 2]))
+    assert a.wait_log("feed_line_rejected", key="hosta.s1", count=3)[-1]["error"].endswith("not list")
+    mismatch = kv.put("hosta.s1", {"id": "s9", **record(s1, internet=True)})
+    [*_, rej] = a.wait_log("feed_line_rejected", key="hosta.s1", count=4)
+    assert rej["revision"] == mismatch and "the record's id 's9' is not the key's" in rej["error"]
+    assert a.status()["s1"]["state"] == "error" and a.status()["s1"]["netns"] == s1.netns_path
+    kv.put("hosta.-x", record(s1, internet=True))  # a key that cannot name a sandbox
+    [rej] = a.wait_log("feed_line_rejected", key="hosta.-x")
+    assert "sandbox id '-x' is not valid" in rej["error"] and rej.get("sandbox") is None
+    assert closed_to(s1.name, OK4)
+    h = feed_health(a)
+    assert h["values_rejected"] == 6 and "hosta.-x" in h["last_error"]
+    # A fixed value takes over; a snapshot after a reconnect does not trip over the bad key.
+    fixed = kv.put("hosta.s1", record(s1, allow=[OK6]))
+    assert a.wait("s1", fixed) and open_to(s1.name, OK6)
+    assert a.status()["s0"]["revision"] == good and "rejected" in (a.status()["s0"].get("error") or "")
+
+
+def _metric(port: int, name: str) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return None
