@@ -412,6 +412,10 @@ def _describe(e: Exception, bucket: str) -> str:
         return "the server has no JetStream (start nats-server with -js, or enable jetstream in its config)"
     if name == "AuthorizationError" or "authorization" in text.lower():
         return f"the server refused our credentials ({text}); check [feed.nats] creds or nkey"
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"the server's TLS certificate is not trusted ({e.verify_message}); check [feed.nats] tls_ca"
+    if isinstance(e, ssl.SSLError):
+        return f"TLS with the server failed ({e.reason or text}); check tls:// and [feed.nats] tls_* keys"
     if name in ("NoServersError", "TimeoutError") or isinstance(e, OSError | TimeoutError):
         return f"cannot reach the server: {text}"
     return f"{name}: {text}"

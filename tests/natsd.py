@@ -45,7 +45,17 @@ def free_port() -> int:
 class NatsServer:
     """One nats-server process with JetStream, whose port and store survive restarts."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        config: str = "",
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        # `config`: nats-server.conf text (authorization, tls) under the flags below; `client_options`:
+        # nats.connect arguments that satisfy it, for the readiness probe and for KvClient(server=...).
+        self.config = config
+        self.client_options = client_options or {}
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         # Fixed for the object's lifetime: clients reconnect to the same URL after a restart.
@@ -72,9 +82,15 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         # The log is appended to across restarts: only lines written after this offset are this run's.
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        conf: list[str] = []
+        if self.config:
+            path = self.dir / "nats-server.conf"
+            path.write_text(self.config)
+            conf = ["-c", str(path)]
         self.proc = subprocess.Popen(
             [
                 NATS_SERVER,
+                *conf,
                 "-js",
                 "-a",
                 HOST,
@@ -144,6 +160,7 @@ class NatsServer:
                 connect_timeout=timeout,
                 max_reconnect_attempts=0,
                 error_cb=quiet,  # a refused probe is expected while starting: no traceback on stderr
+                **self.client_options,
             )
             try:
                 await nc.jetstream(timeout=timeout).account_info()
@@ -202,9 +219,15 @@ class KvClient:
     """
 
     def __init__(
-        self, url: str, bucket: str = "egressd-sandboxes", create: bool = True, timeout: float = 10.0
+        self,
+        url: str,
+        bucket: str = "egressd-sandboxes",
+        create: bool = True,
+        timeout: float = 10.0,
+        options: dict[str, Any] | None = None,
     ) -> None:
         self.url = url
+        self.options = options or {}  # more nats.connect arguments: credentials, TLS
         self.bucket = bucket
         self.timeout = timeout
         self._loop = asyncio.new_event_loop()
@@ -231,6 +254,7 @@ class KvClient:
             # flushed on reconnect (nats-py's default 2 MB buffer does exactly that).
             pending_size=0,
             error_cb=self._on_error,
+            **self.options,
         )
         self._js = self._nc.jetstream(timeout=self.timeout)
         if create:

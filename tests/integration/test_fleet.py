@@ -7,9 +7,13 @@ revision, so `egressd wait` is asked for exactly the revision the put returned.
 from __future__ import annotations
 
 import json
+import os
+import ssl
+import subprocess
 import time
 import urllib.request
 
+import nkeys
 import pytest
 
 from tests.integration.test_agent import (
@@ -238,3 +242,76 @@ def _metric(port: int, name: str) -> float | None:
             if line.startswith(name + " "):
                 return float(line.split()[1])
     return None
+
+
+def _certificates(d) -> dict[str, str]:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
+    d.mkdir()
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=30)
+
+    openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-days",
+        "1",
+        "-subj",
+        "/CN=egressd test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    )
+    openssl("req", *ec, "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl(
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "1", "-extfile", "san.ext", "-out", "server.pem",
+    )  # fmt: skip
+    return {k: str(d / f) for k, f in (("ca", "ca.pem"), ("cert", "server.pem"), ("key", "server.key"))}
+
+
+def _user_nkey(path) -> str:
+    """A new NKey user: its seed written to path (as an operator would), its public key returned."""
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    path.write_bytes(seed + b"\n")
+    path.chmod(0o600)
+    return nkeys.from_seed(seed).public_key.decode()
+
+
+def test_tls_and_nkey_authentication(world, agent, tmp_path):
+    s0 = world.sandboxes[0]
+    certs = _certificates(tmp_path / "pki")
+    seed = tmp_path / "egressd.nk"
+    public = _user_nkey(seed)
+    conf = (
+        f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}\n'
+        f'tls {{ cert_file: "{certs["cert"]}", key_file: "{certs["key"]}" }}\n'
+    )
+    options = {"tls": ssl.create_default_context(cafile=certs["ca"]), "nkeys_seed": str(seed)}
+    server = NatsServer(tmp_path / "nats", config=conf, client_options=options).start()
+    url = f"tls://127.0.0.1:{server.port}"
+    try:
+        with KvClient(url, options=options) as kv:
+            a = fleet_agent(agent, url, extra=f'nkey = "{seed}"\ntls_ca = "{certs["ca"]}"\n').start()
+            r1 = kv.put("hosta.s0", record(s0, allow=[OK4]))
+            assert a.wait("s0", r1)
+            assert open_to(s0.name, OK4) and closed_to(s0.name, OTHER4)
+            assert feed_health(a)["connected"] == 1
+            # Without the key the server refuses the agent; with another CA the agent refuses the server.
+            # Neither opens anything: both agents wait, retrying, and say why.
+            other_ca = _certificates(tmp_path / "other-pki")["ca"]
+            no_key = fleet_agent(agent, url, "hostb", extra=f'tls_ca = "{certs["ca"]}"\n').start()
+            wrong_ca = fleet_agent(
+                agent, url, "hostc", extra=f'nkey = "{seed}"\ntls_ca = "{other_ca}"\n'
+            ).start()
+            assert eventually(lambda: "credentials" in (feed_health(no_key)["last_error"] or ""), timeout=10)
+            assert eventually(
+                lambda: "TLS certificate is not trusted" in (feed_health(wrong_ca)["last_error"] or "")
+            )
+            assert feed_health(no_key)["connected"] == 0 and feed_health(wrong_ca)["connected"] == 0
+    finally:
+        server.stop()
