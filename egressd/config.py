@@ -258,7 +258,7 @@ class Config:
     max_entries: int = DEFAULT_MAX_ENTRIES
     feed_source: str = "unix:/run/egressd/feed.sock"
     max_line_bytes: int = 1024 * 1024
-    nats: NatsFeed = field(default_factory=NatsFeed)
+    nats: NatsFeed = field(default_factory=lambda: NatsFeed(host_id=default_host_id()))
     state_dir: str = "/var/lib/egressd"
     dns_nameservers: tuple[str, ...] = ()
     dns_min_ttl: float = 5.0

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import random
+import re
 import ssl
 import time
 from collections.abc import Iterable
@@ -41,8 +42,13 @@ from egressd.policy import (
 KV_DEL, KV_PURGE = "DEL", "PURGE"
 PING_INTERVAL = 10  # seconds; a server that stops answering is given up after two unanswered pings
 CLOSE_TIMEOUT = 2.0
+BUCKET_CHECK_INTERVAL = 10.0  # seconds between checks that the bucket is still the one being watched
 
 logger = logging.getLogger(__name__)
+
+
+class SessionEnded(Exception):
+    """The server is reachable, but this session cannot go on (its bucket changed, its watch ended)."""
 
 
 @dataclass(frozen=True)
@@ -62,28 +68,36 @@ class KvEntry:
 Change = Upsert | Delete | PolicyError
 
 
+def _redacted(spec: str) -> str:
+    """The spec without what sits before an @: an error must not repeat a password it refuses."""
+    return re.sub(r"//[^/@,]*@", "//***@", spec)
+
+
 def parse_servers(spec: str) -> list[str]:
     """`nats://HOST:PORT` (or tls://), several separated by commas; FeedError says what to write."""
     urls = [u.strip() for u in spec.split(",")]
+    shown = _redacted(spec)
     for url in urls:
-        hint = f"write nats://HOST:PORT or tls://HOST:PORT (several separated by commas), not {url!r}"
+        hint = (
+            f"write nats://HOST:PORT or tls://HOST:PORT (several separated by commas), not {_redacted(url)!r}"
+        )
         try:
             parts = urlsplit(url)
             port = parts.port
         except ValueError as e:
-            raise FeedError(f"event source {spec!r}: {e}; {hint}") from None
+            raise FeedError(f"event source {shown!r}: {e}; {hint}") from None
         if parts.scheme not in ("nats", "tls") or not parts.hostname:
-            raise FeedError(f"event source {spec!r}: {hint}")
+            raise FeedError(f"event source {shown!r}: {hint}")
         if parts.username is not None or parts.password is not None:
             raise FeedError(
-                f"event source {spec!r}: credentials in the URL would show in status and logs; "
+                f"event source {shown!r}: credentials in the URL would show in status and logs; "
                 "put them in a file and name it in [feed.nats] creds or nkey"
             )
         if port is None:
-            raise FeedError(f"event source {spec!r}: no port; write nats://{parts.hostname}:4222")
+            raise FeedError(f"event source {shown!r}: no port; write nats://{parts.hostname}:4222")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise FeedError(
-                f"event source {spec!r}: no path, query or fragment; the bucket is [feed.nats] bucket"
+                f"event source {shown!r}: no path, query or fragment; the bucket is [feed.nats] bucket"
             )
     return urls
 
@@ -314,15 +328,18 @@ class NatsSource:
         try:
             js = nc.jetstream(timeout=max(self.settings.connect_timeout, 5.0))
             kv = await js.key_value(self.settings.bucket)
+            stream = f"KV_{self.settings.bucket}"
+            created = (await js.stream_info(stream)).created
             watcher = await kv.watch(f"{self.prefix}>")
             self.server = str(nc.connected_url.geturl()) if nc.connected_url else None
             tasks = [
-                asyncio.create_task(self._follow(watcher, on_line), name="feed-nats-watch"),
                 asyncio.create_task(lost.wait(), name="feed-nats-lost"),
+                asyncio.create_task(self._follow(watcher, on_line), name="feed-nats-watch"),
+                asyncio.create_task(self._check_bucket(js, stream, created), name="feed-nats-check"),
             ]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if tasks[0] in done:
-                tasks[0].result()  # the watch ended: raise why
+            for t in done:
+                t.result()  # the watch or the check ended: raise why
         finally:
             for t in tasks:
                 t.cancel()
@@ -333,6 +350,7 @@ class NatsSource:
     async def _follow(self, watcher: Any, on_line: OnLine) -> None:
         """The snapshot (everything up to the watch's end-of-initial-values marker), then each change."""
         started = time.monotonic()
+        self.revision = 0  # of this session's bucket: one made anew counts from 1 again
         initial: list[KvEntry] = []
         async for item in watcher:
             if item is None:
@@ -342,7 +360,24 @@ class NatsSource:
         async for item in watcher:
             if item is not None:
                 self._apply_change(self._entry(item), on_line)
-        raise ConnectionError("the bucket's watch was stopped by the server")
+        raise SessionEnded("the bucket's watch was stopped by the server")
+
+    async def _check_bucket(self, js: Any, stream: str, created: Any) -> None:
+        """A bucket deleted, or deleted and made anew, stops a watch without a word (and the client would
+        resume the new one past its first revisions): look every BUCKET_CHECK_INTERVAL, and start a new
+        session, with a snapshot, when the bucket is not the one this session began with."""
+        import nats.js.errors
+
+        while True:
+            await asyncio.sleep(BUCKET_CHECK_INTERVAL)
+            try:
+                info = await js.stream_info(stream)
+            except nats.js.errors.NotFoundError:
+                raise SessionEnded(f"bucket {self.settings.bucket!r} was deleted") from None
+            except TimeoutError:
+                continue  # a busy server: the pings decide whether the connection is lost
+            if info.created != created or info.state.last_seq < self.revision:
+                raise SessionEnded(f"bucket {self.settings.bucket!r} was made anew; reading it again")
 
     def _entry(self, item: Any) -> KvEntry:
         entry = KvEntry(item.key, item.value, int(item.revision or 0), item.operation)
@@ -351,16 +386,17 @@ class NatsSource:
 
     def _apply_snapshot(self, entries: list[KvEntry], on_line: OnLine, took: float) -> None:
         snap, unnamed = snapshot_of(entries, self.settings.host_id, self.max_value, self.max_entries)
+        self._stats.last_error = None  # connected: what is wrong from now on is a value, said below
         for e, err in unnamed:
             self._reject(e, err, on_line)
         self.values_rejected += len(snap.rejected)
-        self.keys = {e.key for e in entries if not e.deleted}
+        latest = {e.key: e for e in entries}
+        self.keys = {k for k, e in latest.items() if not e.deleted}
         deliver(self._stats, on_line, [Line(self.name, self.revision, None, event=snap)])
         self.snapshots += 1
         self.live, self.caught_up = True, True
         self.connected_since = time.time()
         self._backoff.reset()
-        self._stats.last_error = None
         log(
             logging.INFO,
             "feed_connected",
@@ -396,14 +432,16 @@ def _expected(e: Exception) -> bool:
     try:
         import nats.errors
     except ImportError:
-        return isinstance(e, OSError | TimeoutError)
-    return isinstance(e, OSError | TimeoutError | ssl.SSLError | nats.errors.Error)
+        return isinstance(e, SessionEnded | OSError | TimeoutError)
+    return isinstance(e, SessionEnded | OSError | TimeoutError | ssl.SSLError | nats.errors.Error)
 
 
 def _describe(e: Exception, bucket: str) -> str:
     """An operator's reading of a session failure, with what to do when there is something to do."""
     name = type(e).__name__
     text = str(e).strip() or name
+    if isinstance(e, SessionEnded):
+        return text
     if name == "BucketNotFoundError":
         return (
             f"bucket {bucket!r} does not exist; the control plane makes it: nats kv add {bucket} --history 1"

@@ -481,6 +481,13 @@ class Reconciler:
             listed = {sb.id for sb in snap.sandboxes} | {
                 err.sandbox_id for err in snap.rejected if err.sandbox_id
             }
+            if not listed and self.desired:
+                log(
+                    logging.WARNING,
+                    "snapshot_empty",
+                    forgotten=len(self.desired),
+                    detail="the feed lists no sandbox for this host; if wrong, check [feed.nats] host_id",
+                )
             for sid in [s for s in self.desired if s not in listed]:
                 self.delete(sid)
         if snap.authoritative:

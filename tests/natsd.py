@@ -314,6 +314,16 @@ class KvClient:
     def purge(self, key: str) -> None:
         self._run(self.kv.purge(key))
 
+    def recreate(self) -> None:
+        """Delete the bucket and make it anew, empty: its revisions start from 1 again."""
+
+        async def again() -> None:
+            assert self._js is not None
+            await self._js.delete_key_value(self.bucket)
+            self._kv = await self._js.create_key_value(bucket=self.bucket, history=1)
+
+        self._run(again())
+
     def get(self, key: str) -> tuple[bytes | None, int] | None:
         """(value, revision) of the key, or None when it is missing, deleted or purged."""
 

@@ -197,6 +197,25 @@ def test_agent_started_while_the_server_is_down_enforces_its_persisted_state(wor
     assert open_to(s0.name, OTHER4) and closed_to(s0.name, OK4)
 
 
+def test_a_bucket_made_anew_is_read_again_from_its_first_revision(world, agent, kv, nats):
+    s0, s1 = world.sandboxes
+    a = fleet_agent(agent, nats.url).start()
+    kv.put("hosta.s1", record(s1))
+    for _ in range(3):
+        old = kv.put("hosta.s0", record(s0, allow=[OK4]))
+    assert a.wait("s0", old) and a.wait("s1")
+    kv.recreate()  # the watch goes quiet; the agent notices within BUCKET_CHECK_INTERVAL (10 s)
+    new = kv.put("hosta.s0", record(s0, allow=[OTHER4]))
+    assert new < old
+    assert eventually(lambda: a.status().get("s0", {}).get("revision") == new, timeout=25)
+    assert a.wait("s0", new)
+    assert eventually(lambda: "s1" not in a.status())
+    assert open_to(s0.name, OTHER4) and closed_to(s0.name, OK4) and open_to(s1.name, OK4)
+    assert any("made anew" in (e.get("error") or "") for e in a.events("feed_problem"))
+    later = kv.put("hosta.s0", record(s0, allow=[OK4]))  # and followed from there on
+    assert a.wait("s0", later) and open_to(s0.name, OK4)
+
+
 def test_malformed_values_are_rejected_with_the_key_and_entry_named(world, agent, kv, nats):
     s0, s1 = world.sandboxes
     a = fleet_agent(agent, nats.url).start()

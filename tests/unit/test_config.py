@@ -92,3 +92,83 @@ def test_cached_contexts_is_bounded_by_what_libnftables_can_select_on():
     for bad in (0, 801, "64"):
         with pytest.raises(ConfigError, match="cached_contexts"):
             config_from_dict({"reconcile": {"cached_contexts": bad}})
+
+
+# --- [feed.nats] -------------------------------------------------------------------------------------------
+
+
+def test_feed_nats_defaults(monkeypatch):
+    monkeypatch.setattr("egressd.config.socket.gethostname", lambda: "node-7.rack3.example.com")
+    n = load_config(None).nats
+    assert n.bucket == "egressd-sandboxes" and n.host_id == "node-7"
+    assert (n.creds, n.nkey, n.tls_ca, n.tls_cert, n.tls_key) == ("", "", "", "", "")
+    assert (n.connect_timeout, n.retry_initial, n.retry_max) == (2.0, 0.5, 30.0)
+
+
+def test_default_host_id_is_the_hostname_up_to_its_first_dot(monkeypatch):
+    from egressd.config import default_host_id
+
+    monkeypatch.setattr("egressd.config.socket.gethostname", lambda: "web1.example.com")
+    assert default_host_id() == "web1"
+    monkeypatch.setattr("egressd.config.socket.gethostname", lambda: "plain")
+    assert default_host_id() == "plain"
+
+
+def test_feed_nats_from_a_toml_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("egressd.config.socket.gethostname", lambda: "ignored")
+    p = tmp_path / "egressd.toml"
+    p.write_text(
+        '[feed]\nsource = "nats://10.0.0.1:4222"\n[feed.nats]\nbucket = "fleet_A"\nhost_id = "h-1"\n'
+        'creds = "/etc/egressd/h.creds"\nretry_initial = 1\nretry_max = 1\n'
+    )
+    c = load_config(p)
+    assert c.feed_source == "nats://10.0.0.1:4222"
+    assert c.nats.bucket == "fleet_A" and c.nats.host_id == "h-1" and c.nats.creds == "/etc/egressd/h.creds"
+    assert c.nats.retry_initial == c.nats.retry_max == 1
+
+
+@pytest.mark.parametrize(
+    "nats, says",
+    [
+        ({"buckett": "x"}, "unknown key 'feed.nats.buckett'"),
+        ({"host_id": "a.b"}, "feed.nats.host_id"),
+        ({"host_id": "a b"}, "feed.nats.host_id"),
+        ({"host_id": "h" * 65}, "feed.nats.host_id"),
+        ({"bucket": "x y"}, "feed.nats.bucket"),
+        ({"bucket": "a.b"}, "feed.nats.bucket"),
+        ({"bucket": ""}, "feed.nats.bucket"),
+        ({"connect_timeout": 0}, "feed.nats.connect_timeout"),
+        ({"retry_initial": 5, "retry_max": 1}, "feed.nats.retry_initial is larger than feed.nats.retry_max"),
+        ({"tls_cert": "/c.pem"}, "tls_cert and tls_key go together"),
+        ({"tls_key": "/k.pem"}, "tls_cert and tls_key go together"),
+        ({"creds": "/a.creds", "nkey": "/a.nk"}, "set creds or nkey, not both"),
+    ],
+)
+def test_feed_nats_errors_name_the_key(nats, says, monkeypatch):
+    monkeypatch.setattr("egressd.config.socket.gethostname", lambda: "host1")
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"feed": {"nats": nats}}, "egressd.toml")
+    assert says in str(e.value)
+    assert str(e.value).startswith("egressd.toml: ")
+
+
+def test_feed_nats_pairs_that_are_allowed(monkeypatch):
+    monkeypatch.setattr("egressd.config.socket.gethostname", lambda: "host1")
+    c = config_from_dict({"feed": {"nats": {"tls_cert": "/c.pem", "tls_key": "/k.pem", "nkey": "/n"}}})
+    assert (c.nats.tls_cert, c.nats.tls_key, c.nats.nkey, c.nats.host_id) == (
+        "/c.pem",
+        "/k.pem",
+        "/n",
+        "host1",
+    )
+
+
+@pytest.mark.parametrize("hostname", ["bad_name!", "", "x" * 65])
+def test_a_hostname_that_cannot_be_a_host_id_asks_to_set_it(hostname, monkeypatch):
+    monkeypatch.setattr("egressd.config.socket.gethostname", lambda: hostname)
+    with pytest.raises(ConfigError) as e:
+        load_config(None)
+    assert "feed.nats.host_id" in str(e.value) and "set host_id" in str(e.value)
+    assert f"{hostname!r}" in str(e.value)
+    # An explicit host_id is then enough.
+    assert config_from_dict({"feed": {"nats": {"host_id": "h1"}}}).nats.host_id == "h1"

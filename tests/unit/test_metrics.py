@@ -172,3 +172,59 @@ def test_ipv6_listen():
         assert "egressd_feed_lines_total 1.0" in body
     finally:
         m.close()
+
+
+def _feed_samples(feed):
+    async def main():
+        r = Reconciler(FakeBackend(), CONFIG)
+        try:
+            return samples(Metrics(lambda: snapshot(r, 3, 1, None, feed=feed)).registry)
+        finally:
+            await r.stop()
+
+    return asyncio.run(main())
+
+
+def test_feed_health_of_a_connected_nats_source():
+    got = _feed_samples({"connected": 1, "disconnects": 4, "revision": 1234, "keys": 9})
+    assert got[("egressd_feed_connected", ())] == 1
+    assert got[("egressd_feed_disconnects_total", ())] == 4
+    assert got[("egressd_feed_revision", ())] == 1234
+    assert got[("egressd_feed_lines_total", ())] == 3 and got[("egressd_feed_lines_rejected_total", ())] == 1
+
+
+def test_feed_health_of_a_disconnected_source():
+    got = _feed_samples({"connected": 0, "disconnects": 2, "revision": 0})
+    assert got[("egressd_feed_connected", ())] == 0
+    assert got[("egressd_feed_disconnects_total", ())] == 2
+    assert got[("egressd_feed_revision", ())] == 0
+
+
+def test_feed_revision_only_for_a_source_that_has_one():
+    for feed in (None, {"lines": 5}, {"connected": True}):
+        got = _feed_samples(feed)
+        assert not any(name == "egressd_feed_revision" for name, _ in got)
+        assert got[("egressd_feed_disconnects_total", ())] == 0
+    assert _feed_samples({"connected": True})[("egressd_feed_connected", ())] == 1
+    assert _feed_samples(None)[("egressd_feed_connected", ())] == 0
+
+
+def test_feed_health_from_a_real_nats_source_and_its_text_exposition():
+    from egressd.config import NatsFeed
+    from egressd.fleet import NatsSource
+
+    src = NatsSource("nats://127.0.0.1:4222", NatsFeed(host_id="h1"))
+    src._apply_snapshot([], [].append, 0.0)
+    src.revision, src.disconnects = 77, 1
+
+    async def main():
+        r = Reconciler(FakeBackend(), CONFIG)
+        try:
+            return generate_latest(Metrics(lambda: snapshot(r, 0, 0, None, feed=src.health())).registry)
+        finally:
+            await r.stop()
+
+    text = asyncio.run(main()).decode()
+    assert "# TYPE egressd_feed_connected gauge" in text and "egressd_feed_connected 1.0" in text
+    assert "egressd_feed_disconnects_total 1.0" in text
+    assert "# TYPE egressd_feed_revision gauge" in text and "egressd_feed_revision 77.0" in text

@@ -677,3 +677,145 @@ def test_elements_are_compared_as_addresses_however_they_are_printed():
     assert elements_differ(listing, rs) is not None
     allow4["elem"] = [{"weird": 1}, "192.0.2.7"]
     assert elements_differ(listing, rs) is not None
+
+
+# --- snapshots from an authoritative source, closed sandboxes -------------------------------------------
+
+
+def _snapshot(*records, authoritative=False):
+    snap = parse_event({"type": "snapshot", "sandboxes": list(records)})
+    return dataclasses.replace(snap, authoritative=authoritative)
+
+
+def test_a_namespace_passed_from_an_unlisted_sandbox_to_a_listed_one_is_accepted():
+    async def scenario(r, fb):
+        r.upsert(sandbox("a", netns="/run/netns/c", allow_internet_access=False))
+        await settle(r)
+        r.snapshot(_snapshot(record("b", netns="/run/netns/c", deny_out=["192.0.2.9"])))
+        await settle(r)
+        assert sorted(r.desired) == ["b"]
+        assert r.desired["b"].netns == "/run/netns/c" and r.desired["b"].problem is None
+        assert r.status["b"].error is None
+        assert fb.fingerprint("/run/netns/c") == fp(deny_out=["192.0.2.9"])
+
+    run(scenario)
+
+
+def test_a_namespace_passed_to_a_sandbox_listed_as_invalid_closes_it_there():
+    async def scenario(r, fb):
+        r.upsert(sandbox("a", netns="/run/netns/c"))
+        r.snapshot(_snapshot(record("b", rev=1, netns="/run/netns/c", deny_out=["300.0.0.1"])))
+        assert sorted(r.desired) == ["b"]
+        assert r.desired["b"].netns == "/run/netns/c" and r.desired["b"].problem.startswith(
+            "closed (deny-all)"
+        )
+        await settle(r)
+        assert fb.fingerprint("/run/netns/c") == render(DENY_ALL, CONFIG).fingerprint
+
+    run(scenario)
+
+
+def test_an_authoritative_snapshot_takes_records_whatever_their_revision():
+    async def scenario(r, fb):
+        r.upsert(sandbox("a", rev=50, allow_internet_access=False))
+        r.snapshot(_snapshot(record("a", rev=3, deny_out=["192.0.2.1"])))
+        assert r.desired["a"].revision == 50  # not authoritative: an older record is stale
+        r.snapshot(_snapshot(record("a", rev=3, deny_out=["192.0.2.1"]), authoritative=True))
+        assert r.desired["a"].revision == 3
+        assert await r.wait_enforced("a", 3, 5)
+        assert fb.fingerprint("/run/netns/a") == fp(deny_out=["192.0.2.1"])
+
+    run(scenario)
+
+
+def test_an_authoritative_snapshot_takes_an_older_invalid_record_too():
+    async def scenario(r, fb):
+        r.upsert(sandbox("a", rev=50))
+        r.snapshot(_snapshot(record("a", rev=3, deny_out=["300.0.0.1"])))
+        assert r.desired["a"].problem is None
+        r.snapshot(_snapshot(record("a", rev=3, deny_out=["300.0.0.1"]), authoritative=True))
+        assert r.desired["a"].problem.startswith("revision 3 rejected, still enforcing revision 50")
+
+    run(scenario)
+
+
+def test_an_authoritative_snapshot_clears_the_tombstones():
+    async def scenario(r, fb):
+        r.upsert(sandbox("a", rev=9))
+        r.upsert(sandbox("b", rev=9))
+        r.delete("a")
+        assert r.tombstones == {"a": 9}
+        r.snapshot(_snapshot(record("c", rev=1)))
+        assert "b" in r.tombstones  # a plain snapshot remembers what it forgot
+        r.snapshot(_snapshot(record("c", rev=1), authoritative=True))
+        assert not r.tombstones
+        assert r.upsert(sandbox("a", rev=1)) and r.desired["a"].revision == 1  # a bucket made anew
+
+    run(scenario)
+
+
+def _reject(sid, rev, netns=None, **np):
+    rec = {"id": sid, "revision": rev, "network_policy": np or {"deny_out": ["300.0.0.1"]}}
+    if netns is not None:
+        rec["netns"] = netns
+    try:
+        parse_sandbox(rec)
+    except PolicyError as e:
+        return e
+    raise AssertionError("the record was valid")
+
+
+def test_a_closed_sandbox_moves_to_the_namespace_a_later_bad_record_names():
+    async def scenario(r, fb):
+        r.reject(_reject("a", 1, "/run/netns/a"))
+        assert r.desired["a"].netns == "/run/netns/a"
+        r.reject(_reject("a", 2, "/run/netns/b"))
+        d = r.desired["a"]
+        assert d.netns == "/run/netns/b" and d.revision == 2 and d.policy == DENY_ALL
+        assert d.problem.startswith("closed (deny-all): ")
+        await settle(r)
+        assert fb.fingerprint("/run/netns/b") == render(DENY_ALL, CONFIG).fingerprint
+        assert fb.fingerprint("/run/netns/a") is None
+
+    run(scenario)
+
+
+def test_a_closed_sandbox_keeps_its_namespace_when_a_later_bad_record_names_none():
+    async def scenario(r, fb):
+        r.reject(_reject("a", 1, "/run/netns/a"))
+        r.reject(_reject("a", 2))
+        d = r.desired["a"]
+        assert d.netns == "/run/netns/a" and d.revision == 2 and d.problem.startswith("closed (deny-all): ")
+        await settle(r)
+        assert fb.fingerprint("/run/netns/a") == render(DENY_ALL, CONFIG).fingerprint
+
+    run(scenario)
+
+
+def test_a_closed_sandbox_does_not_move_into_a_namespace_another_holds():
+    async def scenario(r, fb):
+        r.upsert(sandbox("b"))
+        r.reject(_reject("a", 1, "/run/netns/a"))
+        r.reject(_reject("a", 2, "/run/netns/b"))
+        assert r.desired["a"].netns == "/run/netns/a" and r.desired["b"].netns == "/run/netns/b"
+
+    run(scenario)
+
+
+def test_a_sandbox_that_had_a_good_record_keeps_it_whatever_bad_records_say():
+    async def scenario(r, fb):
+        r.upsert(sandbox("a", rev=1, deny_out=["192.0.2.1"]))
+        r.reject(_reject("a", 2, "/run/netns/b"))
+        r.reject(_reject("a", 3, "/run/netns/c"))
+        d = r.desired["a"]
+        assert (
+            d.netns == "/run/netns/a"
+            and d.revision == 1
+            and d.policy == sandbox("a", deny_out=["192.0.2.1"]).policy
+        )
+        assert d.problem.startswith("revision 3 rejected, still enforcing revision 1")
+        await settle(r)
+        assert fb.fingerprint("/run/netns/a") == fp(deny_out=["192.0.2.1"])
+        assert fb.fingerprint("/run/netns/b") is None and fb.fingerprint("/run/netns/c") is None
+
+    run(scenario)
