@@ -279,6 +279,18 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         f"feed {agent['feed'].get('source')} "
         f"({agent['feed']['lines']} lines, {agent['feed']['rejected']} rejected)"
     )
+    feed = agent["feed"]
+    if "bucket" in feed:  # nats://: say whether the host follows its keys, and why not
+        if feed.get("connected"):
+            print(
+                f"feed: following {feed['host_id']}.* in bucket {feed['bucket']} on {feed['server']}: "
+                f"{feed['keys']} keys, revision {feed['revision']}"
+            )
+        else:
+            print(
+                "feed: NOT connected, enforcing the last known state: "
+                + (feed.get("last_error") or "connecting")
+            )
     if agent["state"]["error"]:
         print(f"state: {agent['state']['error']}")
     rows = [("SANDBOX", "STATE", "REVISION", "SINCE", "NETNS", "ERROR")]

@@ -131,6 +131,10 @@ def test_server_down_while_keys_change_converges_to_the_latest_values(world, age
     assert h["disconnects"] == 1 and "retrying" in h["last_error"]
     assert _metric(port, "egressd_feed_connected") == 0.0
     assert _metric(port, "egressd_feed_disconnects_total") == 1.0
+    assert (
+        "feed: NOT connected, enforcing the last known state: cannot reach the server"
+        in a.cli("status").stdout
+    )
     # Enforcement goes on while the bus is down.
     assert open_to(s0.name, OK4) and closed_to(s0.name, OTHER4) and closed_to(s1.name, OK4)
     # The same store served on another port: the control plane writes while this agent cannot connect.
@@ -153,6 +157,9 @@ def test_server_down_while_keys_change_converges_to_the_latest_values(world, age
     assert eventually(lambda: feed_health(a)["connected"] == 1)
     assert feed_health(a)["snapshots"] == 2 and feed_health(a)["last_error"] is None
     assert _metric(port, "egressd_feed_connected") == 1.0
+    assert (
+        "feed: following hosta.* in bucket egressd-sandboxes on nats://127.0.0.1:" in a.cli("status").stdout
+    )
     assert _metric(port, "egressd_feed_revision") >= r4
 
 
