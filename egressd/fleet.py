@@ -42,6 +42,9 @@ from egressd.policy import (
 KV_DEL, KV_PURGE = "DEL", "PURGE"
 PING_INTERVAL = 10  # seconds; a server that stops answering is given up after two unanswered pings
 CLOSE_TIMEOUT = 2.0
+# A session must last this long for the backoff to start again from retry_initial: a server that accepts
+# and then drops every session (lame duck, expiring credentials) is not hit by a fleet twice a second.
+STABLE_SESSION = 60.0
 BUCKET_CHECK_INTERVAL = 10.0  # seconds between checks that the bucket is still the one being watched
 
 logger = logging.getLogger(__name__)
@@ -269,6 +272,8 @@ class NatsSource:
                     logger.exception("feed_session_failed", extra={"fields": {"source": self.name}})
             if self.live:
                 self.disconnects += 1
+                if time.time() - (self.connected_since or 0) >= STABLE_SESSION:
+                    self._backoff.reset()  # a session that held: the next attempt comes soon
             self.live, self.server, self.connected_since = False, None, None
             self.caught_up = True  # from now on the agent enforces what it holds
             delay = self._backoff.next()
@@ -356,6 +361,8 @@ class NatsSource:
             if item is None:
                 break
             initial.append(self._entry(item))
+        else:  # never a partial snapshot: it would forget the sandboxes it did not get to
+            raise SessionEnded("the bucket's watch stopped before its current values were all read")
         self._apply_snapshot(initial, on_line, time.monotonic() - started)
         async for item in watcher:
             if item is not None:
@@ -396,7 +403,6 @@ class NatsSource:
         self.snapshots += 1
         self.live, self.caught_up = True, True
         self.connected_since = time.time()
-        self._backoff.reset()
         log(
             logging.INFO,
             "feed_connected",

@@ -1,10 +1,12 @@
 """The nats:// feed source without a server: server specs, TLS, what each key means, snapshots, backoff,
 and what a session delivers to the daemon."""
 
+import asyncio
 import json
 import random
 import ssl
 import subprocess
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +17,7 @@ from egressd.feed import FeedError
 from egressd.fleet import (
     KV_DEL,
     KV_PURGE,
+    STABLE_SESSION,
     Backoff,
     KvEntry,
     NatsSource,
@@ -444,12 +447,31 @@ def test_a_snapshot_delivers_one_snapshot_line_and_one_line_per_unnamed_key():
     assert f"{HOST}.-x" in h["last_error"]  # a key that names no sandbox is shown, not cleared by connecting
 
 
-def test_a_snapshot_resets_the_backoff():
-    s = source()
-    s._backoff.next()
-    s._backoff.next()
-    s._apply_snapshot([], [].append, 0.0)
-    assert s._backoff.failures == 0 and s.live and s.snapshots == 1 and s.keys == set()
+def test_only_a_session_that_held_resets_the_backoff():
+    """A server that drops every session right after its snapshot is retried ever more slowly; one that
+    held a session for STABLE_SESSION is retried at once."""
+    s = NatsSource("nats://127.0.0.1:4222", NatsFeed(host_id=HOST, retry_initial=0.001, retry_max=0.004))
+    seen: list[int] = []
+    errors: list[str | None] = []
+
+    async def session(on_line):
+        seen.append(s._backoff.failures)
+        errors.append(s.health()["last_error"])
+        if len(seen) == 1:
+            raise OSError("connection refused")
+        if len(seen) == 4:
+            raise asyncio.CancelledError
+        s._apply_snapshot([], on_line, 0.0)
+        if len(seen) == 3:
+            s.connected_since = time.time() - STABLE_SESSION - 1
+
+    s._session = session
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(s.run([].append))
+    assert seen == [0, 1, 2, 1]
+    assert s.disconnects == 2 and s.snapshots == 2 and s.caught_up and not s.live
+    assert errors[1].startswith("cannot reach the server: connection refused; enforcing the last known state")
+    assert errors[2] is None or errors[2].startswith("the connection was closed")
 
 
 def test_a_key_deleted_within_the_snapshot_is_not_counted():
