@@ -50,6 +50,18 @@ def test_hostside_benchmark_smoke(tmp_path):
     assert results["cold_ms_per_sandbox"] > 0 and results["base_update_ms_per_sandbox"] > 0
 
 
+def test_fleet_benchmark_smoke(tmp_path):
+    _, results = run_smoke(tmp_path, 180, "bench.fleet", "--smoke")
+    assert not results["aborted"] and not results["errors"]
+    lat = results["latency"]  # every update measured through both feeds, in the kernel and by `wait`
+    assert lat["nats"]["kernel_ms"]["n"] == lat["unix"]["kernel_ms"]["n"] == 20
+    assert lat["nats"]["kernel_ms"]["p50"] > 0 and lat["unix"]["wait_ms"]["p50"] > 0
+    snap, rec = results["snapshot"], results["reconnect"]
+    assert snap["verified"] and snap["nats_all_s"] > 0 and snap["file_all_s"] > 0
+    assert rec["verified"] and rec["changes"] == 10 and rec["all_enforced_s"] > 0
+    assert rec["unchanged_writes"] == 0 and rec["snapshots"] == 2
+
+
 def test_bench_suite_smoke(tmp_path):
     """`python -m bench` runs its benches, reads their JSON and writes one results file with every figure."""
     proc, results = run_smoke(tmp_path, 300, "bench", "--smoke", "--only", "apply", "hostside")
