@@ -45,7 +45,14 @@ CLOSE_TIMEOUT = 2.0
 # A session must last this long for the backoff to start again from retry_initial: a server that accepts
 # and then drops every session (lame duck, expiring credentials) is not hit by a fleet twice a second.
 STABLE_SESSION = 60.0
-BUCKET_CHECK_INTERVAL = 10.0  # seconds between checks that the bucket is still the one being watched
+BUCKET_CHECK_INTERVAL = 10.0
+# JetStream requests (the bucket, its stream, the watch's consumer) may wait this long. A server makes
+# consumers one at a time, each costing more the more keys the bucket holds (nats-server 2.9: about 1.3 ms
+# per 1,000 keys): a host that gave up after 5 s and asked again only added to the queue.
+REQUEST_TIMEOUT = 30.0
+# The server deletes a watch's consumer this long after its session is gone (nats-py's default is 5
+# minutes: every reconnection of every host would leave one more consumer behind for that long).
+WATCH_INACTIVE = 15.0  # seconds between checks that the bucket is still the one being watched
 
 logger = logging.getLogger(__name__)
 
@@ -331,11 +338,11 @@ class NatsSource:
         nc = await self._connect(lost)
         tasks: list[asyncio.Task[Any]] = []
         try:
-            js = nc.jetstream(timeout=max(self.settings.connect_timeout, 5.0))
+            js = nc.jetstream(timeout=max(self.settings.connect_timeout, REQUEST_TIMEOUT))
             kv = await js.key_value(self.settings.bucket)
             stream = f"KV_{self.settings.bucket}"
             created = (await js.stream_info(stream)).created
-            watcher = await kv.watch(f"{self.prefix}>")
+            watcher = await kv.watch(f"{self.prefix}>", inactive_threshold=WATCH_INACTIVE)
             self.server = str(nc.connected_url.geturl()) if nc.connected_url else None
             tasks = [
                 asyncio.create_task(lost.wait(), name="feed-nats-lost"),

@@ -62,6 +62,17 @@ def test_fleet_benchmark_smoke(tmp_path):
     assert rec["unchanged_writes"] == 0 and rec["snapshots"] == 2
 
 
+def test_natsscale_benchmark_smoke(tmp_path):
+    _, results = run_smoke(tmp_path, 120, "bench.natsscale", "--smoke")
+    assert not results["aborted"] and not results["errors"] and results["phase_reached"] == "done"
+    cold, fleet = results["cold_start"], results["latency"]["fleet"]
+    assert cold["done"] == 20 and cold["missing"] == 0  # every simulated host got its whole snapshot
+    assert fleet["writes"] == 20 and fleet["lost"] == fleet["wrong_revision"] == 0
+    assert fleet["delivered_ms"]["p50"] > 0
+    assert all(results["herd"][k]["done"] == 20 for k in ("at_once", "jittered"))
+    assert results["server"]["20 watchers live"]["connections"] == 21
+
+
 def test_bench_suite_smoke(tmp_path):
     """`python -m bench` runs its benches, reads their JSON and writes one results file with every figure."""
     proc, results = run_smoke(tmp_path, 300, "bench", "--smoke", "--only", "apply", "hostside")
