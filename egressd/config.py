@@ -292,7 +292,8 @@ def _to_config(m: _ConfigModel) -> Config:
     if nats.creds and nats.nkey:
         raise ConfigError("feed.nats: set creds or nkey, not both")
     host_id = nats.host_id or default_host_id()
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", host_id):
+    fleet = m.feed.source.startswith(("nats://", "tls://"))  # other feeds never use the host id
+    if fleet and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", host_id):
         raise ConfigError(
             f"feed.nats.host_id: the hostname {host_id!r} cannot be a key prefix; set host_id to letters, "
             "digits, _ and - (at most 64)"

@@ -52,7 +52,9 @@ BUCKET_CHECK_INTERVAL = 10.0
 REQUEST_TIMEOUT = 30.0
 # The server deletes a watch's consumer this long after its session is gone (nats-py's default is 5
 # minutes: every reconnection of every host would leave one more consumer behind for that long).
-WATCH_INACTIVE = 15.0  # seconds between checks that the bucket is still the one being watched
+WATCH_INACTIVE = 15.0
+# Between two of the bucket's current values while a snapshot is read: longer means the watch is stuck.
+SNAPSHOT_IDLE = 30.0  # seconds between checks that the bucket is still the one being watched
 
 logger = logging.getLogger(__name__)
 
@@ -175,15 +177,23 @@ def entry_change(
         return refused(f"the value is not a JSON record: {why}")
     if not isinstance(raw, dict):
         return refused(f"the value must be a JSON object (a sandbox record), not {type(raw).__name__}")
+    try:
+        change: Change = Upsert(parse_sandbox({**raw, "id": sid, "revision": entry.revision}, max_entries))
+    except PolicyError as e:
+        change = e
     if "id" in raw and raw["id"] != sid:
-        return refused(
-            f"the record's id {str(raw['id'])[:80]!r} is not the key's; write it under key"
+        # Refused, but closed where the record says the sandbox lives, like any other bad record.
+        netns, iface = (
+            (change.sandbox.netns, change.sandbox.host_interface)
+            if isinstance(change, Upsert)
+            else (change.netns, change.host_interface)
+        )
+        problem = (
+            f"sandbox {sid!r}: the record's id {str(raw['id'])[:80]!r} is not the key's; write it under key"
             f" {host_id}.<its id>, or leave id out"
         )
-    try:
-        return Upsert(parse_sandbox({**raw, "id": sid, "revision": entry.revision}, max_entries))
-    except PolicyError as e:
-        return e
+        return PolicyError([problem], sid, netns, entry.revision, iface)
+    return change
 
 
 def snapshot_of(
@@ -261,6 +271,7 @@ class NatsSource:
         self.connected_since: float | None = None
         self.retry_at: float | None = None
         self._cause: Exception | None = None
+        self._watching = False  # the current session's watch is made: client errors now end the session
 
     async def run(self, on_line: OnLine) -> None:
         """Sessions until cancelled; a failed or lost one is retried with backoff, never raised."""
@@ -268,7 +279,8 @@ class NatsSource:
         while True:
             try:
                 await self._session(on_line)
-                problem = "the connection was closed"
+                cause = self._cause
+                problem = _describe(cause, self.settings.bucket) if cause else "the connection was closed"
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # any failure of a session is one more retry, never the agent's end
@@ -314,6 +326,11 @@ class NatsSource:
 
         async def error(e: Exception) -> None:
             self._cause = e  # what NoServersError hides; reported once per retry by run()
+            if self._watching:
+                # Once the watch is on, any error the client reports (a message dropped as a slow consumer,
+                # a consumer it could not make again, a permission refused) may have cost us a change:
+                # start over with a snapshot rather than follow with a gap.
+                lost.set()
 
         return await nats.connect(
             servers=self.servers,
@@ -334,7 +351,7 @@ class NatsSource:
 
     async def _session(self, on_line: OnLine) -> None:
         lost = asyncio.Event()
-        self._cause = None
+        self._cause, self._watching = None, False
         nc = await self._connect(lost)
         tasks: list[asyncio.Task[Any]] = []
         try:
@@ -343,6 +360,7 @@ class NatsSource:
             stream = f"KV_{self.settings.bucket}"
             created = (await js.stream_info(stream)).created
             watcher = await kv.watch(f"{self.prefix}>", inactive_threshold=WATCH_INACTIVE)
+            self._watching = True
             self.server = str(nc.connected_url.geturl()) if nc.connected_url else None
             tasks = [
                 asyncio.create_task(lost.wait(), name="feed-nats-lost"),
@@ -360,21 +378,30 @@ class NatsSource:
                 await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT)
 
     async def _follow(self, watcher: Any, on_line: OnLine) -> None:
-        """The snapshot (everything up to the watch's end-of-initial-values marker), then each change."""
+        """The snapshot (everything up to the watch's end-of-initial-values marker), then each change.
+
+        Never a partial snapshot (it would forget the sandboxes it did not get to): a watch that stops, or
+        goes quiet for SNAPSHOT_IDLE before the marker, ends the session instead."""
         started = time.monotonic()
         self.revision = 0  # of this session's bucket: one made anew counts from 1 again
         initial: list[KvEntry] = []
-        async for item in watcher:
+        while True:
+            try:
+                item = await watcher.updates(timeout=SNAPSHOT_IDLE)
+            except TimeoutError:  # nats.errors.TimeoutError is one
+                raise SessionEnded(
+                    f"the bucket's current values stopped coming after {len(initial)} keys; reading again"
+                ) from None
             if item is None:
                 break
+            if not hasattr(item, "key"):  # nats-py's end-of-iteration sentinel
+                raise SessionEnded("the bucket's watch stopped before its current values were all read")
             initial.append(self._entry(item))
-        else:  # never a partial snapshot: it would forget the sandboxes it did not get to
-            raise SessionEnded("the bucket's watch stopped before its current values were all read")
         self._apply_snapshot(initial, on_line, time.monotonic() - started)
         async for item in watcher:
             if item is not None:
                 self._apply_change(self._entry(item), on_line)
-        raise SessionEnded("the bucket's watch was stopped by the server")
+        raise SessionEnded("the bucket's watch was stopped")
 
     async def _check_bucket(self, js: Any, stream: str, created: Any) -> None:
         """A bucket deleted, or deleted and made anew, stops a watch without a word (and the client would

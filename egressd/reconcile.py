@@ -401,7 +401,8 @@ class Reconciler:
                         sb.id,
                         None,
                         sb.revision,
-                    )
+                    ),
+                    latest,
                 )
                 return False
         if sb.host_interface is not None:
@@ -416,7 +417,8 @@ class Reconciler:
                         sb.id,
                         None,
                         sb.revision,
-                    )
+                    ),
+                    latest,
                 )
                 return False
         cur = self.desired.get(sb.id)
@@ -440,7 +442,12 @@ class Reconciler:
         cur = self.desired.get(sid)
         if cur is not None and not (cur.problem or "").startswith(CLOSED):
             kept = f"revision {err.revision} rejected, still enforcing revision {cur.revision}: {problem}"
-            self._set(replace(cur, problem=kept, record=None))
+            revision = cur.revision
+            if latest and err.revision is not None and (revision is None or err.revision < revision):
+                # The source's revisions went back (a bucket made anew): the next good record is newer than
+                # the rejected one, never "stale" against the old numbering.
+                revision = err.revision
+            self._set(replace(cur, revision=revision, problem=kept, record=None))
             return
         # New, or never had a good record: closed wherever the record says it lives (a namespace named by an
         # earlier bad record stays closed when this one names none).

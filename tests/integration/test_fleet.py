@@ -204,7 +204,7 @@ def test_agent_started_while_the_server_is_down_enforces_its_persisted_state(wor
     assert open_to(s0.name, OTHER4) and closed_to(s0.name, OK4)
 
 
-def test_a_bucket_made_anew_is_read_again_from_its_first_revision(world, agent, kv, nats):
+def test_a_bucket_made_anew_is_noticed_and_read_again(world, agent, kv, nats):
     s0, s1 = world.sandboxes
     a = fleet_agent(agent, nats.url).start()
     kv.put("hosta.s1", record(s1))
@@ -212,8 +212,10 @@ def test_a_bucket_made_anew_is_read_again_from_its_first_revision(world, agent, 
         old = kv.put("hosta.s0", record(s0, allow=[OK4]))
     assert a.wait("s0", old) and a.wait("s1")
     kv.recreate()  # the watch goes quiet; the agent notices within BUCKET_CHECK_INTERVAL (10 s)
+    for i in range(old + 2):  # more revisions than before: only the bucket's creation time tells
+        kv.put(f"hostz.k{i}", record(s1))
     new = kv.put("hosta.s0", record(s0, allow=[OTHER4]))
-    assert new < old
+    assert new > old
     assert eventually(lambda: a.status().get("s0", {}).get("revision") == new, timeout=25)
     assert a.wait("s0", new)
     assert eventually(lambda: "s1" not in a.status())

@@ -166,9 +166,13 @@ def test_feed_nats_pairs_that_are_allowed(monkeypatch):
 @pytest.mark.parametrize("hostname", ["bad_name!", "", "x" * 65])
 def test_a_hostname_that_cannot_be_a_host_id_asks_to_set_it(hostname, monkeypatch):
     monkeypatch.setattr("egressd.config.socket.gethostname", lambda: hostname)
+    fleet = {"feed": {"source": "nats://127.0.0.1:4222"}}
     with pytest.raises(ConfigError) as e:
-        load_config(None)
+        config_from_dict(fleet)
     assert "feed.nats.host_id" in str(e.value) and "set host_id" in str(e.value)
     assert f"{hostname!r}" in str(e.value)
     # An explicit host_id is then enough.
-    assert config_from_dict({"feed": {"nats": {"host_id": "h1"}}}).nats.host_id == "h1"
+    assert config_from_dict({"feed": {**fleet["feed"], "nats": {"host_id": "h1"}}}).nats.host_id == "h1"
+    # And a host on another feed never needs one: its odd hostname must not stop it from starting.
+    assert load_config(None).feed_source.startswith("unix:")
+    assert config_from_dict({"feed": {"source": "file:/tmp/events"}}).feed_source == "file:/tmp/events"

@@ -10,7 +10,8 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from nats.js.errors import BucketNotFoundError
+from nats.errors import SlowConsumerError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from egressd.config import NatsFeed
 from egressd.feed import FeedError
@@ -21,6 +22,7 @@ from egressd.fleet import (
     Backoff,
     KvEntry,
     NatsSource,
+    SessionEnded,
     _describe,
     entry_change,
     parse_servers,
@@ -526,3 +528,123 @@ def test_a_source_with_another_max_value_refuses_bigger_values():
     assert (
         isinstance(ln.event, PolicyError) and "more than [feed] max_line_bytes (10)" in ln.event.problems[0]
     )
+
+
+def test_an_id_mismatch_is_closed_in_the_namespace_its_record_names():
+    change = entry_change(put("a", 7, id="b", host_interface="veth-a"), HOST)
+    assert isinstance(change, PolicyError) and change.sandbox_id == "a" and change.revision == 7
+    assert change.netns == "/run/netns/a" and change.host_interface == "veth-a"
+    assert "the record's id 'b' is not the key's" in change.problems[0]
+
+
+class FakeWatcher:
+    """What _follow uses of nats-py's KeyWatcher: updates(timeout) for the snapshot, iteration after it."""
+
+    def __init__(self, items, stall_after=None):
+        self.items = list(items)
+        self.stall_after = stall_after
+
+    async def updates(self, timeout=5.0):
+        if not self.items or (self.stall_after is not None and self.stall_after <= 0):
+            await asyncio.sleep(timeout)
+            raise TimeoutError
+        if self.stall_after is not None:
+            self.stall_after -= 1
+        return self.items.pop(0)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.items:
+            raise StopAsyncIteration
+        return self.items.pop(0)
+
+
+def test_a_snapshot_that_stops_coming_ends_the_session_and_forgets_nothing(monkeypatch):
+    monkeypatch.setattr("egressd.fleet.SNAPSHOT_IDLE", 0.05)
+    s = source()
+    lines = []
+    raw = [item(f"{HOST}.a", value(netns="/run/netns/a"), 1), item(f"{HOST}.b", value(), 2), None]
+    with pytest.raises(SessionEnded, match="stopped coming after 1 keys"):
+        asyncio.run(s._follow(FakeWatcher(raw, stall_after=1), lines.append))
+    assert lines == [] and not s.live and s.snapshots == 0  # no partial snapshot reached the daemon
+
+
+def test_a_watch_that_ends_before_its_marker_ends_the_session(monkeypatch):
+    s = source()
+    lines = []
+    sentinel = object()  # nats-py's STOP_ITER has no key
+    raw = [item(f"{HOST}.a", value(netns="/run/netns/a"), 1), sentinel]
+    with pytest.raises(SessionEnded, match="before its current values were all read"):
+        asyncio.run(s._follow(FakeWatcher(raw), lines.append))
+    assert lines == []
+
+
+def test_after_the_marker_changes_follow_until_the_watch_ends():
+    s = source()
+    lines = []
+    raw = [item(f"{HOST}.a", value(netns="/run/netns/a"), 1), None, item(f"{HOST}.a", None, 2, KV_DEL)]
+    with pytest.raises(SessionEnded, match="watch was stopped"):
+        asyncio.run(s._follow(FakeWatcher(raw), lines.append))
+    assert [type(ln.event).__name__ for ln in lines] == ["Snapshot", "Delete"]
+    assert s.revision == 2 and s.keys == set()
+
+
+class FakeJs:
+    def __init__(self, infos):
+        self.infos = list(infos)
+
+    async def stream_info(self, stream):
+        info = self.infos.pop(0)
+        if isinstance(info, Exception):
+            raise info
+        return info
+
+
+def _info(created, last_seq):
+    return SimpleNamespace(created=created, state=SimpleNamespace(last_seq=last_seq))
+
+
+@pytest.mark.parametrize(
+    ("later", "says"),
+    [
+        (_info("t1", 100), "was made anew"),  # created again: caught even with more revisions than before
+        (_info("t0", 3), "was made anew"),  # revisions went back
+        (NotFoundError(), "was deleted"),
+    ],
+)
+def test_the_bucket_check_ends_a_session_on_another_bucket(monkeypatch, later, says):
+    monkeypatch.setattr("egressd.fleet.BUCKET_CHECK_INTERVAL", 0.001)
+    s = source()
+    s.revision = 10
+    js = FakeJs([_info("t0", 10), TimeoutError(), _info("t0", 12), later])  # same, busy, grown: all fine
+    with pytest.raises(SessionEnded, match=says):
+        asyncio.run(s._check_bucket(js, "KV_egressd-sandboxes", "t0"))
+    assert js.infos == []
+
+
+def test_a_client_error_once_the_watch_is_on_ends_the_session(monkeypatch):
+    """A message nats-py dropped as a slow consumer (or a consumer it could not make again) may be a lost
+    change: the session starts over with a snapshot instead of following with a gap."""
+    captured = {}
+
+    async def fake_connect(**kw):
+        captured.update(kw)
+        return SimpleNamespace()
+
+    monkeypatch.setattr("nats.connect", fake_connect)
+    s = source()
+    lost = asyncio.Event()
+
+    async def scenario():
+        await s._connect(lost)
+        await captured["error_cb"](OSError("before the watch"))
+        assert not lost.is_set() and isinstance(s._cause, OSError)
+        s._watching = True
+        await captured["error_cb"](SlowConsumerError("_INBOX.x", "", 1, None))
+        assert lost.is_set() and isinstance(s._cause, SlowConsumerError)
+
+    asyncio.run(scenario())
+    assert captured["allow_reconnect"] is False and captured["max_reconnect_attempts"] == 1
+    assert "slow consumer" in _describe(SlowConsumerError("_INBOX.x", "", 1, None), "b")

@@ -735,6 +735,35 @@ def test_an_authoritative_snapshot_takes_an_older_invalid_record_too():
         assert r.desired["a"].problem is None
         r.snapshot(_snapshot(record("a", rev=3, deny_out=["300.0.0.1"]), authoritative=True))
         assert r.desired["a"].problem.startswith("revision 3 rejected, still enforcing revision 50")
+        assert r.desired["a"].policy == sandbox("a").policy  # the last good policy, still in force
+        # The source counts from 3 now: its next good record (revision 4) is taken, not "stale" against 50.
+        assert r.upsert(sandbox("a", rev=4, deny_out=["192.0.2.1"]))
+        d = r.desired["a"]
+        assert (
+            d.revision == 4 and d.problem is None and d.policy == sandbox("a", deny_out=["192.0.2.1"]).policy
+        )
+        await settle(r)
+        assert fb.fingerprint("/run/netns/a") == fp(deny_out=["192.0.2.1"])
+
+    run(scenario)
+
+
+def test_an_authoritative_snapshot_passes_its_latest_to_a_namespace_conflict():
+    """A record that loses its namespace to another sandbox is rejected as of the snapshot's revision too."""
+
+    async def scenario(r, fb):
+        r.upsert(sandbox("a", rev=50, netns="/run/netns/a"))
+        r.upsert(sandbox("b", rev=60, netns="/run/netns/b"))
+        snap = _snapshot(
+            record("a", rev=3, netns="/run/netns/a"),
+            record("b", rev=4, netns="/run/netns/a"),
+            authoritative=True,
+        )
+        r.snapshot(snap)
+        assert "already used by sandbox 'a'" in r.desired["b"].problem
+        assert r.desired["b"].revision == 4  # lowered with the source's numbering
+        assert r.upsert(sandbox("b", rev=5, netns="/run/netns/b"))
+        assert r.desired["b"].problem is None and r.desired["b"].revision == 5
 
     run(scenario)
 
