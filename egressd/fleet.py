@@ -492,6 +492,12 @@ def _describe(e: Exception, bucket: str) -> str:
         return f"the server refused our credentials ({text}); check [feed.nats] creds or nkey"
     if isinstance(e, ssl.SSLCertVerificationError):
         return f"the server's TLS certificate is not trusted ({e.verify_message}); check [feed.nats] tls_ca"
+    if isinstance(e, ssl.SSLError) and any(
+        r in str(e.reason) for r in ("BAD_CERTIFICATE", "CERTIFICATE_REQUIRED")
+    ):
+        return (
+            f"the server refused our TLS client certificate ({e.reason}); check [feed.nats] tls_cert, tls_key"
+        )
     if isinstance(e, ssl.SSLError):
         return f"TLS with the server failed ({e.reason or text}); check tls:// and [feed.nats] tls_* keys"
     if name in ("NoServersError", "TimeoutError") or isinstance(e, OSError | TimeoutError):

@@ -298,7 +298,15 @@ def _certificates(d) -> dict[str, str]:
         "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
         "-days", "1", "-extfile", "san.ext", "-out", "server.pem",
     )  # fmt: skip
-    return {k: str(d / f) for k, f in (("ca", "ca.pem"), ("cert", "server.pem"), ("key", "server.key"))}
+    # A client certificate from the same CA, for a server that verifies its clients.
+    openssl("req", *ec, "-subj", "/CN=egressd", "-keyout", "client.key", "-out", "client.csr")
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    openssl(
+        "x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "1", "-extfile", "client.ext", "-out", "client.pem",
+    )  # fmt: skip
+    names = {"ca": "ca.pem", "cert": "server.pem", "key": "server.key", "client": "client.pem"}
+    return {k: str(d / f) for k, f in names.items()} | {"client_key": str(d / "client.key")}
 
 
 def _user_nkey(path) -> str:
@@ -340,5 +348,33 @@ def test_tls_and_nkey_authentication(world, agent, tmp_path):
                 lambda: "TLS certificate is not trusted" in (feed_health(wrong_ca)["last_error"] or "")
             )
             assert feed_health(no_key)["connected"] == 0 and feed_health(wrong_ca)["connected"] == 0
+    finally:
+        server.stop()
+
+
+def test_tls_with_a_client_certificate(world, agent, tmp_path):
+    """A server that verifies its clients: the agent's tls_cert and tls_key get it in; without them it is
+    refused and says so, and nothing opens."""
+    s0 = world.sandboxes[0]
+    certs = _certificates(tmp_path / "pki")
+    conf = (
+        f'tls {{ cert_file: "{certs["cert"]}", key_file: "{certs["key"]}", '
+        f'ca_file: "{certs["ca"]}", verify: true }}\n'
+    )
+    ctx = ssl.create_default_context(cafile=certs["ca"])
+    ctx.load_cert_chain(certs["client"], certs["client_key"])
+    server = NatsServer(tmp_path / "nats", config=conf, client_options={"tls": ctx}).start()
+    url = f"tls://127.0.0.1:{server.port}"
+    try:
+        with KvClient(url, options={"tls": ctx}) as kv:
+            mtls = f'tls_ca = "{certs["ca"]}"\ntls_cert = "{certs["client"]}"\ntls_key = "{certs["client_key"]}"\n'
+            a = fleet_agent(agent, url, extra=mtls).start()
+            r1 = kv.put("hosta.s0", record(s0, allow=[OK4]))
+            assert a.wait("s0", r1)
+            assert open_to(s0.name, OK4) and closed_to(s0.name, OTHER4)
+            no_cert = fleet_agent(agent, url, "hostb", extra=f'tls_ca = "{certs["ca"]}"\n').start()
+            refused = "the server refused our TLS client certificate"
+            assert eventually(lambda: refused in (feed_health(no_cert)["last_error"] or ""), timeout=10)
+            assert feed_health(no_cert)["connected"] == 0 and feed_health(no_cert)["snapshots"] == 0
     finally:
         server.stop()
