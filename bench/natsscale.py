@@ -42,7 +42,8 @@ from bench.agent import proc_figures, quantiles, table
 from bench.apply import Row, machine_info
 from bench.figures import Figure
 from egressd.fleet import PING_INTERVAL, REQUEST_TIMEOUT, WATCH_INACTIVE, Backoff
-from tests.natsd import NatsServer, free_port
+from tests.loopback import free_port
+from tests.natsd import NatsServer
 
 BUCKET = "egressd-sandboxes"
 STREAM = f"KV_{BUCKET}"

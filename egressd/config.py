@@ -77,11 +77,19 @@ class _Limits(_Strict):
     max_entries: int = Field(default=DEFAULT_MAX_ENTRIES, ge=1, le=1_000_000)
 
 
+# [feed.nats] host_id. No dot: keys are HOST_ID.SANDBOX_ID, and one host's prefix must never be the start of
+# another's keys.
+HOST_ID = r"[A-Za-z0-9_-]{1,64}"
+
+
+def default_host_id() -> str:
+    """The hostname up to its first dot: what [feed.nats] host_id is when it is not set."""
+    return socket.gethostname().split(".", 1)[0]
+
+
 class _FeedNats(_Strict):
     bucket: str = Field(default="egressd-sandboxes", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    # "" means the machine's hostname up to its first dot. No dot: the keys are HOST_ID.SANDBOX_ID, and a
-    # host id with a dot could be a prefix of another host's keys.
-    host_id: str = Field(default="", max_length=64, pattern=r"^([A-Za-z0-9_-]+)?$")
+    host_id: str = Field(default="", pattern=rf"^({HOST_ID})?$")  # "": default_host_id()
     creds: str = ""  # a .creds file (user JWT and NKey seed), as `nsc` writes it
     nkey: str = ""  # a file holding an NKey user seed (SU...)
     tls_ca: str = ""  # CA bundle to verify the server with (tls:// or any tls_* turns TLS on)
@@ -226,7 +234,7 @@ class NatsFeed:
     """[feed.nats]: how a nats:// feed source finds and watches this host's keys."""
 
     bucket: str = "egressd-sandboxes"
-    host_id: str = ""
+    host_id: str = field(default_factory=default_host_id)
     creds: str = ""
     nkey: str = ""
     tls_ca: str = ""
@@ -235,11 +243,6 @@ class NatsFeed:
     connect_timeout: float = 2.0
     retry_initial: float = 0.5
     retry_max: float = 30.0
-
-
-def default_host_id() -> str:
-    """The hostname up to its first dot: what [feed.nats] host_id is when it is not set."""
-    return socket.gethostname().split(".", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -258,7 +261,7 @@ class Config:
     max_entries: int = DEFAULT_MAX_ENTRIES
     feed_source: str = "unix:/run/egressd/feed.sock"
     max_line_bytes: int = 1024 * 1024
-    nats: NatsFeed = field(default_factory=lambda: NatsFeed(host_id=default_host_id()))
+    nats: NatsFeed = field(default_factory=NatsFeed)
     state_dir: str = "/var/lib/egressd"
     dns_nameservers: tuple[str, ...] = ()
     dns_min_ttl: float = 5.0
@@ -293,7 +296,7 @@ def _to_config(m: _ConfigModel) -> Config:
         raise ConfigError("feed.nats: set creds or nkey, not both")
     host_id = nats.host_id or default_host_id()
     fleet = m.feed.source.startswith(("nats://", "tls://"))  # other feeds never use the host id
-    if fleet and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", host_id):
+    if fleet and not re.fullmatch(HOST_ID, host_id):
         raise ConfigError(
             f"feed.nats.host_id: the hostname {host_id!r} cannot be a key prefix; set host_id to letters, "
             "digits, _ and - (at most 64)"

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO, Literal, NamedTuple, Protocol
 
-from egressd.config import NatsFeed, default_host_id
+from egressd.config import NatsFeed
 from egressd.logs import log
 from egressd.policy import DEFAULT_MAX_ENTRIES, Event, PolicyError
 from egressd.sockets import SocketPathError, bind_unix, unlink_if_ours
@@ -631,8 +631,7 @@ def parse_source(
     if spec.startswith(("nats://", "tls://")):
         from egressd.fleet import NatsSource  # a separate module: only fleet hosts load the NATS client
 
-        settings = nats or NatsFeed(host_id=default_host_id())
-        return NatsSource(spec, settings, max_value=max_line, max_entries=max_entries)
+        return NatsSource(spec, nats or NatsFeed(), max_value=max_line, max_entries=max_entries)
     if spec == "stdin":
         return StdinSource(max_line=max_line)
     if spec.startswith("file:"):

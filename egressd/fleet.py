@@ -9,6 +9,9 @@ every delete or purge a delete, with the KV revision as the record's revision.
 While the server cannot be reached, nothing here touches desired state: the agent enforces what it holds
 (restored from its state file at a start) and this source retries with backoff. Reconnecting is ours, not
 the client library's, so that every session starts with a snapshot.
+
+Only hosts whose feed is nats:// import this module (see feed.parse_source), so the client library is
+imported here, once, and by no other host.
 """
 
 from __future__ import annotations
@@ -26,8 +29,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import nats
+import nats.errors
+import nats.js.errors
+
 from egressd.config import NatsFeed
-from egressd.feed import FeedError, FeedStats, Line, OnLine, deliver
+from egressd.feed import DEFAULT_MAX_LINE, FeedError, FeedStats, Line, OnLine, deliver
 from egressd.logs import log
 from egressd.policy import (
     DEFAULT_MAX_ENTRIES,
@@ -45,7 +52,7 @@ CLOSE_TIMEOUT = 2.0
 # A session must last this long for the backoff to start again from retry_initial: a server that accepts
 # and then drops every session (lame duck, expiring credentials) is not hit by a fleet twice a second.
 STABLE_SESSION = 60.0
-BUCKET_CHECK_INTERVAL = 10.0
+BUCKET_CHECK_INTERVAL = 10.0  # seconds between checks that the bucket is still the one being watched
 # JetStream requests (the bucket, its stream, the watch's consumer) may wait this long. A server makes
 # consumers one at a time, each costing more the more keys the bucket holds (nats-server 2.9: about 1.3 ms
 # per 1,000 keys): a host that gave up after 5 s and asked again only added to the queue.
@@ -54,7 +61,7 @@ REQUEST_TIMEOUT = 30.0
 # minutes: every reconnection of every host would leave one more consumer behind for that long).
 WATCH_INACTIVE = 15.0
 # Between two of the bucket's current values while a snapshot is read: longer means the watch is stuck.
-SNAPSHOT_IDLE = 30.0  # seconds between checks that the bucket is still the one being watched
+SNAPSHOT_IDLE = 30.0
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +153,7 @@ def _check_readable(key: str, path: str) -> None:
 def entry_change(
     entry: KvEntry,
     host_id: str,
-    max_value: int = 1 << 20,
+    max_value: int = DEFAULT_MAX_LINE,
     max_entries: int = DEFAULT_MAX_ENTRIES,
 ) -> Change:
     """What one key of this host means: an upsert, a delete, or a PolicyError naming what is wrong.
@@ -197,7 +204,10 @@ def entry_change(
 
 
 def snapshot_of(
-    entries: Iterable[KvEntry], host_id: str, max_value: int = 1 << 20, max_entries: int = DEFAULT_MAX_ENTRIES
+    entries: Iterable[KvEntry],
+    host_id: str,
+    max_value: int = DEFAULT_MAX_LINE,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
 ) -> tuple[Snapshot, list[tuple[KvEntry, PolicyError]]]:
     """The bucket's current values for this host as one authoritative snapshot, plus the keys that cannot
     name a sandbox at all (reported on their own: they must not stop the snapshot from forgetting others)."""
@@ -245,7 +255,11 @@ class NatsSource:
     """nats://HOST:PORT with [feed.nats]: a snapshot of this host's keys per session, then every change."""
 
     def __init__(
-        self, spec: str, settings: NatsFeed, max_value: int = 1 << 20, max_entries: int = DEFAULT_MAX_ENTRIES
+        self,
+        spec: str,
+        settings: NatsFeed,
+        max_value: int = DEFAULT_MAX_LINE,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
     ) -> None:
         self.servers = parse_servers(spec)
         self.settings = settings
@@ -284,7 +298,7 @@ class NatsSource:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # any failure of a session is one more retry, never the agent's end
-                if type(e).__name__ == "NoServersError" and self._cause is not None:
+                if isinstance(e, nats.errors.NoServersError) and self._cause is not None:
                     e = self._cause
                 problem = _describe(e, self.settings.bucket)
                 if not _expected(e):
@@ -319,8 +333,6 @@ class NatsSource:
         return h
 
     async def _connect(self, lost: asyncio.Event) -> Any:
-        import nats  # the client library is loaded only by hosts that use this source
-
         async def closed() -> None:
             lost.set()
 
@@ -407,8 +419,6 @@ class NatsSource:
         """A bucket deleted, or deleted and made anew, stops a watch without a word (and the client would
         resume the new one past its first revisions): look every BUCKET_CHECK_INTERVAL, and start a new
         session, with a snapshot, when the bucket is not the one this session began with."""
-        import nats.js.errors
-
         while True:
             await asyncio.sleep(BUCKET_CHECK_INTERVAL)
             try:
@@ -469,10 +479,6 @@ class NatsSource:
 
 def _expected(e: Exception) -> bool:
     """Failures that are the network's or the server's, not a bug of ours: no traceback for them."""
-    try:
-        import nats.errors
-    except ImportError:
-        return isinstance(e, SessionEnded | OSError | TimeoutError)
     return isinstance(e, SessionEnded | OSError | TimeoutError | ssl.SSLError | nats.errors.Error)
 
 
@@ -482,13 +488,13 @@ def _describe(e: Exception, bucket: str) -> str:
     text = str(e).strip() or name
     if isinstance(e, SessionEnded):
         return text
-    if name == "BucketNotFoundError":
+    if isinstance(e, nats.js.errors.BucketNotFoundError):
         return (
             f"bucket {bucket!r} does not exist; the control plane makes it: nats kv add {bucket} --history 1"
         )
-    if name in ("NoRespondersError", "ServiceUnavailableError"):
+    if isinstance(e, nats.errors.NoRespondersError | nats.js.errors.ServiceUnavailableError):
         return "the server has no JetStream (start nats-server with -js, or enable jetstream in its config)"
-    if name == "AuthorizationError" or "authorization" in text.lower():
+    if isinstance(e, nats.errors.AuthorizationError) or "authorization" in text.lower():
         return f"the server refused our credentials ({text}); check [feed.nats] creds or nkey"
     if isinstance(e, ssl.SSLCertVerificationError):
         return f"the server's TLS certificate is not trusted ({e.verify_message}); check [feed.nats] tls_ca"
@@ -500,6 +506,6 @@ def _describe(e: Exception, bucket: str) -> str:
         )
     if isinstance(e, ssl.SSLError):
         return f"TLS with the server failed ({e.reason or text}); check tls:// and [feed.nats] tls_* keys"
-    if name in ("NoServersError", "TimeoutError") or isinstance(e, OSError | TimeoutError):
+    if isinstance(e, nats.errors.NoServersError | OSError | TimeoutError):
         return f"cannot reach the server: {text}"
     return f"{name}: {text}"

@@ -28,18 +28,13 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from tests.loopback import free_port
+
 T = TypeVar("T")
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 HOST = "127.0.0.1"
 STREAM_NAME_IN_USE = 10058  # JetStream error code: stream exists with a different configuration
-
-
-def free_port() -> int:
-    """A port nobody listens on right now, so test servers can run side by side."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 class NatsServer:

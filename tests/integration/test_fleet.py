@@ -11,7 +11,6 @@ import os
 import ssl
 import subprocess
 import time
-import urllib.request
 
 import nkeys
 import pytest
@@ -27,7 +26,8 @@ from tests.integration.test_agent import (
     open_to,
     table_handle,
 )
-from tests.natsd import KvClient, NatsServer, free_port
+from tests.loopback import free_port, scrape
+from tests.natsd import KvClient, NatsServer
 
 pytestmark = pytest.mark.root
 
@@ -129,8 +129,8 @@ def test_server_down_while_keys_change_converges_to_the_latest_values(world, age
     assert eventually(lambda: feed_health(a)["connected"] == 0, timeout=10)
     h = feed_health(a)
     assert h["disconnects"] == 1 and "retrying" in h["last_error"]
-    assert _metric(port, "egressd_feed_connected") == 0.0
-    assert _metric(port, "egressd_feed_disconnects_total") == 1.0
+    assert scrape(port)[("egressd_feed_connected", ())] == 0.0
+    assert scrape(port)[("egressd_feed_disconnects_total", ())] == 1.0
     # Right after the loss it says so; from the first retry on, why the server cannot be reached.
     assert "feed: NOT connected, enforcing the last known state: " in a.cli("status").stdout
     assert eventually(lambda: "last known state: cannot reach the server" in a.cli("status").stdout)
@@ -155,11 +155,11 @@ def test_server_down_while_keys_change_converges_to_the_latest_values(world, age
     assert open_to(s1.name, OK6) and closed_to(s1.name, OK4)
     assert eventually(lambda: feed_health(a)["connected"] == 1)
     assert feed_health(a)["snapshots"] == 2 and feed_health(a)["last_error"] is None
-    assert _metric(port, "egressd_feed_connected") == 1.0
+    assert scrape(port)[("egressd_feed_connected", ())] == 1.0
     assert (
         "feed: following hosta.* in bucket egressd-sandboxes on nats://127.0.0.1:" in a.cli("status").stdout
     )
-    assert _metric(port, "egressd_feed_revision") >= r4
+    assert scrape(port)[("egressd_feed_revision", ())] >= r4
 
 
 def test_agent_restarted_while_the_server_holds_changes_it_has_not_seen(world, agent, kv, nats):
@@ -261,14 +261,6 @@ def test_malformed_values_are_rejected_with_the_key_and_entry_named(world, agent
     fixed = kv.put("hosta.s1", record(s1, allow=[OK6]))
     assert a.wait("s1", fixed) and open_to(s1.name, OK6)
     assert a.status()["s0"]["revision"] == good and "rejected" in (a.status()["s0"].get("error") or "")
-
-
-def _metric(port: int, name: str) -> float | None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return None
 
 
 def _certificates(d) -> dict[str, str]:

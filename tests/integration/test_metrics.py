@@ -2,29 +2,13 @@
 and each sandbox's denied packets read from its table's `denied` counter."""
 
 import socket
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.test_agent import BAD4, OK4, closed_to, eventually, open_to
+from tests.loopback import free_port, scrape
 
 pytestmark = pytest.mark.root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(body)
-        for s in fam.samples
-    }
 
 
 def test_metrics_endpoint_reports_live_state_and_denied_packets(world, agent):

@@ -15,6 +15,7 @@ from egressd.metrics import DeniedCounters, Metrics, MetricsError, Snapshot, on_
 from egressd.nft import FakeBackend
 from egressd.policy import PolicyError, parse_sandbox
 from egressd.reconcile import Reconciler
+from tests.loopback import free_port
 
 CONFIG = config_from_dict({"reconcile": {"retry_initial": 0.01, "retry_max": 0.05, "workers": 2}})
 
@@ -30,12 +31,6 @@ def samples(registry) -> dict[tuple[str, tuple], float]:
         for fam in text_string_to_metric_families(text)
         for s in fam.samples
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_collector_reads_live_state_and_cached_counters():
