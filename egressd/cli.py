@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from egressd import __version__
 from egressd.config import Config, ConfigError, load_config
 from egressd.control import ControlError, request
-from egressd.dns import DnsCache, Resolver
+from egressd.dns import DnsCache, Resolver, resolve_all
 from egressd.hostside import HostBackend
 from egressd.netns import NetnsError
 from egressd.nft import ApplyError, LibnftBackend, replace_table
@@ -132,12 +132,14 @@ def _resolve_once(config: Config, sandboxes: list[Sandbox]) -> DnsCache:
     if cache.names:
         resolver = Resolver(config.dns_nameservers, config.dns_timeout)
 
-        async def resolve_all() -> None:
+        async def resolve_every_name() -> None:
             names = list(cache.names)
-            for name, answer in zip(names, await asyncio.gather(*map(resolver.resolve, names)), strict=True):
-                cache.record(name, answer)
+            answers = await asyncio.gather(*(resolve_all(resolver, n) for n in names))
+            for name, by_type in zip(names, answers, strict=True):
+                for rdtype, answer in by_type.items():
+                    cache.record(name, rdtype, answer)
 
-        asyncio.run(resolve_all())
+        asyncio.run(resolve_every_name())
     return cache
 
 
@@ -339,6 +341,11 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
             )
         for note in answer["notes"]:
             print(f"note: {note}", file=sys.stderr)
+        for rdtype, why in answer.get("unresolved", {}).items():
+            print(
+                f"note: {answer['hostname']} {rdtype}: {why}; judged on the other type's addresses",
+                file=sys.stderr,
+            )
     return 0 if all(r["action"] == "accept" for r in results) else 1
 
 

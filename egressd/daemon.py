@@ -22,7 +22,7 @@ from egressd import __version__, memory
 from egressd.config import Config, ConfigError, load_config
 from egressd.control import ControlError, ControlServer
 from egressd.decide import IPAddress
-from egressd.dns import Answer, DnsCache, DnsService, Resolver
+from egressd.dns import RDTYPES, Answer, DnsCache, DnsService, Resolver, join_errors, resolve_all
 from egressd.explain import explain_addresses, parse_dest
 from egressd.feed import FeedError, Line, Source, parse_source
 from egressd.hostside import HostBackend
@@ -286,19 +286,25 @@ class Agent:
         except ValueError as e:
             return {"error": f"destination {dest!r}: {e}"}
         addrs: list[IPAddress]
+        unresolved: dict[str, str] = {}
         if isinstance(target, str):
             try:
-                answer = await asyncio.wait_for(
-                    self.dns.resolver.resolve(target), self.config.dns_timeout + 1
+                answers = await asyncio.wait_for(
+                    resolve_all(self.dns.resolver, target), self.config.dns_timeout + 1
                 )
             except TimeoutError:
-                answer = Answer("error", error="timeout: no answer from the nameservers")
-            if answer.kind != "ok" or not answer.addresses:
-                why = answer.error or (
-                    "NXDOMAIN: no such name" if answer.kind == "nxdomain" else "no addresses"
-                )
+                answers = {
+                    t: Answer("error", error="timeout: no answer from the nameservers") for t in RDTYPES
+                }
+            # Each record type on its own, as the agent resolves: one type failing never hides the other's.
+            addrs = sorted(
+                {ip_address(a) for ans in answers.values() for a in ans.addresses},
+                key=lambda a: (a.version, int(a)),
+            )
+            unresolved = {t: ans.error for t, ans in answers.items() if ans.kind == "error" and ans.error}
+            if not addrs:
+                why = join_errors({t: ans.error or f"no {t} records" for t, ans in answers.items()})
                 return {"error": f"destination {dest!r}: cannot resolve it: {why}; give an address instead"}
-            addrs = sorted({ip_address(a) for a in answer.addresses}, key=lambda a: (a.version, int(a)))
         else:
             addrs = [target]
         st = self.reconciler.status.get(sid)
@@ -311,6 +317,7 @@ class Agent:
             "state": st.state if st is not None else "pending",
             # not "error": on the control socket that key means the request failed
             "problem": d.problem or (st.error if st is not None else "not reconciled yet"),
+            "unresolved": unresolved,  # record type -> why it gave no addresses just now
             **out,
         }
 

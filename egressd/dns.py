@@ -18,10 +18,10 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import dns.asyncresolver
 import dns.exception
-import dns.rdatatype
 import dns.resolver
 
 from egressd.logs import log
@@ -29,24 +29,39 @@ from egressd.logs import log
 GIVE_UP_AFTER = 5  # consecutive failures after which a name that never resolved counts as settled (empty)
 FAILURE_BACKOFF_MAX = 60.0
 MAX_CONCURRENT_QUERIES = 64
+NXDOMAIN = "NXDOMAIN: no such name"
 EXPIRY_SWEEP = 1.0  # seconds between sweeps for addresses that left their retention window
 
 
-@dataclass
+RDTYPES = ("A", "AAAA")  # each is asked, answered, failing and retried on its own
+
+
+def rdtype_of(addr: str) -> str:
+    """The record type an address comes from."""
+    return "AAAA" if ":" in addr else "A"
+
+
+@dataclass(frozen=True)
 class Answer:
-    kind: str  # "ok", "nxdomain" or "error"
-    addresses: list[str] = field(default_factory=list)
+    """One record type's outcome for one name."""
+
+    kind: str  # "ok" (addresses, or none: NOERROR with no data), "nxdomain" or "error"
+    addresses: tuple[str, ...] = ()
     ttl: float = 0.0
     error: str | None = None
 
 
 @dataclass
-class NameState:
-    name: str
+class TypeState:
+    """What one record type of one name stands for. A type that fails keeps its own last addresses and is
+    retried with backoff while the other type's answers are used at once (one refused AAAA query must never
+    throw away a good A answer)."""
+
     seen: dict[str, float] = field(default_factory=dict)  # address -> when an answer last held it
     current: frozenset[str] = frozenset()  # the latest successful answer
-    resolved: bool = False  # an answer (addresses, or NXDOMAIN) has come at least once
-    failures: int = 0
+    answered: bool = False  # an answer (addresses, no data, or NXDOMAIN) has come at least once
+    nxdomain: bool = False  # the latest answer was NXDOMAIN
+    failures: int = 0  # in a row, since the last answer
     error: str | None = None
     next_refresh: float = 0.0
     last_answer: float | None = None
@@ -54,9 +69,43 @@ class NameState:
     queries: int = 0
 
     @property
-    def settled(self) -> bool:
-        """Whether the fail-closed wait for this name is over: it resolved, or failed for good."""
-        return self.resolved or self.failures >= GIVE_UP_AFTER
+    def gave_up(self) -> bool:
+        return not self.answered and self.failures >= GIVE_UP_AFTER
+
+    @property
+    def state(self) -> str:
+        if self.answered:
+            return "failing" if self.failures else "resolved"
+        return "failed" if self.gave_up else "resolving"
+
+
+@dataclass
+class NameState:
+    name: str
+    types: dict[str, TypeState] = field(default_factory=lambda: {t: TypeState() for t in RDTYPES})
+    settled: bool = False  # the fail-closed wait for this name is over; once over, it stays over
+
+    def settle(self) -> None:
+        """Over when the name stands for an address (whichever type gave it), is known not to exist, or
+        every type has answered or failed for good. An empty answer of one type while the other fails is not
+        enough: the failing type may still give the addresses that matter."""
+        ts = self.types.values()
+        self.settled = self.settled or (
+            any(t.current for t in ts)
+            or any(t.nxdomain for t in ts)
+            or all(t.answered or t.gave_up for t in ts)
+        )
+
+    @property
+    def error(self) -> str | None:
+        """One line for the name: the types' errors ("A: ...; AAAA: ..."), or the one they share."""
+        errors = {t: s.error for t, s in self.types.items() if s.error}
+        if errors:
+            return join_errors(errors)
+        ts = self.types.values()
+        if all(t.answered for t in ts) and not any(t.current for t in ts):
+            return "no A or AAAA records"
+        return None
 
 
 class DnsCache:
@@ -75,7 +124,7 @@ class DnsCache:
         self.rng = rng or random.Random()
         self.names: dict[str, NameState] = {}
         self.subscribers: dict[str, set[str]] = {}
-        self._heap: list[tuple[float, str]] = []
+        self._heap: list[tuple[float, str, str]] = []
         self._by_sandbox: dict[str, frozenset[str]] = {}
 
     def subscribe(self, sandbox: str, names: Iterable[str]) -> set[str]:
@@ -94,7 +143,8 @@ class DnsCache:
             self.subscribers.setdefault(name, set()).add(sandbox)
             if name not in self.names:
                 self.names[name] = NameState(name)
-                self._schedule(self.names[name], self.clock())
+                for rdtype in RDTYPES:
+                    self._schedule(name, rdtype, self.clock())
                 added.add(name)
         if new:
             self._by_sandbox[sandbox] = new
@@ -102,90 +152,95 @@ class DnsCache:
             self._by_sandbox.pop(sandbox, None)
         return added
 
-    def _schedule(self, st: NameState, when: float) -> None:
-        st.next_refresh = when
-        heapq.heappush(self._heap, (when, st.name))
+    def _schedule(self, name: str, rdtype: str, when: float) -> None:
+        self.names[name].types[rdtype].next_refresh = when
+        heapq.heappush(self._heap, (when, name, rdtype))
 
-    def due(self) -> list[str]:
-        """Names whose refresh time has come, each once. A heap keeps this O(log n) per name at 10,000s of
-        names: scanning every name on every wake-up starved the loop."""
+    def _current(self, when: float, name: str, rdtype: str) -> bool:
+        st = self.names.get(name)
+        return st is not None and st.types[rdtype].next_refresh == when  # else: rescheduled or gone since
+
+    def due(self) -> list[tuple[str, str]]:
+        """(name, record type) pairs whose refresh time has come, each once. A heap keeps this O(log n) per
+        name at 10,000s of names: scanning every name on every wake-up starved the loop."""
         now = self.clock()
         out = []
         while self._heap and self._heap[0][0] <= now:
-            when, name = heapq.heappop(self._heap)
-            st = self.names.get(name)
-            if st is not None and st.next_refresh == when:  # else: rescheduled or gone since
-                out.append(name)
+            when, name, rdtype = heapq.heappop(self._heap)
+            if self._current(when, name, rdtype):
+                out.append((name, rdtype))
         return out
 
     def next_deadline(self) -> float | None:
         """When the next refresh is due."""
-        while self._heap:
-            when, name = self._heap[0]
-            st = self.names.get(name)
-            if st is not None and st.next_refresh == when:
-                break
-            heapq.heappop(self._heap)  # rescheduled or gone since
+        while self._heap and not self._current(*self._heap[0]):
+            heapq.heappop(self._heap)
         return self._heap[0][0] if self._heap else None
 
-    def record(self, name: str, answer: Answer) -> bool:
-        """Take an answer; True when what the name stands for changed, or it just settled."""
+    def record(self, name: str, rdtype: str, answer: Answer) -> bool:
+        """Take one type's answer; True when what the name stands for changed, or it just settled."""
         st = self.names.get(name)
         if st is None:
             return False
+        t = st.types[rdtype]
         now = self.clock()
         before, was_settled = self.addresses(name), st.settled
-        st.queries += 1
+        t.queries += 1
         if answer.kind == "error":
-            st.failures += 1
-            st.error = answer.error
-            backoff = min(FAILURE_BACKOFF_MAX, 2 ** (st.failures - 1)) * self.rng.uniform(0.8, 1.0)
-            self._schedule(st, now + backoff)
+            t.failures += 1
+            t.error = answer.error
+            backoff = min(FAILURE_BACKOFF_MAX, 2 ** (t.failures - 1)) * self.rng.uniform(0.8, 1.0)
+            self._schedule(name, rdtype, now + backoff)
         else:
-            st.failures = 0
-            st.resolved = True
-            st.last_answer = now
-            st.current = frozenset(answer.addresses)
-            for a in st.current:
-                st.seen[a] = now
-            if answer.kind == "nxdomain":
-                st.error, ttl = "NXDOMAIN: no such name", self.max_ttl
+            t.failures, t.answered, t.last_answer = 0, True, now
+            t.nxdomain = answer.kind == "nxdomain"
+            t.current = frozenset(answer.addresses)
+            for a in t.current:
+                t.seen[a] = now
+            if t.nxdomain:
+                t.error, ttl = NXDOMAIN, self.max_ttl
             else:
-                st.error, ttl = (None if answer.addresses else "no A or AAAA records"), answer.ttl
-            st.ttl = min(self.max_ttl, max(self.min_ttl, ttl))
-            self._schedule(st, now + st.ttl * self.rng.uniform(0.9, 1.0))
-            self._expire(st, now)
+                t.error, ttl = None, answer.ttl
+            t.ttl = min(self.max_ttl, max(self.min_ttl, ttl))
+            self._schedule(name, rdtype, now + t.ttl * self.rng.uniform(0.9, 1.0))
+            self._expire(t, now)
+        st.settle()
         return self.addresses(name) != before or st.settled != was_settled
 
-    def _expire(self, st: NameState, now: float) -> None:
-        for a in [a for a, t in st.seen.items() if a not in st.current and now - t > self.retention]:
-            del st.seen[a]
+    def _expire(self, t: TypeState, now: float) -> None:
+        for a in [a for a, seen in t.seen.items() if a not in t.current and now - seen > self.retention]:
+            del t.seen[a]
 
     def expire(self) -> set[str]:
         """Drop addresses that left their retention window; returns the names whose sets changed."""
         now = self.clock()
         changed = set()
         for st in self.names.values():
-            if st.failures and st.resolved:
-                continue  # the resolver is failing: keep the last known addresses
-            n = len(st.seen)
-            self._expire(st, now)
-            if len(st.seen) != n:
-                changed.add(st.name)
+            for t in st.types.values():
+                if t.failures and t.answered:
+                    continue  # this type is failing: keep its last known addresses
+                n = len(t.seen)
+                self._expire(t, now)
+                if len(t.seen) != n:
+                    changed.add(st.name)
         return changed
 
     def addresses(self, name: str) -> frozenset[str]:
-        """What the name stands for: the latest answer plus addresses seen within the retention window."""
+        """What the name stands for: each type's latest answer plus addresses seen within the retention
+        window."""
         st = self.names.get(name)
-        return frozenset(st.seen) | st.current if st is not None else frozenset()
+        if st is None:
+            return frozenset()
+        return frozenset().union(*(frozenset(t.seen) | t.current for t in st.types.values()))
 
     def held_since(self, name: str, addr: str) -> tuple[float, bool] | None:
         """How long ago an answer last held addr for name, and whether the latest answer still does (else
         it is only retained); None when the name does not stand for addr."""
         st = self.names.get(name)
-        if st is None or addr not in st.seen:
+        t = st.types[rdtype_of(addr)] if st is not None else None
+        if t is None or addr not in t.seen:
             return None
-        return round(max(0.0, self.clock() - st.seen[addr]), 1), addr in st.current
+        return round(max(0.0, self.clock() - t.seen[addr]), 1), addr in t.current
 
     def settled(self, name: str) -> bool:
         st = self.names.get(name)
@@ -196,18 +251,26 @@ class DnsCache:
         offset = time.time() - self.clock()
         return {
             name: {
-                "seen": {a: t + offset for a, t in st.seen.items()},
-                "current": sorted(st.current),
-                "resolved": st.resolved,
-                "ttl": st.ttl,
-                "next_refresh": st.next_refresh + offset,
+                "settled": st.settled,
+                "types": {
+                    rdtype: {
+                        "seen": {a: seen + offset for a, seen in t.seen.items()},
+                        "current": sorted(t.current),
+                        "nxdomain": t.nxdomain,
+                        "ttl": t.ttl,
+                        "next_refresh": t.next_refresh + offset,
+                    }
+                    for rdtype, t in st.types.items()
+                    if t.answered
+                },
             }
             for name, st in self.names.items()
-            if st.resolved
+            if any(t.answered for t in st.types.values())
         }
 
     def restore(self, doc: object) -> None:
-        """Load export(): only names some sandbox subscribes to again are kept (call after subscribing)."""
+        """Load export(): only names some sandbox subscribes to again are kept (call after subscribing). A
+        document of the format before record types were kept apart is split by address family."""
         if not isinstance(doc, dict):
             return
         offset = time.time() - self.clock()
@@ -216,36 +279,86 @@ class DnsCache:
             if st is None or not isinstance(item, dict):
                 continue
             try:
-                seen = {str(ipaddress.ip_address(a)): float(t) - offset for a, t in item["seen"].items()}
-                current = frozenset(str(ipaddress.ip_address(a)) for a in item["current"])
-                next_refresh = float(item["next_refresh"]) - offset
-                ttl = None if item.get("ttl") is None else float(item["ttl"])
+                types = item["types"] if "types" in item else _split_by_family(item)
+                loaded = {r: _load_type(r, types[r], offset) for r in RDTYPES if r in types}
             except (KeyError, TypeError, ValueError, AttributeError):
                 continue
-            st.seen, st.current, st.resolved, st.ttl = seen, current, bool(item.get("resolved")), ttl
-            self._schedule(st, min(next_refresh, self.clock() + self.max_ttl))
+            for rdtype, t in loaded.items():
+                st.types[rdtype] = t
+                self._schedule(name, rdtype, min(t.next_refresh, self.clock() + self.max_ttl))
+            st.settled = bool(item.get("settled", item.get("resolved")))
+            st.settle()
 
     def view(self, name: str) -> dict[str, object]:
         st = self.names.get(name)
         if st is None:
             return {"name": name, "state": "unknown"}
         now = self.clock()
-        if st.resolved:
-            state = "failing" if st.failures else "resolved"
+        ts = st.types.values()
+        if st.settled:
+            answered = any(t.answered for t in ts)
+            state = ("failing" if any(t.failures for t in ts) else "resolved") if answered else "failed"
         else:
-            state = "failed" if st.settled else "resolving"
+            state = "resolving"
+        answers = [t.last_answer for t in ts if t.last_answer is not None]
+        ttls = [t.ttl for t in ts if t.ttl is not None]
         return {
             "name": name,
             "state": state,
             "addresses": sorted(self.addresses(name), key=_sort_key),
-            "current": sorted(st.current, key=_sort_key),
-            "ttl": st.ttl,
-            "refresh_in": round(max(0.0, st.next_refresh - now), 1),
-            "resolved_ago": None if st.last_answer is None else round(now - st.last_answer, 1),
+            "current": sorted(frozenset().union(*(t.current for t in ts)), key=_sort_key),
+            "ttl": min(ttls, default=None),
+            "refresh_in": round(max(0.0, min(t.next_refresh for t in ts) - now), 1),
+            "resolved_ago": round(now - max(answers), 1) if answers else None,
             "error": st.error,
-            "queries": st.queries,
+            "queries": sum(t.queries for t in ts),
             "sandboxes": len(self.subscribers.get(name, ())),
+            "types": {
+                rdtype: {
+                    "state": t.state,
+                    "current": sorted(t.current, key=_sort_key),
+                    "ttl": t.ttl,
+                    "refresh_in": round(max(0.0, t.next_refresh - now), 1),
+                    "failures": t.failures,
+                    "error": t.error,
+                }
+                for rdtype, t in st.types.items()
+            },
         }
+
+
+def _split_by_family(item: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A name saved before record types were kept apart: each type gets the addresses of its family."""
+    if not item.get("resolved"):
+        return {}
+    return {
+        rdtype: {
+            "seen": {a: t for a, t in item["seen"].items() if rdtype_of(a) == rdtype},
+            "current": [a for a in item["current"] if rdtype_of(a) == rdtype],
+            "ttl": item.get("ttl"),
+            "next_refresh": item["next_refresh"],
+        }
+        for rdtype in RDTYPES
+    }
+
+
+def _load_type(rdtype: str, item: dict[str, Any], offset: float) -> TypeState:
+    """One type of export(); an address of the other family is a ValueError."""
+
+    def address(text: object) -> str:
+        a = str(ipaddress.ip_address(text))  # type: ignore[arg-type]
+        if rdtype_of(a) != rdtype:
+            raise ValueError(f"{a} is not an {rdtype} address")
+        return a
+
+    t = TypeState(answered=True, nxdomain=bool(item.get("nxdomain")))
+    t.seen = {address(a): float(seen) - offset for a, seen in item["seen"].items()}
+    t.current = frozenset(address(a) for a in item["current"])
+    t.next_refresh = float(item["next_refresh"]) - offset
+    t.ttl = None if item.get("ttl") is None else float(item["ttl"])
+    if t.nxdomain:
+        t.error = NXDOMAIN
+    return t
 
 
 def _sort_key(addr: str) -> tuple[int, bytes]:
@@ -257,7 +370,10 @@ def _sort_key(addr: str) -> tuple[int, bytes]:
 
 
 class Resolver:
-    """dnspython, asynchronous: A and AAAA of one name, CNAME chains followed, TTL of the whole chain."""
+    """dnspython, asynchronous: one record type of one name, CNAME chains followed, TTL of the whole chain.
+
+    A REFUSED or SERVFAIL from one nameserver makes dnspython ask the next configured one; only when none
+    answers is it an error, and the error names what each nameserver said."""
 
     def __init__(self, nameservers: Iterable[str] = (), timeout: float = 2.0) -> None:
         servers = list(nameservers)
@@ -265,41 +381,53 @@ class Resolver:
         if servers:
             self._resolver.nameservers = servers
         self._resolver.lifetime = timeout
+        # Each nameserver gets its share of the lifetime: one that drops queries leaves time to ask the next.
+        self._resolver.timeout = timeout / max(1, len(self._resolver.nameservers))
         self._resolver.cache = None  # our cache is the one that counts; never answer from a second one
 
-    async def resolve(self, name: str) -> Answer:
-        results = await asyncio.gather(*(self._one(name, t) for t in ("A", "AAAA")), return_exceptions=True)
-        addresses: list[str] = []
-        ttls: list[float] = []
-        for r in results:
-            if isinstance(r, dns.resolver.NXDOMAIN):
-                return Answer("nxdomain")
-            if isinstance(r, BaseException):
-                return Answer("error", error=_describe(r))
-            addrs, ttl = r
-            addresses += addrs
-            if ttl is not None:
-                ttls.append(ttl)
-        return Answer("ok", addresses, min(ttls, default=0.0))
-
-    async def _one(self, name: str, rdtype: str) -> tuple[list[str], float | None]:
-        answer = await self._resolver.resolve(name + ".", rdtype, raise_on_no_answer=False, search=False)
+    async def resolve(self, name: str, rdtype: str) -> Answer:
+        try:
+            answer = await self._resolver.resolve(name + ".", rdtype, raise_on_no_answer=False, search=False)
+        except dns.resolver.NXDOMAIN:
+            return Answer("nxdomain", error=NXDOMAIN)
+        except dns.exception.DNSException as e:
+            return Answer("error", error=_describe(e))
         if answer.rrset is None:
-            return [], None
+            return Answer("ok")  # NOERROR with no data: the name has no records of this type
         ttl = answer.chaining_result.minimum_ttl  # the shortest TTL along the CNAME chain
-        return [str(ipaddress.ip_address(r.address)) for r in answer.rrset], float(ttl)
+        return Answer("ok", tuple(str(ipaddress.ip_address(r.address)) for r in answer.rrset), float(ttl))
+
+
+async def resolve_all(resolver: Resolver, name: str) -> dict[str, Answer]:
+    """Every record type of one name at once, each judged on its own: for one-shot uses (`apply`,
+    `explain`)."""
+    answers = await asyncio.gather(*(resolver.resolve(name, t) for t in RDTYPES))
+    return dict(zip(RDTYPES, answers, strict=True))
+
+
+def join_errors(errors: dict[str, str]) -> str | None:
+    """One line for a name's failing record types: the error they share, or "A: ...; AAAA: ..."."""
+    if len(errors) == len(RDTYPES) and len(set(errors.values())) == 1:
+        return next(iter(errors.values()))
+    return "; ".join(f"{t}: {e}" for t, e in errors.items()) or None
 
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, dns.resolver.LifetimeTimeout | dns.exception.Timeout):
         return "timeout: no answer from the nameservers"
     if isinstance(exc, dns.resolver.NoNameservers):
-        return "SERVFAIL: no nameserver could answer"
+        said = []
+        for server, _tcp, _port, err, _response in exc.kwargs.get("errors", []):
+            where = str(server).removeprefix("Do53:").removesuffix("@53")  # "Do53:192.0.2.53@53"
+            said.append(f"{err} from {where}")  # err is the rcode's name (REFUSED, SERVFAIL) or an error
+        return "no nameserver answered: " + (", ".join(said) or "none configured")
     return f"{type(exc).__name__}: {exc}"
 
 
 class DnsService:
-    """The refresh loop: resolves names when due, and reports the names whose addresses changed."""
+    """The refresh loop: resolves each (name, record type) when due, and reports the names whose addresses
+    changed. Types are refreshed apart, so a type that answers is used at once, never held up by the other
+    timing out."""
 
     def __init__(
         self,
@@ -312,7 +440,7 @@ class DnsService:
         self.on_change = on_change
         self._wake = asyncio.Event()
         self._limit = asyncio.Semaphore(MAX_CONCURRENT_QUERIES)
-        self._inflight: set[str] = set()
+        self._inflight: set[tuple[str, str]] = set()
         self.queries = 0
         self.failures = 0
 
@@ -324,10 +452,10 @@ class DnsService:
         next_expiry = 0.0
         while True:
             self._wake.clear()
-            due = [n for n in self.cache.due() if n not in self._inflight]
-            for name in due:
-                self._inflight.add(name)
-                asyncio.get_running_loop().create_task(self._refresh(name))
+            due = [key for key in self.cache.due() if key not in self._inflight]
+            for key in due:
+                self._inflight.add(key)
+                asyncio.get_running_loop().create_task(self._refresh(*key))
             now = self.cache.clock()
             if now >= next_expiry:  # retention is counted in seconds: one sweep a second is enough
                 next_expiry = now + EXPIRY_SWEEP
@@ -339,19 +467,19 @@ class DnsService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(delay, 0.01))
 
-    async def _refresh(self, name: str) -> None:
+    async def _refresh(self, name: str, rdtype: str) -> None:
         try:
             async with self._limit:
                 self.queries += 1
-                answer = await self.resolver.resolve(name)
+                answer = await self.resolver.resolve(name, rdtype)
         finally:
-            self._inflight.discard(name)
+            self._inflight.discard((name, rdtype))
         if answer.kind == "error":
             self.failures += 1
-            log(logging.WARNING, "dns_failed", host=name, error=answer.error)
+            log(logging.WARNING, "dns_failed", host=name, type=rdtype, error=answer.error)
         elif answer.kind == "nxdomain":
-            log(logging.WARNING, "dns_nxdomain", host=name)
-        if self.cache.record(name, answer):
+            log(logging.WARNING, "dns_nxdomain", host=name, type=rdtype)
+        if self.cache.record(name, rdtype, answer):
             log(
                 logging.INFO,
                 "dns_changed",

@@ -166,7 +166,11 @@ class DnsServer:
         records: Mapping[str, Iterable[str]] | None = None,
         cnames: Mapping[str, str] | None = None,
         ready_timeout: float = READY_TIMEOUT,
+        local_zone: bool = True,
     ) -> None:
+        """``local_zone=False`` drops ``--local=/test/``: dnsmasq then answers only what its hosts file has,
+        and REFUSES everything else, a record type a name lacks included (an IPv4-only name's AAAA)."""
+        self.local_zone = local_zone
         self.ns = world_or_ns.inet if isinstance(world_or_ns, World) else world_or_ns
         if ipaddress.ip_address(address).version != 4:
             raise ValueError("address must be IPv4 (use address6 for the IPv6 one)")
@@ -234,7 +238,6 @@ class DnsServer:
             "--no-resolv",  # no upstream servers at all
             "--no-hosts",  # not /etc/hosts
             "--no-poll",
-            f"--local=/{ZONE}/",  # .test is answered locally only: unknown names are NXDOMAIN
             f"--addn-hosts={self.hosts_path}",
             f"--local-ttl={self.ttl}",
             f"--neg-ttl={self.ttl}",
@@ -246,6 +249,10 @@ class DnsServer:
         ]
         if self.address6 is not None:
             argv.append(f"--listen-address={self.address6}")
+        if (
+            self.local_zone
+        ):  # .test is answered locally only: unknown names are NXDOMAIN, missing types NODATA
+            argv.append(f"--local=/{ZONE}/")
         argv += [f"--cname={alias},{target}" for alias, target in self._cnames.items()]
         return argv
 
@@ -554,13 +561,15 @@ class DnsServer:
     def _served(self, name: str) -> bool:
         """Does dnsmasq's answer for ``name`` match what we wrote (addresses, or NXDOMAIN)?"""
         want = self._hosts.get(name)
+        nothing = dns.rcode.NXDOMAIN if self.local_zone else dns.rcode.REFUSED  # for a name, or one type
         try:
             if want is None:
-                return self._control(name, "A").rcode() == dns.rcode.NXDOMAIN
+                return self._control(name, "A").rcode() == nothing
             for qtype, version in (("A", 4), ("AAAA", 6)):
                 reply = self._control(name, qtype)
                 wanted = {a for a in want if ipaddress.ip_address(a).version == version}
-                if reply.rcode() != dns.rcode.NOERROR or answer_addresses(reply) != wanted:
+                rcode = dns.rcode.NOERROR if wanted or self.local_zone else nothing
+                if reply.rcode() != rcode or answer_addresses(reply) != wanted:
                     return False
         except (dns.exception.DNSException, OSError):
             return False

@@ -2,11 +2,12 @@
 
 import asyncio
 import random
+import time
 
 import pytest
 
 from egressd.config import config_from_dict
-from egressd.dns import GIVE_UP_AFTER, Answer, DnsCache, DnsService
+from egressd.dns import GIVE_UP_AFTER, RDTYPES, Answer, DnsCache, DnsService, rdtype_of
 from egressd.nft import FakeBackend
 from egressd.policy import parse_sandbox
 from egressd.reconcile import Reconciler, export_state, restore_state
@@ -35,25 +36,38 @@ def test_subscriptions_are_shared_and_released():
     assert set(c.names) == {"x.test"} and c.subscribers["x.test"] == {"b"}
 
 
+def feed(c, name, kind, addresses=(), ttl=0.0, error=None, types=RDTYPES):
+    """One answer of each type in types, each type given the addresses of its family; True when any changed
+    what the name stands for."""
+    changed = False
+    for rdtype in types:
+        mine = tuple(a for a in addresses if rdtype_of(a) == rdtype)
+        changed |= c.record(name, rdtype, Answer(kind, mine, ttl, error))
+    return changed
+
+
+REFUSED = "no nameserver answered: REFUSED from 198.51.100.53"
+
+
 def test_ttl_is_clamped_and_refresh_is_jittered_before_expiry():
     c, clock = cache()
     c.subscribe("a", ["x.test", "y.test"])
-    c.record("x.test", Answer("ok", ["198.51.100.1"], ttl=1))
-    c.record("y.test", Answer("ok", ["198.51.100.2"], ttl=10_000))
-    x, y = c.names["x.test"], c.names["y.test"]
+    feed(c, "x.test", "ok", ["198.51.100.1"], ttl=1)
+    feed(c, "y.test", "ok", ["198.51.100.2"], ttl=10_000)
+    x, y = c.names["x.test"].types["A"], c.names["y.test"].types["A"]
     assert x.ttl == 5 and y.ttl == 300
     assert clock.now + 4.5 <= x.next_refresh <= clock.now + 5
     assert c.due() == []
     clock.now += 5
-    assert c.due() == ["x.test"]
+    assert sorted(c.due()) == [("x.test", "A"), ("x.test", "AAAA")]
 
 
 def test_round_robin_answers_are_retained_then_expire():
     c, clock = cache(retention=60)
     c.subscribe("a", ["x.test"])
-    assert c.record("x.test", Answer("ok", ["198.51.100.1"], ttl=30))
+    assert feed(c, "x.test", "ok", ["198.51.100.1"], ttl=30)
     clock.now += 30
-    assert c.record("x.test", Answer("ok", ["198.51.100.2"], ttl=30))
+    assert feed(c, "x.test", "ok", ["198.51.100.2"], ttl=30)
     assert c.addresses("x.test") == {"198.51.100.1", "198.51.100.2"}
     clock.now += 29  # .1 was last seen 59 s ago
     assert c.expire() == set()
@@ -65,22 +79,22 @@ def test_round_robin_answers_are_retained_then_expire():
 def test_servfail_keeps_the_last_addresses_past_retention():
     c, clock = cache(retention=10)
     c.subscribe("a", ["x.test"])
-    c.record("x.test", Answer("ok", ["198.51.100.1", "2001:db8::1"], ttl=5))
+    feed(c, "x.test", "ok", ["198.51.100.1", "2001:db8::1"], ttl=5)
     clock.now += 100
-    assert not c.record("x.test", Answer("error", error="SERVFAIL: no nameserver could answer"))
+    assert not feed(c, "x.test", "error", error="SERVFAIL from 198.51.100.53")
     assert c.expire() == set()
     assert c.addresses("x.test") == {"198.51.100.1", "2001:db8::1"}
     st = c.names["x.test"]
-    assert st.error.startswith("SERVFAIL") and st.next_refresh <= clock.now + 1
+    assert st.error.startswith("SERVFAIL") and st.types["A"].next_refresh <= clock.now + 1
     assert c.view("x.test")["state"] == "failing"
 
 
 def test_nxdomain_contributes_nothing_once_retention_expires():
     c, clock = cache(retention=10)
     c.subscribe("a", ["x.test"])
-    c.record("x.test", Answer("ok", ["198.51.100.1"], ttl=5))
+    feed(c, "x.test", "ok", ["198.51.100.1"], ttl=5)
     clock.now += 5
-    c.record("x.test", Answer("nxdomain"))
+    feed(c, "x.test", "nxdomain")
     assert c.addresses("x.test") == {"198.51.100.1"}  # still within retention
     clock.now += 11
     assert c.expire() == {"x.test"}
@@ -89,30 +103,109 @@ def test_nxdomain_contributes_nothing_once_retention_expires():
 
 def test_a_name_settles_when_it_resolves_or_fails_for_good():
     c, _ = cache()
-    c.subscribe("a", ["ok.test", "nx.test", "down.test"])
+    c.subscribe("a", ["ok.test", "nx.test", "down.test", "empty.test"])
     assert not c.settled("ok.test")
-    c.record("ok.test", Answer("ok", ["198.51.100.1"], ttl=5))
-    c.record("nx.test", Answer("nxdomain"))
-    assert c.settled("ok.test") and c.settled("nx.test")
+    feed(c, "ok.test", "ok", ["198.51.100.1"], ttl=5)
+    feed(c, "nx.test", "nxdomain")
+    feed(c, "empty.test", "ok")
+    assert c.settled("ok.test") and c.settled("nx.test") and c.settled("empty.test")
+    assert c.view("empty.test")["error"] == "no A or AAAA records"
     for i in range(GIVE_UP_AFTER):
         assert not c.settled("down.test")
-        changed = c.record("down.test", Answer("error", error="timeout"))
+        changed = feed(c, "down.test", "error", error="timeout")
         assert changed == (i == GIVE_UP_AFTER - 1)
     assert c.settled("down.test") and c.view("down.test")["state"] == "failed"
 
 
+def test_one_type_refused_never_throws_away_the_other_types_answer():
+    c, clock = cache(retention=10)
+    c.subscribe("a", ["v4.test", "v6.test"])
+    # the A answer is used the moment it comes, whatever the AAAA query does
+    assert c.record("v4.test", "A", Answer("ok", ("198.51.100.1",), 30))
+    assert c.addresses("v4.test") == {"198.51.100.1"} and c.settled("v4.test")
+    assert not c.record("v4.test", "AAAA", Answer("error", error=REFUSED))
+    assert c.addresses("v4.test") == {"198.51.100.1"}
+    v = c.view("v4.test")
+    assert v["state"] == "failing" and v["error"] == f"AAAA: {REFUSED}"
+    assert v["types"]["A"] | {"refresh_in": 0} == {
+        "state": "resolved", "current": ["198.51.100.1"], "ttl": 30, "refresh_in": 0, "failures": 0,
+        "error": None,
+    }  # fmt: skip
+    assert v["types"]["AAAA"]["state"] == "resolving" and v["types"]["AAAA"]["failures"] == 1
+    # the failing type is retried with backoff, the other at its TTL
+    assert c.names["v4.test"].types["AAAA"].next_refresh <= clock.now + 1
+    assert c.names["v4.test"].types["A"].next_refresh >= clock.now + 27
+    # the IPv6-only name, the other way round
+    assert c.record("v6.test", "A", Answer("error", error=REFUSED)) is False
+    assert c.record("v6.test", "AAAA", Answer("ok", ("2001:db8::1",), 30))
+    assert c.addresses("v6.test") == {"2001:db8::1"} and c.settled("v6.test")
+    assert c.view("v6.test")["error"] == f"A: {REFUSED}"
+
+
+def test_a_failing_type_keeps_its_own_addresses_while_the_others_expire():
+    c, clock = cache(retention=10)
+    c.subscribe("a", ["x.test"])
+    feed(c, "x.test", "ok", ["198.51.100.1", "2001:db8::1"], ttl=5)
+    clock.now += 5
+    c.record("x.test", "A", Answer("ok", ("198.51.100.2",), 5))
+    c.record("x.test", "AAAA", Answer("error", error="timeout: no answer from the nameservers"))
+    clock.now += 11
+    assert c.expire() == {"x.test"}
+    assert c.addresses("x.test") == {"198.51.100.2", "2001:db8::1"}  # A's old one expired; AAAA's is kept
+    assert c.held_since("x.test", "2001:db8::1") == (16.0, True)
+    assert c.held_since("x.test", "198.51.100.1") is None
+
+
+def test_an_empty_answer_beside_a_failing_type_waits_for_that_type():
+    """Only addresses, NXDOMAIN, or every type answered or failed for good settle a name: an A query with no
+    data beside a failing AAAA query may still be hiding the addresses a deny_out name stands for."""
+    c, _ = cache()
+    c.subscribe("a", ["x.test"])
+    c.record("x.test", "A", Answer("ok"))
+    for _ in range(GIVE_UP_AFTER - 1):
+        c.record("x.test", "AAAA", Answer("error", error=REFUSED))
+        assert not c.settled("x.test")
+    assert c.record("x.test", "AAAA", Answer("error", error=REFUSED))  # the fifth: failed for good
+    assert c.settled("x.test") and c.view("x.test")["state"] == "failing"
+    # once settled it stays so: a later empty answer never closes the sandbox again
+    c.record("x.test", "A", Answer("ok"))
+    assert c.settled("x.test")
+
+
+def test_nxdomain_of_one_type_settles_the_name():
+    c, _ = cache()
+    c.subscribe("a", ["x.test"])
+    assert c.record("x.test", "AAAA", Answer("nxdomain"))
+    assert c.settled("x.test") and c.addresses("x.test") == set()
+
+
 def test_export_and_restore_keep_addresses_and_schedule():
     c, _ = cache()
-    c.subscribe("a", ["x.test", "gone.test"])
-    c.record("x.test", Answer("ok", ["198.51.100.1"], ttl=50))
-    c.record("gone.test", Answer("ok", ["198.51.100.9"], ttl=50))
+    c.subscribe("a", ["x.test", "gone.test", "half.test"])
+    feed(c, "x.test", "ok", ["198.51.100.1", "2001:db8::1"], ttl=50)
+    feed(c, "gone.test", "ok", ["198.51.100.9"], ttl=50)
+    c.record("half.test", "A", Answer("ok", ("198.51.100.3",), 50))
     doc = c.export()
     fresh, _ = cache()
-    fresh.subscribe("a", ["x.test"])
+    fresh.subscribe("a", ["x.test", "half.test"])
     fresh.restore(doc)
-    assert fresh.addresses("x.test") == {"198.51.100.1"} and fresh.settled("x.test")
+    assert fresh.addresses("x.test") == {"198.51.100.1", "2001:db8::1"} and fresh.settled("x.test")
+    assert fresh.addresses("half.test") == {"198.51.100.3"} and fresh.settled("half.test")
     assert "gone.test" not in fresh.names
-    assert fresh.due() == []
+    assert fresh.due() == [("half.test", "AAAA")]  # never answered: asked at once
+
+
+def test_restore_reads_the_state_of_the_version_before_record_types_were_apart():
+    c, _ = cache()
+    c.subscribe("a", ["x.test", "bad.test"])
+    now = time.time()
+    seen = {"198.51.100.1": now - 5, "2001:db8::1": now - 5}
+    old = {"seen": seen, "current": list(seen), "resolved": True, "ttl": 50, "next_refresh": now + 40}
+    c.restore({"x.test": old, "bad.test": old | {"current": ["not an address"]}})
+    assert c.names["x.test"].types["A"].current == {"198.51.100.1"}
+    assert c.names["x.test"].types["AAAA"].current == {"2001:db8::1"}
+    assert c.settled("x.test") and c.due() == [("bad.test", "A"), ("bad.test", "AAAA")]
+    assert not c.settled("bad.test")  # a broken entry is resolved again, never trusted
 
 
 # --- the reconciler with DNS --------------------------------------------------------------------------
@@ -123,16 +216,17 @@ class ScriptedResolver:
 
     def __init__(self, answers):
         self.answers = answers
-        self.calls: dict[str, int] = {}
+        self.down: set[tuple[str, str]] = set()  # (name, record type) pairs refused, whatever answers say
+        self.calls: dict[tuple[str, str], int] = {}
 
-    async def resolve(self, name):
-        self.calls[name] = self.calls.get(name, 0) + 1
+    async def resolve(self, name, rdtype):
+        self.calls[name, rdtype] = self.calls.get((name, rdtype), 0) + 1
         addrs = self.answers.get(name)
+        if addrs == "down" or (name, rdtype) in self.down:
+            return Answer("error", error="timeout: no answer from the nameservers")
         if addrs is None:
             return Answer("nxdomain")
-        if addrs == "down":
-            return Answer("error", error="timeout: no answer from the nameservers")
-        return Answer("ok", list(addrs), ttl=0.2)
+        return Answer("ok", tuple(a for a in addrs if rdtype_of(a) == rdtype), ttl=0.2)
 
 
 CONFIG = config_from_dict(
@@ -226,11 +320,33 @@ def test_deny_host_keeps_the_sandbox_closed_until_it_resolves():
     run(scenario, answers)
 
 
+def test_a_deny_name_with_one_type_refused_releases_the_sandbox_on_the_others_addresses():
+    answers = {"bad.test": ["203.0.113.7"], "empty.test": []}
+
+    async def scenario(r, fb, res):
+        res.down |= {("bad.test", "AAAA"), ("empty.test", "AAAA")}
+        r.upsert(sb(0, deny_out=["bad.test"]))
+        r.upsert(sb(1, deny_out=["empty.test"]))
+        await until(lambda: r.is_enforced("s0", None))
+        assert fb.elements["/run/netns/s0"]["deny_dns4"] == {"203.0.113.7"}
+        # no address at all yet, and one type failing: still closed (until it fails for good: 15 s)
+        await asyncio.sleep(0.5)
+        assert r.status["s1"].state == "pending" and "empty.test" in r.status["s1"].error
+        # the failing type answers: its addresses join by difference, the table is not rewritten
+        applies = fb.writes.count(("apply", "/run/netns/s0"))
+        res.down.discard(("bad.test", "AAAA"))
+        answers["bad.test"] = ["203.0.113.7", "2001:db8::7"]
+        await until(lambda: fb.elements["/run/netns/s0"]["deny_dns6"] == {"2001:db8::7"}, timeout=4)
+        assert fb.writes.count(("apply", "/run/netns/s0")) == applies
+
+    run(scenario, answers)
+
+
 def test_a_name_that_never_resolves_opens_after_failing_for_good():
     async def scenario(r, fb, res):
         r.upsert(sb(0, deny_out=["nowhere.test"]))
         await until(lambda: r.is_enforced("s0", None))
-        assert res.calls["nowhere.test"] == 1  # NXDOMAIN settles at once
+        assert res.calls["nowhere.test", "A"] == 1  # NXDOMAIN settles at once
 
     run(scenario, {})
 
@@ -244,7 +360,7 @@ def test_many_sandboxes_sharing_a_name_cost_one_resolution_per_refresh():
         await until(lambda: all(r.is_enforced(f"s{i}", None) for i in range(20)))
         await asyncio.sleep(1.0)
         # 0.2 s TTL, refreshed at 0.9-1.0 of it: about 5-6 resolutions a second, whatever the sandbox count
-        assert 4 <= res.calls["shared.test"] <= 8
+        assert 4 <= res.calls["shared.test", "A"] <= 8 and 4 <= res.calls["shared.test", "AAAA"] <= 8
 
     run(scenario, answers)
 

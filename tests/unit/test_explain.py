@@ -3,6 +3,7 @@
 import asyncio
 import ipaddress
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -10,7 +11,7 @@ from egressd import cli
 from egressd.config import Config, config_from_dict
 from egressd.daemon import Agent
 from egressd.decide import decide
-from egressd.dns import Answer, DnsCache
+from egressd.dns import NXDOMAIN, RDTYPES, Answer, DnsCache, rdtype_of
 from egressd.explain import explain_addresses, parse_dest
 from egressd.nft import FakeBackend
 from egressd.policy import parse_sandbox
@@ -91,11 +92,17 @@ def test_parse_dest_says_what_to_write_instead(text, message):
     assert message in str(e.value)
 
 
+def record(cache, name, addrs, ttl):
+    """An answer for each record type, with the addresses of its family."""
+    for rdtype in RDTYPES:
+        cache.record(name, rdtype, Answer("ok", tuple(a for a in addrs if rdtype_of(a) == rdtype), ttl))
+
+
 def cache_with(**names):
     cache = DnsCache(5, 300, 600, clock=lambda: 100.0)
     cache.subscribe("a", names)
     for name, addrs in names.items():
-        cache.record(name, Answer("ok", addrs, 60))
+        record(cache, name, addrs, 60)
     return cache
 
 
@@ -103,7 +110,7 @@ def test_explain_reports_how_long_ago_a_host_resolved():
     t = [100.0]
     cache = DnsCache(5, 300, 600, clock=lambda: t[0])
     cache.subscribe("a", [API])
-    cache.record(API, Answer("ok", ["203.0.113.10"], 60))
+    record(cache, API, ["203.0.113.10"], 60)
     t[0] = 112.0
     out = explain_addresses(
         policy(allow_internet_access=False, allow_out=[API]), Config(), cache, [parse_dest("203.0.113.10")]
@@ -111,7 +118,7 @@ def test_explain_reports_how_long_ago_a_host_resolved():
     (r,) = out["results"]
     assert r["text"] == f"accept: allow_out entry {API} (203.0.113.10, resolved 12 s ago)"
     assert (r["resolved_ago"], r["current"]) == (12.0, True)
-    cache.record(API, Answer("ok", ["203.0.113.11"], 60))  # the old address is only retained now
+    record(cache, API, ["203.0.113.11"], 60)  # the old address is only retained now
     (r,) = explain_addresses(
         policy(allow_internet_access=False, allow_out=[API]), Config(), cache, [parse_dest("203.0.113.10")]
     )["results"]
@@ -125,7 +132,7 @@ def test_explain_holds_closed_exactly_as_plan_does():
     out = explain_addresses(p, Config(), cache, [parse_dest("198.51.100.9")])
     assert out["held_closed"] == f"held closed until deny_out hosts resolve: {BAD}"
     assert out["results"][0]["action"] == "deny" and out["results"][0]["step"] == "internet"
-    cache.record(BAD, Answer("ok", ["198.51.100.8"], 60))
+    record(cache, BAD, ["198.51.100.8"], 60)
     out = explain_addresses(p, Config(), cache, [parse_dest("198.51.100.9"), parse_dest("198.51.100.8")])
     assert out["held_closed"] is None
     assert [r["text"] for r in out["results"]] == [
@@ -153,9 +160,12 @@ class FakeResolver:
         self.answers = answers
         self.asked = []
 
-    async def resolve(self, name):
-        self.asked.append(name)
-        return self.answers.get(name, Answer("nxdomain"))
+    async def resolve(self, name, rdtype):
+        self.asked.append((name, rdtype))
+        answer = self.answers.get(name, Answer("nxdomain", error=NXDOMAIN))
+        if isinstance(answer, dict):
+            return answer[rdtype]
+        return replace(answer, addresses=tuple(a for a in answer.addresses if rdtype_of(a) == rdtype))
 
 
 def ask(tmp_path, requests, answers=None, **np):
@@ -166,7 +176,7 @@ def ask(tmp_path, requests, answers=None, **np):
         agent = Agent(cfg, None, {}, FakeBackend(namespaces={"/run/netns/a"}))
         agent.dns.resolver = FakeResolver(answers or {})
         agent.reconciler.upsert(parse_sandbox({"id": "a", "netns": "/run/netns/a", "network_policy": np}))
-        agent.dns.cache.record(API, Answer("ok", ["198.51.100.10", "2001:db8:1::10"], 60))
+        record(agent.dns.cache, API, ["198.51.100.10", "2001:db8:1::10"], 60)
         return [await agent.handle_request(r) for r in requests], agent.dns.resolver.asked
 
     return asyncio.run(main())
@@ -194,7 +204,7 @@ def test_request_for_addresses(tmp_path):
 
 
 def test_request_for_a_host_name_resolves_it_once_and_judges_every_address(tmp_path):
-    other = Answer("ok", ["2001:db8:1::10", "198.51.100.99", "198.51.100.10"], 30)
+    other = Answer("ok", ("2001:db8:1::10", "198.51.100.99", "198.51.100.10"), 30)
     (answer,), asked = ask(
         tmp_path,
         [{"cmd": "explain", "id": "a", "dest": "Mirror.Example.com"}],
@@ -202,13 +212,35 @@ def test_request_for_a_host_name_resolves_it_once_and_judges_every_address(tmp_p
         allow_internet_access=False,
         allow_out=[API],
     )
-    assert asked == ["mirror.example.com"]
+    assert asked == [("mirror.example.com", "A"), ("mirror.example.com", "AAAA")]
     assert answer["hostname"] == "mirror.example.com"
     assert [(r["address"], r["action"], r["entry"]) for r in answer["results"]] == [
         ("198.51.100.10", "accept", API),
         ("198.51.100.99", "deny", None),
         ("2001:db8:1::10", "accept", API),
     ]
+
+
+def test_request_for_a_host_name_with_one_type_refused_judges_the_others_addresses(tmp_path):
+    refused = Answer("error", error="no nameserver answered: REFUSED from 192.0.2.53")
+    v4only = {"A": Answer("ok", ("198.51.100.10", "198.51.100.99"), 30), "AAAA": refused}
+    nothing = {"A": Answer("ok"), "AAAA": refused}
+    answers, _ = ask(
+        tmp_path,
+        [{"cmd": "explain", "id": "a", "dest": d} for d in ("v4only.example.com", "nothing.example.com")],
+        {"v4only.example.com": v4only, "nothing.example.com": nothing},
+        allow_internet_access=False,
+        allow_out=[API],
+    )
+    assert [(r["address"], r["action"]) for r in answers[0]["results"]] == [
+        ("198.51.100.10", "accept"),
+        ("198.51.100.99", "deny"),
+    ]
+    assert answers[0]["unresolved"] == {"AAAA": refused.error}
+    assert answers[1]["error"] == (
+        "destination 'nothing.example.com': cannot resolve it: A: no A records; AAAA: no nameserver "
+        "answered: REFUSED from 192.0.2.53; give an address instead"
+    )
 
 
 def test_request_errors_say_what_to_do(tmp_path):
@@ -229,7 +261,7 @@ def test_request_errors_say_what_to_do(tmp_path):
     )
     assert '"dest"' in answers[3]["error"]
     assert "expected status, dns, wait or explain" in answers[4]["error"]
-    assert asked == ["no.example.com"]
+    assert asked == [("no.example.com", "A"), ("no.example.com", "AAAA")]
 
 
 # --- the command line ------------------------------------------------------------------------------------------
