@@ -129,6 +129,9 @@ def tls_context(settings: NatsFeed, servers: list[str]) -> ssl.SSLContext | None
         ctx = ssl.create_default_context(cafile=settings.tls_ca or None)
     except (OSError, ssl.SSLError) as e:
         raise FeedError(f"[feed.nats] tls_ca {settings.tls_ca!r}: {e}; give a PEM CA bundle") from None
+    # Python 3.13's defaults on every release: a certificate that Debian 13 refuses is refused on 12 too,
+    # so moving a host to 13 never cuts it off its feed.
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN
     if settings.tls_cert:
         try:
             ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
@@ -482,6 +485,15 @@ def _expected(e: Exception) -> bool:
     return isinstance(e, SessionEnded | OSError | TimeoutError | ssl.SSLError | nats.errors.Error)
 
 
+# What OpenSSL says when a certificate chain fails only the strict (RFC 5280) checks, and what to do then.
+STRICT_FAILURES = ("key usage", "Key Identifier", "Basic Constraints", "not marked critical")
+STRICT_HINT = (
+    "certificates are verified strictly (RFC 5280, Python 3.13's default): the CA needs basicConstraints "
+    "critical CA:TRUE and keyUsage critical keyCertSign, cRLSign; the server's certificate needs "
+    "subjectAltName and authorityKeyIdentifier; reissue them (docs/fleet.md, TLS)"
+)
+
+
 def _describe(e: Exception, bucket: str) -> str:
     """An operator's reading of a session failure, with what to do when there is something to do."""
     name = type(e).__name__
@@ -497,7 +509,10 @@ def _describe(e: Exception, bucket: str) -> str:
     if isinstance(e, nats.errors.AuthorizationError) or "authorization" in text.lower():
         return f"the server refused our credentials ({text}); check [feed.nats] creds or nkey"
     if isinstance(e, ssl.SSLCertVerificationError):
-        return f"the server's TLS certificate is not trusted ({e.verify_message}); check [feed.nats] tls_ca"
+        why = f"the server's TLS certificate is not trusted ({e.verify_message}); check [feed.nats] tls_ca"
+        if any(m in str(e.verify_message) for m in STRICT_FAILURES):
+            why += f"; {STRICT_HINT}"
+        return why
     if isinstance(e, ssl.SSLError) and any(
         r in str(e.reason) for r in ("BAD_CERTIFICATE", "CERTIFICATE_REQUIRED")
     ):

@@ -1,5 +1,12 @@
 #!/usr/bin/env bash
-# Builds dist/egressd_<version>_<arch>.deb with dpkg-deb (`make deb`). Run as root on Debian 12.
+# Builds dist/egressd_<version>~deb<N>u<U>_<arch>.deb with dpkg-deb (`make deb`). Run as root on the Debian
+# release the package is for: Debian 12 or 13 (N, from /etc/os-release; U is DEB_UPDATE, default 1).
+#
+# One package per release: the venv is made by that release's python3 (3.11 on 12, 3.13 on 13), so its
+# site-packages and compiled extensions work with that minor version only, and Depends says so
+# (python3 (>= 3.11), python3 (<< 3.12) on 12). The release in the version (0.1.0~deb12u1, 0.1.0~deb13u1)
+# tells the two apart, and sorts a release's package below the next release's, so an upgrade of the host
+# from 12 to 13 takes the 13 package.
 #
 # The package holds the agent in its own venv at /opt/egressd, made by the system python3 with
 # --system-site-packages (so it sees Debian's python3-nftables) and holding egressd and the pinned PyPI
@@ -46,8 +53,20 @@ if [ "${1:-}" = "--venv-in-namespace" ]; then
     # A non-editable install of egressd and, from its pyproject.toml, its pinned dependencies.
     "$PREFIX/bin/python" -m pip install -q --no-warn-script-location "$src" \
         2> >(grep -v 'is ignored: it is neither' >&2)
-    # pip and setuptools are not needed to run the agent; the package manager owns this venv.
-    "$PREFIX/bin/python" -m pip uninstall -q -y pip setuptools
+    # pip and setuptools are not needed to run the agent; the package manager owns this venv. Python 3.13's
+    # venv has no setuptools: uninstall only what is there.
+    tools=$("$PREFIX/bin/python" - <<'PY'
+import importlib.metadata as m
+for name in ("setuptools", "pip"):
+    try:
+        m.version(name)
+    except m.PackageNotFoundError:
+        continue
+    print(name)
+PY
+)
+    # shellcheck disable=SC2086  # one word per package name
+    "$PREFIX/bin/python" -m pip uninstall -q -y $tools
     # The build's source path; not needed, and the package must not name the build host's paths.
     rm -f "$PREFIX"/lib/python3*/site-packages/egressd-*.dist-info/direct_url.json
     find "$PREFIX" -name __pycache__ -path '*/bin/*' -prune -exec rm -rf {} +
@@ -72,6 +91,12 @@ init_version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' egressd/__init__.py)
 [ "$version" = "$init_version" ] ||
     fail "pyproject.toml says version $version, egressd/__init__.py says $init_version"
 
+# shellcheck source=/dev/null
+. /etc/os-release
+[ "${ID:-}" = debian ] && [ -n "${VERSION_ID:-}" ] ||
+    fail "build on Debian 12 or 13: /etc/os-release says ${PRETTY_NAME:-nothing}, with no VERSION_ID"
+debversion="${version}~deb${VERSION_ID}u${DEB_UPDATE:-1}"
+
 started=$(date +%s)
 work=$ROOT/build/deb
 rm -rf "$work"
@@ -92,10 +117,11 @@ if grep -rlF "$work" "$stage" >/dev/null; then
     fail "the venv still names the build directory: $(grep -rlF "$work" "$stage" | head -5 | tr '\n' ' ')"
 fi
 
-install -d -m 0755 "$stage/usr/bin" "$stage/lib/systemd/system" "$stage/etc/egressd" \
+# /usr/lib/systemd/system: both releases are merged-/usr (/lib is a link to usr/lib).
+install -d -m 0755 "$stage/usr/bin" "$stage/usr/lib/systemd/system" "$stage/etc/egressd" \
     "$stage/usr/lib/tmpfiles.d" "$stage/usr/share/doc/egressd" "$stage/DEBIAN"
 ln -s "$PREFIX/bin/egressd" "$stage/usr/bin/egressd"
-install -m 0644 packaging/egressd.service "$stage/lib/systemd/system/egressd.service"
+install -m 0644 packaging/egressd.service "$stage/usr/lib/systemd/system/egressd.service"
 install -m 0644 packaging/egressd.toml "$stage/etc/egressd/egressd.toml"
 install -d -m 0700 "$stage/var/lib/egressd"
 # /run/egressd: the unit's RuntimeDirectory; this entry also makes it at boot, for `egressd status`.
@@ -134,7 +160,7 @@ installed_size=$(du -sk --apparent-size "$stage" | cut -f1)
 
 cat >"$stage/DEBIAN/control" <<EOF
 Package: egressd
-Version: $version
+Version: $debversion
 Architecture: $arch
 Maintainer: ${DEB_MAINTAINER:-egressd maintainers <root@localhost>}
 Installed-Size: $installed_size
@@ -217,7 +243,7 @@ EOF
 chmod 0755 "$stage/DEBIAN/postinst" "$stage/DEBIAN/prerm" "$stage/DEBIAN/postrm"
 for s in postinst prerm postrm; do sh -n "$stage/DEBIAN/$s"; done
 
-deb=$ROOT/dist/egressd_${version}_${arch}.deb
+deb=$ROOT/dist/egressd_${debversion}_${arch}.deb
 rm -f "$deb"
 dpkg-deb --root-owner-group -Zxz --build "$stage" "$deb" >/dev/null
 echo "build-deb: $(du -h "$deb" | cut -f1) in $(($(date +%s) - started)) s; Depends: $depends" >&2

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Idempotent set-up on Debian 12: the apt packages egressd and its tests need, then a venv in .venv
-# built on the system python3 (so it sees Debian's python3-nftables) with the pinned PyPI packages.
+# Idempotent set-up on Debian 12 or 13: the apt packages egressd, its demo, tests, benchmarks and package
+# build run (a minimal image has none of them; scripts/test-on.sh checks this list on one), then a venv in
+# .venv built on the system python3 (so it sees Debian's python3-nftables) with the pinned PyPI packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,8 @@ APT_PACKAGES=(
     iperf3 iptables  # bench/datapath.py: throughput, and the linear-chain baselines (nft and legacy)
     systemd  # systemd-analyze, to verify packaging/egressd.service
     nats-server openssl  # tests/integration/test_fleet.py: a real JetStream server, and TLS certificates
+    procps  # sysctl (the demo's and the tests' worlds), pgrep
+    make  # `make deb`, which tests/integration/test_deb.py runs
 )
 
 if [ "$(id -u)" != 0 ]; then

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -33,7 +34,14 @@ ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
 PREFIX = "/opt/egressd"
-SITE = "opt/egressd/lib/python3.11/site-packages"
+# The package is built for the release it is built on, with that release's python3 (3.11 on 12, 3.13 on 13).
+PY = f"{sys.version_info.major}.{sys.version_info.minor}"
+PY_NEXT = f"{sys.version_info.major}.{sys.version_info.minor + 1}"
+SITE = f"opt/egressd/lib/python{PY}/site-packages"
+OS_RELEASE = dict(
+    line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines() if "=" in line
+)
+DEB_VERSION = f"{VERSION}~deb{OS_RELEASE['VERSION_ID'].strip(chr(34))}u1"
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
 
 if shutil.which("dpkg-deb") is None or shutil.which("unshare") is None:
@@ -103,10 +111,10 @@ def run_installed(scratch: Path, *argv: str, timeout: float = 60) -> subprocess.
 def test_the_file_name_and_control_fields(deb):
     arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip()
     # pydantic-core is a compiled extension: the package is for this architecture, not `all`.
-    assert deb.name == f"egressd_{VERSION}_{arch}.deb"
+    assert deb.name == f"egressd_{DEB_VERSION}_{arch}.deb"
     assert egressd.__version__ == VERSION
     assert field(deb, "Package") == "egressd"
-    assert field(deb, "Version") == VERSION
+    assert field(deb, "Version") == DEB_VERSION  # e.g. 0.1.0~deb12u1: one package per Debian release
     assert field(deb, "Architecture") == arch
     assert field(deb, "Maintainer")
     assert field(deb, "Description").startswith("per-sandbox egress policy")
@@ -114,7 +122,7 @@ def test_the_file_name_and_control_fields(deb):
 
     depends = [d.strip() for d in field(deb, "Depends").split(",")]
     # The venv is tied to the system python3's minor version (its site-packages and pydantic-core's ABI).
-    assert "python3 (>= 3.11)" in depends and "python3 (<< 3.12)" in depends
+    assert f"python3 (>= {PY})" in depends and f"python3 (<< {PY_NEXT})" in depends
     for name in ("python3-nftables", "libnftables1", "nftables", "iproute2"):
         assert name in depends, depends
     assert any(re.fullmatch(r"libc6 \(>= 2\.\d+\)", d) for d in depends), depends
@@ -219,7 +227,7 @@ def test_the_package_contents(deb, scratch):
     assert entries["/usr/bin/egressd"] == ("lrwxrwxrwx", "root/root", "/opt/egressd/bin/egressd")
     assert entries["/opt/egressd/bin/python3"][2] == "/usr/bin/python3"  # the system interpreter
     assert entries["/opt/egressd/bin/egressd"][0] == "-rwxr-xr-x"
-    assert entries["/lib/systemd/system/egressd.service"][0] == "-rw-r--r--"
+    assert entries["/usr/lib/systemd/system/egressd.service"][0] == "-rw-r--r--"  # merged-/usr
     assert entries["/etc/egressd/egressd.toml"][0] == "-rw-r--r--"
     assert entries["/var/lib/egressd"][0] == "drwx------"  # the unit's StateDirectoryMode
     assert "/usr/lib/tmpfiles.d/egressd.conf" in entries
@@ -230,11 +238,11 @@ def test_the_package_contents(deb, scratch):
     assert not [
         p
         for p in entries
-        if not p.startswith(("/etc/egressd", "/lib/systemd", "/opt", "/usr", "/var"))
-        and p not in ("/", "/etc", "/lib", "/var/lib", "/var")
+        if not p.startswith(("/etc/egressd", "/opt", "/usr", "/var"))
+        and p not in ("/", "/etc", "/var/lib", "/var")
     ]
 
-    assert (scratch / "lib/systemd/system/egressd.service").read_bytes() == (
+    assert (scratch / "usr/lib/systemd/system/egressd.service").read_bytes() == (
         ROOT / "packaging/egressd.service"
     ).read_bytes()
     assert (scratch / "etc/egressd/egressd.toml").read_bytes() == (

@@ -263,36 +263,32 @@ def test_malformed_values_are_rejected_with_the_key_and_entry_named(world, agent
     assert a.status()["s0"]["revision"] == good and "rejected" in (a.status()["s0"].get("error") or "")
 
 
-def _certificates(d) -> dict[str, str]:
-    """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
+def _certificates(d, ca_key_usage: bool = True) -> dict[str, str]:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with openssl as docs/fleet.md says (what
+    strict verification needs); ca_key_usage=False leaves the CA's keyUsage out, as many operators' CAs do."""
     d.mkdir()
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=30)
 
+    usage = ["-addext", "keyUsage=critical,keyCertSign,cRLSign"] if ca_key_usage else []
     openssl(
-        "req",
-        "-x509",
-        *ec,
-        "-days",
-        "1",
-        "-subj",
-        "/CN=egressd test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    )
+        "req", "-x509", *ec, "-days", "1", "-subj", "/CN=egressd test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", *usage, "-keyout", "ca.key", "-out", "ca.pem",
+    )  # fmt: skip
     openssl("req", *ec, "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    ids = (
+        "authorityKeyIdentifier=keyid,issuer\nsubjectKeyIdentifier=hash\nkeyUsage=critical,digitalSignature\n"
+    )
+    (d / "san.ext").write_text(f"subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n{ids}")
     openssl(
         "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
         "-days", "1", "-extfile", "san.ext", "-out", "server.pem",
     )  # fmt: skip
     # A client certificate from the same CA, for a server that verifies its clients.
     openssl("req", *ec, "-subj", "/CN=egressd", "-keyout", "client.key", "-out", "client.csr")
-    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    (d / "client.ext").write_text(f"extendedKeyUsage=clientAuth\n{ids}")
     openssl(
         "x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
         "-days", "1", "-extfile", "client.ext", "-out", "client.pem",
@@ -340,6 +336,24 @@ def test_tls_and_nkey_authentication(world, agent, tmp_path):
                 lambda: "TLS certificate is not trusted" in (feed_health(wrong_ca)["last_error"] or "")
             )
             assert feed_health(no_key)["connected"] == 0 and feed_health(wrong_ca)["connected"] == 0
+    finally:
+        server.stop()
+
+
+def test_a_ca_without_key_usage_is_refused_and_the_error_says_what_a_ca_needs(world, agent, tmp_path):
+    """Strict verification on every release: this CA works with Python 3.11's defaults and not with 3.13's,
+    so egressd refuses it on both, and says what to reissue."""
+    certs = _certificates(tmp_path / "pki", ca_key_usage=False)
+    conf = f'tls {{ cert_file: "{certs["cert"]}", key_file: "{certs["key"]}" }}\n'
+    lenient = ssl.create_default_context(cafile=certs["ca"])
+    lenient.verify_flags &= ~ssl.VERIFY_X509_STRICT  # only for the fixture's own readiness check
+    server = NatsServer(tmp_path / "nats", config=conf, client_options={"tls": lenient}).start()
+    try:
+        a = fleet_agent(agent, f"tls://127.0.0.1:{server.port}", extra=f'tls_ca = "{certs["ca"]}"\n').start()
+        assert eventually(lambda: "verified strictly" in (feed_health(a)["last_error"] or ""), timeout=10)
+        error = feed_health(a)["last_error"]
+        assert "CA cert does not include key usage extension" in error
+        assert "keyUsage critical keyCertSign, cRLSign" in error and feed_health(a)["connected"] == 0
     finally:
         server.stop()
 

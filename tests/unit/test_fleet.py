@@ -113,6 +113,26 @@ def test_no_tls_without_tls_urls_or_settings():
 def test_a_tls_url_turns_tls_on_with_the_system_cas():
     ctx = tls_context(NatsFeed(host_id=HOST), ["nats://a:4222", "tls://b:4222"])
     assert isinstance(ctx, ssl.SSLContext) and ctx.verify_mode == ssl.CERT_REQUIRED
+    # Python 3.13's strict defaults on every release (docs/fleet.md, TLS certificates)
+    assert ctx.verify_flags & ssl.VERIFY_X509_STRICT and ctx.verify_flags & ssl.VERIFY_X509_PARTIAL_CHAIN
+
+
+def verification_error(message: str) -> ssl.SSLCertVerificationError:
+    e = ssl.SSLCertVerificationError(
+        1, f"[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: {message}"
+    )
+    e.verify_message = message
+    return e
+
+
+def test_describe_says_what_a_strictly_verified_ca_needs():
+    text = _describe(verification_error("CA cert does not include key usage extension"), "b")
+    assert text.startswith("the server's TLS certificate is not trusted (CA cert does not include key usage")
+    assert "keyUsage critical keyCertSign, cRLSign" in text and "docs/fleet.md" in text
+    assert "authorityKeyIdentifier" in _describe(verification_error("Missing Authority Key Identifier"), "b")
+    # an untrusted CA is not a strictness problem: no hint that would send the operator the wrong way
+    other = _describe(verification_error("unable to get local issuer certificate"), "b")
+    assert other.endswith("check [feed.nats] tls_ca") and "strictly" not in other
 
 
 def test_a_missing_ca_file_names_tls_ca(tmp_path):
