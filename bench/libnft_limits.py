@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-THREADS, THREAD_SECONDS, THREAD_RUNS = 4, 3.0, 5
+THREADS, THREAD_SECONDS, THREAD_RUNS = 8, 3.0, 10
 TABLE_COUNTS = (0, 50, 200, 500)
 REPEATS = 30
 
@@ -57,6 +57,8 @@ def _table(name: str, sets: int = 0, elements: int = 0) -> list[dict[str, Any]]:
         elem = [f"10.{i}.{j // 250}.{j % 250}" for j in range(elements)]
         if elem:
             cmds.append({"add": {"element": {**t, "name": f"s{i}", "elem": elem}}})
+        # a concatenated type: printing it splits the type's name with strtok(), which 1.0.6 does unsafely
+        cmds.append({"add": {"set": {**t, "name": f"c{i}", "type": ["ipv4_addr", "inet_service"]}}})
     for port in (22, 80, 443):
         match = {
             "match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": port}
@@ -65,9 +67,9 @@ def _table(name: str, sets: int = 0, elements: int = 0) -> list[dict[str, Any]]:
     return cmds
 
 
-def child_threads() -> None:
+def child_threads(args: argparse.Namespace) -> None:
     _cmd(_nft(), _table("probe", sets=20, elements=100))
-    deadline = time.monotonic() + THREAD_SECONDS
+    deadline = time.monotonic() + args.seconds
 
     def lister() -> None:
         n = _nft()
@@ -81,7 +83,7 @@ def child_threads() -> None:
         t.join()
 
 
-def child_descriptors() -> None:
+def child_descriptors(args: argparse.Namespace) -> None:
     null = os.open("/dev/null", os.O_RDONLY)
     held = [os.dup(null) for _ in range(1100)]  # the next descriptors are above 1024
     n = _nft()
@@ -91,12 +93,12 @@ def child_descriptors() -> None:
         _cmd(n, [{"delete": {"table": {"family": "inet", "name": "probe"}}}])
 
 
-def child_cache() -> None:
+def child_cache(args: argparse.Namespace) -> None:
     """The median time of one table's replace (add, delete, add again with its contents) per table count."""
     n = _nft()
     out = {}
     made = 0
-    for count in TABLE_COUNTS:
+    for count in args.tables:
         batch: list[dict[str, Any]] = []
         for i in range(made, count):
             batch += _table(f"other{i}", sets=2, elements=10)
@@ -117,11 +119,14 @@ def child_cache() -> None:
 CHILDREN = {"threads": child_threads, "descriptors": child_descriptors, "cache": child_cache}
 
 
-def in_namespace(probe: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def in_namespace(
+    probe: str, args: argparse.Namespace, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     ns = f"egressd-probe-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "bench.libnft_limits", "--child", probe]
+        argv += ["--seconds", str(args.seconds), "--tables", ",".join(map(str, args.tables))]
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
@@ -145,16 +150,19 @@ def version() -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    p.add_argument("--runs", type=int, default=THREAD_RUNS, help="runs of the thread probe")
+    p.add_argument("--seconds", type=float, default=THREAD_SECONDS, help="length of one thread run")
+    p.add_argument("--tables", type=lambda s: [int(n) for n in s.split(",")], default=list(TABLE_COUNTS))
     args = p.parse_args()
     if args.child:
-        CHILDREN[args.child]()
+        CHILDREN[args.child](args)
         return 0
-    threads = [outcome(in_namespace("threads")) for _ in range(THREAD_RUNS)]
-    cache = in_namespace("cache")
+    threads = [outcome(in_namespace("threads", args)) for _ in range(args.runs)]
+    cache = in_namespace("cache", args)
     result = {
         "libnftables1": version(),
-        "threads": {"threads": THREADS, "seconds": THREAD_SECONDS, "runs": threads},
-        "descriptors_above_1024": outcome(in_namespace("descriptors")),
+        "threads": {"threads": THREADS, "seconds": args.seconds, "runs": threads},
+        "descriptors_above_1024": outcome(in_namespace("descriptors", args)),
         "one_table_replace_ms_by_other_tables": json.loads(cache.stdout)
         if cache.returncode == 0
         else outcome(cache),

@@ -9,7 +9,7 @@ APT_PACKAGES=(
     nftables python3-nftables python3-venv python3-pip iproute2 iputils-ping
     tcpdump conntrack netcat-openbsd dnsmasq-base
     iperf3 iptables  # bench/datapath.py: throughput, and the linear-chain baselines (nft and legacy)
-    systemd  # systemd-analyze, to verify packaging/egressd.service
+    systemd systemd-container  # systemd-analyze; systemd-nspawn boots a systemd PID 1 for the unit test
     nats-server openssl  # tests/integration/test_fleet.py: a real JetStream server, and TLS certificates
     procps  # sysctl (the demo's and the tests' worlds), pgrep
     make  # `make deb`, which tests/integration/test_deb.py runs

@@ -96,6 +96,12 @@ trap 'exit 143' TERM
 echo "test-on: a throwaway copy of the $release root at $run" >&2
 cp -a "$base" "$run"
 cp /etc/resolv.conf "$run/etc/resolv.conf"
+# The host's trusted CAs, as a local CA of the root: a registry reached through a TLS proxy needs its CA,
+# and the root's ca-certificates (installed by set-up) adds every certificate found here to its bundle.
+if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+    mkdir -p "$run/usr/local/share/ca-certificates"
+    cp /etc/ssl/certs/ca-certificates.crt "$run/usr/local/share/ca-certificates/test-on-host.crt"
+fi
 # The host's apt network settings (a proxy, a registry's Valid-Until policy), nothing else of its apt.
 for f in /etc/apt/apt.conf.d/*; do
     if [ -f "$f" ] && grep -q '^Acquire::' "$f"; then cp "$f" "$run/etc/apt/apt.conf.d/"; fi

@@ -52,6 +52,20 @@ def enforce(world, backend) -> Iterator[Enforcer]:
         backend.remove(sb.netns_path)
 
 
+def nft_table(ns: str, family: str = "inet", name: str = "egressd") -> list[dict] | None:
+    """One table as the kernel holds it, read with the nft CLI; None only when nft says it does not exist. Any
+    other failure (a missing namespace, nft itself failing) fails the test: an absence must be read, not
+    assumed from an error."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", "-j", "list", "table", family, name],
+        capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    if out.returncode != 0:
+        assert "No such file or directory" in out.stderr, out.stderr
+        return None
+    return [i for i in json.loads(out.stdout)["nftables"] if "metainfo" not in i]
+
+
 def nft_json(ns: str, *args: str) -> list[dict]:
     """What the kernel holds, read with the nft CLI: an independent check of what egressd wrote."""
     out = subprocess.run(

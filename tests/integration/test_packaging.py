@@ -2,7 +2,8 @@
 
 The unit is checked three ways: systemd's own analyzer, its directives read back from the file, and the
 hardening it relies on tried for real (the capability set, no_new_privs and MemoryDenyWriteExecute around
-`egressd apply`; the whole unit under `systemd-run` where systemd is PID 1).
+`egressd apply`; the whole unit under `systemd-run`, with systemd as PID 1: this machine's, or a container's
+booted with systemd-nspawn from this machine's own root file system).
 """
 
 import json
@@ -19,7 +20,7 @@ import pytest
 
 from egressd.config import Config, _ConfigModel, load_config
 from egressd.daemon import READY_TIMEOUT
-from tests.integration.conftest import nft_json
+from tests.integration.conftest import nft_json, nft_table
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "packaging" / "egressd.service"
@@ -70,6 +71,103 @@ def _systemd_is_pid1() -> bool:
         return Path("/proc/1/comm").read_text().strip() == "systemd"
     except OSError:
         return False
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _systemd_in(pid: int) -> int | None:
+    """The systemd process among pid's descendants (the container's PID 1), if it has started."""
+    todo = _children(pid)
+    while todo:
+        p = todo.pop()
+        try:
+            if Path(f"/proc/{p}/comm").read_text().strip() == "systemd":
+                return p
+        except OSError:
+            continue
+        todo += _children(p)
+    return None
+
+
+class SystemdHost:
+    """Where `systemd-run` works: this machine when systemd is its PID 1; else a container booted with
+    systemd-nspawn from this machine's own root file system, read-only (--volatile=state: /var is a tmpfs),
+    with systemd as its PID 1, the checkout (and its .venv) and /run/netns bound in. The machine is not
+    booted by systemd here (its PID 1 is the sandbox's own init), which is why the container is needed."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.prefix: list[str] = []
+        self.root = Path("/")
+        self._nspawn: subprocess.Popen[bytes] | None = None
+        self._mnt = tmp / "host-root"
+        self._mounted = False
+        if _systemd_is_pid1():
+            return
+        if shutil.which("systemd-nspawn") is None:
+            pytest.fail(
+                "systemd is not PID 1 here and systemd-nspawn is missing (apt package systemd-container)"
+            )
+        self._mnt.mkdir()
+        subprocess.run(["mount", "--bind", "/", str(self._mnt)], check=True)
+        self._mounted = True
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(self._mnt)], check=True)
+        Path("/run/netns").mkdir(exist_ok=True)
+        argv = [
+            "systemd-nspawn",
+            "-D",
+            str(self._mnt),
+            "--volatile=state",
+            "-M",
+            f"egressd-unit-{os.getpid()}",
+        ]
+        argv += ["-b", "--register=no", "--keep-unit", "--console=read-only", "--capability=all"]
+        argv += [f"--bind={ROOT}", "--bind=/run/netns"]
+        env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
+        self._nspawn = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            leader = _systemd_in(self._nspawn.pid)
+            if leader is not None:
+                self.prefix = ["nsenter", "-t", str(leader), "-a"]
+                self.root = Path(f"/proc/{leader}/root")
+                state = self.run("systemctl", "is-system-running").stdout.strip()
+                if state in ("running", "degraded"):
+                    return
+            if self._nspawn.poll() is not None:
+                break
+            time.sleep(0.5)
+        self.close()
+        pytest.fail("a container with systemd as PID 1 did not boot within 90 s (systemd-nspawn)")
+
+    def run(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*self.prefix, *argv], capture_output=True, text=True, timeout=timeout)
+
+    def path(self, inside: str) -> str:
+        """A path inside the systemd host, as this process reaches it."""
+        return str(self.root / inside.lstrip("/"))
+
+    def close(self) -> None:
+        if self._nspawn is not None:
+            self._nspawn.terminate()  # nspawn halts the container: systemd stops every unit
+            try:
+                self._nspawn.wait(60)
+            except subprocess.TimeoutExpired:
+                self._nspawn.kill()
+                self._nspawn.wait(10)
+            self._nspawn = None
+        if self._mounted:  # not Path.is_mount(): a bind of / is on the same device as its parent
+            subprocess.run(["umount", str(self._mnt)], check=False)
+            self._mounted = False
 
 
 needs_analyzer = pytest.mark.skipif(
@@ -272,14 +370,12 @@ def test_which_namespace_paths_the_units_capabilities_can_open(netns_name):
 
 
 @pytest.mark.root
-@pytest.mark.skipif(
-    not _systemd_is_pid1(),
-    reason="systemd is not PID 1 on this machine: systemd-run cannot start the agent as a unit here",
-)
-def test_the_agent_runs_as_the_hardened_unit(netns_name):
+def test_the_agent_runs_as_the_hardened_unit(netns_name, tmp_path):
     """The agent under systemd-run with every [Service] property of the unit (Type=notify, watchdog,
-    capabilities, ProtectSystem=strict, filters) and its own state and runtime directories: it gets
-    ready, enforces a sandbox from its unix feed, reports STATUS=, and stops cleanly leaving the table."""
+    capabilities, ProtectSystem=strict, filters) and its own state and runtime directories, under a real
+    systemd as PID 1: it gets ready, enforces a sandbox from its unix feed, reports STATUS=, and stops cleanly
+    leaving the table."""
+    host = SystemdHost(tmp_path)
     unit = f"egressd-test-{os.getpid()}"
     skip = {"ExecStart", "ExecReload", "StateDirectory", "RuntimeDirectory", "Restart", "RestartSec"}
     props = [f"{k}={v}" for k, v in service().items() if k not in skip]
@@ -290,34 +386,43 @@ def test_the_agent_runs_as_the_hardened_unit(netns_name):
     cmd += [str(EGRESSD), "run", "--feed", f"unix:{feed}", "--state-dir", f"/var/lib/{unit}"]
     cmd += ["--control-socket", control]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=2 * READY_TIMEOUT + 60)
+        out = host.run(*cmd, timeout=2 * READY_TIMEOUT + 60)
         assert out.returncode == 0, out.stderr  # returns once the agent sent READY=1
-        show = subprocess.run(
-            ["systemctl", "show", unit, "-p", "ActiveState", "-p", "StatusText"],
-            capture_output=True,
-            text=True,
-        ).stdout
+        show = host.run("systemctl", "show", unit, "-p", "ActiveState", "-p", "StatusText").stdout
         assert "ActiveState=active" in show and "enforced" in show, show
+        assert host.run("systemctl", "show", unit, "-p", "Type").stdout.strip() == "Type=notify"
 
+        assert nft_table(netns_name) is None  # nothing before the record arrives
         event = {
             "type": "upsert",
             "sandbox": {"id": "s0", "netns": f"/run/netns/{netns_name}", "revision": 1},
         }
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.connect(feed)
+            s.connect(host.path(feed))
             s.sendall(json.dumps(event).encode() + b"\n")
             wait = subprocess.run(
-                [str(EGRESSD), "wait", "s0", "--revision", "1", "--timeout", "20", "--socket", control],
+                [
+                    str(EGRESSD),
+                    "wait",
+                    "s0",
+                    "--revision",
+                    "1",
+                    "--timeout",
+                    "20",
+                    "--socket",
+                    host.path(control),
+                ],
                 capture_output=True,
                 text=True,
             )
         assert wait.returncode == 0, wait.stderr
-        assert nft_json(netns_name, "list", "table", "inet", "egressd")
+        assert nft_table(netns_name)
 
-        stop = subprocess.run(["systemctl", "stop", unit], capture_output=True, text=True, timeout=60)
+        stop = host.run("systemctl", "stop", unit)
         assert stop.returncode == 0, stop.stderr
-        assert nft_json(netns_name, "list", "table", "inet", "egressd")  # tables outlive the agent
+        assert nft_table(netns_name)  # tables outlive the agent
     finally:
-        subprocess.run(["systemctl", "stop", unit], capture_output=True)
-        subprocess.run(["systemctl", "reset-failed", unit], capture_output=True)
-        shutil.rmtree(f"/var/lib/{unit}", ignore_errors=True)
+        host.run("systemctl", "stop", unit)
+        host.run("systemctl", "reset-failed", unit)
+        shutil.rmtree(host.path(f"/var/lib/{unit}"), ignore_errors=True)
+        host.close()
