@@ -218,7 +218,7 @@ class _ConfigModel(_Strict):
 
 @dataclass(frozen=True)
 class Guard:
-    """Operator lists that frame every tenant policy (see README, semantics)."""
+    """Operator lists that frame every tenant policy (see docs/semantics.md)."""
 
     deny: tuple[IPNetwork, ...]
     allow: tuple[IPNetwork, ...]
@@ -343,7 +343,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
-                problems.append(f"{source}: unknown key {key!r}; see the config reference in README.md")
+                problems.append(f"{source}: unknown key {key!r}; see the config reference in docs/configuration.md")
             else:
                 problems.append(f"{source}: {key}: {err['msg']}")
         raise ConfigError("\n".join(problems)) from None

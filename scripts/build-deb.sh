@@ -127,7 +127,9 @@ install -d -m 0700 "$stage/var/lib/egressd"
 # /run/egressd: the unit's RuntimeDirectory; this entry also makes it at boot, for `egressd status`.
 echo "d /run/egressd 0755 root root -" >"$stage/usr/lib/tmpfiles.d/egressd.conf"
 install -m 0644 README.md "$stage/usr/share/doc/egressd/README.md"
-[ -f docs/operations.md ] && install -m 0644 docs/operations.md "$stage/usr/share/doc/egressd/operations.md"
+# The reference the README links to (docs/NAME.md), at the same relative place.
+install -d -m 0755 "$stage/usr/share/doc/egressd/docs"
+install -m 0644 docs/*.md "$stage/usr/share/doc/egressd/docs/"
 cat >"$stage/usr/share/doc/egressd/copyright" <<'EOF'
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: egressd
