@@ -155,6 +155,16 @@ class CommitClock(threading.Thread):
             sock.close()
 
 
+def _elem_text(elem: Any) -> str:
+    """A set element of `nft -j` as nft's command syntax writes it: an address, or a prefix (anything else,
+    such as a range, as its JSON: it then matches no address or prefix)."""
+    if isinstance(elem, str):
+        return elem
+    if isinstance(elem, dict) and "prefix" in elem:
+        return f"{elem['prefix']['addr']}/{elem['prefix']['len']}"
+    return json.dumps(elem, sort_keys=True)
+
+
 class Tamperer:
     """Changes tables the way a tenant would, through a libnftables context of this process."""
 
@@ -176,25 +186,26 @@ class Tamperer:
         out = self._cmd(path, f"list table {FAMILY} {TABLE}")
         return [i for i in json.loads(out)["nftables"] if "metainfo" not in i]
 
-    def prepare(self, path: str, kind: str) -> str:
-        """The command for one tamper, from the table as it is now (read before the clock starts)."""
+    def prepare(self, path: str, kind: str) -> tuple[str, str | None]:
+        """The command for one tamper, from the table as it is now (read before the clock starts), and the
+        element it deletes (None for the other kinds)."""
         if kind == "delete table":
-            return f"delete table {FAMILY} {TABLE}"
+            return f"delete table {FAMILY} {TABLE}", None
         if kind == "insert accept rule":
-            return f"insert rule {FAMILY} {TABLE} output accept"
+            return f"insert rule {FAMILY} {TABLE} output accept", None
         for item in self.listing(path):
             s = item.get("set", {})
             if s.get("name", "").startswith("allow4_") and s.get("elem"):
-                elem = s["elem"][0]
-                text = elem if isinstance(elem, str) else f"{elem['prefix']['addr']}/{elem['prefix']['len']}"
-                return f"delete element {FAMILY} {TABLE} {s['name']} {{ {text} }}"
+                text = _elem_text(s["elem"][0])
+                return f"delete element {FAMILY} {TABLE} {s['name']} {{ {text} }}", text
         raise RuntimeError(f"{path}: no allow4 set with elements to tamper with")
 
     def run(self, path: str, cmd: str) -> None:
         self._cmd(path, cmd)
 
-    def undone(self, path: str, kind: str, fingerprint: str) -> str | None:
-        """None when the tamper is gone and the table carries its fingerprint; else what is wrong."""
+    def undone(self, path: str, kind: str, fingerprint: str, element: str | None = None) -> str | None:
+        """None when the tamper is gone and the table carries its fingerprint; else what is wrong. The
+        fingerprint rule survives a deleted element: that one must be read back in the live allow4 set."""
         try:
             listing = self.listing(path)
         except RuntimeError as e:
@@ -212,6 +223,10 @@ class Tamperer:
         output = [i["rule"]["expr"] for i in listing if "rule" in i and i["rule"]["chain"] == "output"]
         if kind == "insert accept rule" and [{"accept": None}] in output:
             return "the inserted accept rule is still there"
+        if kind == "delete allow element":
+            live = [i["set"] for i in listing if i.get("set", {}).get("name", "").startswith("allow4_")]
+            if not any(element in map(_elem_text, s.get("elem", [])) for s in live):
+                return f"the deleted element {element} is not back in {[s['name'] for s in live]}"
         return None
 
     def close(self) -> None:
@@ -223,6 +238,7 @@ class Tamper:
     path: str
     kind: str
     t_before_ns: int = 0
+    element: str | None = None  # what a "delete allow element" tamper deleted: it must be back
     tamper_ns: int | None = None  # NEWGEN of the tamper itself
     repair_ns: int | None = None  # first commit by an agent thread after it
     problem: str | None = None
@@ -386,11 +402,11 @@ def run_phase(
         for k, path in enumerate(chosen):
             deadline.check(f"{phase.mode}: tampering")
             kind = KINDS[k % len(KINDS)]
-            cmd = tamperer.prepare(path, kind)
+            cmd, element = tamperer.prepare(path, kind)
             delay = start + k * gap - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            t = Tamper(path, kind, time.perf_counter_ns())
+            t = Tamper(path, kind, time.perf_counter_ns(), element)
             tamperer.run(path, cmd)
             phase.tampers.append(t)
         # Wait for every repair: with the resync alone, up to one interval (+10 % jitter) and its pass.
@@ -406,7 +422,7 @@ def run_phase(
             if t.repair_ns is None:
                 t.problem = "not repaired in time"
             else:
-                t.problem = tamperer.undone(t.path, t.kind, fingerprints[t.path])
+                t.problem = tamperer.undone(t.path, t.kind, fingerprints[t.path], t.element)
         phase.repaired_logs = len(agent.events("repaired"))
         phase.own_parse_us, phase.own_messages = parse_cost_us([c for p in chosen for c in clock.commits[p]])
         status_rows(agent, deadline, f"{phase.mode}: final status")  # the agent is alive and answering

@@ -343,7 +343,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
-                problems.append(f"{source}: unknown key {key!r}; see the config reference in docs/configuration.md")
+                problems.append(f"{source}: unknown key {key!r}; see docs/configuration.md for every key")
             else:
                 problems.append(f"{source}: {key}: {err['msg']}")
         raise ConfigError("\n".join(problems)) from None

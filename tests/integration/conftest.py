@@ -61,7 +61,8 @@ def nft_table(ns: str, family: str = "inet", name: str = "egressd") -> list[dict
         capture_output=True, text=True, timeout=10,
     )  # fmt: skip
     if out.returncode != 0:
-        assert "No such file or directory" in out.stderr, out.stderr
+        # nft's own "no such table" (exit 1), not ip's "Cannot open network namespace" (exit 255)
+        assert out.returncode == 1 and out.stderr.startswith("Error: No such file or directory"), out.stderr
         return None
     return [i for i in json.loads(out.stdout)["nftables"] if "metainfo" not in i]
 

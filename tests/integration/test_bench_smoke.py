@@ -32,7 +32,11 @@ def test_agent_benchmark_smoke(tmp_path):
 
 def test_dns_benchmark_smoke(tmp_path):
     _, results = run_smoke(tmp_path, 300, "bench.dns", "--smoke")
-    assert results["change_to_all_enforced_s"] is not None and results["queries_a_per_s"] > 0
+    assert results["cold_start_all_enforced_s"] > 0  # the agent enforced every sandbox
+    assert results["queries_a_per_s"] > 0 and results["queries_aaaa_per_s"] > 0  # counted at the resolver
+    # the changed answer: the agent logged it, and it was read in the kernel of each of the sandboxes naming it
+    assert results["change_log_events"] > 0 and results["change_sandboxes"] > 0
+    assert results["change_to_all_enforced_s"] is not None and results["change_to_all_enforced_s"] > 0
 
 
 def test_tamper_benchmark_smoke(tmp_path):
@@ -46,8 +50,9 @@ def test_tamper_benchmark_smoke(tmp_path):
 
 def test_hostside_benchmark_smoke(tmp_path):
     _, results = run_smoke(tmp_path, 180, "bench.hostside", "--smoke")
-    assert results["adopted"] == results["sandboxes"] == 20  # every table written was read back as written
-    assert results["cold_ms_per_sandbox"] > 0 and results["base_update_ms_per_sandbox"] > 0
+    assert results["adopted"] == 20  # each of the 20 tables written was read back from the kernel as written
+    for key in ("cold", "update", "adopt", "base_cold", "base_update"):  # every step timed
+        assert results[f"{key}_ms_per_sandbox"] > 0, key
 
 
 def test_fleet_benchmark_smoke(tmp_path):
@@ -66,10 +71,15 @@ def test_natsscale_benchmark_smoke(tmp_path):
     _, results = run_smoke(tmp_path, 120, "bench.natsscale", "--smoke")
     assert not results["aborted"] and not results["errors"] and results["phase_reached"] == "done"
     cold, fleet = results["cold_start"], results["latency"]["fleet"]
-    assert cold["done"] == 20 and cold["missing"] == 0  # every simulated host got its whole snapshot
-    assert fleet["writes"] == 20 and fleet["lost"] == fleet["wrong_revision"] == 0
+    assert results["server"]["loaded, no watchers"]["messages"] == 100  # the server holds 20 hosts x 5 keys
+    # every simulated host finished its start (a short snapshot under a herd is nats-server's, not egressd's:
+    # the bench reports it, egressd's own feed never applies one)
+    assert cold["done"] == 20 and cold["missing"] == 0 and cold["session_s"]["p50"] > 0
+    # every write reached its watcher, with the revision the put returned
+    assert fleet["delivered_ms"]["n"] == 20 and fleet["lost"] == fleet["wrong_revision"] == 0
     assert fleet["delivered_ms"]["p50"] > 0
-    assert all(results["herd"][k]["done"] == 20 for k in ("at_once", "jittered"))
+    herds = [results["herd"][k] for k in ("at_once", "jittered")]
+    assert all(h["done"] == 20 and h["session_s"]["p50"] > 0 for h in herds)
     assert results["server"]["20 watchers live"]["connections"] == 21
 
 

@@ -234,7 +234,9 @@ def test_the_package_contents(deb, scratch):
     # the README and every page of the reference it links to
     docs = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
     assert "/usr/share/doc/egressd/README.md" in entries
-    assert sorted(p.rsplit("/", 1)[1] for p in entries if p.startswith("/usr/share/doc/egressd/docs/")) == docs
+    assert (
+        sorted(p.rsplit("/", 1)[1] for p in entries if p.startswith("/usr/share/doc/egressd/docs/")) == docs
+    )
     assert f"/{SITE}/egressd/cli.py" in entries
     assert any(p.startswith(f"/{SITE}/pydantic_core/") and ".so" in p for p in entries)
     assert not [p for p in entries if p.startswith("/opt/egressd/bin/pip")]  # no pip: dpkg owns the venv

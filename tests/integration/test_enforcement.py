@@ -99,12 +99,15 @@ def test_allow_out_reaches_a_private_range(world, enforce):
     sb = world.sandboxes[0]
     enforce(sb, allow_out=["10.255.0.0/30", "fd00:255::/64"])
     assert_open(sb.name, world.inet_addr4, world.inet_addr6)
+    other = world.sandboxes[1]  # private too, outside the allowed range: still denied
+    assert_denied(sb.name, other.addr4, other.addr6)
 
 
 def test_private_guard_can_be_turned_off(world, enforce):
     sb = world.sandboxes[0]
-    enforce(sb, config={"guard": {"private": []}})
+    enforce(sb, config={"guard": {"private": []}}, deny_out=[BAD4, BAD6])
     assert_open(sb.name, world.inet_addr4, world.inet_addr6)
+    assert_denied(sb.name, BAD4, BAD6)  # the table is there and judges
 
 
 def test_drop_mode_is_silent(world, enforce):
@@ -120,6 +123,7 @@ def test_loopback_and_own_addresses_stay_reachable_with_internet_off(world, enfo
     enforce(sb, allow_internet_access=False)
     for dst in ("127.0.0.1", "::1", sb.addr4, sb.addr6):
         assert tcp_connect(sb.name, dst, 8080) == "open", dst
+    assert_denied(sb.name, OK4, OK6)
 
 
 def test_connections_opened_from_outside_get_their_replies(world, enforce):
@@ -129,6 +133,7 @@ def test_connections_opened_from_outside_get_their_replies(world, enforce):
     assert tcp_connect(world.router, sb.addr4, 8080) == "open"
     assert tcp_connect(world.router, sb.addr6, 8080) == "open"
     assert ping(world.router, sb.addr4) and ping(world.router, sb.addr6)
+    assert_denied(sb.name, sb.gw4, sb.gw6)  # the same peer, the other way: a new connection, denied
 
 
 def test_ipv6_neighbour_discovery_works_with_internet_off(world, enforce):
@@ -136,6 +141,7 @@ def test_ipv6_neighbour_discovery_works_with_internet_off(world, enforce):
     enforce(sb, allow_internet_access=False, allow_out=[OK6])
     world.exec(sb.name, ["ip", "-6", "neigh", "flush", "all"])
     assert tcp_connect(sb.name, OK6, 80) == "open"
+    assert_denied(sb.name, BAD6)
 
 
 @pytest.mark.parametrize("dst", [OK4, OK6])
@@ -187,10 +193,9 @@ def test_forwarded_tightening_cuts_a_microvm_connection(world, enforce):
         session.close()
 
 
-def test_multicast_listener_reports_stay_on_the_link_with_internet_off(world, enforce):
-    """A snooping bridge needs MLD reports to deliver neighbour solicitations; they must leave, nothing else."""
-    sb = world.sandboxes[0]
-    enforce(sb, allow_internet_access=False)
+def join_and_send(world, sb) -> Sniffer:
+    """Join ff02::1:3 on the sandbox's eth0, send one datagram to site-scoped ff05::1:3 from the same socket;
+    returns what the router saw on the sandbox's link."""
     with Sniffer(world.router, iface=sb.host_if, bpf="ip6") as sniffer:
         with in_netns(sb.name):
             sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -198,16 +203,29 @@ def test_multicast_listener_reports_stay_on_the_link_with_internet_off(world, en
         try:
             group = socket.inet_pton(socket.AF_INET6, "ff02::1:3") + struct.pack("@I", ifindex)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, group)
-            # Site-scoped multicast is not on the link: denied like any other destination.
             with contextlib.suppress(OSError):
                 sock.sendto(b"x", ("ff05::1:3", 9, 0, ifindex))
             time.sleep(0.3)
         finally:
             sock.close()
-    joined = [
+    return sniffer
+
+
+def joined(sniffer: Sniffer) -> list:
+    return [
         p
         for p in sniffer.packets
         if p.haslayer("ICMPv6MLReport2") and any(r.dst == "ff02::1:3" for r in p["ICMPv6MLReport2"].records)
     ]
-    assert joined, "the sandbox's report for ff02::1:3 did not leave"
+
+
+def test_multicast_listener_reports_stay_on_the_link_with_internet_off(world, enforce):
+    """A snooping bridge needs MLD reports to deliver neighbour solicitations; they must leave, nothing else."""
+    sb = world.sandboxes[0]
+    control = join_and_send(world, sb)  # no table yet: both leave
+    assert joined(control) and control.packets_to("ff05::1:3")
+    enforce(sb, allow_internet_access=False)
+    sniffer = join_and_send(world, sb)
+    assert joined(sniffer), "the sandbox's report for ff02::1:3 did not leave"
+    # Site-scoped multicast is not on the link: denied like any other destination.
     assert sniffer.packets_to("ff05::1:3") == []

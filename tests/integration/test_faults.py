@@ -443,12 +443,15 @@ def test_a_namespace_replaced_at_the_same_path_is_enforced_there_soon(bulk, tmp_
         a.start()
         a.upsert("sb", BulkNamespaces.path("sb"), 1, allow_internet_access=False)
         assert a.wait("sb", 1)
+        written = fingerprint_in(bulk_table(bulk, "sb"))
+        assert written
         bulk.detach("sb")
         bulk.create(["sb"])
         deadline = time.monotonic() + 5  # the agent looks for missing namespaces every second
         while bulk_table(bulk, "sb") is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert bulk_table(bulk, "sb") is not None, f"no table in the new namespace; status {rows(a)['sb']}"
+        assert fingerprint_in(bulk_table(bulk, "sb")) == written
     finally:
         a.stop()
 

@@ -15,6 +15,7 @@ import time
 import nkeys
 import pytest
 
+from tests.integration.conftest import nft_table
 from tests.integration.test_agent import (
     BAD4,
     BAD6,
@@ -24,7 +25,6 @@ from tests.integration.test_agent import (
     closed_to,
     eventually,
     open_to,
-    table_handle,
 )
 from tests.loopback import free_port, scrape
 from tests.natsd import KvClient, NatsServer
@@ -83,7 +83,7 @@ def test_create_update_delete_and_purge_through_the_bucket(world, agent, kv, nat
     assert open_to(sb.name, OTHER4) and closed_to(sb.name, OK4) and closed_to(sb.name, OK6)
     kv.delete("hosta.s0")
     assert eventually(lambda: "s0" not in a.status())
-    assert table_handle(sb.name) is None
+    assert nft_table(sb.name) is None
     assert open_to(sb.name, BAD4) and open_to(sb.name, BAD6)
     r3 = kv.put("hosta.s0", record(sb))  # back, closed
     assert a.wait("s0", r3)
@@ -177,7 +177,7 @@ def test_agent_restarted_while_the_server_holds_changes_it_has_not_seen(world, a
     assert a.wait("s0", r2) and a.wait("s2", r3)
     assert "s1" not in a.status()
     assert open_to(s0.name, OTHER4) and closed_to(s0.name, OK4)
-    assert open_to(s1.name, OK4)  # s2: internet allowed
+    assert nft_table(s1.name) is not None and open_to(s1.name, OK4)  # s2's own table: internet allowed
 
 
 def test_agent_started_while_the_server_is_down_enforces_its_persisted_state(world, agent, kv, nats):
@@ -210,6 +210,7 @@ def test_a_bucket_made_anew_is_noticed_and_read_again(world, agent, kv, nats):
     for _ in range(3):
         old = kv.put("hosta.s0", record(s0, allow=[OK4]))
     assert a.wait("s0", old) and a.wait("s1")
+    assert closed_to(s1.name, OK4)  # s1's table is there before the new bucket forgets it
     kv.recreate()  # the watch goes quiet; the agent notices within BUCKET_CHECK_INTERVAL (10 s)
     for i in range(old + 2):  # more revisions than before: only the bucket's creation time tells
         kv.put(f"hostz.k{i}", record(s1))
@@ -221,7 +222,7 @@ def test_a_bucket_made_anew_is_noticed_and_read_again(world, agent, kv, nats):
     assert open_to(s0.name, OTHER4) and closed_to(s0.name, OK4) and open_to(s1.name, OK4)
     assert any("made anew" in (e.get("error") or "") for e in a.events("feed_problem"))
     later = kv.put("hosta.s0", record(s0, allow=[OK4]))  # and followed from there on
-    assert a.wait("s0", later) and open_to(s0.name, OK4)
+    assert a.wait("s0", later) and open_to(s0.name, OK4) and closed_to(s0.name, OTHER4)
 
 
 def test_malformed_values_are_rejected_with_the_key_and_entry_named(world, agent, kv, nats):

@@ -5,14 +5,16 @@ network and never through the machine's own.
 """
 
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import dns.exception
 import pytest
 
 from netns_fixtures import DnsServer, dns_query
 from netns_fixtures.probe import ping, tcp_connect, udp_echo
-from tests.integration.conftest import live_name
+from tests.integration.conftest import live_name, nft_table
 from tests.integration.test_agent import closed_to, eventually, open_to
 
 pytestmark = pytest.mark.root
@@ -111,7 +113,7 @@ def test_nxdomain_is_reported_and_allows_nothing(world, server, dns_agent):
     a.upsert("s1", world.sandboxes[1].netns_path, 1, deny_out=["nope.example.test"])
     assert a.wait("s0", 1) and a.wait("s1", 1)  # NXDOMAIN settles the name: not held closed
     assert closed_to(sb.name, A4)
-    assert open_to(world.sandboxes[1].name, A4)
+    assert nft_table(world.sandboxes[1].name) is not None and open_to(world.sandboxes[1].name, A4)
     assert hostnames(a, "s0")["nope.example.test"]["error"] == "NXDOMAIN: no such name"
     assert a.events("dns_nxdomain")
 
@@ -128,7 +130,7 @@ def test_when_the_server_is_down_the_last_addresses_stay(world, server, dns_agen
             lambda: (hostnames(a, "s0")["api.example.test"]["error"] or "").startswith("timeout"), 5
         )
         time.sleep(RETENTION + 1)  # past retention: still kept, the resolver is failing
-        assert open_to(sb.name, A4) and open_to(sb.name, A6)
+        assert open_to(sb.name, A4) and open_to(sb.name, A6) and closed_to(sb.name, B4)
         assert hostnames(a, "s0")["api.example.test"]["state"] == "failing"
     finally:
         server.resume()
@@ -138,19 +140,28 @@ def test_when_the_server_is_down_the_last_addresses_stay(world, server, dns_agen
 def test_a_name_answering_the_metadata_address_is_never_reachable(world, server, dns_agent):
     sb = world.sandboxes[0]
     world.exec(world.router, ["ip", "addr", "add", f"{METADATA}/32", "dev", "lo"])
+    # A TCP echo server there: a closed port would give "reset" too, so without egressd TCP must be "open".
+    echo = subprocess.Popen(
+        ["ip", "netns", "exec", world.router, sys.executable, "-m", "netns_fixtures.server", "--tcp", "80"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
     try:
-        assert ping(sb.name, METADATA)  # reachable without egressd
+        assert echo.stdout.readline() == b"READY\n"
+        assert ping(sb.name, METADATA) and tcp_connect(sb.name, METADATA, 80) == "open"  # without egressd
         server.set("meta.example.test", METADATA, A4)
         a = dns_agent().start()
         a.upsert("s0", sb.netns_path, 1, allow_internet_access=False, allow_out=["meta.example.test"])
         assert a.wait("s0", 1)
         assert open_to(sb.name, A4)
-        assert not ping(sb.name, METADATA) and tcp_connect(sb.name, METADATA, 80) == "reset"
+        assert tcp_connect(sb.name, METADATA, 80) == "reset"  # egressd's own: the port is open
+        assert not ping(sb.name, METADATA)
         sets = world.exec(
             sb.name, ["nft", "list", "set", "inet", "egressd", live_name(sb.name, "allow_dns4")]
         ).stdout
         assert METADATA not in sets and A4 in sets
     finally:
+        echo.stdin.close()  # the server exits at EOF
+        echo.wait(10)
         world.exec(world.router, ["ip", "addr", "del", f"{METADATA}/32", "dev", "lo"], check=False)
 
 

@@ -14,13 +14,15 @@ import pytest
 from egressd.hostside import GUARD_TABLE, table_name
 from netns_fixtures.probe import Sniffer, l3, ping, scapy_send, tcp_connect, udp_echo
 from netns_fixtures.world import SANDBOX_TCP_PORT
-from tests.integration.conftest import nft_json
+from tests.integration.conftest import nft_table
+from tests.integration.test_monitor import as_written
 
 pytestmark = pytest.mark.root
 
 ALLOWED4, DENIED4 = "198.51.100.10", "203.0.113.9"
 ALLOWED6, DENIED6 = "2001:db8:1::10", "2001:db8:bad::9"
 CLOSED = {"allow_internet_access": False, "allow_out": [ALLOWED4, ALLOWED6]}
+METADATA4, METADATA6 = "169.254.169.254", "fd00:ec2::254"  # in egressd's default [guard] deny
 
 
 @pytest.fixture
@@ -42,12 +44,22 @@ def upsert(a, sid, sb, revision, netns=True, host=True, **policy):
 
 def host_tables(world):
     """The host-side tables in the agent's namespace, read with the nft CLI."""
-    return {i["table"]["name"] for i in nft_json(world.router, "list", "tables", "netdev") if "table" in i}
+    out = world.exec(world.router, ["nft", "-j", "list", "tables", "netdev"], check=False)
+    assert out.returncode == 0, out.stderr
+    return {i["table"]["name"] for i in json.loads(out.stdout)["nftables"] if "table" in i}
 
 
 def handle(world, iface):
-    tables = nft_json(world.router, "list", "table", "netdev", table_name(iface))
-    return next((i["table"]["handle"] for i in tables if "table" in i), None)
+    tables = nft_table(world.router, "netdev", table_name(iface))
+    assert tables is not None, f"no host-side table for {iface}"
+    return next(i["table"]["handle"] for i in tables if "table" in i)
+
+
+def guard_drops(world):
+    """Packets the guard table's last rule (marked, not a reply) has dropped so far."""
+    guard = nft_table(world.router, "inet", GUARD_TABLE)
+    assert guard is not None, "no guard table"
+    return [i["rule"] for i in guard if "rule" in i][-1]["expr"][1]["counter"]["packets"]
 
 
 def passes(ns, dst):
@@ -67,20 +79,30 @@ def stopped(ns, dst):
 def test_the_host_side_alone_enforces_every_step_in_both_families(world, host_agent):
     """A record with host_interface and no netns yet: only the host-side table judges it."""
     sb = world.sandboxes[0]
-    a = host_agent().start()
-    upsert(a, "h0", sb, 1, netns=False, **CLOSED)
-    a.wait_log("host_applied", sandbox="h0", revision=1)
-    assert nft_json(sb.name, "list", "table", "inet", "egressd") == []  # nothing in the sandbox itself
-    assert passes(sb.name, ALLOWED4) and passes(sb.name, ALLOWED6)
-    assert stopped(sb.name, DENIED4) and stopped(sb.name, DENIED6)
-    assert a.status()["h0"]["state"] == "pending"  # its own table is not there yet: not "enforced"
+    metadata = [(METADATA4, "32"), (METADATA6, "128")]
+    try:
+        for addr, bits in metadata:  # the agent's own namespace answers at the guard's addresses
+            world.exec(world.router, ["ip", "addr", "add", f"{addr}/{bits}", "dev", "lo", "nodad"])
+        assert ping(sb.name, METADATA4) and ping(sb.name, METADATA6)  # reachable without egressd
+        a = host_agent().start()
+        upsert(a, "h0", sb, 1, netns=False, **CLOSED)
+        a.wait_log("host_applied", sandbox="h0", revision=1)
+        assert nft_table(sb.name) is None  # nothing in the sandbox itself
+        assert passes(sb.name, ALLOWED4) and passes(sb.name, ALLOWED6)
+        assert stopped(sb.name, DENIED4) and stopped(sb.name, DENIED6)
+        assert a.status()["h0"]["state"] == "pending"  # its own table is not there yet: not "enforced"
 
-    upsert(a, "h0", sb, 2, netns=False, deny_out=[DENIED4, DENIED6, "198.51.100.0/24"], allow_out=[ALLOWED4])
-    a.wait_log("host_applied", sandbox="h0", revision=2)
-    assert passes(sb.name, ALLOWED4)  # allow_out before deny_out
-    assert stopped(sb.name, "198.51.100.20") and stopped(sb.name, DENIED6)
-    assert passes(sb.name, "2001:db8:1::20")  # the internet is open; only deny_out entries are not
-    assert stopped(sb.name, "169.254.169.254")  # guard.deny, whatever the policy
+        deny = [DENIED4, DENIED6, "198.51.100.0/24"]
+        upsert(a, "h0", sb, 2, netns=False, deny_out=deny, allow_out=[ALLOWED4, METADATA4, METADATA6])
+        a.wait_log("host_applied", sandbox="h0", revision=2)
+        assert passes(sb.name, ALLOWED4)  # allow_out before deny_out
+        assert stopped(sb.name, "198.51.100.20") and stopped(sb.name, DENIED6)
+        assert passes(sb.name, "2001:db8:1::20")  # the internet is open; only deny_out entries are not
+        # guard.deny, whatever the policy: even in allow_out (which goes before guard.private, fc00::/7)
+        assert stopped(sb.name, METADATA4) and stopped(sb.name, METADATA6)
+    finally:
+        for addr, bits in metadata:
+            world.exec(world.router, ["ip", "addr", "del", f"{addr}/{bits}", "dev", "lo"], check=False)
 
 
 PACKET_SOCKET_PROBES = [
@@ -141,6 +163,8 @@ def test_restart_adopts_repair_and_removal(world, host_agent):
     assert a.wait("r0", 1) and a.wait("r1", 1)
     assert host_tables(world) == {table_name(sb0.host_if), table_name(sb1.host_if)}
     before = handle(world, sb0.host_if)
+    written = as_written(nft_table(world.router, "netdev", table_name(sb0.host_if)))
+    guard = as_written(nft_table(world.router, "inet", GUARD_TABLE))
 
     a.kill()
     a.send({"type": "delete", "id": "r1"})  # deleted while no agent runs
@@ -154,7 +178,8 @@ def test_restart_adopts_repair_and_removal(world, host_agent):
     subprocess.run(["ip", "netns", "exec", world.router, "nft", "flush", "ruleset"], check=True, timeout=5)
     a.wait_log("host_repaired", sandbox="r0", timeout=10)
     a.wait_log("host_guard_repaired", timeout=10)
-    assert nft_json(world.router, "list", "table", "inet", GUARD_TABLE)
+    assert as_written(nft_table(world.router, "netdev", table_name(sb0.host_if))) == written
+    assert as_written(nft_table(world.router, "inet", GUARD_TABLE)) == guard
 
     a.send({"type": "delete", "id": "r0"})
     a.wait_log("host_removed", sandbox="r0")
@@ -192,8 +217,6 @@ def test_replies_on_connections_opened_from_outside_still_pass(world, host_agent
     a.wait_log("host_applied", sandbox="in0", revision=1)
     assert tcp_connect(world.inet, sb.addr4, SANDBOX_TCP_PORT) == "open"
     assert tcp_connect(world.inet, sb.addr6, SANDBOX_TCP_PORT) == "open"
+    drops = guard_drops(world)  # the guard table stays in the router between tests: count from here
     assert stopped(sb.name, DENIED4) and stopped(sb.name, DENIED6)
-    counters = [
-        i["rule"] for i in nft_json(world.router, "list", "table", "inet", GUARD_TABLE) if "rule" in i
-    ]
-    assert counters[-1]["expr"][1]["counter"]["packets"] > 0  # what it opened itself was dropped there
+    assert guard_drops(world) > drops  # what it opened itself was dropped there

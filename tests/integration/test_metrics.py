@@ -16,7 +16,7 @@ def test_metrics_endpoint_reports_live_state_and_denied_packets(world, agent):
     port = free_port()
     a = agent(extra_config=f'[metrics]\nlisten = "127.0.0.1:{port}"\ncounters_interval = 0.2\n').start()
     a.upsert("s0", s0.netns_path, 1, allow_internet_access=False, allow_out=[OK4])
-    a.upsert("s1", s1.netns_path, 1)
+    a.upsert("s1", s1.netns_path, 1, deny_out=[BAD4])
     a.upsert("late", f"/run/netns/{world.prefix}nope", 1)  # never appears: pending
     a.send("not json")
     assert a.wait("s0", 1) and a.wait("s1", 1)
@@ -49,7 +49,9 @@ def test_metrics_endpoint_reports_live_state_and_denied_packets(world, agent):
     assert closed_to(s0.name, BAD4)  # TCP reset, UDP unreachable, ping: each denied packet counted
     assert eventually(lambda: denied("s0") >= before + 3, timeout=5)
     assert scrape(port)[("egressd_denied_bytes_total", (("sandbox", "s0"),))] > 0
-    assert denied("s1") == 0  # allow_internet_access: nothing denied
+    assert denied("s1") == 0  # nothing denied yet
+    assert open_to(s1.name, OK4) and closed_to(s1.name, BAD4)  # its own deny_out: counted in its own series
+    assert eventually(lambda: denied("s1") >= 3, timeout=5)
     assert denied("late") is None  # no table, no series
     # A deleted sandbox's series go at the next counter pass.
     a.send({"type": "delete", "id": "s1"})
