@@ -48,13 +48,13 @@ from bench.apply import (
     run,
 )
 from bench.figures import Figure
-from egressd.config import Config, load_config
-from egressd.control import ControlError, request
-from egressd.feed import DEFAULT_MAX_LINE
-from egressd.netns import ContextCache, NetnsError
-from egressd.nft import fingerprint_of
-from egressd.policy import parse_sandbox
-from egressd.render import FAMILY, FINGERPRINT_CHAIN, TABLE, Json, Ruleset, render
+from egressd.agent.control import ControlError, request
+from egressd.feed.lines import DEFAULT_MAX_LINE
+from egressd.kernel.netns import ContextCache, NetnsError
+from egressd.kernel.nft import fingerprint_of
+from egressd.model.config import Config, load_config
+from egressd.model.policy import parse_sandbox
+from egressd.ruleset.render import FAMILY, FINGERPRINT_CHAIN, TABLE, Json, Ruleset, render
 from tests.integration.agent import AgentProcess
 
 IDLE_P99_GOAL_MS = 20.0
@@ -136,7 +136,7 @@ class BatchNamespaces(Namespaces):
 
 
 def _nft_with_handles() -> Any:
-    import nftables  # Debian's python3-nftables, as egressd.nft uses it
+    import nftables  # Debian's python3-nftables, as egressd.kernel.nft uses it
 
     nft = nftables.Nftables()
     nft.set_json_output(True)

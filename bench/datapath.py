@@ -37,10 +37,10 @@ from bench.apply import (
     set_elements,
 )
 from bench.figures import Figure
-from egressd.config import Config
-from egressd.nft import LibnftBackend
-from egressd.policy import IPNetwork, Policy, Targets
-from egressd.render import render
+from egressd.kernel.nft import LibnftBackend
+from egressd.model.config import Config
+from egressd.model.policy import IPNetwork, Policy, Targets
+from egressd.ruleset.render import render
 from netns_fixtures._nsutil import set_parent_death_signal
 from netns_fixtures.probe import tcp_probe
 

@@ -59,8 +59,8 @@ from bench.agent import (
 )
 from bench.apply import NETNS_DIR, Aborted, Deadline, Row, _terminate, machine_info
 from bench.figures import Figure
-from egressd.config import Config, load_config
-from egressd.control import ControlError, request
+from egressd.agent.control import ControlError, request
+from egressd.model.config import Config, load_config
 from tests.integration.agent import AgentProcess
 from tests.natsd import KvClient, NatsServer, free_port
 

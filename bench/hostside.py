@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.figures import Figure
-from egressd.config import Config
-from egressd.hostside import HostBackend, target_for
-from egressd.nft import LibnftBackend, replace_table
-from egressd.policy import Policy, Targets
-from egressd.render import render
+from egressd.kernel.hostside import HostBackend, target_for
+from egressd.kernel.nft import LibnftBackend, replace_table
+from egressd.model.config import Config
+from egressd.model.policy import Policy, Targets
+from egressd.ruleset.render import render
 
 CMD_TIMEOUT_S = 60.0
 

@@ -41,7 +41,7 @@ from nats.js.kv import KeyValue
 from bench.agent import proc_figures, quantiles, table
 from bench.apply import Row, machine_info
 from bench.figures import Figure
-from egressd.fleet import PING_INTERVAL, REQUEST_TIMEOUT, WATCH_INACTIVE, Backoff
+from egressd.feed.nats import PING_INTERVAL, REQUEST_TIMEOUT, WATCH_INACTIVE, Backoff
 from tests.loopback import free_port
 from tests.natsd import NatsServer
 

@@ -32,8 +32,8 @@ from bench.agent import (
     write_feed,
 )
 from bench.apply import Aborted, Deadline, _terminate, machine_info
-from egressd.config import load_config
-from egressd.control import ControlError
+from egressd.agent.control import ControlError
+from egressd.model.config import load_config
 from tests.integration.agent import AgentProcess
 
 ROOT = Path(__file__).resolve().parent.parent

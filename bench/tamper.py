@@ -46,11 +46,17 @@ from bench.agent import (
 )
 from bench.apply import Aborted, Deadline, _terminate, machine_info
 from bench.figures import Figure
-from egressd.config import load_config
-from egressd.control import ControlError
-from egressd.monitor import FD_BASE, ChangeMonitor, TransactionParser, open_monitor_socket, raise_fd_limit
-from egressd.netns import ContextCache
-from egressd.render import FAMILY, TABLE, Json
+from egressd.agent.control import ControlError
+from egressd.kernel.monitor import (
+    FD_BASE,
+    ChangeMonitor,
+    TransactionParser,
+    open_monitor_socket,
+    raise_fd_limit,
+)
+from egressd.kernel.netns import ContextCache
+from egressd.model.config import load_config
+from egressd.ruleset.render import FAMILY, TABLE, Json
 from tests.integration.agent import AgentProcess
 
 NEWGEN_TYPE = (10 << 8) | 15  # NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWGEN

@@ -15,15 +15,15 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 from egressd import __version__
-from egressd.config import Config, ConfigError, load_config
-from egressd.control import ControlError, request
-from egressd.dns import DnsCache, Resolver, resolve_all
-from egressd.hostside import HostBackend
-from egressd.netns import NetnsError
-from egressd.nft import ApplyError, LibnftBackend, replace_table
-from egressd.policy import PolicyError, Sandbox, Snapshot, Upsert, parse_line, parse_sandbox
-from egressd.reconcile import plan
-from egressd.render import render
+from egressd.agent.control import ControlError, request
+from egressd.desired.dns import DnsCache, Resolver, resolve_all
+from egressd.kernel.hostside import HostBackend
+from egressd.kernel.netns import NetnsError
+from egressd.kernel.nft import ApplyError, LibnftBackend, replace_table
+from egressd.model.config import Config, ConfigError, load_config
+from egressd.model.policy import PolicyError, Sandbox, Snapshot, Upsert, parse_line, parse_sandbox
+from egressd.ruleset.plan import plan
+from egressd.ruleset.render import render
 
 MAX_INPUT_BYTES = 64 * 1024 * 1024
 
@@ -215,7 +215,7 @@ RUN_FLAGS = {
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    from egressd.daemon import run  # the daemon's imports are only needed here
+    from egressd.agent.daemon import run  # the daemon's imports are only needed here
 
     return run(args.config, _overrides(args))
 

@@ -15,9 +15,9 @@ import sys
 import tempfile
 import time
 
-from egressd.config import Config
-from egressd.decide import decide
-from egressd.policy import parse_sandbox
+from egressd.model.config import Config
+from egressd.model.policy import parse_sandbox
+from egressd.ruleset.decide import decide
 from netns_fixtures.probe import ping, tcp_connect, udp_echo
 from netns_fixtures.world import World, cleanup
 

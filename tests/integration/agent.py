@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from egressd.control import ControlError, request
+from egressd.agent.control import ControlError, request
 
 
 class AgentProcess:

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from egressd.config import Config, config_from_dict
-from egressd.nft import LibnftBackend
-from egressd.policy import Sandbox, parse_sandbox
-from egressd.render import render
+from egressd.kernel.nft import LibnftBackend
+from egressd.model.config import Config, config_from_dict
+from egressd.model.policy import Sandbox, parse_sandbox
+from egressd.ruleset.render import render
 from netns_fixtures import World, cleanup
 from netns_fixtures.bulk import BulkNamespaces
 

@@ -28,11 +28,11 @@ from typing import Any
 
 import pytest
 
-from egressd.config import config_from_dict
-from egressd.control import ControlError, request
-from egressd.nft import LibnftBackend
-from egressd.policy import parse_sandbox
-from egressd.render import render
+from egressd.agent.control import ControlError, request
+from egressd.kernel.nft import LibnftBackend
+from egressd.model.config import config_from_dict
+from egressd.model.policy import parse_sandbox
+from egressd.ruleset.render import render
 from netns_fixtures import World, cleanup
 from netns_fixtures import world as world_module
 from netns_fixtures.probe import tcp_connect, udp_echo

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from egressd.config import config_from_dict
-from egressd.decide import decide
-from egressd.netns import ContextCache
-from egressd.nft import replace_table
-from egressd.policy import parse_sandbox
-from egressd.render import render
+from egressd.kernel.netns import ContextCache
+from egressd.kernel.nft import replace_table
+from egressd.model.config import config_from_dict
+from egressd.model.policy import parse_sandbox
+from egressd.ruleset.decide import decide
+from egressd.ruleset.render import render
 from netns_fixtures.probe import udp_echo
 
 pytestmark = pytest.mark.root

@@ -39,10 +39,10 @@ from typing import Any
 
 import pytest
 
-from egressd.config import load_config
-from egressd.control import request
-from egressd.policy import parse_sandbox
-from egressd.render import render
+from egressd.agent.control import request
+from egressd.model.config import load_config
+from egressd.model.policy import parse_sandbox
+from egressd.ruleset.render import render
 from netns_fixtures.bulk import BulkNamespaces
 from tests.integration.agent import AgentProcess
 from tests.integration.conftest import bulk_table
@@ -83,7 +83,8 @@ TRACER = textwrap.dedent(
             return None
 
     def _install():
-        from egressd import nft, reconcile
+        from egressd.kernel import nft
+        from egressd.reconcile import reconciler as reconcile
 
         sync = reconcile.Reconciler._sync
         sync_sig = inspect.signature(sync)

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from egressd.config import Config
-from egressd.policy import parse_sandbox
-from egressd.render import render
+from egressd.model.config import Config
+from egressd.model.policy import parse_sandbox
+from egressd.ruleset.render import render
 from netns_fixtures.probe import Sniffer, l3, l3_proto, scapy_send, udp_echo
 
 pytestmark = pytest.mark.root

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from egressd.hostside import GUARD_TABLE, table_name
+from egressd.kernel.hostside import GUARD_TABLE, table_name
 from netns_fixtures.probe import Sniffer, l3, ping, scapy_send, tcp_connect, udp_echo
 from netns_fixtures.world import SANDBOX_TCP_PORT
 from tests.integration.conftest import nft_table

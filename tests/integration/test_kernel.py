@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 
 from egressd.cli import main
-from egressd.config import Config
-from egressd.netns import CLOSE_GRACE_S, NetnsError, open_netns
-from egressd.nft import ApplyError, LibnftBackend
-from egressd.policy import parse_sandbox
-from egressd.render import neutral_name, render, stage_commands
+from egressd.kernel.netns import CLOSE_GRACE_S, NetnsError, open_netns
+from egressd.kernel.nft import ApplyError, LibnftBackend
+from egressd.model.config import Config
+from egressd.model.policy import parse_sandbox
+from egressd.ruleset.render import neutral_name, render, stage_commands
 from tests.integration.conftest import live_name, nft_json
 from tests.unit.test_render import CASES
 
@@ -291,7 +291,7 @@ def test_what_the_backend_remembers_never_outweighs_the_kernel(world, backend):
 def test_the_kernel_lists_set_elements_as_render_writes_them(netns_name):
     """Digests leave set elements out and reconcile.elements_differ compares them on their own, first as
     text: libnftables must list addresses, prefixes and the catch-alls exactly as render writes them."""
-    from egressd.reconcile import _elem_key, elements_differ
+    from egressd.reconcile.reconciler import elem_key, elements_differ
 
     path = f"/run/netns/{netns_name}"
     many = [f"198.18.{i // 256}.{i % 256}/32" for i in range(0, 4000, 2)]
@@ -309,8 +309,8 @@ def test_the_kernel_lists_set_elements_as_render_writes_them(netns_name):
             for item in listing:
                 if "set" in item:
                     name = neutral_name(item["set"]["name"])
-                    have = sorted(_elem_key(e) for e in item["set"].get("elem", ()))
-                    assert have == sorted(_elem_key(e) for e in want[name]), name
+                    have = sorted(elem_key(e) for e in item["set"].get("elem", ()))
+                    assert have == sorted(elem_key(e) for e in want[name]), name
             assert elements_differ(listing, rs) is None
     finally:
         backend.close()
@@ -321,7 +321,7 @@ def test_contexts_let_go_of_are_freed_after_the_grace_period_and_never_pile_up(w
     in its namespace: freeing is deferred by CLOSE_GRACE_S, but never holds more than GRAVEYARD_MAX."""
     import weakref
 
-    from egressd.netns import GRAVEYARD_MAX, ContextCache
+    from egressd.kernel.netns import GRAVEYARD_MAX, ContextCache
 
     class Ctx:
         pass

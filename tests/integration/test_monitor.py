@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from egressd.monitor import FD_BASE, ChangeMonitor, open_monitor_socket, raise_fd_limit
-from egressd.policy import parse_sandbox
-from egressd.render import render
+from egressd.kernel.monitor import FD_BASE, ChangeMonitor, open_monitor_socket, raise_fd_limit
+from egressd.model.policy import parse_sandbox
+from egressd.ruleset.render import render
 from netns_fixtures._nsutil import netns_socket
 from netns_fixtures.probe import ping, tcp_connect, udp_echo
 from tests.integration.conftest import live_name, nft_json, nft_table
@@ -258,7 +258,7 @@ def apply_in_this_process(backend, sb, **policy):
 
 
 def _config():
-    from egressd.config import config_from_dict
+    from egressd.model.config import config_from_dict
 
     return config_from_dict({})
 

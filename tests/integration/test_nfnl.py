@@ -4,12 +4,12 @@ import subprocess
 
 import pytest
 
-from egressd.config import Config
-from egressd.netns import NetnsError
-from egressd.nfnl import read_chain_comments
-from egressd.nft import LibnftBackend, fingerprint_of
-from egressd.policy import DENY_ALL, parse_sandbox
-from egressd.render import FINGERPRINT_CHAIN, TABLE, render
+from egressd.kernel.netns import NetnsError
+from egressd.kernel.nfnl import read_chain_comments
+from egressd.kernel.nft import LibnftBackend, fingerprint_of
+from egressd.model.config import Config
+from egressd.model.policy import DENY_ALL, parse_sandbox
+from egressd.ruleset.render import FINGERPRINT_CHAIN, TABLE, render
 
 pytestmark = pytest.mark.root
 

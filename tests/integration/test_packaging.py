@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from egressd.config import Config, _ConfigModel, load_config
-from egressd.daemon import READY_TIMEOUT
+from egressd.agent.daemon import READY_TIMEOUT
+from egressd.model.config import Config, _ConfigModel, load_config
 from tests.integration.conftest import nft_json, nft_table
 
 ROOT = Path(__file__).resolve().parents[2]

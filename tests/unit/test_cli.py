@@ -3,9 +3,9 @@
 import json
 
 from egressd.cli import main
-from egressd.config import Config
-from egressd.policy import parse_sandbox
-from egressd.render import render
+from egressd.model.config import Config
+from egressd.model.policy import parse_sandbox
+from egressd.ruleset.render import render
 
 
 def test_render_prints_one_transaction(tmp_path, capsys):

@@ -2,9 +2,9 @@
 
 import pytest
 
-from egressd.config import Config, config_from_dict
-from egressd.decide import decide
-from egressd.policy import parse_sandbox
+from egressd.model.config import Config, config_from_dict
+from egressd.model.policy import parse_sandbox
+from egressd.ruleset.decide import decide
 
 
 def policy(**np):

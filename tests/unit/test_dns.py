@@ -6,11 +6,11 @@ import time
 
 import pytest
 
-from egressd.config import config_from_dict
-from egressd.dns import GIVE_UP_AFTER, RDTYPES, Answer, DnsCache, DnsService, rdtype_of
-from egressd.nft import FakeBackend
-from egressd.policy import parse_sandbox
-from egressd.reconcile import Reconciler, export_state, restore_state
+from egressd.desired.dns import GIVE_UP_AFTER, RDTYPES, Answer, DnsCache, DnsService, rdtype_of
+from egressd.kernel.nft import FakeBackend
+from egressd.model.config import config_from_dict
+from egressd.model.policy import parse_sandbox
+from egressd.reconcile.reconciler import Reconciler, export_state, restore_state
 
 
 class Clock:

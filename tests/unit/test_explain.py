@@ -8,13 +8,13 @@ from dataclasses import replace
 import pytest
 
 from egressd import cli
-from egressd.config import Config, config_from_dict
-from egressd.daemon import Agent
-from egressd.decide import decide
-from egressd.dns import NXDOMAIN, RDTYPES, Answer, DnsCache, rdtype_of
-from egressd.explain import explain_addresses, parse_dest
-from egressd.nft import FakeBackend
-from egressd.policy import parse_sandbox
+from egressd.agent.daemon import Agent
+from egressd.desired.dns import NXDOMAIN, RDTYPES, Answer, DnsCache, rdtype_of
+from egressd.kernel.nft import FakeBackend
+from egressd.model.config import Config, config_from_dict
+from egressd.model.policy import parse_sandbox
+from egressd.ruleset.decide import decide
+from egressd.ruleset.explain import explain_addresses, parse_dest
 
 API, BAD = "api.example.com", "bad.example.com"
 

@@ -2,11 +2,11 @@
 
 import pytest
 
-from egressd.config import Config
-from egressd.netns import NetnsError
-from egressd.nft import ApplyError, FakeBackend
-from egressd.policy import parse_sandbox
-from egressd.render import render
+from egressd.kernel.netns import NetnsError
+from egressd.kernel.nft import ApplyError, FakeBackend
+from egressd.model.config import Config
+from egressd.model.policy import parse_sandbox
+from egressd.ruleset.render import render
 
 
 def ruleset(**np):

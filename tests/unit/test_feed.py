@@ -10,17 +10,9 @@ import tempfile
 
 import pytest
 
-from egressd.feed import (
-    PARTIAL_DROPPED,
-    TRUNCATED_DROPPED,
-    FeedError,
-    FileSource,
-    Line,
-    LineSplitter,
-    StdinSource,
-    UnixSource,
-    parse_source,
-)
+from egressd.feed.lines import PARTIAL_DROPPED, FeedError, Line, LineSplitter
+from egressd.feed.local import TRUNCATED_DROPPED, FileSource, StdinSource, UnixSource
+from egressd.feed.sources import parse_source
 
 POLL = 0.01
 

@@ -13,9 +13,8 @@ import pytest
 from nats.errors import SlowConsumerError
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from egressd.config import NatsFeed
-from egressd.feed import FeedError
-from egressd.fleet import (
+from egressd.feed.lines import FeedError
+from egressd.feed.nats import (
     KV_DEL,
     KV_PURGE,
     STABLE_SESSION,
@@ -29,7 +28,8 @@ from egressd.fleet import (
     snapshot_of,
     tls_context,
 )
-from egressd.policy import Delete, PolicyError, Snapshot, Upsert, parse_sandbox
+from egressd.model.config import NatsFeed
+from egressd.model.policy import Delete, PolicyError, Snapshot, Upsert, parse_sandbox
 
 HOST = "h1"
 
@@ -582,7 +582,7 @@ class FakeWatcher:
 
 
 def test_a_snapshot_that_stops_coming_ends_the_session_and_forgets_nothing(monkeypatch):
-    monkeypatch.setattr("egressd.fleet.SNAPSHOT_IDLE", 0.05)
+    monkeypatch.setattr("egressd.feed.nats.SNAPSHOT_IDLE", 0.05)
     s = source()
     lines = []
     raw = [item(f"{HOST}.a", value(netns="/run/netns/a"), 1), item(f"{HOST}.b", value(), 2), None]
@@ -635,7 +635,7 @@ def _info(created, last_seq):
     ],
 )
 def test_the_bucket_check_ends_a_session_on_another_bucket(monkeypatch, later, says):
-    monkeypatch.setattr("egressd.fleet.BUCKET_CHECK_INTERVAL", 0.001)
+    monkeypatch.setattr("egressd.feed.nats.BUCKET_CHECK_INTERVAL", 0.001)
     s = source()
     s.revision = 10
     js = FakeJs([_info("t0", 10), TimeoutError(), _info("t0", 12), later])  # same, busy, grown: all fine

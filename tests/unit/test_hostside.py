@@ -3,12 +3,12 @@
 import asyncio
 import random
 
-from egressd.config import Config, config_from_dict
-from egressd.hostside import GUARD_TABLE, _neutral, guard_commands, table_name, target_for
-from egressd.nft import ApplyError, FakeBackend, replace_table
-from egressd.policy import DENY_ALL, PolicyError, parse_sandbox
-from egressd.reconcile import Reconciler, export_state, listing_digest, restore_state
-from egressd.render import create_commands, render
+from egressd.kernel.hostside import GUARD_TABLE, guard_commands, neutral_listing, table_name, target_for
+from egressd.kernel.nft import ApplyError, FakeBackend, replace_table
+from egressd.model.config import Config, config_from_dict
+from egressd.model.policy import DENY_ALL, PolicyError, parse_sandbox
+from egressd.reconcile.reconciler import Reconciler, export_state, listing_digest, restore_state
+from egressd.ruleset.render import create_commands, render
 from tests.unit.test_reconcile import CONFIG, settle
 
 
@@ -72,7 +72,7 @@ def test_listings_of_one_policy_digest_the_same_whatever_the_interface():
             {next(iter(c["add"])): {**o, "handle": i}} for i, (c, o) in enumerate(zip(cmds, out, strict=True))
         ]
 
-    a, b = _neutral(listing("veth-a")), _neutral(listing("veth-b"))
+    a, b = neutral_listing(listing("veth-a")), neutral_listing(listing("veth-b"))
     assert listing_digest(a) == listing_digest(b)
     assert "veth-a" not in str(a) and table_name("veth-a") not in str(a)
 

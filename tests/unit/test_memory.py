@@ -1,6 +1,6 @@
 """glibc malloc tuning (memory.py): it must take effect on glibc and never fail the agent elsewhere."""
 
-from egressd import memory
+from egressd.agent import memory
 
 
 def test_tune_and_trim_work_on_this_glibc():

@@ -10,11 +10,11 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from egressd.config import config_from_dict
-from egressd.metrics import DeniedCounters, Metrics, MetricsError, Snapshot, on_loop, snapshot
-from egressd.nft import FakeBackend
-from egressd.policy import PolicyError, parse_sandbox
-from egressd.reconcile import Reconciler
+from egressd.agent.metrics import DeniedCounters, Metrics, MetricsError, Snapshot, on_loop, snapshot
+from egressd.kernel.nft import FakeBackend
+from egressd.model.config import config_from_dict
+from egressd.model.policy import PolicyError, parse_sandbox
+from egressd.reconcile.reconciler import Reconciler
 from tests.loopback import free_port
 
 CONFIG = config_from_dict({"reconcile": {"retry_initial": 0.01, "retry_max": 0.05, "workers": 2}})
@@ -205,8 +205,8 @@ def test_feed_revision_only_for_a_source_that_has_one():
 
 
 def test_feed_health_from_a_real_nats_source_and_its_text_exposition():
-    from egressd.config import NatsFeed
-    from egressd.fleet import NatsSource
+    from egressd.feed.nats import NatsSource
+    from egressd.model.config import NatsFeed
 
     src = NatsSource("nats://127.0.0.1:4222", NatsFeed(host_id="h1"))
     src._apply_snapshot([], [].append, 0.0)

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egressd.config import ConfigError, config_from_dict
-from egressd.monitor import ChangeMonitor, TransactionParser, fd_capacity
-from egressd.netns import NetnsError
+from egressd.kernel.monitor import ChangeMonitor, TransactionParser, fd_capacity
+from egressd.kernel.netns import NetnsError
+from egressd.model.config import ConfigError, config_from_dict
 
 OWN_TID = 4242
 OTHER_TID = 777

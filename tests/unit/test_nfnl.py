@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from egressd.nfnl import (
+from egressd.kernel.nfnl import (
     NFGENMSG,
     NFNL_SUBSYS_NFTABLES,
     NFT_MSG_GETRULE,

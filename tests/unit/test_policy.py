@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egressd.policy import (
+from egressd.model.policy import (
     Delete,
     PolicyError,
     Snapshot,
@@ -293,7 +293,7 @@ _ADDRESSY = st.one_of(
 def test_the_fast_address_parser_agrees_with_the_careful_one(text):
     """_fast_network takes well-formed addresses and CIDRs past ipaddress' text parser; whatever it accepts
     must come out exactly as the careful path makes it, and whatever it refuses goes that path."""
-    from egressd import policy
+    from egressd.model import policy
 
     def outcome(fast: bool):
         saved = policy._fast_network

@@ -6,10 +6,18 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from egressd.config import Config
-from egressd.decide import decide
-from egressd.policy import PolicyError, Snapshot, Upsert, parse_entry, parse_event, parse_line, parse_sandbox
-from egressd.render import render
+from egressd.model.config import Config
+from egressd.model.policy import (
+    PolicyError,
+    Snapshot,
+    Upsert,
+    parse_entry,
+    parse_event,
+    parse_line,
+    parse_sandbox,
+)
+from egressd.ruleset.decide import decide
+from egressd.ruleset.render import render
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

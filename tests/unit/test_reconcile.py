@@ -5,11 +5,11 @@ import dataclasses
 import random
 import threading
 
-from egressd.config import config_from_dict
-from egressd.nft import ApplyError, FakeBackend
-from egressd.policy import DENY_ALL, PolicyError, parse_event, parse_sandbox
-from egressd.reconcile import KeyedQueue, Reconciler, elements_differ, export_state, restore_state
-from egressd.render import render
+from egressd.kernel.nft import ApplyError, FakeBackend
+from egressd.model.config import config_from_dict
+from egressd.model.policy import DENY_ALL, PolicyError, parse_event, parse_sandbox
+from egressd.reconcile.reconciler import KeyedQueue, Reconciler, elements_differ, export_state, restore_state
+from egressd.ruleset.render import render
 
 CONFIG = config_from_dict({"reconcile": {"retry_initial": 0.01, "retry_max": 0.05, "workers": 2}})
 
@@ -338,8 +338,8 @@ def test_desired_state_is_written_before_applying_but_once_per_burst():
 
 def test_a_full_disk_never_stops_enforcement(tmp_path, monkeypatch):
     """The persister reports the failed write and retries; the reconciler applies all the same."""
-    from egressd.daemon import Persister
-    from egressd.state import StateFile
+    from egressd.agent.daemon import Persister
+    from egressd.desired.statefile import StateFile
 
     backend = FakeBackend(namespaces={"/run/netns/a"})
     state = StateFile(tmp_path / "state")
@@ -595,8 +595,8 @@ def test_eventual_state_writes_are_spaced_by_how_long_a_write_takes(tmp_path, mo
     rewrote a 3.5 MB file after nearly every one of them."""
     import time
 
-    from egressd import daemon
-    from egressd.state import StateFile
+    from egressd.agent import daemon
+    from egressd.desired.statefile import StateFile
 
     saved = []
 

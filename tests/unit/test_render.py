@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from egressd.config import Config, config_from_dict
-from egressd.nft import fingerprint_of, replace_table
-from egressd.policy import parse_sandbox
-from egressd.render import FINGERPRINT_CHAIN, render
+from egressd.kernel.nft import fingerprint_of, replace_table
+from egressd.model.config import Config, config_from_dict
+from egressd.model.policy import parse_sandbox
+from egressd.ruleset.render import FINGERPRINT_CHAIN, render
 
 GOLDEN = Path(__file__).parent.parent / "golden"
 

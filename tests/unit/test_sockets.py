@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from egressd.sockets import SocketPathError, bind_unix, unlink_if_ours
+from egressd.common.sockets import SocketPathError, bind_unix, unlink_if_ours
 
 
 def test_a_new_socket_is_born_private(tmp_path):

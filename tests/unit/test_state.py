@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from egressd.state import StateError, StateFile, ensure_private_dir
+from egressd.desired.statefile import StateError, StateFile, ensure_private_dir
 
 
 def test_round_trip_with_private_modes(tmp_path):

@@ -10,11 +10,11 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from egressd.config import Config
-from egressd.decide import IPAddress, Verdict, decide
-from egressd.dns import DnsCache
-from egressd.policy import Policy, parse_entry
-from egressd.reconcile import enforced_policy
+from egressd.desired.dns import DnsCache
+from egressd.model.config import Config
+from egressd.model.policy import Policy, parse_entry
+from egressd.ruleset.decide import IPAddress, Verdict, decide
+from egressd.ruleset.plan import enforced_policy
 
 
 def parse_dest(text: str) -> IPAddress | str:

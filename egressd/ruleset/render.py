@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from egressd.config import Config
-from egressd.policy import IPNetwork, Policy
+from egressd.model.config import Config
+from egressd.model.policy import IPNetwork, Policy
 
 FAMILY = "inet"
 TABLE = "egressd"

@@ -10,9 +10,9 @@ import ipaddress
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
-from egressd.config import Config
-from egressd.policy import IPNetwork, Policy, Targets
-from egressd.render import EMBEDDED_IPV4
+from egressd.model.config import Config
+from egressd.model.policy import IPNetwork, Policy, Targets
+from egressd.ruleset.render import EMBEDDED_IPV4
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

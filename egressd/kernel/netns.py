@@ -45,7 +45,8 @@ class NsId:
     ino: int
 
 
-def _libc_setns() -> Callable[[int, int], int]:
+def libc_setns() -> Callable[[int, int], int]:
+    """setns(2) from libc (os.setns only exists from Python 3.12); the backends and the monitor share it."""
     libc = ctypes.CDLL(None, use_errno=True)
     fn = libc.setns
     fn.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -134,7 +135,7 @@ def in_netns(
     try:
         home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return enter_and_call(fd, fn, setns or _libc_setns(), home), ident
+            return enter_and_call(fd, fn, setns or libc_setns(), home), ident
         finally:
             os.close(home)
     finally:
@@ -184,7 +185,7 @@ class ContextCache:
         self._wake = threading.Condition(self._lock)
         self._closed = False
         self._reaper: threading.Thread | None = None
-        self._setns = _libc_setns()
+        self._setns = libc_setns()
         self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
     def get(self, path: str) -> tuple[Any, bool]:

@@ -12,7 +12,7 @@ import os
 import socket
 import stat
 
-from egressd.logs import log
+from egressd.common.logs import log
 
 
 class SocketPathError(ValueError):

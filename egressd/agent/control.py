@@ -13,7 +13,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from egressd.sockets import SocketPathError, bind_unix, unlink_if_ours
+from egressd.common.sockets import SocketPathError, bind_unix, unlink_if_ours
 
 MAX_REQUEST = 64 * 1024
 

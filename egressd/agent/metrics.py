@@ -27,11 +27,11 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from egressd.config import parse_listen
-from egressd.logs import log
-from egressd.netns import NetnsError
-from egressd.nft import ApplyError
-from egressd.reconcile import COUNTERS, Reconciler
+from egressd.common.logs import log
+from egressd.kernel.netns import NetnsError
+from egressd.kernel.nft import ApplyError
+from egressd.model.config import parse_listen
+from egressd.reconcile.reconciler import COUNTERS, Reconciler
 
 COUNTER_BATCH = 50  # counters read per trip to a worker thread
 SCRAPE_TIMEOUT = 5.0

@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from egressd.netns import ContextCache, NetnsError, NsId, _libc_setns
-from egressd.nfnl import NetlinkError, read_chain_comments
-from egressd.render import (
+from egressd.kernel.netns import ContextCache, NetnsError, NsId, libc_setns
+from egressd.kernel.nfnl import NetlinkError, read_chain_comments
+from egressd.ruleset.render import (
     FAMILY,
     FINGERPRINT_CHAIN,
     NETNS,
@@ -205,7 +205,7 @@ class LibnftBackend:
         self._nft_lock = threading.Lock()
         self._cache = ContextCache(_make_nft, limit=context_limit, free_lock=self._nft_lock)
         self._home_nft: Any = None  # for the host-side table, in the namespace egressd runs in
-        self._setns = _libc_setns()
+        self._setns = libc_setns()
         # per namespace: (namespace identity, variant in force, commands that would retire it)
         self._written: dict[str, tuple[NsId | None, str, list[Json]]] = {}
 

@@ -10,7 +10,7 @@ While the server cannot be reached, nothing here touches desired state: the agen
 (restored from its state file at a start) and this source retries with backoff. Reconnecting is ours, not
 the client library's, so that every session starts with a snapshot.
 
-Only hosts whose feed is nats:// import this module (see feed.parse_source), so the client library is
+Only hosts whose feed is nats:// import this module (see feed.sources.parse_source), so the client library is
 imported here, once, and by no other host.
 """
 
@@ -33,10 +33,10 @@ import nats
 import nats.errors
 import nats.js.errors
 
-from egressd.config import NatsFeed
-from egressd.feed import DEFAULT_MAX_LINE, FeedError, FeedStats, Line, OnLine, deliver
-from egressd.logs import log
-from egressd.policy import (
+from egressd.common.logs import log
+from egressd.feed.lines import DEFAULT_MAX_LINE, FeedError, FeedStats, Line, OnLine, deliver
+from egressd.model.config import NatsFeed
+from egressd.model.policy import (
     DEFAULT_MAX_ENTRIES,
     Delete,
     PolicyError,

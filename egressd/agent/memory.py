@@ -16,7 +16,7 @@ import ctypes.util
 import logging
 from typing import Any
 
-from egressd.logs import log
+from egressd.common.logs import log
 
 M_TRIM_THRESHOLD = -1
 TRIM_THRESHOLD = 128 * 1024

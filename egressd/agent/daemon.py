@@ -18,21 +18,23 @@ from collections.abc import Callable
 from ipaddress import ip_address
 from typing import Any
 
-from egressd import __version__, memory
-from egressd.config import Config, ConfigError, load_config
-from egressd.control import ControlError, ControlServer
-from egressd.decide import IPAddress
-from egressd.dns import RDTYPES, Answer, DnsCache, DnsService, Resolver, join_errors, resolve_all
-from egressd.explain import explain_addresses, parse_dest
-from egressd.feed import FeedError, Line, Source, parse_source
-from egressd.hostside import HostBackend
-from egressd.logs import log, setup_logging
-from egressd.metrics import DeniedCounters, Metrics, MetricsError, on_loop, snapshot
-from egressd.monitor import ChangeMonitor, raise_fd_limit
-from egressd.nft import Backend, LibnftBackend
-from egressd.policy import Event, PolicyError, parse_line
-from egressd.reconcile import Reconciler, export_state, restore_state
-from egressd.state import StateError, StateFile
+from egressd import __version__
+from egressd.agent import memory
+from egressd.agent.control import ControlError, ControlServer
+from egressd.agent.metrics import DeniedCounters, Metrics, MetricsError, on_loop, snapshot
+from egressd.common.logs import log, setup_logging
+from egressd.desired.dns import RDTYPES, Answer, DnsCache, DnsService, Resolver, join_errors, resolve_all
+from egressd.desired.statefile import StateError, StateFile
+from egressd.feed.lines import FeedError, Line, Source
+from egressd.feed.sources import parse_source
+from egressd.kernel.hostside import HostBackend
+from egressd.kernel.monitor import ChangeMonitor, raise_fd_limit
+from egressd.kernel.nft import Backend, LibnftBackend
+from egressd.model.config import Config, ConfigError, load_config
+from egressd.model.policy import Event, PolicyError, parse_line
+from egressd.reconcile.reconciler import Reconciler, export_state, restore_state
+from egressd.ruleset.decide import IPAddress
+from egressd.ruleset.explain import explain_addresses, parse_dest
 
 READY_TIMEOUT = 120.0
 VERIFY_TIMEOUT = 600.0  # the verification pass after READY: every table read whole (10,000 in seconds)

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from egressd import __version__
-from egressd.config import Config
-from egressd.dns import DnsCache, DnsService
-from egressd.hostside import HostBackend
-from egressd.logs import log
-from egressd.netns import NetnsError, NsId, netns_id
-from egressd.nft import ApplyError, Backend, active_variant, fingerprint_of, set_elements
-from egressd.policy import (
+from egressd.common.logs import log
+from egressd.desired.dns import DnsService
+from egressd.kernel.hostside import HostBackend
+from egressd.kernel.netns import NetnsError, NsId, netns_id
+from egressd.kernel.nft import ApplyError, Backend, active_variant, fingerprint_of, set_elements
+from egressd.model.config import Config
+from egressd.model.policy import (
     DENY_ALL,
     Delete,
     Event,
@@ -44,7 +44,8 @@ from egressd.policy import (
     parse_sandbox,
     sandbox_to_record,
 )
-from egressd.render import FINGERPRINT_CHAIN, Json, Ruleset, elements_for, neutral_name, render
+from egressd.ruleset.plan import plan
+from egressd.ruleset.render import FINGERPRINT_CHAIN, Json, Ruleset, neutral_name, render
 
 MAX_TOMBSTONES = 100_000
 DNS_SET_SUFFIXES = ("_dns4", "_dns6")
@@ -54,42 +55,6 @@ RENDER_CACHE = 256
 PENDING_RETRY_MAX = 1.0  # a namespace that does not exist yet is looked for at least every second
 COUNTERS = ("applied", "unchanged", "adopted", "repaired", "dns_updated", "failed")
 COUNTERS += ("host_applied", "host_repaired", "host_failed")
-
-
-def enforced_policy(policy: Policy, cache: DnsCache | None) -> tuple[Policy, list[str]]:
-    """The policy the kernel is given, and the deny_out hosts it waits for: while any is unresolved, the
-    sandbox is held closed (allow_internet_access false). plan() and `egressd explain` both use this."""
-    waiting = [h for h in policy.deny_out.hostnames if cache is None or not cache.settled(h)]
-    if waiting and policy.allow_internet_access:
-        policy = replace(policy, allow_internet_access=False)
-    return policy, waiting
-
-
-def plan(
-    policy: Policy,
-    config: Config,
-    cache: DnsCache | None,
-    render_fn: Callable[[Policy], Ruleset] | None = None,
-) -> tuple[Ruleset, dict[str, frozenset[str]], str | None]:
-    """The table and DNS set elements a policy needs now, and why it is held closed, if it is.
-
-    Fail closed: until every deny_out host has resolved once (or failed for good), the sandbox is enforced
-    as if allow_internet_access were false. An allow_out host not resolved yet allows nothing.
-    """
-    allow_hosts, deny_hosts = policy.allow_out.hostnames, policy.deny_out.hostnames
-    policy, waiting = enforced_policy(policy, cache)
-    ruleset = render_fn(policy) if render_fn is not None else render(policy, config)
-    if not ruleset.dns_sets:
-        return ruleset, {}, None
-    allow = set().union(*(cache.addresses(h) for h in allow_hosts)) if cache else set()
-    deny = set().union(*(cache.addresses(h) for h in deny_hosts)) if cache else set()
-    if waiting:
-        note = f"closed until deny_out hosts resolve: {', '.join(waiting)}"
-    else:
-        # Not yet the policy asked for either: `wait` should not let a workload start before its names work.
-        unresolved = [h for h in allow_hosts if cache is None or not cache.settled(h)]
-        note = f"allow_out hosts not resolved yet: {', '.join(unresolved)}" if unresolved else None
-    return ruleset, elements_for(ruleset, allow, deny, config.guard.deny), note
 
 
 def _describe_change(add: dict[str, frozenset[str]], delete: dict[str, frozenset[str]]) -> str:
@@ -123,7 +88,7 @@ def listing_digest(listing: list[Json]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _elem_key(e: Any) -> str:
+def elem_key(e: Any) -> str:
     """One set element as text: how libnftables lists it, in the form render writes it."""
     if isinstance(e, str):
         return e
@@ -171,8 +136,8 @@ def elements_differ(listing: list[Json], ruleset: Ruleset) -> str | None:
         name = neutral_name(str(obj.get("name", "")))
         if name.endswith(DNS_SET_SUFFIXES):
             continue
-        have = sorted(_elem_key(e) for e in obj.get("elem", ()))
-        expected = sorted(_elem_key(e) for e in want.get(name, ()))
+        have = sorted(elem_key(e) for e in obj.get("elem", ()))
+        expected = sorted(elem_key(e) for e in want.get(name, ()))
         if have != expected and (_ranges(have) is None or _ranges(have) != _ranges(expected)):
             return f"set {name} holds other addresses than the policy's"
     return None

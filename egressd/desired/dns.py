@@ -24,7 +24,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
-from egressd.logs import log
+from egressd.common.logs import log
 
 GIVE_UP_AFTER = 5  # consecutive failures after which a name that never resolved counts as settled (empty)
 FAILURE_BACKOFF_MAX = 60.0

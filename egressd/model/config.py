@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from egressd.policy import DEFAULT_MAX_ENTRIES, IPNetwork, collapse
+from egressd.model.policy import DEFAULT_MAX_ENTRIES, IPNetwork, collapse
 
 DEFAULT_GUARD_DENY = ("169.254.0.0/16", "fd00:ec2::254/128")
 DEFAULT_GUARD_PRIVATE = (

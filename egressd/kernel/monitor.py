@@ -37,9 +37,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from egressd.logs import log
-from egressd.netns import CLOSE_GRACE_S, NetnsError, NsId, _libc_setns, in_netns, netns_id
-from egressd.nfnl import (
+from egressd.common.logs import log
+from egressd.kernel.netns import CLOSE_GRACE_S, NetnsError, NsId, in_netns, libc_setns, netns_id
+from egressd.kernel.nfnl import (
     NETLINK_NETFILTER,
     NFGENMSG,
     NFNL_SUBSYS_NFTABLES,
@@ -299,7 +299,7 @@ class ChangeMonitor:
         self._is_own = is_own if is_own is not None else own_thread_check()
         self.own_filter = self._is_own is not None
         self._min_gap = min_gap
-        setns = _libc_setns()  # one libc handle, not one per socket
+        setns = libc_setns()  # one libc handle, not one per socket
         self._opener = opener or (lambda path: open_monitor_socket(path, self._fd_base, setns=setns))
         self._watches: dict[str, _Watch] = {}
         self._starved: dict[str, None] = {}  # sandboxes waiting for a descriptor, oldest first

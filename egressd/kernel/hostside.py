@@ -31,8 +31,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from egressd.config import Config
-from egressd.nft import (
+from egressd.kernel.nft import (
     ApplyError,
     Elements,
     active_variant,
@@ -44,7 +43,8 @@ from egressd.nft import (
     retire_commands,
     update_commands,
 )
-from egressd.render import (
+from egressd.model.config import Config
+from egressd.ruleset.render import (
     FINGERPRINT_CHAIN,
     ND_TYPES,
     Json,
@@ -112,7 +112,7 @@ def guard_commands(mark: int) -> list[Json]:
     ]
 
 
-def _neutral(listing: list[Json]) -> list[Json]:
+def neutral_listing(listing: list[Json]) -> list[Json]:
     """A listing with its table's name made the same for every interface (and no device): one policy,
     one digest, whichever sandbox's table it is."""
     text = json.dumps(listing)
@@ -204,7 +204,7 @@ class HostBackend:
 
     def read(self, where: str) -> list[Json] | None:
         listing = self._list({"table": {"family": FAMILY, "name": table_name(where)}})
-        return None if listing is None else _neutral(listing)
+        return None if listing is None else neutral_listing(listing)
 
     def fingerprint(self, where: str) -> str | None:
         chain = {"family": FAMILY, "table": table_name(where), "name": FINGERPRINT_CHAIN}

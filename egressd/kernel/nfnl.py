@@ -18,7 +18,7 @@ import socket
 import struct
 from collections.abc import Callable
 
-from egressd.netns import in_netns
+from egressd.kernel.netns import in_netns
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10

@@ -1,0 +1,1 @@
+"""What every stage uses: JSON logs and unix socket helpers."""
