@@ -16,13 +16,14 @@ from typing import Any, TextIO
 
 from egressd import __version__
 from egressd.agent.control import ControlError, request
-from egressd.desired.dns import DnsCache, Resolver, resolve_all
+from egressd.desired.dnscache import DnsCache
+from egressd.desired.resolve import Resolver, resolve_once
 from egressd.kernel.hostside import HostBackend
 from egressd.kernel.netns import NetnsError
-from egressd.kernel.nft import ApplyError, LibnftBackend, replace_table
+from egressd.kernel.nft import ApplyError, Backend, LibnftBackend, replace_table
 from egressd.model.config import Config, ConfigError, load_config
-from egressd.model.policy import PolicyError, Sandbox, Snapshot, Upsert, parse_line, parse_sandbox
-from egressd.ruleset.plan import plan
+from egressd.model.policy import Policy, PolicyError, Sandbox, Snapshot, Upsert, parse_line, parse_sandbox
+from egressd.reconcile.sync import TableSync
 from egressd.ruleset.render import render
 
 MAX_INPUT_BYTES = 64 * 1024 * 1024
@@ -130,17 +131,21 @@ def _resolve_once(config: Config, sandboxes: list[Sandbox]) -> DnsCache:
     for sb in sandboxes:
         cache.subscribe(sb.id, (*sb.policy.allow_out.hostnames, *sb.policy.deny_out.hostnames))
     if cache.names:
-        resolver = Resolver(config.dns_nameservers, config.dns_timeout)
-
-        async def resolve_every_name() -> None:
-            names = list(cache.names)
-            answers = await asyncio.gather(*(resolve_all(resolver, n) for n in names))
-            for name, by_type in zip(names, answers, strict=True):
-                for rdtype, answer in by_type.items():
-                    cache.record(name, rdtype, answer)
-
-        asyncio.run(resolve_every_name())
+        asyncio.run(resolve_once(cache, Resolver(config.dns_nameservers, config.dns_timeout)))
     return cache
+
+
+def _apply_one(
+    sync: TableSync, backend: Backend, where: str, policy: Policy, cache: DnsCache, force: bool, host: bool
+) -> tuple[str, str | None]:
+    """One table through the agent's sync: (what happened, why it is held closed, if it is)."""
+    ruleset, elements, waiting = sync.target(policy, cache, host=host)
+    if force:
+        backend.apply(where, ruleset, elements)
+        return "applied", waiting
+    result = sync.sync(backend, where, ruleset, elements, None)
+    words = {"adopted": "unchanged", "unchanged": "unchanged", "dns_updated": "updated"}
+    return words.get(result.outcome, result.outcome), waiting
 
 
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
@@ -151,20 +156,19 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     cache = _resolve_once(config, sandboxes)
     backend = LibnftBackend()
     host = HostBackend(backend, config)
+    sync = TableSync(config)
     failed = 0
     for sb in sandboxes:
         if sb.host_interface is not None:
             # The host side first, as the agent does: it is in force even if the namespace is not there.
-            h_ruleset, h_elements, _ = plan(sb.policy, config, cache, lambda p: render(p, config, host=True))
             try:
-                unchanged = host.fingerprint(sb.host_interface) == h_ruleset.fingerprint
-                if not unchanged or h_ruleset.dns_sets or args.force:
-                    host.apply(sb.host_interface, h_ruleset, h_elements)
+                outcome, _ = _apply_one(
+                    sync, host, sb.host_interface, sb.policy, cache, args.force, host=True
+                )
             except ApplyError as e:
                 print(f"{sb.id}: {e}", file=sys.stderr)
                 failed += 1
                 continue
-            outcome = "unchanged" if unchanged and not h_ruleset.dns_sets and not args.force else "applied"
             print(f"{sb.id}: host side {outcome} on {sb.host_interface}")
             if sb.netns is None:
                 continue
@@ -172,18 +176,15 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
             print(f"{sb.id}: no netns in the record; nothing to apply to", file=sys.stderr)
             failed += 1
             continue
-        ruleset, elements, waiting = plan(sb.policy, config, cache)
         try:
-            unchanged = backend.fingerprint(sb.netns) == ruleset.fingerprint and not ruleset.dns_sets
-            if unchanged and not args.force:
-                print(f"{sb.id}: unchanged in {sb.netns}")
-                continue
-            backend.apply(sb.netns, ruleset, elements)
+            outcome, waiting = _apply_one(sync, backend, sb.netns, sb.policy, cache, args.force, host=False)
         except (NetnsError, ApplyError) as e:
             print(f"{sb.id}: {e}", file=sys.stderr)
             failed += 1
             continue
-        print(f"{sb.id}: applied in {sb.netns}" + (f" ({waiting})" if waiting else ""))
+        print(f"{sb.id}: {outcome} in {sb.netns}" + (f" ({waiting})" if waiting else ""))
+        if outcome == "unchanged":
+            continue
         for name in (*sb.policy.allow_out.hostnames, *sb.policy.deny_out.hostnames):
             view = cache.view(name)
             print(

@@ -4,13 +4,15 @@
 #
 # The root is made with debootstrap --variant=minbase (what a minimal image has: no procps, no make), cached
 # in build/roots/RELEASE, and copied to a throwaway build/roots/RELEASE-run.PID for each run, with a copy of
-# this checkout (tracked and untracked files, no .venv) at /src/egressd. The run happens in new mount and pid
-# namespaces (unshare --mount --pid --fork --kill-child): the root is bind-mounted onto itself (`ip netns
-# exec` needs it to be a mount point) and made the namespace's root with pivot_root, not chroot, so that
-# user namespaces work and `nsenter --mount` into a namespace made inside lands in the new root. Network
-# namespaces, /run/netns and every process of the run live and die with those namespaces: whatever happens,
-# ending this script (also on Ctrl-C or SIGTERM) kills every process of the run, and the throwaway root is
-# removed. The host's network namespace is shared, so apt and pip reach their registries.
+# this checkout (tracked and untracked files, no .venv) at /src/egressd. The run happens in a new mount
+# namespace (unshare --mount): the root is bind-mounted onto itself (`ip netns exec` needs it to be a mount
+# point) and made the namespace's root with pivot_root, not chroot, so that user namespaces work and
+# `nsenter --mount` into a namespace made inside lands in the new root. It stays in the host's pid namespace:
+# the change monitor tells the agent's own commits apart by the pid the kernel reports, which it can only
+# compare there, and the tests check that. Every process of the run is kept in a cgroup of its own (cgroup
+# v2), so ending this script (also on Ctrl-C or SIGTERM) kills all of them (cgroup.kill), and the throwaway
+# root is removed; network namespaces and /run/netns live in the run's mount namespace and go with it. The
+# host's network namespace is shared, so apt and pip reach their registries.
 #
 # Output goes to the terminal and to build/test-on-RELEASE.log; the exit status is COMMAND's. A .deb the run
 # built (`make deb`) is copied to this checkout's dist/ before the root is removed.
@@ -30,7 +32,7 @@ if [ "${1:-}" = "--inside" ]; then
     shift 2
     mount --make-rprivate /
     mount --bind "$run" "$run"
-    mount -t proc proc "$run/proc"
+    mount -t proc proc "$run/proc"  # this pid namespace's, like the host's /proc
     mount --rbind /sys "$run/sys"
     mount --rbind /dev "$run/dev"
     mount -t tmpfs -o mode=0755 run "$run/run"
@@ -74,12 +76,20 @@ fi
 
 run=$ROOT/build/roots/$release-run.$$
 child=
+cgroot=$(findmnt -rn -t cgroup2 -o TARGET | head -n 1)
+[ -n "$cgroot" ] || fail "no cgroup v2 hierarchy mounted: it is what keeps every process of the run"
+cg=$cgroot/egressd-test-on.$$
 cleanup() {
     trap - EXIT INT TERM
-    if [ -n "$child" ] && kill -0 "$child" 2>/dev/null; then
-        kill -KILL "$child" 2>/dev/null || true  # unshare --kill-child: the whole pid namespace goes too
+    if [ -d "$cg" ]; then
+        echo 1 >"$cg/cgroup.kill" 2>/dev/null || true  # every process of the run, however it forked
+        for _ in $(seq 100); do
+            [ -s "$cg/cgroup.procs" ] || break
+            sleep 0.1
+        done
     fi
     [ -n "$child" ] && wait "$child" 2>/dev/null || true
+    [ -d "$cg" ] && { rmdir "$cg" 2>/dev/null || echo "test-on: cgroup $cg still busy" >&2; }
     # The run's mounts were made in its own mount namespace; none should be visible here. If one is, it is
     # unmounted before anything is removed, and rm never crosses into another file system.
     # A package the run built (make deb, test_deb.py) is this release's: keep it in the host's dist/.
@@ -112,7 +122,9 @@ git ls-files -z --cached --others --exclude-standard | grep -zv '^\.venv/' |
 
 log=$ROOT/build/test-on-$release.log
 echo "test-on: running in $release: $*" >&2
-unshare --mount --pid --fork --kill-child --propagation private \
+mkdir "$cg"
+# The child joins the cgroup before it execs the run, so nothing of the run starts outside it.
+bash -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$cg" unshare --mount --propagation private \
     bash "$ROOT/scripts/test-on.sh" --inside "$run" "$@" > >(tee "$log") 2>&1 &
 child=$!
 status=0

@@ -23,7 +23,8 @@ from egressd.agent import memory
 from egressd.agent.control import ControlError, ControlServer
 from egressd.agent.metrics import DeniedCounters, Metrics, MetricsError, on_loop, snapshot
 from egressd.common.logs import log, setup_logging
-from egressd.desired.dns import RDTYPES, Answer, DnsCache, DnsService, Resolver, join_errors, resolve_all
+from egressd.desired.dnscache import RDTYPES, Answer, DnsCache, join_errors
+from egressd.desired.resolve import DnsService, Resolver, resolve_all
 from egressd.desired.statefile import StateError, StateFile
 from egressd.feed.lines import FeedError, Line, Source
 from egressd.feed.sources import parse_source
@@ -474,7 +475,7 @@ class Agent:
         feed.add_done_callback(self._feed_ended)
         self._tasks.append(feed)
         await self._catch_up(feed)
-        self.reconciler.adopt_by_fingerprint = True
+        self.reconciler.sync.adopt_by_fingerprint = True
         if self.monitor is not None:
             self.monitor.check_on_watch = False  # the verification pass (_verify) reads every table anyway
             self.monitor.paused = True  # and its sockets are made after READY, before that pass
@@ -489,7 +490,7 @@ class Agent:
         )
         if not await self.reconciler.wait_idle(READY_TIMEOUT):
             log(logging.WARNING, "initial_reconcile_slow", detail=f"not done after {READY_TIMEOUT:g} s")
-        self.reconciler.adopt_by_fingerprint = False
+        self.reconciler.sync.adopt_by_fingerprint = False
         await self.reconciler.prune_host()
         self._tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
         self._tasks.append(asyncio.create_task(self._namespace_loop(), name="namespaces"))

@@ -35,6 +35,7 @@ import nats.js.errors
 
 from egressd.common.logs import log
 from egressd.feed.lines import DEFAULT_MAX_LINE, FeedError, FeedStats, Line, OnLine, deliver
+from egressd.feed.nats_errors import SessionEnded, describe, expected
 from egressd.model.config import NatsFeed
 from egressd.model.policy import (
     DEFAULT_MAX_ENTRIES,
@@ -64,10 +65,6 @@ WATCH_INACTIVE = 15.0
 SNAPSHOT_IDLE = 30.0
 
 logger = logging.getLogger(__name__)
-
-
-class SessionEnded(Exception):
-    """The server is reachable, but this session cannot go on (its bucket changed, its watch ended)."""
 
 
 @dataclass(frozen=True)
@@ -297,15 +294,19 @@ class NatsSource:
             try:
                 await self._session(on_line)
                 cause = self._cause
-                problem = _describe(cause, self.settings.bucket) if cause else "the connection was closed"
+                problem = describe(cause, self.settings.bucket) if cause else "the connection was closed"
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # any failure of a session is one more retry, never the agent's end
                 if isinstance(e, nats.errors.NoServersError) and self._cause is not None:
                     e = self._cause
-                problem = _describe(e, self.settings.bucket)
-                if not _expected(e):
+                problem = describe(e, self.settings.bucket)
+                if not expected(e):
                     logger.exception("feed_session_failed", extra={"fields": {"source": self.name}})
+            if not self.live and self._tls is not None and not self.settings.tls_cert:
+                # TLS 1.3: a server that wants a client certificate may refuse it after the handshake, which
+                # the client sees as a lost connection, not as the server's alert.
+                problem += "; if the server verifies its clients, set [feed.nats] tls_cert and tls_key"
             if self.live:
                 self.disconnects += 1
                 if time.time() - (self.connected_since or 0) >= STABLE_SESSION:
@@ -478,49 +479,3 @@ class NatsSource:
         self.values_rejected += 1
         self._stats.last_error = f"key {entry.key} (revision {entry.revision}): {'; '.join(err.problems)}"
         deliver(self._stats, on_line, [Line(self.name, entry.revision, None, key=entry.key, event=err)])
-
-
-def _expected(e: Exception) -> bool:
-    """Failures that are the network's or the server's, not a bug of ours: no traceback for them."""
-    return isinstance(e, SessionEnded | OSError | TimeoutError | ssl.SSLError | nats.errors.Error)
-
-
-# What OpenSSL says when a certificate chain fails only the strict (RFC 5280) checks, and what to do then.
-STRICT_FAILURES = ("key usage", "Key Identifier", "Basic Constraints", "not marked critical")
-STRICT_HINT = (
-    "certificates are verified strictly (RFC 5280, Python 3.13's default): the CA needs basicConstraints "
-    "critical CA:TRUE and keyUsage critical keyCertSign, cRLSign; the server's certificate needs "
-    "subjectAltName and authorityKeyIdentifier; reissue them (docs/fleet.md, TLS)"
-)
-
-
-def _describe(e: Exception, bucket: str) -> str:
-    """An operator's reading of a session failure, with what to do when there is something to do."""
-    name = type(e).__name__
-    text = str(e).strip() or name
-    if isinstance(e, SessionEnded):
-        return text
-    if isinstance(e, nats.js.errors.BucketNotFoundError):
-        return (
-            f"bucket {bucket!r} does not exist; the control plane makes it: nats kv add {bucket} --history 1"
-        )
-    if isinstance(e, nats.errors.NoRespondersError | nats.js.errors.ServiceUnavailableError):
-        return "the server has no JetStream (start nats-server with -js, or enable jetstream in its config)"
-    if isinstance(e, nats.errors.AuthorizationError) or "authorization" in text.lower():
-        return f"the server refused our credentials ({text}); check [feed.nats] creds or nkey"
-    if isinstance(e, ssl.SSLCertVerificationError):
-        why = f"the server's TLS certificate is not trusted ({e.verify_message}); check [feed.nats] tls_ca"
-        if any(m in str(e.verify_message) for m in STRICT_FAILURES):
-            why += f"; {STRICT_HINT}"
-        return why
-    if isinstance(e, ssl.SSLError) and any(
-        r in str(e.reason) for r in ("BAD_CERTIFICATE", "CERTIFICATE_REQUIRED")
-    ):
-        return (
-            f"the server refused our TLS client certificate ({e.reason}); check [feed.nats] tls_cert, tls_key"
-        )
-    if isinstance(e, ssl.SSLError):
-        return f"TLS with the server failed ({e.reason or text}); check tls:// and [feed.nats] tls_* keys"
-    if isinstance(e, nats.errors.NoServersError | OSError | TimeoutError):
-        return f"cannot reach the server: {text}"
-    return f"{name}: {text}"

@@ -12,25 +12,21 @@ immutable inputs.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import ipaddress
-import json
 import logging
 import random
-import re
 import time
-from collections import Counter, OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from egressd import __version__
 from egressd.common.logs import log
-from egressd.desired.dns import DnsService
+from egressd.desired.dnscache import DnsCache
+from egressd.desired.resolve import DnsService
 from egressd.kernel.hostside import HostBackend
 from egressd.kernel.netns import NetnsError, NsId, netns_id
-from egressd.kernel.nft import ApplyError, Backend, active_variant, fingerprint_of, set_elements
+from egressd.kernel.nft import ApplyError, Backend
 from egressd.model.config import Config
 from egressd.model.policy import (
     DENY_ALL,
@@ -44,8 +40,8 @@ from egressd.model.policy import (
     parse_sandbox,
     sandbox_to_record,
 )
-from egressd.ruleset.plan import plan
-from egressd.ruleset.render import FINGERPRINT_CHAIN, Json, Ruleset, neutral_name, render
+from egressd.reconcile.queue import KeyedQueue
+from egressd.reconcile.sync import SyncResult, TableSync
 
 MAX_TOMBSTONES = 100_000
 DNS_SET_SUFFIXES = ("_dns4", "_dns6")
@@ -55,92 +51,6 @@ RENDER_CACHE = 256
 PENDING_RETRY_MAX = 1.0  # a namespace that does not exist yet is looked for at least every second
 COUNTERS = ("applied", "unchanged", "adopted", "repaired", "dns_updated", "failed")
 COUNTERS += ("host_applied", "host_repaired", "host_failed")
-
-
-def _describe_change(add: dict[str, frozenset[str]], delete: dict[str, frozenset[str]]) -> str:
-    parts = [f"+{e} {n}" for n, es in add.items() for e in sorted(es)]
-    parts += [f"-{e} {n}" for n, es in delete.items() for e in sorted(es)]
-    return " ".join(parts[:20]) + (f" (+{len(parts) - 20} more)" if len(parts) > 20 else "")
-
-
-_HANDLE = re.compile(r'"handle":\s*\d+,?\s*')
-_COUNTS = re.compile(r'"(packets|bytes)":\s*\d+')
-_VARIANT = re.compile(r'_[ab]"')
-
-
-def listing_digest(listing: list[Json]) -> str:
-    """What the kernel holds, minus what changes without anyone editing the table (handles, counter values,
-    the variant suffix: the same policy in variant a or b is the same table) and minus what is compared on
-    its own (set elements: elements_differ, and DNS sets by difference; the fingerprint comment). What is
-    left is the same for every policy of one shape (Ruleset.shape). Text substitutions on the JSON: 5x
-    faster than walking it in Python."""
-    items = []
-    for item in listing:
-        obj = item.get("set")
-        if obj is not None:
-            item = {"set": {k: v for k, v in obj.items() if k != "elem"}}
-        rule = item.get("rule")
-        if rule is not None and rule.get("chain") == FINGERPRINT_CHAIN and "comment" in rule:
-            item = {"rule": {k: v for k, v in rule.items() if k != "comment"}}
-        items.append(item)
-    text = json.dumps(items, sort_keys=True, separators=(",", ":"))
-    text = _VARIANT.sub('"', _COUNTS.sub(r'"\1":0', _HANDLE.sub("", text)))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def elem_key(e: Any) -> str:
-    """One set element as text: how libnftables lists it, in the form render writes it."""
-    if isinstance(e, str):
-        return e
-    if isinstance(e, dict):
-        prefix = e.get("prefix")
-        if isinstance(prefix, dict):
-            return f"{prefix.get('addr')}/{prefix.get('len')}"
-        span = e.get("range")
-        if isinstance(span, list) and len(span) == 2:
-            return f"{span[0]}-{span[1]}"
-    return json.dumps(e, sort_keys=True)
-
-
-def _ranges(keys: Iterable[str]) -> list[tuple[int, int, int]] | None:
-    """Elements as merged (version, first, last) address ranges; None when one is not an address."""
-    spans: list[tuple[int, int, int]] = []
-    try:
-        for key in keys:
-            if "-" in key:
-                lo, hi = (ipaddress.ip_address(x) for x in key.split("-", 1))
-            else:
-                net = ipaddress.ip_network(key, strict=True)
-                lo, hi = net.network_address, net.broadcast_address
-            spans.append((lo.version, int(lo), int(hi)))
-    except ValueError:
-        return None
-    merged: list[tuple[int, int, int]] = []
-    for v, lo_, hi_ in sorted(spans):
-        if merged and merged[-1][0] == v and lo_ <= merged[-1][2] + 1:
-            merged[-1] = (v, merged[-1][1], max(merged[-1][2], hi_))
-        else:
-            merged.append((v, lo_, hi_))
-    return merged
-
-
-def elements_differ(listing: list[Json], ruleset: Ruleset) -> str | None:
-    """Which address set of the listing holds other elements than the ruleset renders, if one does. The
-    text forms are compared first (libnftables lists elements as render writes them); only if they differ
-    are both sides compared as address ranges, which no way of printing can fool."""
-    want = ruleset.elements()
-    for item in listing:
-        obj = item.get("set")
-        if obj is None:
-            continue
-        name = neutral_name(str(obj.get("name", "")))
-        if name.endswith(DNS_SET_SUFFIXES):
-            continue
-        have = sorted(elem_key(e) for e in obj.get("elem", ()))
-        expected = sorted(elem_key(e) for e in want.get(name, ()))
-        if have != expected and (_ranges(have) is None or _ranges(have) != _ranges(expected)):
-            return f"set {name} holds other addresses than the policy's"
-    return None
 
 
 CLOSED = "closed (deny-all): "  # the problem of a sandbox that never had a good record
@@ -184,64 +94,6 @@ class Status:
         }
 
 
-class KeyedQueue:
-    """Each key at most once in the queue and at most one worker per key; a key added while its worker
-    runs is queued again when that worker is done, so the latest state is always seen."""
-
-    def __init__(self) -> None:
-        self._queue: deque[str] = deque()
-        self._queued: set[str] = set()
-        self._active: set[str] = set()
-        self._dirty: set[str] = set()
-        self._ready = asyncio.Event()
-
-    def add(self, key: str, urgent: bool = False) -> None:
-        """urgent: ahead of the queue (a table changed by someone else must not wait for a resync pass)."""
-        if key in self._active:
-            self._dirty.add(key)
-        elif key not in self._queued:
-            self._queued.add(key)
-            if urgent:
-                self._queue.appendleft(key)
-            else:
-                self._queue.append(key)
-            self._ready.set()
-        elif urgent:
-            self._queue.remove(key)  # O(n), and rare: only tampering and replaced namespaces get here
-            self._queue.appendleft(key)
-
-    async def get(self) -> str:
-        while not self._queue:
-            self._ready.clear()
-            await self._ready.wait()
-        key = self._queue.popleft()
-        self._queued.discard(key)
-        self._active.add(key)
-        return key
-
-    def done(self, key: str) -> None:
-        self._active.discard(key)
-        if key in self._dirty:
-            self._dirty.discard(key)
-            self.add(key)
-
-    def __len__(self) -> int:
-        return len(self._queue) + len(self._active)
-
-    def idle(self) -> bool:
-        return not self._queue and not self._active
-
-
-@dataclass(frozen=True)
-class SyncResult:
-    outcome: str  # "unchanged", "adopted", "applied", "repaired"
-    fingerprint: str
-    shape: str
-    digest: str
-    writes: int
-    detail: str | None = None
-
-
 class Reconciler:
     """Owns desired state and status; workers make the kernel match. Call everything from the loop."""
 
@@ -265,27 +117,20 @@ class Reconciler:
         self.desired: dict[str, Desired] = {}
         self.status: dict[str, Status] = {}
         self.tombstones: OrderedDict[str, int | None] = OrderedDict()
-        self.digests: dict[
-            str, str
-        ] = {}  # Ruleset.shape -> listing_digest of its tables, as the kernel lists them
-        self._shapes: dict[str, str] = {}  # fingerprint -> Ruleset.shape, for the tables in force
+        self.sync = TableSync(config)  # render cache, digests, adoption memory: the one table sync
         # netns path / host_interface -> the sandboxes naming it, in order (normally one: upsert refuses a
         # second, but a state file from an older agent may hold two)
         self._by_netns: dict[str, dict[str, None]] = {}
         self._by_iface: dict[str, dict[str, None]] = {}
-        # sandbox id -> (desired generation, fingerprint and shape in force for it), from the state file
-        self._hints: dict[str, tuple[int, str, str]] = {}
         self.queue = KeyedQueue()
         self._persist = persist
         self._flush = flush
         self._idle = idle  # told when the queue has just run empty
         self.persisted_generation = 0  # desired state up to this generation is on disk (set by the persister)
-        self.adopt_by_fingerprint = False  # the daemon sets it for its first pass (see _sync)
         # Told where each sandbox's table now lives (path) or that it has none any more (None): the daemon
         # points its change monitor at it (see monitor.py).
         self.on_table: Callable[[str, str | None], None] | None = None
         self.dns = dns
-        self._rendered: OrderedDict[tuple[Policy, int, bool], Ruleset] = OrderedDict()
         self._notify_scheduled = False
         self._rng = rng or random.Random()
         self._attempts: dict[str, int] = {}
@@ -492,7 +337,7 @@ class Reconciler:
         self.config = config
         if isinstance(self.host_backend, HostBackend):
             self.host_backend.set_config(config)
-        self._rendered.clear()
+        self.sync.set_config(config)
         self.resync()
 
     def check_namespaces(self) -> list[str]:
@@ -534,11 +379,7 @@ class Reconciler:
                 asyncio.get_running_loop().create_task(self._check_guard(self.host_backend))
         in_use = {st.fingerprint for st in self.status.values()}
         in_use |= {fp for _, fp in self._host_written.values()}
-        for fingerprint in [f for f in self._shapes if f not in in_use]:
-            del self._shapes[fingerprint]  # policies no sandbox has any more: keep the maps bounded
-        shapes = set(self._shapes.values())
-        for shape in [s for s in self.digests if s not in shapes]:
-            del self.digests[shape]
+        self.sync.prune(in_use)  # policies no sandbox has any more: keep the maps bounded
         for sid in list(self.desired):
             self.queue.add(sid)
 
@@ -643,12 +484,12 @@ class Reconciler:
         try:
             result = await self._adopt_on_hint(sid, d)
             if result is None:
-                ruleset, elements, waiting = self._target(d)
+                ruleset, elements, waiting = self.sync.target(d.policy, self._dns_cache())
                 last = self._written.get(sid)
                 same_ns = ident is None or self._idents.get(sid) in (None, ident)
                 last_fp = last[1] if last is not None and last[0] == d.netns and same_ns else None
                 result = await loop.run_in_executor(
-                    self._executor, self._sync, self.backend, d.netns, ruleset, elements, last_fp
+                    self._executor, self.sync.sync, self.backend, d.netns, ruleset, elements, last_fp
                 )
         except NetnsError as e:
             self._observe("apply", time.monotonic() - t0)
@@ -670,9 +511,7 @@ class Reconciler:
         if ident is not None:
             self._idents[sid] = ident
         self._attempts.pop(sid, None)
-        new_digest = self.digests.get(result.shape) != result.digest
-        self.digests[result.shape] = result.digest  # on the loop thread: workers only read the map
-        self._shapes[result.fingerprint] = result.shape
+        new_digest = self.sync.learned(result)  # on the loop thread: workers only read the maps
         self.counters[result.outcome] += 1
         if (new_digest or result.outcome not in ("unchanged", "adopted")) and self._persist is not None:
             self._persist()  # a new digest or table: what a restart compares the tables with to adopt them
@@ -700,27 +539,28 @@ class Reconciler:
 
     async def _adopt_on_hint(self, sid: str, d: Desired) -> SyncResult | None:
         """Restart, first pass: a table that carries the fingerprint the last agent put in force for this very
-        record (and config, and version: see adoption_key) is adopted on one raw fingerprint read, without
-        rendering the policy. Rendering was half of a restart's time. The verification pass right after
-        READY renders every policy and compares every table whole, so a renderer that changed within one
-        version still gets its tables rewritten. None: take the ordinary path."""
-        hint = self._hints.pop(sid, None)
+        record (and config, and version: see TableSync.adoption_key) is adopted on one raw fingerprint read,
+        without rendering the policy. Rendering was half of a restart's time. The verification pass right
+        after READY renders every policy and compares every table whole, so a renderer that changed within
+        one version still gets its tables rewritten. None: take the ordinary path."""
+        hint = self.sync.hint_for(sid, d.generation)
         if (
             hint is None
-            or not self.adopt_by_fingerprint
-            or hint[0] != d.generation
-            or hint[2] not in self.digests
             or d.netns is None
             or d.host_interface is not None
             or d.policy.allow_out.hostnames
             or d.policy.deny_out.hostnames
         ):
             return None
+        fingerprint, shape = hint
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(self._executor, self.backend.fingerprint, d.netns)
-        if found != hint[1]:
+        if found != fingerprint:
             return None
-        return SyncResult("adopted", found, hint[2], self.digests[hint[2]], 0)
+        return SyncResult("adopted", found, shape, self.sync.digests[shape], 0)
+
+    def _dns_cache(self) -> DnsCache | None:
+        return self.dns.cache if self.dns is not None else None
 
     def _attempts_failed(self, sid: str, d: Desired, reason: str, pending: bool) -> None:
         self.counters["failed"] += 1
@@ -751,14 +591,13 @@ class Reconciler:
             return None, 0
         if self.host_backend is None:
             return "host_interface is set but this agent has no host-side backend", 0
-        cache = self.dns.cache if self.dns is not None else None
-        ruleset, elements, _ = plan(d.policy, self.config, cache, self._render_host)
+        ruleset, elements, _ = self.sync.target(d.policy, self._dns_cache(), host=True)
         last = self._host_written.get(sid)
         last_fp = last[1] if last is not None and last[0] == iface else None
         t0 = time.monotonic()
         try:
             result = await loop.run_in_executor(
-                self._executor, self._sync, self.host_backend, iface, ruleset, elements, last_fp
+                self._executor, self.sync.sync, self.host_backend, iface, ruleset, elements, last_fp
             )
         except ApplyError as e:
             self._observe("apply", time.monotonic() - t0)
@@ -767,8 +606,7 @@ class Reconciler:
         self._observe("apply", time.monotonic() - t0)
         self._host_at[sid] = iface
         self._host_written[sid] = (iface, result.fingerprint)
-        self.digests[result.shape] = result.digest
-        self._shapes[result.fingerprint] = result.shape
+        self.sync.learned(result)
         if result.outcome in ("applied", "repaired"):
             self.counters[f"host_{result.outcome}"] += 1
         if result.outcome != "unchanged":
@@ -812,71 +650,6 @@ class Reconciler:
         self._host_written.pop(sid, None)
         log(logging.INFO, "host_removed", sandbox=sid, host_interface=iface)
         return None
-
-    def _render_host(self, policy: Policy) -> Ruleset:
-        return self._render(policy, host=True)
-
-    def _render(self, policy: Policy, host: bool = False) -> Ruleset:
-        """Rendering is cached: a DNS refresh or a resync re-renders nothing."""
-        key = (policy, id(self.config), host)
-        ruleset = self._rendered.get(key)
-        if ruleset is None:
-            ruleset = self._rendered[key] = render(policy, self.config, host)
-            if len(self._rendered) > RENDER_CACHE:
-                self._rendered.popitem(last=False)
-        return ruleset
-
-    def _target(self, d: Desired) -> tuple[Ruleset, dict[str, frozenset[str]], str | None]:
-        return plan(d.policy, self.config, self.dns.cache if self.dns is not None else None, self._render)
-
-    def _sync(
-        self,
-        backend: Backend,
-        netns: str,
-        ruleset: Ruleset,
-        elements: dict[str, frozenset[str]],
-        last_fp: str | None,
-    ) -> SyncResult:
-        """In a worker thread: make the table in netns equal to ruleset, writing only if it differs.
-
-        last_fp is what this agent last wrote or adopted there: a table that differs from it was changed by
-        someone else (drift), one that equals it is simply our previous policy.
-        """
-        # Startup: a table carrying the fingerprint is adopted on it alone (the whole table is compared by the
-        # verification pass right after): a restart costs one short read per sandbox.
-        shape = ruleset.shape
-        known = self.digests.get(shape)
-        quick = self.adopt_by_fingerprint and not ruleset.dns_sets and known is not None
-        if quick and backend.fingerprint(netns) == ruleset.fingerprint:
-            return SyncResult("adopted", ruleset.fingerprint, shape, known, 0)
-        listing = backend.read(netns)
-        detail = None
-        if listing is None:
-            if last_fp is not None:
-                detail = "table was deleted"
-        else:
-            found = fingerprint_of(listing)
-            if found == ruleset.fingerprint:
-                digest = listing_digest(listing)
-                detail = "table was altered in place" if known not in (None, digest) else None
-                detail = detail or elements_differ(listing, ruleset)
-                if detail is None:
-                    outcome = "adopted" if known is None else "unchanged"
-                    have = set_elements(listing, ruleset.dns_sets)
-                    add = {n: e - have.get(n, frozenset()) for n, e in elements.items()}
-                    delete = {n: have.get(n, frozenset()) - e for n, e in elements.items()}
-                    if not any(add.values()) and not any(delete.values()):
-                        return SyncResult(outcome, found, shape, digest, 0)
-                    backend.update_elements(netns, add, delete, active_variant(listing) or "a")
-                    return SyncResult("dns_updated", found, shape, digest, 1, _describe_change(add, delete))
-            elif last_fp is not None and found != last_fp:
-                detail = "table was replaced"
-        backend.apply(netns, ruleset, elements, listing if listing is not None else [])
-        if known is None:
-            # The first table of this shape: learn from the kernel how it lists it. Every later table of the
-            # shape is taken as committed, without a read back (1-1.5 ms each, most of a cold start).
-            known = listing_digest(backend.read(netns) or [])
-        return SyncResult("repaired" if detail else "applied", ruleset.fingerprint, shape, known, 1, detail)
 
     async def _release(self, sid: str, path: str) -> None:
         """The sandbox left path (deleted, or moved to another namespace): take our table out of it."""
@@ -1025,7 +798,7 @@ def export_state(r: Reconciler) -> tuple[dict[str, Any], int]:
     in_force = {}
     for sid, st in r.status.items():
         d = r.desired.get(sid)
-        shape = r._shapes.get(st.fingerprint or "")
+        shape = r.sync.shapes.get(st.fingerprint or "")
         if (
             d is not None
             and shape is not None
@@ -1036,18 +809,11 @@ def export_state(r: Reconciler) -> tuple[dict[str, Any], int]:
     doc = {
         "sandboxes": sandboxes,
         "tombstones": [[sid, rev] for sid, rev in r.tombstones.items()],
-        "digests": dict(r.digests),
+        "digests": dict(r.sync.digests),
         "dns": r.dns.cache.export() if r.dns is not None else {},
-        "in_force": {"key": adoption_key(r), "tables": in_force},
+        "in_force": {"key": r.sync.adoption_key(), "tables": in_force},
     }
     return doc, r._generation
-
-
-def adoption_key(r: Reconciler) -> str:
-    """What a remembered fingerprint was rendered under: this version of egressd and every config value that
-    shapes a table (the guard sets, deny action, uplink: all in the deny-all table's fingerprint). Through
-    the render cache: every state write asks for it."""
-    return f"{__version__} {r._render(DENY_ALL).fingerprint}"
 
 
 def restore_state(r: Reconciler, doc: dict[str, Any]) -> list[str]:
@@ -1066,7 +832,7 @@ def restore_state(r: Reconciler, doc: dict[str, Any]) -> list[str]:
         )  # fmt: skip
         r._set(d)
     in_force = doc.get("in_force")
-    if isinstance(in_force, dict) and in_force.get("key") == adoption_key(r):
+    if isinstance(in_force, dict) and in_force.get("key") == r.sync.adoption_key():
         tables = in_force.get("tables")
         for sid, pair in tables.items() if isinstance(tables, dict) else ():
             d = r.desired.get(sid)
@@ -1076,13 +842,13 @@ def restore_state(r: Reconciler, doc: dict[str, Any]) -> list[str]:
                 and len(pair) == 2
                 and all(isinstance(x, str) for x in pair)
             ):
-                r._hints[sid] = (d.generation, pair[0], pair[1])
+                r.sync.hints[sid] = (d.generation, pair[0], pair[1])
     for entry in doc.get("tombstones", []):
         if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str):
             r.tombstones[entry[0]] = entry[1] if isinstance(entry[1], int) else None
     digests = doc.get("digests", {})
     if isinstance(digests, dict):
-        r.digests.update({k: v for k, v in digests.items() if isinstance(k, str) and isinstance(v, str)})
+        r.sync.digests.update({k: v for k, v in digests.items() if isinstance(k, str) and isinstance(v, str)})
     if r.dns is not None:
         r.dns.cache.restore(doc.get("dns"))
     return problems

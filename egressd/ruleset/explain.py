@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from egressd.desired.dns import DnsCache
+from egressd.desired.dnscache import DnsCache
 from egressd.model.config import Config
 from egressd.model.policy import Policy, parse_entry
 from egressd.ruleset.decide import IPAddress, Verdict, decide

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from egressd.desired.dns import DnsCache
+from egressd.desired.dnscache import DnsCache
 from egressd.model.config import Config
 from egressd.model.policy import Policy
 from egressd.ruleset.render import Ruleset, elements_for, render

@@ -9,7 +9,7 @@ dies) and tested on its own in test_a_deleted_namespace_is_let_go.
 
 How we know a deletion landed in the middle of an apply: the agent runs with a tracer (a sitecustomize
 module, TRACER below, put on its PYTHONPATH; it observes, changes nothing, and never raises into the agent)
-that records, for every Reconciler._sync (one sandbox made equal to its desired state: read the table,
+that records, for every TableSync.sync (one sandbox made equal to its desired state: read the table,
 stage transaction, switch transaction, read back), its start and end, its outcome or exception, and each
 nftables write on the way (LibnftBackend._run: "staged policy", "switch" or "table", with its start, end
 and result). The deletion is done by a helper already running inside the mount namespace (umount2 with
@@ -84,9 +84,9 @@ TRACER = textwrap.dedent(
 
     def _install():
         from egressd.kernel import nft
-        from egressd.reconcile import reconciler as reconcile
+        from egressd.reconcile import sync as reconcile_sync
 
-        sync = reconcile.Reconciler._sync
+        sync = reconcile_sync.TableSync.sync
         sync_sig = inspect.signature(sync)
 
         def traced_sync(*args, **kwargs):
@@ -104,8 +104,8 @@ TRACER = textwrap.dedent(
                    "outcome": getattr(result, "outcome", None)})
             return result
 
-        reconcile.Reconciler._sync = traced_sync
-        hooked = {"Reconciler._sync": list(sync_sig.parameters)}
+        reconcile_sync.TableSync.sync = traced_sync
+        hooked = {"TableSync.sync": list(sync_sig.parameters)}
         run = getattr(nft.LibnftBackend, "_run", None)
         if run is not None:
             run_sig = inspect.signature(run)
@@ -321,7 +321,7 @@ def test_a_namespace_deleted_in_the_middle_of_an_apply(bulk, traced_agent):
     a.start()
     hooks = trace(trace_path)[0]
     assert hooks.get("tracer") == "installed", f"the tracer could not hook into egressd: {hooks}"
-    assert "netns" in hooks["hooked"]["Reconciler._sync"], f"update TRACER to egressd's code: {hooks}"
+    assert "netns" in hooks["hooked"]["TableSync.sync"], f"update TRACER to egressd's code: {hooks}"
     assert "what" in hooks["hooked"].get("LibnftBackend._run", ["what"]), f"update TRACER: {hooks}"
     config = load_config(a.config_path)
 

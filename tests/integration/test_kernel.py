@@ -291,7 +291,7 @@ def test_what_the_backend_remembers_never_outweighs_the_kernel(world, backend):
 def test_the_kernel_lists_set_elements_as_render_writes_them(netns_name):
     """Digests leave set elements out and reconcile.elements_differ compares them on their own, first as
     text: libnftables must list addresses, prefixes and the catch-alls exactly as render writes them."""
-    from egressd.reconcile.reconciler import elem_key, elements_differ
+    from egressd.reconcile.sync import elem_key, elements_differ
 
     path = f"/run/netns/{netns_name}"
     many = [f"198.18.{i // 256}.{i % 256}/32" for i in range(0, 4000, 2)]

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from egressd.desired.dns import GIVE_UP_AFTER, RDTYPES, Answer, DnsCache, DnsService, rdtype_of
+from egressd.desired.dnscache import GIVE_UP_AFTER, RDTYPES, Answer, DnsCache, rdtype_of
+from egressd.desired.resolve import DnsService
 from egressd.kernel.nft import FakeBackend
 from egressd.model.config import config_from_dict
 from egressd.model.policy import parse_sandbox

@@ -9,7 +9,7 @@ import pytest
 
 from egressd import cli
 from egressd.agent.daemon import Agent
-from egressd.desired.dns import NXDOMAIN, RDTYPES, Answer, DnsCache, rdtype_of
+from egressd.desired.dnscache import NXDOMAIN, RDTYPES, Answer, DnsCache, rdtype_of
 from egressd.kernel.nft import FakeBackend
 from egressd.model.config import Config, config_from_dict
 from egressd.model.policy import parse_sandbox

@@ -21,13 +21,12 @@ from egressd.feed.nats import (
     Backoff,
     KvEntry,
     NatsSource,
-    SessionEnded,
-    _describe,
     entry_change,
     parse_servers,
     snapshot_of,
     tls_context,
 )
+from egressd.feed.nats_errors import SessionEnded, describe
 from egressd.model.config import NatsFeed
 from egressd.model.policy import Delete, PolicyError, Snapshot, Upsert, parse_sandbox
 
@@ -126,12 +125,12 @@ def verification_error(message: str) -> ssl.SSLCertVerificationError:
 
 
 def test_describe_says_what_a_strictly_verified_ca_needs():
-    text = _describe(verification_error("CA cert does not include key usage extension"), "b")
+    text = describe(verification_error("CA cert does not include key usage extension"), "b")
     assert text.startswith("the server's TLS certificate is not trusted (CA cert does not include key usage")
     assert "keyUsage critical keyCertSign, cRLSign" in text and "docs/fleet.md" in text
-    assert "authorityKeyIdentifier" in _describe(verification_error("Missing Authority Key Identifier"), "b")
+    assert "authorityKeyIdentifier" in describe(verification_error("Missing Authority Key Identifier"), "b")
     # an untrusted CA is not a strictness problem: no hint that would send the operator the wrong way
-    other = _describe(verification_error("unable to get local issuer certificate"), "b")
+    other = describe(verification_error("unable to get local issuer certificate"), "b")
     assert other.endswith("check [feed.nats] tls_ca") and "strictly" not in other
 
 
@@ -418,19 +417,19 @@ def test_a_directory_is_not_a_credentials_file(tmp_path):
 
 
 def test_describe_a_missing_bucket_says_how_to_make_it():
-    text = _describe(BucketNotFoundError(), "my-bucket")
+    text = describe(BucketNotFoundError(), "my-bucket")
     assert "bucket 'my-bucket' does not exist" in text and "nats kv add my-bucket" in text
 
 
 def test_describe_network_failures_and_others():
-    assert _describe(ConnectionRefusedError(111, "Connection refused"), "b").startswith(
+    assert describe(ConnectionRefusedError(111, "Connection refused"), "b").startswith(
         "cannot reach the server: "
     )
-    assert "Connection refused" in _describe(ConnectionRefusedError(111, "Connection refused"), "b")
-    assert _describe(OSError(), "b") == "cannot reach the server: OSError"
-    assert _describe(TimeoutError(), "b") == "cannot reach the server: TimeoutError"
-    assert "[feed.nats] creds or nkey" in _describe(Exception("Authorization Violation"), "b")
-    assert _describe(ValueError("boom"), "b") == "ValueError: boom"
+    assert "Connection refused" in describe(ConnectionRefusedError(111, "Connection refused"), "b")
+    assert describe(OSError(), "b") == "cannot reach the server: OSError"
+    assert describe(TimeoutError(), "b") == "cannot reach the server: TimeoutError"
+    assert "[feed.nats] creds or nkey" in describe(Exception("Authorization Violation"), "b")
+    assert describe(ValueError("boom"), "b") == "ValueError: boom"
 
 
 # --- NatsSource: what a session delivers --------------------------------------------------------------------
@@ -667,4 +666,4 @@ def test_a_client_error_once_the_watch_is_on_ends_the_session(monkeypatch):
 
     asyncio.run(scenario())
     assert captured["allow_reconnect"] is False and captured["max_reconnect_attempts"] == 1
-    assert "slow consumer" in _describe(SlowConsumerError("_INBOX.x", "", 1, None), "b")
+    assert "slow consumer" in describe(SlowConsumerError("_INBOX.x", "", 1, None), "b")

@@ -7,7 +7,8 @@ from egressd.kernel.hostside import GUARD_TABLE, guard_commands, neutral_listing
 from egressd.kernel.nft import ApplyError, FakeBackend, replace_table
 from egressd.model.config import Config, config_from_dict
 from egressd.model.policy import DENY_ALL, PolicyError, parse_sandbox
-from egressd.reconcile.reconciler import Reconciler, export_state, listing_digest, restore_state
+from egressd.reconcile.reconciler import Reconciler, export_state, restore_state
+from egressd.reconcile.sync import listing_digest
 from egressd.ruleset.render import create_commands, render
 from tests.unit.test_reconcile import CONFIG, settle
 
@@ -219,7 +220,7 @@ def test_state_keeps_the_interface_and_a_restart_writes_nothing_and_prunes_the_g
         r = Reconciler(fb, CONFIG, host_backend=host)
         assert restore_state(r, doc) == []
         assert r.desired["a"].host_interface == "veth-a"
-        r.adopt_by_fingerprint = True
+        r.sync.adopt_by_fingerprint = True
         r.start()
         try:
             assert await r.wait_idle(5)

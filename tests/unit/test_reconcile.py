@@ -8,7 +8,9 @@ import threading
 from egressd.kernel.nft import ApplyError, FakeBackend
 from egressd.model.config import config_from_dict
 from egressd.model.policy import DENY_ALL, PolicyError, parse_event, parse_sandbox
-from egressd.reconcile.reconciler import KeyedQueue, Reconciler, elements_differ, export_state, restore_state
+from egressd.reconcile.queue import KeyedQueue
+from egressd.reconcile.reconciler import Reconciler, export_state, restore_state
+from egressd.reconcile.sync import elements_differ
 from egressd.ruleset.render import render
 
 CONFIG = config_from_dict({"reconcile": {"retry_initial": 0.01, "retry_max": 0.05, "workers": 2}})
@@ -294,16 +296,16 @@ def test_digests_are_one_per_shape_and_pruned_with_the_policies():
         for i in range(5):  # five policies of one shape: the kernel's listing is learnt once
             r.upsert(sandbox(rev=i, deny_out=[f"10.0.0.{i}"]))
             assert await r.wait_enforced("a", i, 5)
-        assert len(r.digests) == 1 and len(r._shapes) == 5
+        assert len(r.sync.digests) == 1 and len(r.sync.shapes) == 5
         assert fb.reads == 1 + 5  # the read back of the first table, and one read before each write
         r.upsert(sandbox("b", allow_out=["192.0.2.0/24"], allow_internet_access=False))  # another shape
         await settle(r)
-        assert len(r.digests) == 2
+        assert len(r.sync.digests) == 2
         r.delete("b")
         await settle(r)
         r.resync()
         await settle(r)
-        assert list(r._shapes) == [fp(deny_out=["10.0.0.4"])] and len(r.digests) == 1
+        assert list(r.sync.shapes) == [fp(deny_out=["10.0.0.4"])] and len(r.sync.digests) == 1
 
     run(scenario)
 
@@ -472,13 +474,13 @@ def _saved_after_first_run(fb, *sandboxes):
 
 def _count_renders(r):
     calls = []
-    render_ = r._render
+    render_ = r.sync.render
 
     def counting(policy, host=False):
         calls.append(policy)
         return render_(policy, host)
 
-    r._render = counting
+    r.sync.render = counting
     return calls
 
 
@@ -493,13 +495,13 @@ def test_restart_adopts_on_the_remembered_fingerprint_without_rendering():
     writes = len(fb.writes)
 
     async def second(r, fb):
-        r.adopt_by_fingerprint = True
+        r.sync.adopt_by_fingerprint = True
         assert restore_state(r, saved) == []
         renders = _count_renders(r)  # from here: the first pass
         await settle(r)
         assert r.status["a"].state == r.status["b"].state == "enforced" and r.status["a"].revision == 3
         assert renders == [] and r.counters["adopted"] == 2  # one fingerprint read each, nothing rendered
-        r.adopt_by_fingerprint = False
+        r.sync.adopt_by_fingerprint = False
         r.resync()  # the verification pass renders and compares every table whole
         await settle(r)
         assert len(renders) == 2 and r.counters["unchanged"] == 2
@@ -524,7 +526,7 @@ def test_a_remembered_fingerprint_is_not_trusted_for_a_record_that_changed():
     assert saved["in_force"]["tables"] == {}
 
     async def second(r, fb):
-        r.adopt_by_fingerprint = True
+        r.sync.adopt_by_fingerprint = True
         restore_state(r, saved)
         assert await r.wait_enforced("a", 2, 5)
         assert fb.fingerprint("/run/netns/a") == fp(deny_out=["192.0.2.7"])
@@ -537,7 +539,7 @@ def test_a_remembered_fingerprint_is_dropped_when_the_feed_sends_a_new_record():
     saved = _saved_after_first_run(fb, sandbox("a", rev=1, allow_internet_access=False))
 
     async def second(r, fb):
-        r.adopt_by_fingerprint = True
+        r.sync.adopt_by_fingerprint = True
         restore_state(r, saved)
         r.upsert(sandbox("a", rev=2, deny_out=["192.0.2.9"]))  # the feed's snapshot, before any worker ran
         assert await r.wait_enforced("a", 2, 5)
@@ -552,10 +554,10 @@ def test_remembered_fingerprints_of_another_config_are_ignored():
     other = config_from_dict({"guard": {"deny": ["192.0.2.0/24"]}})
     r = Reconciler(fb, other)
     restore_state(r, saved)
-    assert r._hints == {}
+    assert r.sync.hints == {}
     r = Reconciler(fb, CONFIG)
     restore_state(r, saved)
-    assert set(r._hints) == {"a"}
+    assert set(r.sync.hints) == {"a"}
 
 
 def test_the_same_record_again_is_no_change():
