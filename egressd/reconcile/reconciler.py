@@ -18,32 +18,28 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from egressd.common.logs import log
 from egressd.desired.dnscache import DnsCache
 from egressd.desired.resolve import DnsService
+from egressd.desired.store import Desired, DesiredStore
 from egressd.kernel.hostside import HostBackend
 from egressd.kernel.netns import NetnsError, NsId, netns_id
 from egressd.kernel.nft import ApplyError, Backend
 from egressd.model.config import Config
 from egressd.model.policy import (
-    DENY_ALL,
-    Delete,
     Event,
-    Policy,
     PolicyError,
     Sandbox,
     Snapshot,
-    Upsert,
     parse_sandbox,
     sandbox_to_record,
 )
 from egressd.reconcile.queue import KeyedQueue
 from egressd.reconcile.sync import SyncResult, TableSync
 
-MAX_TOMBSTONES = 100_000
 DNS_SET_SUFFIXES = ("_dns4", "_dns6")
 # Rendered tables kept (about 40 KB each as Python objects): enough for the sandboxes whose DNS answers or
 # events keep them busy; a resync of thousands re-renders most of them (0.3 ms each) instead of holding all.
@@ -51,24 +47,6 @@ RENDER_CACHE = 256
 PENDING_RETRY_MAX = 1.0  # a namespace that does not exist yet is looked for at least every second
 COUNTERS = ("applied", "unchanged", "adopted", "repaired", "dns_updated", "failed")
 COUNTERS += ("host_applied", "host_repaired", "host_failed")
-
-
-CLOSED = "closed (deny-all): "  # the problem of a sandbox that never had a good record
-
-
-@dataclass
-class Desired:
-    """What one sandbox should have. `policy` is what is enforced: the last good one, or deny-all."""
-
-    id: str
-    netns: str | None
-    revision: int | None
-    policy: Policy
-    status: str = "running"
-    problem: str | None = None  # why the latest record was rejected
-    generation: int = 0
-    record: dict[str, Any] | None = None  # its state-file form, made once (see export_state)
-    host_interface: str | None = None
 
 
 @dataclass
@@ -114,14 +92,9 @@ class Reconciler:
         # path would be, it takes the interface name.
         self.host_backend = host_backend
         self.config = config
-        self.desired: dict[str, Desired] = {}
+        self.store = DesiredStore(self._desired_changed)
         self.status: dict[str, Status] = {}
-        self.tombstones: OrderedDict[str, int | None] = OrderedDict()
         self.sync = TableSync(config)  # render cache, digests, adoption memory: the one table sync
-        # netns path / host_interface -> the sandboxes naming it, in order (normally one: upsert refuses a
-        # second, but a state file from an older agent may hold two)
-        self._by_netns: dict[str, dict[str, None]] = {}
-        self._by_iface: dict[str, dict[str, None]] = {}
         self.queue = KeyedQueue()
         self._persist = persist
         self._flush = flush
@@ -139,7 +112,6 @@ class Reconciler:
         self._idents: dict[str, NsId] = {}  # sandbox id -> the namespace its path named when last synced
         self._host_at: dict[str, str] = {}  # sandbox id -> interface whose host-side table it has
         self._host_written: dict[str, tuple[str, str]] = {}  # sandbox id -> (interface, fingerprint)
-        self._generation = 0
         self._changed = asyncio.Condition()
         self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="egressd-apply")
         self._workers: list[asyncio.Task[None]] = []
@@ -149,178 +121,37 @@ class Reconciler:
         # for one table sync in a worker thread (the daemon feeds its metrics with it; see metrics.py).
         self.observe: Callable[[str, float], None] | None = None
 
-    # --- desired state, from the feed -----------------------------------------------------------------
+    @property
+    def desired(self) -> dict[str, Desired]:
+        return self.store.desired
 
-    def _next_generation(self) -> int:
-        self._generation += 1
-        return self._generation
+    @property
+    def tombstones(self) -> OrderedDict[str, int | None]:
+        return self.store.tombstones
 
-    def _known_revision(self, sid: str) -> int | None:
-        cur = self.desired.get(sid)
-        return cur.revision if cur is not None else self.tombstones.get(sid)
-
-    def _stale(self, sid: str, revision: int | None) -> bool:
-        known = self._known_revision(sid)
-        if revision is not None and known is not None and revision < known:
-            log(logging.INFO, "stale_ignored", sandbox=sid, revision=revision, current_revision=known)
-            return True
-        return False
-
-    def _netns_owner(self, netns: str, sid: str) -> str | None:
-        return next((o for o in self._by_netns.get(netns, ()) if o != sid), None)
-
-    def _iface_owner(self, iface: str, sid: str) -> str | None:
-        return next((o for o in self._by_iface.get(iface, ()) if o != sid), None)
-
-    def _index(self, d: Desired | None, sid: str) -> None:
-        """Keep the owner maps (namespace and interface -> sandboxes) in step with desired[sid]: an upsert
-        checks ownership in O(1) instead of scanning every sandbox (3.9 s per 10,000-record snapshot)."""
-        old = self.desired.get(sid)
-        for index, key in ((self._by_netns, old and old.netns), (self._by_iface, old and old.host_interface)):
-            if key is not None and key in index:
-                index[key].pop(sid, None)
-                if not index[key]:
-                    del index[key]
-        if d is not None:
-            for index, key in ((self._by_netns, d.netns), (self._by_iface, d.host_interface)):
-                if key is not None:
-                    index.setdefault(key, {})[sid] = None
-
-    def _set(self, d: Desired) -> None:
-        d.generation = self._next_generation()
-        self._index(d, d.id)
-        self.desired[d.id] = d
+    def _desired_changed(self, sid: str, d: Desired | None) -> None:
+        """The store's one callback: the sandbox's names are watched, it is queued, the state gets written."""
         if self.dns is not None:
-            self.dns.subscribe(d.id, (*d.policy.allow_out.hostnames, *d.policy.deny_out.hostnames))
-        self.tombstones.pop(d.id, None)
-        self.queue.add(d.id)
-        if self._persist is not None:
-            self._persist()
-
-    def upsert(self, sb: Sandbox, latest: bool = False) -> bool:
-        """Take a valid record; False when it is older than what is already known (unless `latest`: the
-        source vouches that this is the current record, whatever its revision)."""
-        if not latest and self._stale(sb.id, sb.revision):
-            return False
-        if sb.netns is not None:
-            owner = self._netns_owner(sb.netns, sb.id)
-            if owner is not None:
-                self.reject(
-                    PolicyError(
-                        [f"sandbox {sb.id!r}: netns {sb.netns} is already used by sandbox {owner!r}"],
-                        sb.id,
-                        None,
-                        sb.revision,
-                    ),
-                    latest,
-                )
-                return False
-        if sb.host_interface is not None:
-            owner = self._iface_owner(sb.host_interface, sb.id)
-            if owner is not None:
-                self.reject(
-                    PolicyError(
-                        [
-                            f"sandbox {sb.id!r}: host_interface {sb.host_interface} is already used by "
-                            f"sandbox {owner!r}"
-                        ],
-                        sb.id,
-                        None,
-                        sb.revision,
-                    ),
-                    latest,
-                )
-                return False
-        cur = self.desired.get(sb.id)
-        if (
-            cur is not None
-            and cur.problem is None
-            and (cur.netns, cur.revision, cur.policy, cur.status, cur.host_interface)
-            == (sb.netns, sb.revision, sb.policy, sb.status, sb.host_interface)
-        ):
-            return True  # the same record again (a feed's snapshot after a restart): nothing to do or write
-        d = Desired(sb.id, sb.netns, sb.revision, sb.policy, sb.status, host_interface=sb.host_interface)
-        self._set(d)
-        return True
-
-    def reject(self, err: PolicyError, latest: bool = False) -> None:
-        """An invalid record: a known sandbox keeps its last good policy, a new one is closed (deny-all)."""
-        sid = err.sandbox_id
-        if sid is None or (not latest and self._stale(sid, err.revision)):
-            return
-        problem = "; ".join(err.problems)
-        cur = self.desired.get(sid)
-        if cur is not None and not (cur.problem or "").startswith(CLOSED):
-            kept = f"revision {err.revision} rejected, still enforcing revision {cur.revision}: {problem}"
-            revision = cur.revision
-            if latest and err.revision is not None and (revision is None or err.revision < revision):
-                # The source's revisions went back (a bucket made anew): the next good record is newer than
-                # the rejected one, never "stale" against the old numbering.
-                revision = err.revision
-            self._set(replace(cur, revision=revision, problem=kept, record=None))
-            return
-        # New, or never had a good record: closed wherever the record says it lives (a namespace named by an
-        # earlier bad record stays closed when this one names none).
-        netns = err.netns if err.netns and self._netns_owner(err.netns, sid) is None else None
-        iface = err.host_interface
-        if iface is not None and self._iface_owner(iface, sid) is not None:
-            iface = None
-        if cur is not None:
-            netns, iface = netns or cur.netns, iface or cur.host_interface
-        self._set(
-            Desired(sid, netns, err.revision, DENY_ALL, problem=f"{CLOSED}{problem}", host_interface=iface)
-        )
-
-    def delete(self, sid: str) -> None:
-        if sid not in self.desired:
-            return
-        self._index(None, sid)
-        cur = self.desired.pop(sid)
-        if self.dns is not None:
-            self.dns.subscribe(sid, ())
-        self.tombstones[sid] = cur.revision
-        while len(self.tombstones) > MAX_TOMBSTONES:
-            self.tombstones.popitem(last=False)
+            names = (*d.policy.allow_out.hostnames, *d.policy.deny_out.hostnames) if d is not None else ()
+            self.dns.subscribe(sid, names)
         self.queue.add(sid)
         if self._persist is not None:
             self._persist()
 
+    def upsert(self, sb: Sandbox, latest: bool = False) -> bool:
+        return self.store.upsert(sb, latest)
+
+    def reject(self, err: PolicyError, latest: bool = False) -> None:
+        self.store.reject(err, latest)
+
+    def delete(self, sid: str) -> None:
+        self.store.delete(sid)
+
     def snapshot(self, snap: Snapshot) -> None:
-        # Forget what is not listed first: a namespace (or interface) that passed from an unlisted sandbox to
-        # a listed one is then free when the listed one claims it.
-        if any(err.sandbox_id is None for err in snap.rejected):
-            log(
-                logging.ERROR,
-                "snapshot_partial",
-                reason="records without a readable id; no sandbox forgotten",
-            )
-        else:
-            listed = {sb.id for sb in snap.sandboxes} | {
-                err.sandbox_id for err in snap.rejected if err.sandbox_id
-            }
-            if not listed and self.desired:
-                log(
-                    logging.WARNING,
-                    "snapshot_empty",
-                    forgotten=len(self.desired),
-                    detail="the feed lists no sandbox for this host; if wrong, check [feed.nats] host_id",
-                )
-            for sid in [s for s in self.desired if s not in listed]:
-                self.delete(sid)
-        if snap.authoritative:
-            self.tombstones.clear()  # revisions from before this snapshot say nothing about the next events
-        for sb in snap.sandboxes:
-            self.upsert(sb, latest=snap.authoritative)
-        for err in snap.rejected:
-            self.reject(err, latest=snap.authoritative)
+        self.store.snapshot(snap)
 
     def handle(self, event: Event) -> None:
-        if isinstance(event, Upsert):
-            self.upsert(event.sandbox)
-        elif isinstance(event, Delete):
-            self.delete(event.id)
-        else:
-            self.snapshot(event)
+        self.store.handle(event)
 
     def names_changed(self, names: set[str]) -> None:
         """DNS answers changed: only the sandboxes that name those hosts are looked at again."""
@@ -656,7 +487,7 @@ class Reconciler:
         self._applied_at.pop(sid, None)
         if self.on_table is not None:
             self.on_table(sid, None)
-        if path in self._by_netns:
+        if self.store.owns_netns(path):
             return  # another sandbox now owns that namespace; its worker rewrites the table
         loop = asyncio.get_running_loop()
 
@@ -813,7 +644,7 @@ def export_state(r: Reconciler) -> tuple[dict[str, Any], int]:
         "dns": r.dns.cache.export() if r.dns is not None else {},
         "in_force": {"key": r.sync.adoption_key(), "tables": in_force},
     }
-    return doc, r._generation
+    return doc, r.store.generation
 
 
 def restore_state(r: Reconciler, doc: dict[str, Any]) -> list[str]:
@@ -830,7 +661,7 @@ def restore_state(r: Reconciler, doc: dict[str, Any]) -> list[str]:
             sb.id, sb.netns, sb.revision, sb.policy, sb.status, problem if isinstance(problem, str) else None,
             host_interface=sb.host_interface,
         )  # fmt: skip
-        r._set(d)
+        r.store.put(d)
     in_force = doc.get("in_force")
     if isinstance(in_force, dict) and in_force.get("key") == r.sync.adoption_key():
         tables = in_force.get("tables")

@@ -28,12 +28,13 @@ def fp(**np):
     return render(sandbox(**np).policy, CONFIG).fingerprint
 
 
-def run(scenario, backend=None):
-    """Run scenario(reconciler, backend) inside a fresh event loop with workers started."""
+def run(scenario, backend=None, **kw):
+    """Run scenario(reconciler, backend) inside a fresh event loop with workers started; kw go to the
+    Reconciler (its seams: persist, flush, dns, ...)."""
     backend = backend or FakeBackend(namespaces={f"/run/netns/{c}" for c in "abc"})
 
     async def main():
-        r = Reconciler(backend, CONFIG, rng=random.Random(1))
+        r = Reconciler(backend, CONFIG, rng=random.Random(1), **kw)
         r.start()
         try:
             return await asyncio.wait_for(scenario(r, backend), 10)
@@ -319,8 +320,8 @@ def test_desired_state_is_written_before_applying_but_once_per_burst():
 
         async def flush():
             r = holder[0]
-            flushes.append(r._generation)
-            r.persisted_generation = r._generation  # what the daemon's persister reports after a write
+            flushes.append(r.store.generation)
+            r.persisted_generation = r.store.generation  # what the daemon's persister reports after a write
 
         r = Reconciler(backend, CONFIG, flush=flush, rng=random.Random(1))
         holder.append(r)
@@ -566,7 +567,6 @@ def test_the_same_record_again_is_no_change():
     marks = []
 
     async def scenario(r, fb):
-        r._persist = lambda: marks.append(1)
         r.upsert(sandbox("a", rev=4, deny_out=["192.0.2.1"]))
         await settle(r)
         gen, count = r.desired["a"].generation, len(marks)
@@ -575,7 +575,7 @@ def test_the_same_record_again_is_no_change():
         assert r.upsert(sandbox("a", rev=5, deny_out=["192.0.2.1"]))
         assert r.desired["a"].generation > gen
 
-    run(scenario)
+    run(scenario, persist=lambda: marks.append(1))
 
 
 def test_a_namespace_freed_by_a_delete_can_be_taken_by_another_sandbox():
