@@ -18,7 +18,6 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from egressd.common.logs import log
@@ -38,38 +37,12 @@ from egressd.model.policy import (
     sandbox_to_record,
 )
 from egressd.reconcile.queue import KeyedQueue
+from egressd.reconcile.status import Status, StatusBoard
 from egressd.reconcile.sync import SyncResult, TableSync
 
-DNS_SET_SUFFIXES = ("_dns4", "_dns6")
-# Rendered tables kept (about 40 KB each as Python objects): enough for the sandboxes whose DNS answers or
-# events keep them busy; a resync of thousands re-renders most of them (0.3 ms each) instead of holding all.
-RENDER_CACHE = 256
 PENDING_RETRY_MAX = 1.0  # a namespace that does not exist yet is looked for at least every second
 COUNTERS = ("applied", "unchanged", "adopted", "repaired", "dns_updated", "failed")
 COUNTERS += ("host_applied", "host_repaired", "host_failed")
-
-
-@dataclass
-class Status:
-    state: str  # "enforced", "pending" or "error"
-    revision: int | None = None
-    error: str | None = None
-    since: float = field(default_factory=time.time)
-    netns: str | None = None
-    fingerprint: str | None = None
-    writes: int = 0  # transactions written for this sandbox by this agent process
-    generation: int = -1  # the desired generation this status describes
-
-    def as_dict(self, sandbox_id: str) -> dict[str, Any]:
-        return {
-            "id": sandbox_id,
-            "netns": self.netns,
-            "state": self.state,
-            "revision": self.revision,
-            "error": self.error,
-            "since": self.since,
-            "writes": self.writes,
-        }
 
 
 class Reconciler:
@@ -93,7 +66,7 @@ class Reconciler:
         self.host_backend = host_backend
         self.config = config
         self.store = DesiredStore(self._desired_changed)
-        self.status: dict[str, Status] = {}
+        self.board = StatusBoard()  # the read model behind status, wait and the metrics
         self.sync = TableSync(config)  # render cache, digests, adoption memory: the one table sync
         self.queue = KeyedQueue()
         self._persist = persist
@@ -104,7 +77,6 @@ class Reconciler:
         # points its change monitor at it (see monitor.py).
         self.on_table: Callable[[str, str | None], None] | None = None
         self.dns = dns
-        self._notify_scheduled = False
         self._rng = rng or random.Random()
         self._attempts: dict[str, int] = {}
         self._applied_at: dict[str, str] = {}  # sandbox id -> netns path holding its table
@@ -112,7 +84,6 @@ class Reconciler:
         self._idents: dict[str, NsId] = {}  # sandbox id -> the namespace its path named when last synced
         self._host_at: dict[str, str] = {}  # sandbox id -> interface whose host-side table it has
         self._host_written: dict[str, tuple[str, str]] = {}  # sandbox id -> (interface, fingerprint)
-        self._changed = asyncio.Condition()
         self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="egressd-apply")
         self._workers: list[asyncio.Task[None]] = []
         self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
@@ -264,25 +235,7 @@ class Reconciler:
         asyncio.get_running_loop().call_later(delay, self.queue.add, sid)
 
     def _record(self, sid: str, status: Status) -> None:
-        old = self.status.get(sid)
-        if old is not None:
-            status.writes += old.writes
-            if (old.state, old.revision, old.error) == (status.state, status.revision, status.error):
-                status.since = old.since
-        self.status[sid] = status
-        self._notify()
-
-    def _notify(self) -> None:
-        """Wake waiters (status, wait) once per loop iteration, however many statuses changed in it."""
-        if self._notify_scheduled:
-            return
-        self._notify_scheduled = True
-        asyncio.get_running_loop().create_task(self._wake())
-
-    async def _wake(self) -> None:
-        self._notify_scheduled = False
-        async with self._changed:
-            self._changed.notify_all()
+        self.board.record(sid, status)
 
     async def _reconcile(self, sid: str) -> None:
         d = self.desired.get(sid)
@@ -518,8 +471,7 @@ class Reconciler:
         if iface is not None and await self._release_host(sid, iface) is not None:
             self._retry(sid, self.config.retry_max)  # a table for a deleted sandbox must not stay
         self._attempts.pop(sid, None)
-        if self.status.pop(sid, None) is not None:
-            self._notify()
+        self.board.forget(sid)
 
     async def prune_host(self) -> list[str]:
         """Delete host-side tables of interfaces no sandbox names (sandboxes deleted while no agent ran).
@@ -539,72 +491,29 @@ class Reconciler:
 
     # --- waiting and reporting ------------------------------------------------------------------------
 
+    @property
+    def status(self) -> dict[str, Status]:
+        return self.board.status
+
     def is_enforced(self, sid: str, revision: int | None) -> bool:
-        st = self.status.get(sid)
-        d = self.desired.get(sid)
-        if st is None or d is None or st.state != "enforced" or st.generation != d.generation:
-            return False
-        return revision is None or (st.revision is not None and st.revision >= revision)
+        return self.board.is_enforced(sid, revision, self.desired.get(sid))
 
     async def wait_enforced(self, sid: str, revision: int | None, timeout: float) -> bool:
-        async def until() -> None:
-            async with self._changed:
-                await self._changed.wait_for(lambda: self.is_enforced(sid, revision))
-
-        try:
-            await asyncio.wait_for(until(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await self.board.wait_for(lambda: self.is_enforced(sid, revision), timeout)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Until every sandbox has been reconciled once (startup: READY=1 after this)."""
-
-        async def until() -> None:
-            async with self._changed:
-                await self._changed.wait_for(
-                    lambda: self.queue.idle() and all(sid in self.status for sid in self.desired)
-                )
-
-        try:
-            await asyncio.wait_for(until(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        status = self.board.status
+        return await self.board.wait_for(
+            lambda: self.queue.idle() and all(sid in status for sid in self.desired), timeout
+        )
 
     def report(self) -> list[dict[str, Any]]:
-        out = []
-        for sid in sorted(set(self.desired) | set(self.status)):
-            d = self.desired.get(sid)
-            st = self.status.get(sid)
-            if st is None:
-                row = {"id": sid, "netns": d.netns if d else None, "state": "pending", "revision": None,
-                       "error": "not reconciled yet", "since": None, "writes": 0}  # fmt: skip
-            else:
-                row = st.as_dict(sid)
-            row["desired_revision"] = d.revision if d else None
-            row["host_interface"] = d.host_interface if d else None
-            if d is not None and self.dns is not None:
-                row["hostnames"] = [
-                    {"list": lst, **self.dns.cache.view(h)}
-                    for lst, hosts in (
-                        ("allow_out", d.policy.allow_out.hostnames),
-                        ("deny_out", d.policy.deny_out.hostnames),
-                    )
-                    for h in hosts
-                ]
-            out.append(row)
-        return out
+        view = self.dns.cache.view if self.dns is not None else None
+        return self.board.rows(self.desired, view)
 
     def state_counts(self) -> dict[str, int]:
-        """As report() would count them, without building it: status asks for this on every call, and a
-        report with 10,000 hostnames took the event loop for a quarter of a second."""
-        counts = {"enforced": 0, "pending": 0, "error": 0}
-        for sid in self.desired.keys() | self.status.keys():
-            st = self.status.get(sid)
-            state = st.state if st is not None else "pending"
-            counts[state] = counts.get(state, 0) + 1
-        return counts
+        return self.board.counts(self.desired)
 
 
 def _ident(path: str | None) -> NsId | None:

@@ -26,7 +26,7 @@ MAX_LINES = 400
 # Modules still over MAX_LINES, each capped at its size once the layout moved and the DNS module was split
 # (issue 17): they may only shrink, and leave this list when they fit.
 OVERSIZED = {
-    "reconcile/reconciler.py": 685,
+    "reconcile/reconciler.py": 594,
     "kernel/monitor.py": 556,
     "agent/daemon.py": 545,
     "feed/nats.py": 481,
