@@ -41,7 +41,8 @@ from nats.js.kv import KeyValue
 from bench.agent import proc_figures, quantiles, table
 from bench.apply import Row, machine_info
 from bench.figures import Figure
-from egressd.feed.nats import PING_INTERVAL, REQUEST_TIMEOUT, WATCH_INACTIVE, Backoff
+from egressd.common.backoff import Backoff
+from egressd.feed.nats import PING_INTERVAL, REQUEST_TIMEOUT, WATCH_INACTIVE
 from tests.loopback import free_port
 from tests.natsd import NatsServer
 

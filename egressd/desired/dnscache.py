@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from egressd.common.backoff import backoff_delay
+
 GIVE_UP_AFTER = 5  # consecutive failures after which a name that never resolved counts as settled (empty)
 FAILURE_BACKOFF_MAX = 60.0
 NXDOMAIN = "NXDOMAIN: no such name"
@@ -177,7 +179,7 @@ class DnsCache:
         if answer.kind == "error":
             t.failures += 1
             t.error = answer.error
-            backoff = min(FAILURE_BACKOFF_MAX, 2 ** (t.failures - 1)) * self.rng.uniform(0.8, 1.0)
+            backoff = backoff_delay(t.failures - 1, 1.0, FAILURE_BACKOFF_MAX, self.rng, low=0.8)
             self._schedule(name, rdtype, now + backoff)
         else:
             t.failures, t.answered, t.last_answer = 0, True, now

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import re
 import ssl
 import time
@@ -33,6 +32,7 @@ import nats
 import nats.errors
 import nats.js.errors
 
+from egressd.common.backoff import Backoff
 from egressd.common.logs import log
 from egressd.feed.lines import DEFAULT_MAX_LINE, FeedError, FeedStats, Line, OnLine, deliver
 from egressd.feed.nats_errors import SessionEnded, describe, expected
@@ -232,23 +232,6 @@ def snapshot_of(
                     )
                 )
     return Snapshot(tuple(sandboxes), tuple(rejected), authoritative=True), unnamed
-
-
-class Backoff:
-    """Doubling delays up to a cap, each drawn from its upper half so that a fleet does not retry in step."""
-
-    def __init__(self, initial: float, cap: float, rng: random.Random | None = None) -> None:
-        self.initial, self.cap = initial, cap
-        self.failures = 0
-        self._rng = rng or random.Random()
-
-    def next(self) -> float:
-        delay = min(self.cap, self.initial * 2 ** min(self.failures, 32))
-        self.failures += 1
-        return delay * self._rng.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 class NatsSource:

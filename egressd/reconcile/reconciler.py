@@ -18,8 +18,10 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any
 
+from egressd.common.backoff import backoff_delay
 from egressd.common.logs import log
 from egressd.desired.dnscache import DnsCache
 from egressd.desired.resolve import DnsService
@@ -33,8 +35,6 @@ from egressd.model.policy import (
     PolicyError,
     Sandbox,
     Snapshot,
-    parse_sandbox,
-    sandbox_to_record,
 )
 from egressd.reconcile.queue import KeyedQueue
 from egressd.reconcile.status import Status, StatusBoard
@@ -43,6 +43,22 @@ from egressd.reconcile.sync import SyncResult, TableSync
 PENDING_RETRY_MAX = 1.0  # a namespace that does not exist yet is looked for at least every second
 COUNTERS = ("applied", "unchanged", "adopted", "repaired", "dns_updated", "failed")
 COUNTERS += ("host_applied", "host_repaired", "host_failed")
+
+
+@dataclass(frozen=True)
+class Held:
+    """What the kernel holds for one sandbox, as far as this agent knows: replaced whole, on the loop thread,
+    after the kernel accepted a write (compute on a copy, commit the bookkeeping only on success)."""
+
+    netns: str | None = None  # the namespace path holding its table
+    written: tuple[str, str] | None = None  # (netns, fingerprint) this agent last wrote or adopted there
+    ident: NsId | None = None  # the namespace its path named when it was last synced
+    host_iface: str | None = None  # the interface whose host-side table it has
+    host_written: tuple[str, str] | None = None  # (interface, fingerprint) last written there
+    attempts: int = 0  # failed passes in a row: the retry backoff's exponent
+
+
+NOTHING_HELD = Held()
 
 
 class Reconciler:
@@ -78,12 +94,7 @@ class Reconciler:
         self.on_table: Callable[[str, str | None], None] | None = None
         self.dns = dns
         self._rng = rng or random.Random()
-        self._attempts: dict[str, int] = {}
-        self._applied_at: dict[str, str] = {}  # sandbox id -> netns path holding its table
-        self._written: dict[str, tuple[str, str]] = {}  # sandbox id -> (netns, fingerprint) last written
-        self._idents: dict[str, NsId] = {}  # sandbox id -> the namespace its path named when last synced
-        self._host_at: dict[str, str] = {}  # sandbox id -> interface whose host-side table it has
-        self._host_written: dict[str, tuple[str, str]] = {}  # sandbox id -> (interface, fingerprint)
+        self.held: dict[str, Held] = {}  # sandbox id -> what the kernel holds for it, as far as we know
         self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="egressd-apply")
         self._workers: list[asyncio.Task[None]] = []
         self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
@@ -147,15 +158,17 @@ class Reconciler:
         at once (and its change monitor moved), instead of at the next resync. A stat per sandbox: cheap
         enough to run every second."""
         changed = []
-        for sid, path in list(self._applied_at.items()):
-            before = self._idents.get(sid)
+        for sid, h in list(self.held.items()):
+            path = h.netns
+            if path is None:
+                continue
             now = _ident(path)
-            if before is not None and now != before:
+            if h.ident is not None and now != h.ident:
                 changed.append(sid)
-                del self._idents[sid]
+                # that table went with its namespace: a new one there is a first apply, no repair
+                self._hold(sid, ident=None, written=None)
                 if now is None:
                     self._let_go(sid)
-                self._written.pop(sid, None)  # that table went with its namespace: a new one is no repair
                 d = self.desired.get(sid)
                 if d is not None:  # not enforced until the new namespace has its table: `wait` must know
                     reason = f"namespace at {path} was replaced or deleted; applying again"
@@ -168,8 +181,8 @@ class Reconciler:
     def _let_go(self, sid: str) -> None:
         """Its namespace is gone: hold nothing of it (the change monitor's socket, the libnftables context
         would keep it alive). When a namespace appears at the path again, it is a first apply there."""
-        path = self._applied_at.pop(sid, None)
-        self._written.pop(sid, None)
+        path = self._held(sid).netns
+        self._hold(sid, netns=None, written=None)
         if path is not None and self.on_table is not None:
             self.on_table(sid, None)  # (the backend drops its context when it finds the path gone)
 
@@ -180,7 +193,7 @@ class Reconciler:
             if any(d.host_interface for d in self.desired.values()):
                 asyncio.get_running_loop().create_task(self._check_guard(self.host_backend))
         in_use = {st.fingerprint for st in self.status.values()}
-        in_use |= {fp for _, fp in self._host_written.values()}
+        in_use |= {h.host_written[1] for h in self.held.values() if h.host_written is not None}
         self.sync.prune(in_use)  # policies no sandbox has any more: keep the maps bounded
         for sid in list(self.desired):
             self.queue.add(sid)
@@ -221,18 +234,29 @@ class Reconciler:
     def tables(self) -> dict[str, str]:
         """Sandbox id -> the namespace path that holds its table, for every table this agent wrote or
         adopted (a copy: safe to keep across awaits)."""
-        return dict(self._applied_at)
+        return {sid: h.netns for sid, h in self.held.items() if h.netns is not None}
 
     async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) in the reconciler's worker threads, as the table work runs (metrics reads counters)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _retry(self, sid: str, cap: float) -> None:
-        attempt = self._attempts.get(sid, 0)
+        attempt = self._held(sid).attempts
         self.retries += 1
-        self._attempts[sid] = attempt + 1
-        delay = min(cap, self.config.retry_initial * (2**attempt)) * self._rng.uniform(0.5, 1.0)
+        self._hold(sid, attempts=attempt + 1)
+        delay = backoff_delay(attempt, self.config.retry_initial, cap, self._rng)
         asyncio.get_running_loop().call_later(delay, self.queue.add, sid)
+
+    def _held(self, sid: str) -> Held:
+        return self.held.get(sid) or NOTHING_HELD
+
+    def _hold(self, sid: str, **changes: Any) -> None:
+        """One assignment of the sandbox's record, on the loop thread; an empty record is dropped."""
+        h = replace(self._held(sid), **changes)
+        if h == NOTHING_HELD:
+            self.held.pop(sid, None)
+        else:
+            self.held[sid] = h
 
     def _record(self, sid: str, status: Status) -> None:
         self.board.record(sid, status)
@@ -242,7 +266,7 @@ class Reconciler:
         if d is None:
             await self._forget(sid)
             return
-        old_path = self._applied_at.get(sid)
+        old_path = self._held(sid).netns
         if old_path is not None and old_path != d.netns:
             await self._release(sid, old_path)
         if self._flush is not None and d.generation > self.persisted_generation:
@@ -269,8 +293,9 @@ class Reconciler:
             result = await self._adopt_on_hint(sid, d)
             if result is None:
                 ruleset, elements, waiting = self.sync.target(d.policy, self._dns_cache())
-                last = self._written.get(sid)
-                same_ns = ident is None or self._idents.get(sid) in (None, ident)
+                h = self._held(sid)
+                last = h.written
+                same_ns = ident is None or h.ident in (None, ident)
                 last_fp = last[1] if last is not None and last[0] == d.netns and same_ns else None
                 result = await loop.run_in_executor(
                     self._executor, self.sync.sync, self.backend, d.netns, ruleset, elements, last_fp
@@ -286,15 +311,15 @@ class Reconciler:
             self._attempts_failed(sid, d, str(e), pending=False)
             return
         self._observe("apply", time.monotonic() - t0)
-        if self.on_table is not None and (self._applied_at.get(sid) != d.netns or sid not in self._idents):
+        h = self._held(sid)
+        if self.on_table is not None and (h.netns != d.netns or h.ident is None):
             self.on_table(sid, d.netns)  # a new path, or a new namespace at the same path
-        self._applied_at[sid] = d.netns
         # What the kernel holds now, even if a newer revision overtook this one (then no status is recorded
-        # below): the next pass must not take our own write for someone else's.
-        self._written[sid] = (d.netns, result.fingerprint)
-        if ident is not None:
-            self._idents[sid] = ident
-        self._attempts.pop(sid, None)
+        # below): the next pass must not take our own write for someone else's. One assignment, after the
+        # kernel accepted the write.
+        self.held[sid] = replace(
+            h, netns=d.netns, written=(d.netns, result.fingerprint), ident=ident or h.ident, attempts=0
+        )
         new_digest = self.sync.learned(result)  # on the loop thread: workers only read the maps
         self.counters[result.outcome] += 1
         if (new_digest or result.outcome not in ("unchanged", "adopted")) and self._persist is not None:
@@ -366,7 +391,7 @@ class Reconciler:
         """The host-side table of a sandbox that names host_interface: (why it failed, writes made)."""
         loop = asyncio.get_running_loop()
         iface = d.host_interface
-        old = self._host_at.get(sid)
+        old = self._held(sid).host_iface
         if old is not None and old != iface:
             error = await self._release_host(sid, old)
             if error is not None:
@@ -376,7 +401,7 @@ class Reconciler:
         if self.host_backend is None:
             return "host_interface is set but this agent has no host-side backend", 0
         ruleset, elements, _ = self.sync.target(d.policy, self._dns_cache(), host=True)
-        last = self._host_written.get(sid)
+        last = self._held(sid).host_written
         last_fp = last[1] if last is not None and last[0] == iface else None
         t0 = time.monotonic()
         try:
@@ -388,8 +413,7 @@ class Reconciler:
             self.counters["host_failed"] += 1
             return str(e), 0
         self._observe("apply", time.monotonic() - t0)
-        self._host_at[sid] = iface
-        self._host_written[sid] = (iface, result.fingerprint)
+        self._hold(sid, host_iface=iface, host_written=(iface, result.fingerprint))
         self.sync.learned(result)
         if result.outcome in ("applied", "repaired"):
             self.counters[f"host_{result.outcome}"] += 1
@@ -430,14 +454,13 @@ class Reconciler:
         except ApplyError as e:
             log(logging.ERROR, "host_remove_failed", sandbox=sid, host_interface=iface, error=str(e))
             return str(e)
-        self._host_at.pop(sid, None)
-        self._host_written.pop(sid, None)
+        self._hold(sid, host_iface=None, host_written=None)
         log(logging.INFO, "host_removed", sandbox=sid, host_interface=iface)
         return None
 
     async def _release(self, sid: str, path: str) -> None:
         """The sandbox left path (deleted, or moved to another namespace): take our table out of it."""
-        self._applied_at.pop(sid, None)
+        self._hold(sid, netns=None)
         if self.on_table is not None:
             self.on_table(sid, None)
         if self.store.owns_netns(path):
@@ -462,15 +485,14 @@ class Reconciler:
         )
 
     async def _forget(self, sid: str) -> None:
-        self._written.pop(sid, None)
-        self._idents.pop(sid, None)
-        path = self._applied_at.get(sid)
+        self._hold(sid, written=None, ident=None)
+        path = self._held(sid).netns
         if path is not None:
             await self._release(sid, path)
-        iface = self._host_at.get(sid)
+        iface = self._held(sid).host_iface
         if iface is not None and await self._release_host(sid, iface) is not None:
             self._retry(sid, self.config.retry_max)  # a table for a deleted sandbox must not stay
-        self._attempts.pop(sid, None)
+        self._hold(sid, attempts=0)
         self.board.forget(sid)
 
     async def prune_host(self) -> list[str]:
@@ -523,72 +545,3 @@ def _ident(path: str | None) -> NsId | None:
         return netns_id(path)
     except NetnsError:
         return None
-
-
-def export_state(r: Reconciler) -> tuple[dict[str, Any], int]:
-    """What must survive a restart (desired state, tombstones, the digests used to adopt tables, the DNS
-    cache), and the desired generation it includes. Records are serialised once per generation."""
-    sandboxes = []
-    for d in r.desired.values():
-        if d.record is None:
-            sb = Sandbox(id=d.id, netns=d.netns, policy=d.policy, status=d.status, revision=d.revision,
-                         host_interface=d.host_interface)  # fmt: skip
-            d.record = {"record": sandbox_to_record(sb), "problem": d.problem}
-        sandboxes.append(d.record)
-    in_force = {}
-    for sid, st in r.status.items():
-        d = r.desired.get(sid)
-        shape = r.sync.shapes.get(st.fingerprint or "")
-        if (
-            d is not None
-            and shape is not None
-            and st.fingerprint is not None
-            and st.generation == d.generation
-        ):
-            in_force[sid] = [st.fingerprint, shape]
-    doc = {
-        "sandboxes": sandboxes,
-        "tombstones": [[sid, rev] for sid, rev in r.tombstones.items()],
-        "digests": dict(r.sync.digests),
-        "dns": r.dns.cache.export() if r.dns is not None else {},
-        "in_force": {"key": r.sync.adoption_key(), "tables": in_force},
-    }
-    return doc, r.store.generation
-
-
-def restore_state(r: Reconciler, doc: dict[str, Any]) -> list[str]:
-    """Load what export_state wrote; returns problems with entries that could not be restored."""
-    problems = []
-    for i, item in enumerate(doc.get("sandboxes", [])):
-        try:
-            sb = parse_sandbox(item["record"], max_entries=1_000_000)
-        except (PolicyError, KeyError, TypeError) as e:
-            problems.append(f"state sandboxes[{i}]: {e}")
-            continue
-        problem = item.get("problem")
-        d = Desired(
-            sb.id, sb.netns, sb.revision, sb.policy, sb.status, problem if isinstance(problem, str) else None,
-            host_interface=sb.host_interface,
-        )  # fmt: skip
-        r.store.put(d)
-    in_force = doc.get("in_force")
-    if isinstance(in_force, dict) and in_force.get("key") == r.sync.adoption_key():
-        tables = in_force.get("tables")
-        for sid, pair in tables.items() if isinstance(tables, dict) else ():
-            d = r.desired.get(sid)
-            if (
-                d is not None
-                and isinstance(pair, list)
-                and len(pair) == 2
-                and all(isinstance(x, str) for x in pair)
-            ):
-                r.sync.hints[sid] = (d.generation, pair[0], pair[1])
-    for entry in doc.get("tombstones", []):
-        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str):
-            r.tombstones[entry[0]] = entry[1] if isinstance(entry[1], int) else None
-    digests = doc.get("digests", {})
-    if isinstance(digests, dict):
-        r.sync.digests.update({k: v for k, v in digests.items() if isinstance(k, str) and isinstance(v, str)})
-    if r.dns is not None:
-        r.dns.cache.restore(doc.get("dns"))
-    return problems

@@ -26,10 +26,10 @@ MAX_LINES = 400
 # Modules still over MAX_LINES, each capped at its size once the layout moved and the DNS module was split
 # (issue 17): they may only shrink, and leave this list when they fit.
 OVERSIZED = {
-    "reconcile/reconciler.py": 594,
+    "reconcile/reconciler.py": 547,
     "kernel/monitor.py": 556,
-    "agent/daemon.py": 545,
-    "feed/nats.py": 481,
+    "agent/daemon.py": 475,
+    "feed/nats.py": 464,
     "model/policy.py": 468,
     "kernel/nft.py": 434,
     "cli.py": 433,

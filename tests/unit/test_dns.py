@@ -11,7 +11,8 @@ from egressd.desired.resolve import DnsService
 from egressd.kernel.nft import FakeBackend
 from egressd.model.config import config_from_dict
 from egressd.model.policy import parse_sandbox
-from egressd.reconcile.reconciler import Reconciler, export_state, restore_state
+from egressd.reconcile.reconciler import Reconciler
+from egressd.reconcile.restart import export_state, restore_state
 
 
 class Clock:

@@ -13,12 +13,12 @@ import pytest
 from nats.errors import SlowConsumerError
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
+from egressd.common.backoff import Backoff
 from egressd.feed.lines import FeedError
 from egressd.feed.nats import (
     KV_DEL,
     KV_PURGE,
     STABLE_SESSION,
-    Backoff,
     KvEntry,
     NatsSource,
     entry_change,

@@ -7,7 +7,8 @@ from egressd.kernel.hostside import GUARD_TABLE, guard_commands, neutral_listing
 from egressd.kernel.nft import ApplyError, FakeBackend, replace_table
 from egressd.model.config import Config, config_from_dict
 from egressd.model.policy import DENY_ALL, PolicyError, parse_sandbox
-from egressd.reconcile.reconciler import Reconciler, export_state, restore_state
+from egressd.reconcile.reconciler import Reconciler
+from egressd.reconcile.restart import export_state, restore_state
 from egressd.reconcile.sync import listing_digest
 from egressd.ruleset.render import create_commands, render
 from tests.unit.test_reconcile import CONFIG, settle

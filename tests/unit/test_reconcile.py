@@ -9,7 +9,8 @@ from egressd.kernel.nft import ApplyError, FakeBackend
 from egressd.model.config import config_from_dict
 from egressd.model.policy import DENY_ALL, PolicyError, parse_event, parse_sandbox
 from egressd.reconcile.queue import KeyedQueue
-from egressd.reconcile.reconciler import Reconciler, export_state, restore_state
+from egressd.reconcile.reconciler import Reconciler
+from egressd.reconcile.restart import export_state, restore_state
 from egressd.reconcile.sync import elements_differ
 from egressd.ruleset.render import render
 
@@ -341,7 +342,7 @@ def test_desired_state_is_written_before_applying_but_once_per_burst():
 
 def test_a_full_disk_never_stops_enforcement(tmp_path, monkeypatch):
     """The persister reports the failed write and retries; the reconciler applies all the same."""
-    from egressd.agent.daemon import Persister
+    from egressd.agent.persister import Persister
     from egressd.desired.statefile import StateFile
 
     backend = FakeBackend(namespaces={"/run/netns/a"})
@@ -597,7 +598,7 @@ def test_eventual_state_writes_are_spaced_by_how_long_a_write_takes(tmp_path, mo
     rewrote a 3.5 MB file after nearly every one of them."""
     import time
 
-    from egressd.agent import daemon
+    from egressd.agent import persister
     from egressd.desired.statefile import StateFile
 
     saved = []
@@ -610,7 +611,7 @@ def test_eventual_state_writes_are_spaced_by_how_long_a_write_takes(tmp_path, mo
     monkeypatch.setattr(state, "save", slow_save)
 
     async def main():
-        p = daemon.Persister(state, lambda: ({"n": len(saved)}, 0), lambda g: None)
+        p = persister.Persister(state, lambda: ({"n": len(saved)}, 0), lambda g: None)
         p.mark()
         await asyncio.sleep(0.1)
         assert len(saved) == 1 and p._last_write_s >= 0.02
@@ -619,7 +620,7 @@ def test_eventual_state_writes_are_spaced_by_how_long_a_write_takes(tmp_path, mo
         p.mark()
         while len(saved) < 2:
             await asyncio.sleep(0.01)
-        assert loop.time() - t0 >= daemon.PERSIST_SPACING * 0.02 * 0.9  # about 0.4 s, not 0.05 s
+        assert loop.time() - t0 >= persister.PERSIST_SPACING * 0.02 * 0.9  # about 0.4 s, not 0.05 s
         await p.flush()  # flush() itself never waits: a reconcile that needs the state on disk calls it
 
     asyncio.run(main())
