@@ -75,6 +75,8 @@ class Agent:
         resolver = Resolver(config.dns_nameservers, config.dns_timeout)
         self.dns = DnsService(cache, resolver, on_change=lambda names: self.reconciler.names_changed(names))
         host = HostBackend(backend, config) if isinstance(backend, LibnftBackend) else None
+        self.metrics: Metrics | None = None
+        self.monitor = self._make_monitor(config)
         self.reconciler = Reconciler(
             backend,
             config,
@@ -83,8 +85,9 @@ class Agent:
             flush=self.persister.flush,
             dns=self.dns,
             host_backend=host,
+            on_table=self.monitor.watch if self.monitor is not None else None,
+            observe=self._observe,
         )
-        self.monitor = self._make_monitor(config)
         self.source: Source = parse_source(
             config.feed_source,
             max_line=config.max_line_bytes,
@@ -99,7 +102,6 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self.state_problem: str | None = None
         self.exit_code = 0
-        self.metrics: Metrics | None = None
         self.denied: DeniedCounters | None = None
         self.metrics_error: str | None = None
 
@@ -115,7 +117,6 @@ class Agent:
             )
 
         self.metrics = Metrics(on_loop(asyncio.get_running_loop(), read))
-        self.reconciler.observe = self.metrics.observe
         try:
             self.metrics.serve(self.config.metrics_listen)
         except MetricsError as e:  # metrics are not worth stopping enforcement for: said loudly, not fatal
@@ -128,7 +129,6 @@ class Agent:
             return None
         soft, hard = raise_fd_limit()  # one descriptor per watched sandbox, above the ones libnftables needs
         monitor = ChangeMonitor(lambda sid: self.reconciler.queue.add(sid, urgent=True))
-        self.reconciler.on_table = monitor.watch
         detail = None
         if monitor.capacity == 0:
             detail = "RLIMIT_NOFILE too low: repair waits for the resync"
@@ -146,7 +146,12 @@ class Agent:
         return monitor
 
     def _persisted(self, generation: int) -> None:
-        self.reconciler.persisted_generation = max(self.reconciler.persisted_generation, generation)
+        self.reconciler.persisted(generation)
+
+    def _observe(self, kind: str, seconds: float) -> None:
+        """The reconciler's timings, into the metrics once they serve."""
+        if self.metrics is not None:
+            self.metrics.observe(kind, seconds)
 
     # --- feed -----------------------------------------------------------------------------------------
 

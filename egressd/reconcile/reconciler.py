@@ -75,6 +75,8 @@ class Reconciler:
         rng: random.Random | None = None,
         host_backend: Backend | None = None,
         idle: Callable[[], None] | None = None,
+        on_table: Callable[[str, str | None], None] | None = None,
+        observe: Callable[[str, float], None] | None = None,
     ) -> None:
         self.backend = backend
         # The host-side tables (hostside.py), for sandboxes that name host_interface; where a namespace
@@ -91,7 +93,7 @@ class Reconciler:
         self.persisted_generation = 0  # desired state up to this generation is on disk (set by the persister)
         # Told where each sandbox's table now lives (path) or that it has none any more (None): the daemon
         # points its change monitor at it (see monitor.py).
-        self.on_table: Callable[[str, str | None], None] | None = None
+        self.on_table = on_table
         self.dns = dns
         self._rng = rng or random.Random()
         self.held: dict[str, Held] = {}  # sandbox id -> what the kernel holds for it, as far as we know
@@ -101,7 +103,11 @@ class Reconciler:
         self.retries = 0  # retries scheduled after a failed attempt
         # Told how long each piece of work took: ("reconcile", s) for one sandbox's whole pass, ("apply", s)
         # for one table sync in a worker thread (the daemon feeds its metrics with it; see metrics.py).
-        self.observe: Callable[[str, float], None] | None = None
+        self.observe = observe
+
+    def persisted(self, generation: int) -> None:
+        """The persister wrote desired state up to this generation."""
+        self.persisted_generation = max(self.persisted_generation, generation)
 
     @property
     def desired(self) -> dict[str, Desired]:

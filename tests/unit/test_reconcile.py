@@ -322,7 +322,7 @@ def test_desired_state_is_written_before_applying_but_once_per_burst():
         async def flush():
             r = holder[0]
             flushes.append(r.store.generation)
-            r.persisted_generation = r.store.generation  # what the daemon's persister reports after a write
+            r.persisted(r.store.generation)  # what the daemon's persister reports after a write
 
         r = Reconciler(backend, CONFIG, flush=flush, rng=random.Random(1))
         holder.append(r)
