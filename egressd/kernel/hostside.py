@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from egressd.common.logs import log
 from egressd.kernel.nft import (
     ApplyError,
     Elements,
@@ -135,6 +137,7 @@ class HostBackend:
         self._nft = nft
         self._mark = config.host_mark
         self._guard_checked = False
+        self._guard_written = False  # this backend has put the guard in force once
         self._lock = threading.Lock()
 
     def set_config(self, config: Config) -> None:
@@ -159,7 +162,8 @@ class HostBackend:
 
     def ensure_guard(self) -> bool:
         """The guard table, as this config wants it; True when it had to be (re)written. Without it a
-        host-side deny would only mark packets."""
+        host-side deny would only mark packets. A guard that was there and is gone or altered is logged
+        as repaired here, whichever path found it: the resync's check, or a host-side table's apply."""
         with self._lock:
             if self._guard_checked:
                 return False
@@ -171,7 +175,10 @@ class HostBackend:
             intact = len(have) == len(rules) and found[-1:] == [rules[-1].get("comment")]
             if not intact:
                 self._run(want, "guard table")
-            self._guard_checked = True
+                if self._guard_written or listing is not None:
+                    detail = "the guard table was missing or not as configured"
+                    log(logging.WARNING, "host_guard_repaired", detail=detail)
+            self._guard_checked = self._guard_written = True
             return not intact
 
     def apply(

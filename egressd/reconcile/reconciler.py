@@ -438,17 +438,10 @@ class Reconciler:
     async def _check_guard(self, host: HostBackend) -> None:
         """The host-side guard table is shared by every sandbox and changes with none: each resync reads it,
         and puts it back if it is gone or not as the config wants it (`nft flush ruleset` on the host)."""
-        try:
-            rewritten = await asyncio.get_running_loop().run_in_executor(self._executor, host.ensure_guard)
+        try:  # a repair is logged by ensure_guard itself, whichever path finds it first
+            await asyncio.get_running_loop().run_in_executor(self._executor, host.ensure_guard)
         except ApplyError as e:
             log(logging.ERROR, "host_guard_failed", error=str(e))
-            return
-        if rewritten:
-            log(
-                logging.WARNING,
-                "host_guard_repaired",
-                detail="the guard table was missing or not as configured",
-            )
 
     async def _release_host(self, sid: str, iface: str) -> str | None:
         """The sandbox no longer names iface (deleted, or moved): take its host-side table out."""

@@ -3,7 +3,14 @@
 import asyncio
 import random
 
-from egressd.kernel.hostside import GUARD_TABLE, guard_commands, neutral_listing, table_name, target_for
+from egressd.kernel.hostside import (
+    GUARD_TABLE,
+    HostBackend,
+    guard_commands,
+    neutral_listing,
+    table_name,
+    target_for,
+)
 from egressd.kernel.nft import ApplyError, FakeBackend, replace_table
 from egressd.model.config import Config, config_from_dict
 from egressd.model.policy import DENY_ALL, PolicyError, parse_sandbox
@@ -232,3 +239,37 @@ def test_state_keeps_the_interface_and_a_restart_writes_nothing_and_prunes_the_g
     asyncio.run(second())
     assert [w for w in host.writes[writes:] if w[0] != "remove"] == []
     assert set(host.tables) == {"veth-a"}
+
+
+class GuardHost:
+    """A host namespace that holds only the guard table: what `nft` would list of it, and what was run."""
+
+    def __init__(self):
+        self.rules = None  # the guard's rules, or None when there is no guard table
+        self.runs = 0
+
+    def host_cmd(self, doc):
+        cmds = doc["nftables"]
+        if "list" in cmds[0]:
+            if self.rules is None:
+                return 1, None, "Error: No such file or directory"
+            return 0, {"nftables": [{"rule": r} for r in self.rules]}, ""
+        self.runs += 1
+        self.rules = [c["add"]["rule"] for c in cmds if "rule" in c.get("add", {})]
+        return 0, None, ""
+
+
+def test_a_guard_that_went_away_is_logged_as_repaired_whoever_finds_it(caplog):
+    host = GuardHost()
+    hb = HostBackend(host, Config())
+    with caplog.at_level("WARNING", logger="egressd"):
+        assert hb.ensure_guard() and host.runs == 1  # the first write: nothing to repair
+        assert not hb.ensure_guard() and host.runs == 1  # checked once until the next resync
+        host.rules = None  # `nft flush ruleset` on the host
+        hb.invalidate()
+        assert hb.ensure_guard() and host.runs == 2
+        assert [r.getMessage() for r in caplog.records].count("host_guard_repaired") == 1
+        host.rules = host.rules[:-1]  # altered: its last rule gone
+        hb.invalidate()
+        hb.apply("veth-x", render(DENY_ALL, Config(), host=True))  # found by an apply, not the resync
+    assert [r.getMessage() for r in caplog.records].count("host_guard_repaired") == 2
