@@ -107,34 +107,15 @@ class DesiredStore:
         source vouches that this is the current record, whatever its revision)."""
         if not latest and self._stale(sb.id, sb.revision):
             return False
-        if sb.netns is not None:
-            owner = self.netns_owner(sb.netns, sb.id)
+        claims = (
+            ("netns", sb.netns, self.netns_owner),
+            ("host_interface", sb.host_interface, self.iface_owner),
+        )
+        for field, value, owner_of in claims:
+            owner = owner_of(value, sb.id) if value is not None else None
             if owner is not None:
-                self.reject(
-                    PolicyError(
-                        [f"sandbox {sb.id!r}: netns {sb.netns} is already used by sandbox {owner!r}"],
-                        sb.id,
-                        None,
-                        sb.revision,
-                    ),
-                    latest,
-                )
-                return False
-        if sb.host_interface is not None:
-            owner = self.iface_owner(sb.host_interface, sb.id)
-            if owner is not None:
-                self.reject(
-                    PolicyError(
-                        [
-                            f"sandbox {sb.id!r}: host_interface {sb.host_interface} is already used by "
-                            f"sandbox {owner!r}"
-                        ],
-                        sb.id,
-                        None,
-                        sb.revision,
-                    ),
-                    latest,
-                )
+                problem = f"sandbox {sb.id!r}: {field} {value} is already used by sandbox {owner!r}"
+                self.reject(PolicyError([problem], sb.id, None, sb.revision), latest)
                 return False
         cur = self.desired.get(sb.id)
         if (

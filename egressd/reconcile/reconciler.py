@@ -530,7 +530,8 @@ class Reconciler:
         )
 
     def report(self) -> list[dict[str, Any]]:
-        view = self.dns.cache.view if self.dns is not None else None
+        cache = self._dns_cache()
+        view = cache.view if cache is not None else None
         return self.board.rows(self.desired, view)
 
     def state_counts(self) -> dict[str, int]:
