@@ -51,10 +51,10 @@ from bench.figures import Figure
 from egressd.agent.control import ControlError, request
 from egressd.feed.lines import DEFAULT_MAX_LINE
 from egressd.kernel.netns import ContextCache, NetnsError
-from egressd.kernel.nft import fingerprint_of
 from egressd.model.config import Config, load_config
 from egressd.model.policy import parse_sandbox
 from egressd.ruleset.render import FAMILY, FINGERPRINT_CHAIN, TABLE, Json, Ruleset, render
+from egressd.ruleset.transactions import fingerprint_of
 from tests.integration.agent import AgentProcess
 
 IDLE_P99_GOAL_MS = 20.0

@@ -31,10 +31,12 @@ from types import FrameType
 from typing import Any
 
 from bench.figures import Figure
-from egressd.kernel.nft import LibnftBackend, fingerprint_of, replace_table
+from egressd.kernel.nft import LibnftBackend
 from egressd.model.config import Config
 from egressd.model.policy import IPNetwork, Policy, Targets
-from egressd.ruleset.render import FAMILY, FINGERPRINT_CHAIN, TABLE, Json, Ruleset, neutral_name, render
+from egressd.ruleset.render import FAMILY, FINGERPRINT_CHAIN, TABLE, Json, Ruleset, render
+from egressd.ruleset.transactions import fingerprint_of, replace_table
+from egressd.ruleset.variants import neutral_name
 
 NETNS_DIR = Path("/run/netns")
 # RFC 2544 benchmarking range and RFC 3849 documentation range: never routed, never anyone's real policy.

@@ -24,7 +24,8 @@ from typing import Any
 from bench.apply import Aborted, Deadline, _terminate, machine_info
 from bench.figures import Figure
 from egressd.agent.control import ControlError
-from egressd.kernel.nft import LibnftBackend, set_elements
+from egressd.kernel.nft import LibnftBackend
+from egressd.ruleset.transactions import set_elements
 from netns_fixtures import DnsServer, World, cleanup
 from tests.integration.agent import AgentProcess
 

@@ -30,10 +30,11 @@ from typing import Any
 
 from bench.figures import Figure
 from egressd.kernel.hostside import HostBackend, target_for
-from egressd.kernel.nft import LibnftBackend, replace_table
+from egressd.kernel.nft import LibnftBackend
 from egressd.model.config import Config
 from egressd.model.policy import Policy, Targets
 from egressd.ruleset.render import render
+from egressd.ruleset.transactions import replace_table
 
 CMD_TIMEOUT_S = 60.0
 

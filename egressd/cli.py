@@ -18,13 +18,15 @@ from egressd import __version__
 from egressd.agent.control import ControlError, request
 from egressd.desired.dnscache import DnsCache
 from egressd.desired.resolve import Resolver, resolve_once
+from egressd.kernel.backend import ApplyError, Backend
 from egressd.kernel.hostside import HostBackend
 from egressd.kernel.netns import NetnsError
-from egressd.kernel.nft import ApplyError, Backend, LibnftBackend, replace_table
+from egressd.kernel.nft import LibnftBackend
 from egressd.model.config import Config, ConfigError, load_config
 from egressd.model.policy import Policy, PolicyError, Sandbox, Snapshot, Upsert, parse_line, parse_sandbox
 from egressd.reconcile.sync import TableSync
 from egressd.ruleset.render import render
+from egressd.ruleset.transactions import replace_table
 
 MAX_INPUT_BYTES = 64 * 1024 * 1024
 

@@ -28,9 +28,10 @@ from egressd.desired.resolve import DnsService, Resolver, resolve_all
 from egressd.desired.statefile import StateError, StateFile
 from egressd.feed.lines import FeedError, Line, Source
 from egressd.feed.sources import parse_source
+from egressd.kernel.backend import Backend
 from egressd.kernel.hostside import HostBackend
 from egressd.kernel.monitor import ChangeMonitor, raise_fd_limit
-from egressd.kernel.nft import Backend, LibnftBackend
+from egressd.kernel.nft import LibnftBackend
 from egressd.model.config import Config, ConfigError, load_config
 from egressd.model.policy import Event, PolicyError, parse_line
 from egressd.reconcile.reconciler import Reconciler

@@ -28,8 +28,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from egressd.common.logs import log
+from egressd.kernel.backend import ApplyError
 from egressd.kernel.netns import NetnsError
-from egressd.kernel.nft import ApplyError
 from egressd.model.config import parse_listen
 from egressd.reconcile.reconciler import COUNTERS, Reconciler
 

@@ -33,26 +33,12 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from egressd.common.logs import log
-from egressd.kernel.nft import (
-    ApplyError,
-    Elements,
-    active_variant,
-    element_commands,
-    fingerprint_of,
-    listing_of,
-    other_variant,
-    replace_table,
-    retire_commands,
-    update_commands,
-)
+from egressd.kernel.backend import ApplyError, listing_of
+from egressd.kernel.writer import TableWriter
 from egressd.model.config import Config
-from egressd.ruleset.render import (
-    FINGERPRINT_CHAIN,
-    ND_TYPES,
-    Json,
-    Ruleset,
-    Target,
-)
+from egressd.ruleset.render import FINGERPRINT_CHAIN, ND_TYPES, Json, Ruleset
+from egressd.ruleset.transactions import Elements, fingerprint_of
+from egressd.ruleset.variants import Target
 
 GUARD_TABLE = "egressd_host"
 TABLE_PREFIX = "egressd_"
@@ -139,6 +125,7 @@ class HostBackend:
         self._guard_checked = False
         self._guard_written = False  # this backend has put the guard in force once
         self._lock = threading.Lock()
+        self._writer = TableWriter(self, target_for=target_for)
 
     def set_config(self, config: Config) -> None:
         with self._lock:
@@ -155,6 +142,10 @@ class HostBackend:
         rc, _, err = self._nft.host_cmd({"nftables": cmds})
         if rc != 0:
             raise ApplyError(f"nftables refused the host-side {what}: {err.strip()}")
+
+    def run(self, where: str, commands: list[Json], what: str) -> None:
+        """One transaction on the host (the TableWriter's Runner)."""
+        self._run(commands, what)
 
     def _list(self, what: Json) -> list[Json] | None:
         rc, out, err = self._nft.host_cmd({"nftables": [{"list": what}]})
@@ -189,25 +180,10 @@ class HostBackend:
         listing: list[Json] | None = None,
     ) -> None:
         self.ensure_guard()
-        target = target_for(where)
-        if listing is None:
-            listing = self.read(where)
-        active = active_variant(listing)
-        if listing is None or active is None:
-            self._run(replace_table(ruleset, elements, target)["nftables"], "table")
-            return
-        clear = retire_commands(listing, other_variant(active), target)
-        retire = retire_commands(listing, active, target)
-        _, stage, switch = update_commands(ruleset, elements, active, clear, retire, target)
-        self._run(stage, "staged policy")
-        self._run(switch, "switch")
+        self._writer.apply(where, ruleset, elements, listing)
 
     def update_elements(self, where: str, add: Elements, delete: Elements, variant: str = "a") -> None:
-        target = target_for(where)
-        cmds = element_commands("delete", delete, variant, target)
-        cmds += element_commands("add", add, variant, target)
-        if cmds:
-            self._run(cmds, "set update")
+        self._writer.update_elements(where, add, delete, variant)
 
     def read(self, where: str) -> list[Json] | None:
         listing = self._list({"table": {"family": FAMILY, "name": table_name(where)}})
@@ -229,7 +205,7 @@ class HostBackend:
         return True
 
     def forget(self, where: str) -> None:
-        return None
+        self._writer.forget(where)
 
     def prune(self, keep: Iterable[str]) -> list[str]:
         """Delete host-side tables of interfaces no sandbox names any more (sandboxes deleted while no agent

@@ -26,9 +26,9 @@ from egressd.common.logs import log
 from egressd.desired.dnscache import DnsCache
 from egressd.desired.resolve import DnsService
 from egressd.desired.store import Desired, DesiredStore
+from egressd.kernel.backend import ApplyError, Backend
 from egressd.kernel.hostside import HostBackend
 from egressd.kernel.netns import NetnsError, NsId, netns_id
-from egressd.kernel.nft import ApplyError, Backend
 from egressd.model.config import Config
 from egressd.model.policy import (
     Event,

@@ -20,11 +20,13 @@ from typing import Any
 
 from egressd import __version__
 from egressd.desired.dnscache import DnsCache
-from egressd.kernel.nft import Backend, active_variant, fingerprint_of, set_elements
+from egressd.kernel.backend import Backend
 from egressd.model.config import Config
 from egressd.model.policy import DENY_ALL, Policy
 from egressd.ruleset.plan import plan
-from egressd.ruleset.render import FINGERPRINT_CHAIN, Json, Ruleset, neutral_name, render
+from egressd.ruleset.render import FINGERPRINT_CHAIN, Json, Ruleset, render
+from egressd.ruleset.transactions import active_variant, fingerprint_of, set_elements
+from egressd.ruleset.variants import neutral_name
 
 DNS_SET_SUFFIXES = ("_dns4", "_dns6")
 # Rendered tables kept (about 40 KB each as Python objects): enough for the sandboxes whose DNS answers or

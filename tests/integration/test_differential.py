@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from egressd.kernel.netns import ContextCache
-from egressd.kernel.nft import replace_table
 from egressd.model.config import config_from_dict
 from egressd.model.policy import parse_sandbox
 from egressd.ruleset.decide import decide
 from egressd.ruleset.render import render
+from egressd.ruleset.transactions import replace_table
 from netns_fixtures.probe import udp_echo
 
 pytestmark = pytest.mark.root

@@ -9,11 +9,13 @@ from dataclasses import replace
 import pytest
 
 from egressd.cli import main
+from egressd.kernel.backend import ApplyError
 from egressd.kernel.netns import CLOSE_GRACE_S, NetnsError, open_netns
-from egressd.kernel.nft import ApplyError, LibnftBackend
+from egressd.kernel.nft import LibnftBackend
 from egressd.model.config import Config
 from egressd.model.policy import parse_sandbox
-from egressd.ruleset.render import neutral_name, render, stage_commands
+from egressd.ruleset.render import render
+from egressd.ruleset.variants import neutral_name, stage_commands
 from tests.integration.conftest import live_name, nft_json
 from tests.unit.test_render import CASES
 
@@ -94,7 +96,7 @@ def test_an_update_stages_the_new_policy_then_switches(world, backend):
     ] == handle
     # an agent that died between the two transactions leaves a staged variant: the next update clears it
     listing = backend.read(sb.netns_path)
-    backend._run(sb.netns_path, {"nftables": stage_commands(first, "a")}, "stage only")
+    backend.run(sb.netns_path, stage_commands(first, "a"), "stage only")
     backend.apply(sb.netns_path, first, listing=backend.read(sb.netns_path))
     assert (
         live_name(sb.name, "decide") == "decide_a" and backend.fingerprint(sb.netns_path) == first.fingerprint

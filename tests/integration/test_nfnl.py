@@ -6,10 +6,11 @@ import pytest
 
 from egressd.kernel.netns import NetnsError
 from egressd.kernel.nfnl import read_chain_comments
-from egressd.kernel.nft import LibnftBackend, fingerprint_of
+from egressd.kernel.nft import LibnftBackend
 from egressd.model.config import Config
 from egressd.model.policy import DENY_ALL, parse_sandbox
 from egressd.ruleset.render import FINGERPRINT_CHAIN, TABLE, render
+from egressd.ruleset.transactions import fingerprint_of
 
 pytestmark = pytest.mark.root
 

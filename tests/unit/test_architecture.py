@@ -31,9 +31,7 @@ OVERSIZED = {
     "agent/daemon.py": 480,
     "feed/nats.py": 464,
     "model/policy.py": 468,
-    "kernel/nft.py": 434,
     "cli.py": 433,
-    "ruleset/render.py": 425,
     "feed/local.py": 415,
 }
 

@@ -6,6 +6,7 @@ from egressd.cli import main
 from egressd.model.config import Config
 from egressd.model.policy import parse_sandbox
 from egressd.ruleset.render import render
+from egressd.ruleset.variants import create_commands
 
 
 def test_render_prints_one_transaction(tmp_path, capsys):
@@ -20,7 +21,7 @@ def test_render_prints_one_transaction(tmp_path, capsys):
         {"add": {"table": {"family": "inet", "name": "egressd"}}},
         {"delete": {"table": {"family": "inet", "name": "egressd"}}},
     ]
-    assert out["nftables"][2:] == expected.commands
+    assert out["nftables"][2:] == create_commands(expected)
 
 
 def test_render_refuses_a_bad_policy(tmp_path, capsys):

@@ -10,7 +10,7 @@ import pytest
 from egressd import cli
 from egressd.agent.daemon import Agent
 from egressd.desired.dnscache import NXDOMAIN, RDTYPES, Answer, DnsCache, rdtype_of
-from egressd.kernel.nft import FakeBackend
+from egressd.kernel.fake import FakeBackend
 from egressd.model.config import Config, config_from_dict
 from egressd.model.policy import parse_sandbox
 from egressd.ruleset.decide import decide

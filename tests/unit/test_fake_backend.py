@@ -2,8 +2,9 @@
 
 import pytest
 
+from egressd.kernel.backend import ApplyError
+from egressd.kernel.fake import FakeBackend
 from egressd.kernel.netns import NetnsError
-from egressd.kernel.nft import ApplyError, FakeBackend
 from egressd.model.config import Config
 from egressd.model.policy import parse_sandbox
 from egressd.ruleset.render import render
@@ -19,7 +20,7 @@ def test_apply_read_fingerprint_remove():
     assert fb.fingerprint("/run/netns/a") is None
     fb.apply("/run/netns/a", rs)
     assert fb.fingerprint("/run/netns/a") == rs.fingerprint
-    rs.commands.clear()  # copy-on-apply: the caller's objects are not the stored table
+    rs.variant.clear()  # copy-on-apply: the caller's objects are not the stored table
     assert fb.read("/run/netns/a")
     assert fb.remove("/run/netns/a") is True and fb.remove("/run/netns/a") is False
     assert fb.writes == [("apply", "/run/netns/a"), ("remove", "/run/netns/a"), ("remove", "/run/netns/a")]

@@ -3,6 +3,8 @@
 import asyncio
 import random
 
+from egressd.kernel.backend import ApplyError
+from egressd.kernel.fake import FakeBackend
 from egressd.kernel.hostside import (
     GUARD_TABLE,
     HostBackend,
@@ -11,13 +13,14 @@ from egressd.kernel.hostside import (
     table_name,
     target_for,
 )
-from egressd.kernel.nft import ApplyError, FakeBackend, replace_table
 from egressd.model.config import Config, config_from_dict
 from egressd.model.policy import DENY_ALL, PolicyError, parse_sandbox
 from egressd.reconcile.reconciler import Reconciler
 from egressd.reconcile.restart import export_state, restore_state
 from egressd.reconcile.sync import listing_digest
-from egressd.ruleset.render import create_commands, render
+from egressd.ruleset.render import render
+from egressd.ruleset.transactions import replace_table
+from egressd.ruleset.variants import create_commands
 from tests.unit.test_reconcile import CONFIG, settle
 
 
@@ -91,7 +94,7 @@ def test_listings_of_one_policy_digest_the_same_whatever_the_interface():
 
 def run(scenario, netns=("a", "b"), host=None):
     backend = FakeBackend(namespaces={f"/run/netns/{n}" for n in netns})
-    host = host or FakeBackend(namespaces={"veth-a", "veth-b", "veth-c"})
+    host = host or FakeBackend(namespaces={"veth-a", "veth-b", "veth-c"}, host_side=True)
 
     async def main():
         r = Reconciler(backend, CONFIG, rng=random.Random(1), host_backend=host)
@@ -194,7 +197,7 @@ def test_a_failing_host_side_is_an_error_and_retried():
             return ApplyError("injected")
         return None
 
-    host = FakeBackend(namespaces={"veth-a"}, fail=fail)
+    host = FakeBackend(namespaces={"veth-a"}, fail=fail, host_side=True)
 
     async def scenario(r, fb, host):
         r.upsert(record("a", "veth-a", allow_internet_access=False))
@@ -206,7 +209,7 @@ def test_a_failing_host_side_is_an_error_and_retried():
 
 def test_state_keeps_the_interface_and_a_restart_writes_nothing_and_prunes_the_gone():
     fb = FakeBackend(namespaces={"/run/netns/a", "/run/netns/b"})
-    host = FakeBackend(namespaces={"veth-a", "veth-b"})
+    host = FakeBackend(namespaces={"veth-a", "veth-b"}, host_side=True)
 
     async def first():
         r = Reconciler(fb, CONFIG, host_backend=host)

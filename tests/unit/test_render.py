@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from egressd.kernel.nft import fingerprint_of, replace_table
 from egressd.model.config import Config, config_from_dict
 from egressd.model.policy import parse_sandbox
 from egressd.ruleset.render import FINGERPRINT_CHAIN, render
+from egressd.ruleset.transactions import fingerprint_of, replace_table
+from egressd.ruleset.variants import create_commands
 
 GOLDEN = Path(__file__).parent.parent / "golden"
 
@@ -104,11 +105,11 @@ def test_fingerprint_is_stable_and_changes_with_policy():
     fa, fb, fc = (render(s.policy, Config()).fingerprint for s in (a, b, c))
     assert fa == fb != fc
     assert fa.startswith("egressd/1 sha256:") and len(fa) < 128  # nftables comments are at most 128 bytes
-    listing = [c["add"] for c in render(a.policy, Config()).commands]
+    listing = [c["add"] for c in create_commands(render(a.policy, Config()))]
     assert fingerprint_of(listing) == fa
     assert any(
         c["add"].get("chain", {}).get("name") == FINGERPRINT_CHAIN
-        for c in render(a.policy, Config()).commands
+        for c in create_commands(render(a.policy, Config()))
     )
 
 
@@ -123,7 +124,7 @@ def test_fingerprint_changes_with_operator_config():
 def test_sets_and_chains_exist_before_they_are_referenced():
     rs = render(parse_sandbox({"id": "a", "network_policy": {"allow_out": ["8.8.8.8"]}}).policy, Config())
     defined: set[str] = set()
-    for c in rs.commands:
+    for c in create_commands(rs):
         obj = c["add"]
         if "set" in obj:
             defined.add("@" + obj["set"]["name"])
