@@ -52,7 +52,7 @@ from egressd.agent.control import ControlError, request
 from egressd.feed.lines import DEFAULT_MAX_LINE
 from egressd.kernel.netns import ContextCache, NetnsError
 from egressd.model.config import Config, load_config
-from egressd.model.policy import parse_sandbox
+from egressd.model.sandbox import parse_sandbox
 from egressd.ruleset.render import FAMILY, FINGERPRINT_CHAIN, TABLE, Json, Ruleset, render
 from egressd.ruleset.transactions import fingerprint_of
 from tests.integration.agent import AgentProcess

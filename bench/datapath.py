@@ -39,7 +39,8 @@ from bench.apply import (
 from bench.figures import Figure
 from egressd.kernel.nft import LibnftBackend
 from egressd.model.config import Config
-from egressd.model.policy import IPNetwork, Policy, Targets
+from egressd.model.entries import IPNetwork
+from egressd.model.sandbox import Policy, Targets
 from egressd.ruleset.render import render
 from netns_fixtures._nsutil import set_parent_death_signal
 from netns_fixtures.probe import tcp_probe

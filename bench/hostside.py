@@ -32,7 +32,7 @@ from bench.figures import Figure
 from egressd.kernel.hostside import HostBackend, target_for
 from egressd.kernel.nft import LibnftBackend
 from egressd.model.config import Config
-from egressd.model.policy import Policy, Targets
+from egressd.model.sandbox import Policy, Targets
 from egressd.ruleset.render import render
 from egressd.ruleset.transactions import replace_table
 

@@ -47,13 +47,9 @@ from bench.agent import (
 from bench.apply import Aborted, Deadline, _terminate, machine_info
 from bench.figures import Figure
 from egressd.agent.control import ControlError
-from egressd.kernel.monitor import (
-    FD_BASE,
-    ChangeMonitor,
-    TransactionParser,
-    open_monitor_socket,
-    raise_fd_limit,
-)
+from egressd.kernel.monitor import ChangeMonitor
+from egressd.kernel.monitor_events import TransactionParser
+from egressd.kernel.monitor_socket import FD_BASE, open_monitor_socket, raise_fd_limit
 from egressd.kernel.netns import ContextCache
 from egressd.model.config import load_config
 from egressd.ruleset.render import FAMILY, TABLE, Json

@@ -10,12 +10,12 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 from egressd import __version__
 from egressd.agent.control import ControlError, request
+from egressd.agent.statusview import print_dns, print_status
 from egressd.desired.dnscache import DnsCache
 from egressd.desired.resolve import Resolver, resolve_once
 from egressd.kernel.backend import ApplyError, Backend
@@ -23,7 +23,8 @@ from egressd.kernel.hostside import HostBackend
 from egressd.kernel.netns import NetnsError
 from egressd.kernel.nft import LibnftBackend
 from egressd.model.config import Config, ConfigError, load_config
-from egressd.model.policy import Policy, PolicyError, Sandbox, Snapshot, Upsert, parse_line, parse_sandbox
+from egressd.model.events import Snapshot, Upsert, parse_line
+from egressd.model.sandbox import Policy, PolicyError, Sandbox, parse_sandbox
 from egressd.reconcile.sync import TableSync
 from egressd.ruleset.render import render
 from egressd.ruleset.transactions import replace_table
@@ -223,89 +224,15 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     return run(args.config, _overrides(args))
 
 
-def _age(since: float | None) -> str:
-    if since is None:
-        return "-"
-    secs = max(0, int(time.time() - since))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if secs >= size:
-            return f"{secs // size}{unit}"
-    return f"{secs}s"
-
-
-def _print_table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
-
-
-def _addresses(view: dict[str, Any]) -> str:
-    addrs = view.get("addresses") or []
-    return ", ".join(addrs) if addrs else "-"
-
-
-def cmd_status_dns(answer: dict[str, Any]) -> int:
-    info = answer["dns"]
-    print(
-        f"{info['names']} names, {info['queries']} resolutions, {info['failures']} failed; "
-        f"nameservers {info['nameservers']}"
-    )
-    rows = [("NAME", "STATE", "TTL", "REFRESH IN", "SANDBOXES", "ADDRESSES", "ERROR")]
-    for v in answer["names"]:
-        ttl = "-" if v.get("ttl") is None else f"{v['ttl']:g}s"
-        rows.append(
-            (
-                v["name"],
-                v["state"],
-                ttl,
-                f"{v['refresh_in']:g}s",
-                str(v["sandboxes"]),
-                _addresses(v),
-                v["error"] or "",
-            )
-        )
-    _print_table(rows)
-    return 0
-
-
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     answer = request(args.socket or config.control_socket, {"cmd": "dns" if args.dns else "status"})
     if args.json:
         json.dump(answer, sys.stdout, indent=2)
         sys.stdout.write("\n")
-        return 0
-    if args.dns:
-        return cmd_status_dns(answer)
-    agent = answer["agent"]
-    counts = agent["counts"]
-    print(
-        f"egressd {agent['version']} pid {agent['pid']}, up {_age(agent['started'])}: "
-        f"{counts['enforced']} enforced, {counts['pending']} pending, {counts['error']} error; "
-        f"feed {agent['feed'].get('source')} "
-        f"({agent['feed']['lines']} lines, {agent['feed']['rejected']} rejected)"
-    )
-    feed = agent["feed"]
-    if "bucket" in feed:  # nats://: say whether the host follows its keys, and why not
-        if feed.get("connected"):
-            print(
-                f"feed: following {feed['host_id']}.* in bucket {feed['bucket']} on {feed['server']}: "
-                f"{feed['keys']} keys, revision {feed['revision']}"
-            )
-        else:
-            print(
-                "feed: NOT connected, enforcing the last known state: "
-                + (feed.get("last_error") or "connecting")
-            )
-    if agent["state"]["error"]:
-        print(f"state: {agent['state']['error']}")
-    rows = [("SANDBOX", "STATE", "REVISION", "SINCE", "NETNS", "ERROR")]
-    for sb in answer["sandboxes"]:
-        rev = "-" if sb["revision"] is None else str(sb["revision"])
-        rows.append((sb["id"], sb["state"], rev, _age(sb["since"]), sb["netns"] or "-", sb["error"] or ""))
-        for h in sb.get("hostnames", []):
-            detail = f"refresh in {h.get('refresh_in', 0):g}s" + (f"; {h['error']}" if h.get("error") else "")
-            rows.append((f"  {h['list']} {h['name']}", h.get("state", "?"), "", "", _addresses(h), detail))
-    _print_table(rows)
+    elif args.dns:
+        print_dns(answer)
+    else:
+        print_status(answer)
     return 0
 
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from egressd.model.config import Config
-from egressd.model.policy import parse_sandbox
+from egressd.model.sandbox import parse_sandbox
 from egressd.ruleset.decide import decide
 from netns_fixtures.probe import ping, tcp_connect, udp_echo
 from netns_fixtures.world import World, cleanup

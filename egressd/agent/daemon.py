@@ -14,30 +14,29 @@ import random
 import signal
 import socket
 import time
-from ipaddress import ip_address
 from typing import Any
 
 from egressd import __version__
 from egressd.agent import memory
 from egressd.agent.control import ControlError, ControlServer
+from egressd.agent.intake import FeedIntake
 from egressd.agent.metrics import DeniedCounters, Metrics, MetricsError, on_loop, snapshot
 from egressd.agent.persister import Persister
+from egressd.agent.requests import ControlApi
 from egressd.common.logs import log, setup_logging
-from egressd.desired.dnscache import RDTYPES, Answer, DnsCache, join_errors
-from egressd.desired.resolve import DnsService, Resolver, resolve_all
+from egressd.desired.dnscache import DnsCache
+from egressd.desired.resolve import DnsService, Resolver
 from egressd.desired.statefile import StateError, StateFile
-from egressd.feed.lines import FeedError, Line, Source
+from egressd.feed.lines import FeedError, Source
 from egressd.feed.sources import parse_source
 from egressd.kernel.backend import Backend
 from egressd.kernel.hostside import HostBackend
-from egressd.kernel.monitor import ChangeMonitor, raise_fd_limit
+from egressd.kernel.monitor import ChangeMonitor
+from egressd.kernel.monitor_socket import raise_fd_limit
 from egressd.kernel.nft import LibnftBackend
 from egressd.model.config import Config, ConfigError, load_config
-from egressd.model.policy import Event, PolicyError, parse_line
 from egressd.reconcile.reconciler import Reconciler
 from egressd.reconcile.restart import export_state, restore_state
-from egressd.ruleset.decide import IPAddress
-from egressd.ruleset.explain import explain_addresses, parse_dest
 
 READY_TIMEOUT = 120.0
 VERIFY_TIMEOUT = 600.0  # the verification pass after READY: every table read whole (10,000 in seconds)
@@ -95,10 +94,10 @@ class Agent:
             nats=config.nats,
             max_entries=config.max_entries,
         )
-        self.control = ControlServer(config.control_socket, self.handle_request)
+        self.intake = FeedIntake(self.reconciler, lambda: self.config.max_entries)
+        self.api = ControlApi(self.reconciler, self.dns, lambda: self.config, self.agent_info)
+        self.control = ControlServer(config.control_socket, self.api.handle)
         self.started = time.time()
-        self.feed_lines = 0
-        self.feed_rejected = 0
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self.state_problem: str | None = None
@@ -113,9 +112,8 @@ class Agent:
         self.denied = DeniedCounters(self.reconciler, self.backend)  # type: ignore[arg-type]
 
         def read() -> Any:
-            return snapshot(
-                self.reconciler, self.feed_lines, self.feed_rejected, self.denied, self.source.health()
-            )
+            intake = self.intake
+            return snapshot(self.reconciler, intake.lines, intake.rejected, self.denied, self.source.health())
 
         self.metrics = Metrics(on_loop(asyncio.get_running_loop(), read))
         try:
@@ -154,135 +152,21 @@ class Agent:
         if self.metrics is not None:
             self.metrics.observe(kind, seconds)
 
-    # --- feed -----------------------------------------------------------------------------------------
-
-    def on_line(self, line: Line) -> None:
-        """One line of the feed (or one key of a bucket). Bad input is logged with its place and reason,
-        and skipped."""
-        self.feed_lines += 1
-        where: dict[str, Any] = (
-            {"source": line.source, "line": line.lineno}
-            if line.key is None
-            else {"source": line.source, "key": line.key, "revision": line.lineno}
-        )
-        if line.text is None and line.event is None:
-            self._rejected(where, line.error or "refused")
-            return
-        event: Event | PolicyError
-        if line.event is not None:
-            event = line.event  # a source that parses its own records (nats://)
-        else:
-            try:
-                event = parse_line(line.text or "", self.config.max_entries)
-            except PolicyError as e:
-                event = e
-        if isinstance(event, PolicyError):
-            self._rejected(where, "; ".join(event.problems), sandbox=event.sandbox_id)
-            if event.sandbox_id is not None:
-                self.reconciler.reject(event)  # an invalid upsert: close a new one, keep a known one as it is
-            return
-        for err in getattr(event, "rejected", ()):
-            self._rejected(where, "; ".join(err.problems), sandbox=err.sandbox_id)
-        self.reconciler.handle(event)
-
-    def _rejected(self, where: dict[str, Any], reason: str, sandbox: str | None = None) -> None:
-        self.feed_rejected += 1
-        log(logging.WARNING, "feed_line_rejected", sandbox=sandbox, error=reason, **where)
-
-    # --- control socket -------------------------------------------------------------------------------
-
-    async def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
-        cmd = req.get("cmd")
-        if cmd == "status":
-            return {"agent": self.agent_info(), "sandboxes": self.reconciler.report()}
-        if cmd == "dns":
-            cache = self.dns.cache
-            return {"names": [cache.view(n) for n in sorted(cache.names)], "dns": self.dns_info()}
-        if cmd == "wait":
-            sid, revision, timeout = req.get("id"), req.get("revision"), req.get("timeout", 30)
-            if not isinstance(sid, str) or not (revision is None or isinstance(revision, int)):
-                return {"error": 'wait needs "id" (string) and optional "revision" (integer)'}
-            if not isinstance(timeout, int | float) or not 0 <= timeout <= 3600:
-                return {"error": '"timeout" must be a number of seconds between 0 and 3600'}
-            ok = await self.reconciler.wait_enforced(sid, revision, float(timeout))
-            row = next((r for r in self.reconciler.report() if r["id"] == sid), None)
-            return {"ok": ok, "sandbox": row}
-        if cmd == "explain":
-            return await self.explain(req)
-        return {"error": f"unknown command {cmd!r}; expected status, dns, wait or explain"}
-
-    async def explain(self, req: dict[str, Any]) -> dict[str, Any]:
-        """The verdict for one destination of one sandbox, from its desired state and the DNS cache: what
-        the kernel is given. A host name is resolved once with the agent's own resolver."""
-        sid, dest = req.get("id"), req.get("dest")
-        if not isinstance(sid, str) or not isinstance(dest, str):
-            return {"error": 'explain needs "id" (string) and "dest" (an address or host name)'}
-        d = self.reconciler.desired.get(sid)
-        if d is None:
-            return {"error": f"no sandbox {sid!r} is known to the agent; `egressd status` lists them"}
-        try:
-            target = parse_dest(dest)
-        except ValueError as e:
-            return {"error": f"destination {dest!r}: {e}"}
-        addrs: list[IPAddress]
-        unresolved: dict[str, str] = {}
-        if isinstance(target, str):
-            try:
-                answers = await asyncio.wait_for(
-                    resolve_all(self.dns.resolver, target), self.config.dns_timeout + 1
-                )
-            except TimeoutError:
-                answers = {
-                    t: Answer("error", error="timeout: no answer from the nameservers") for t in RDTYPES
-                }
-            # Each record type on its own, as the agent resolves: one type failing never hides the other's.
-            addrs = sorted(
-                {ip_address(a) for ans in answers.values() for a in ans.addresses},
-                key=lambda a: (a.version, int(a)),
-            )
-            unresolved = {t: ans.error for t, ans in answers.items() if ans.kind == "error" and ans.error}
-            if not addrs:
-                why = join_errors({t: ans.error or f"no {t} records" for t, ans in answers.items()})
-                return {"error": f"destination {dest!r}: cannot resolve it: {why}; give an address instead"}
-        else:
-            addrs = [target]
-        st = self.reconciler.status.get(sid)
-        out = explain_addresses(d.policy, self.reconciler.config, self.dns.cache, addrs)
-        return {
-            "sandbox": sid,
-            "dest": dest,
-            "hostname": target if isinstance(target, str) else None,
-            "revision": d.revision,
-            "state": st.state if st is not None else "pending",
-            # not "error": on the control socket that key means the request failed
-            "problem": d.problem or (st.error if st is not None else "not reconciled yet"),
-            "unresolved": unresolved,  # record type -> why it gave no addresses just now
-            **out,
-        }
-
     def agent_info(self) -> dict[str, Any]:
         return {
             "version": __version__,
             "pid": os.getpid(),
             "started": self.started,
             "config": self.config_path,
-            "feed": self.source.health() | {"lines": self.feed_lines, "rejected": self.feed_rejected},
+            "feed": self.source.health() | {"lines": self.intake.lines, "rejected": self.intake.rejected},
             "state": {"path": str(self.state.path), "error": self.persister.error or self.state_problem},
             "queue": len(self.reconciler.queue),
             "verified": self.verified,
-            "dns": self.dns_info(),
+            "dns": self.api.dns_info(),
             "counts": self.reconciler.state_counts(),
             "reconciles": dict(self.reconciler.counters),
             "monitor": self.monitor.info() if self.monitor is not None else None,
             "metrics": {"listen": self.config.metrics_listen or None, "error": self.metrics_error},
-        }
-
-    def dns_info(self) -> dict[str, Any]:
-        return {
-            "names": len(self.dns.cache.names),
-            "queries": self.dns.queries,
-            "failures": self.dns.failures,
-            "nameservers": list(self.config.dns_nameservers) or "resolv.conf",
         }
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -407,7 +291,7 @@ class Agent:
         self._restore()
         self._start_metrics()
         self._tasks.append(asyncio.create_task(self.dns.run(), name="dns"))
-        feed = asyncio.create_task(self.source.run(self.on_line), name="feed")
+        feed = asyncio.create_task(self.source.run(self.intake.on_line), name="feed")
         feed.add_done_callback(self._feed_ended)
         self._tasks.append(feed)
         await self._catch_up(feed)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from egressd.common.logs import log
@@ -22,7 +23,7 @@ M_TRIM_THRESHOLD = -1
 TRIM_THRESHOLD = 128 * 1024
 
 
-def _libc() -> Any | None:
+def load_libc() -> Any | None:
     name = ctypes.util.find_library("c")
     try:
         return ctypes.CDLL(name) if name else None
@@ -30,17 +31,17 @@ def _libc() -> Any | None:
         return None
 
 
-def tune() -> bool:
+def tune(load: Callable[[], Any | None] = load_libc) -> bool:
     """Set the thresholds; False (and a log line) where libc has no mallopt (not glibc)."""
-    libc = _libc()
+    libc = load()
     if libc is None or not hasattr(libc, "mallopt"):
         log(logging.INFO, "malloc_not_tuned", detail="not glibc: memory settles at its high-water mark")
         return False
     return bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
 
 
-def trim() -> None:
+def trim(load: Callable[[], Any | None] = load_libc) -> None:
     """Return free heap memory to the kernel (after a start or a resync: a few milliseconds)."""
-    libc = _libc()
+    libc = load()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)

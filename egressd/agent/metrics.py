@@ -159,21 +159,25 @@ class AgentCollector(Collector):
                 "The last key-value revision the feed has seen",
                 value=s.feed_revision,
             )
-        packets = CounterMetricFamily(
-            "egressd_denied_packets",
-            "Packets denied by a sandbox's table (its `denied` counter, read every counters_interval)",
-            labels=["sandbox"],
-        )
-        nbytes = CounterMetricFamily(
-            "egressd_denied_bytes",
-            "Bytes denied by a sandbox's table (its `denied` counter, read every counters_interval)",
-            labels=["sandbox"],
-        )
-        for sid, (p, b) in sorted(s.denied.items()):
-            packets.add_metric([sid], p)
-            nbytes.add_metric([sid], b)
-        yield packets
-        yield nbytes
+        yield from _denied_metrics(s)
+
+
+def _denied_metrics(s: Snapshot) -> tuple[Metric, Metric]:
+    """The two per-sandbox counters (packets, bytes), the only series labelled by sandbox."""
+    packets = CounterMetricFamily(
+        "egressd_denied_packets",
+        "Packets denied by a sandbox's table (its `denied` counter, read every counters_interval)",
+        labels=["sandbox"],
+    )
+    nbytes = CounterMetricFamily(
+        "egressd_denied_bytes",
+        "Bytes denied by a sandbox's table (its `denied` counter, read every counters_interval)",
+        labels=["sandbox"],
+    )
+    for sid, (p, b) in sorted(s.denied.items()):
+        packets.add_metric([sid], p)
+        nbytes.add_metric([sid], b)
+    return packets, nbytes
 
 
 class DeniedCounters:

@@ -33,7 +33,7 @@ class Persister:
         self._scheduled = False
         self.error: str | None = None
         self.writes = 0
-        self._last_write_s = 0.0
+        self.last_write_s = 0.0
 
     def mark(self) -> None:
         """Something to write eventually. Nothing waits for it (a reconcile that needs its desired state on
@@ -42,7 +42,7 @@ class Persister:
         self._dirty = True
         if not self._scheduled:
             self._scheduled = True
-            delay = min(PERSIST_MAX_DELAY, max(PERSIST_MIN_DELAY, PERSIST_SPACING * self._last_write_s))
+            delay = min(PERSIST_MAX_DELAY, max(PERSIST_MIN_DELAY, PERSIST_SPACING * self.last_write_s))
             asyncio.get_running_loop().call_later(delay, self._kick)
 
     def settle(self) -> None:
@@ -64,7 +64,7 @@ class Persister:
             doc, generation = self._export()
             try:
                 await asyncio.to_thread(self._state.save, doc)
-                self._last_write_s = time.monotonic() - t0
+                self.last_write_s = time.monotonic() - t0
             except (OSError, StateError) as e:
                 self._dirty = True
                 if self.error != str(e):

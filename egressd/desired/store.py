@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from egressd.common.logs import log
-from egressd.model.policy import DENY_ALL, Delete, Event, Policy, PolicyError, Sandbox, Snapshot, Upsert
+from egressd.model.events import Delete, Event, Snapshot, Upsert
+from egressd.model.sandbox import DENY_ALL, Policy, PolicyError, Sandbox
 
 MAX_TOMBSTONES = 100_000
 

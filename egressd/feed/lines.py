@@ -1,6 +1,6 @@
 """The event feed: newline-delimited lines from a file, stdin or a unix socket, each with where it came from.
 
-The feed only cuts bytes into lines; the daemon parses them (model.policy.parse_event). Whatever arrives, a
+The feed only cuts bytes into lines; the daemon parses them (model.events.parse_event). Whatever arrives, a
 source never stops or raises because of its input: an overlong, undecodable or cut-off line becomes a
 refused `Line` that says why, and memory per stream stays bounded by `max_line` plus one read chunk, however
 long a line grows.
@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from egressd.common.logs import log
-from egressd.model.policy import Event, PolicyError
+from egressd.model.events import Event
+from egressd.model.sandbox import PolicyError
 
 DEFAULT_MAX_LINE = 1 << 20  # 1 MiB
+CHUNK_SIZE = 64 * 1024  # one read of a local source (file, stdin, unix socket)
 PARTIAL_DROPPED = "connection closed in the middle of a line; partial line dropped"
 
 logger = logging.getLogger(__name__)

@@ -18,15 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import re
-import ssl
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import nats
 import nats.errors
@@ -34,20 +29,13 @@ import nats.js.errors
 
 from egressd.common.backoff import Backoff
 from egressd.common.logs import log
-from egressd.feed.lines import DEFAULT_MAX_LINE, FeedError, FeedStats, Line, OnLine, deliver
+from egressd.feed.lines import DEFAULT_MAX_LINE, FeedStats, Line, OnLine, deliver
 from egressd.feed.nats_errors import SessionEnded, describe, expected
+from egressd.feed.nats_keys import KvEntry, entry_change, snapshot_of
+from egressd.feed.nats_servers import check_readable, parse_servers, tls_context
 from egressd.model.config import NatsFeed
-from egressd.model.policy import (
-    DEFAULT_MAX_ENTRIES,
-    Delete,
-    PolicyError,
-    Sandbox,
-    Snapshot,
-    Upsert,
-    parse_sandbox,
-)
+from egressd.model.sandbox import DEFAULT_MAX_ENTRIES, PolicyError
 
-KV_DEL, KV_PURGE = "DEL", "PURGE"
 PING_INTERVAL = 10  # seconds; a server that stops answering is given up after two unanswered pings
 CLOSE_TIMEOUT = 2.0
 # A session must last this long for the backoff to start again from retry_initial: a server that accepts
@@ -67,173 +55,6 @@ SNAPSHOT_IDLE = 30.0
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class KvEntry:
-    """One key as the watch delivers it, without the client library's types (unit tests build these)."""
-
-    key: str
-    value: bytes | None
-    revision: int
-    op: str | None = None  # None for a put, KV_DEL or KV_PURGE
-
-    @property
-    def deleted(self) -> bool:
-        return self.op in (KV_DEL, KV_PURGE)
-
-
-Change = Upsert | Delete | PolicyError
-
-
-def _redacted(spec: str) -> str:
-    """The spec without what sits before an @: an error must not repeat a password it refuses."""
-    return re.sub(r"//[^/@,]*@", "//***@", spec)
-
-
-def parse_servers(spec: str) -> list[str]:
-    """`nats://HOST:PORT` (or tls://), several separated by commas; FeedError says what to write."""
-    urls = [u.strip() for u in spec.split(",")]
-    shown = _redacted(spec)
-    for url in urls:
-        hint = (
-            f"write nats://HOST:PORT or tls://HOST:PORT (several separated by commas), not {_redacted(url)!r}"
-        )
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as e:
-            raise FeedError(f"event source {shown!r}: {e}; {hint}") from None
-        if parts.scheme not in ("nats", "tls") or not parts.hostname:
-            raise FeedError(f"event source {shown!r}: {hint}")
-        if parts.username is not None or parts.password is not None:
-            raise FeedError(
-                f"event source {shown!r}: credentials in the URL would show in status and logs; "
-                "put them in a file and name it in [feed.nats] creds or nkey"
-            )
-        if port is None:
-            raise FeedError(f"event source {shown!r}: no port; write nats://{parts.hostname}:4222")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise FeedError(
-                f"event source {shown!r}: no path, query or fragment; the bucket is [feed.nats] bucket"
-            )
-    return urls
-
-
-def tls_context(settings: NatsFeed, servers: list[str]) -> ssl.SSLContext | None:
-    """TLS when a server is tls:// or any tls_* key is set; FeedError names the key whose file is unusable."""
-    if not (settings.tls_ca or settings.tls_cert or any(s.startswith("tls://") for s in servers)):
-        return None
-    try:
-        ctx = ssl.create_default_context(cafile=settings.tls_ca or None)
-    except (OSError, ssl.SSLError) as e:
-        raise FeedError(f"[feed.nats] tls_ca {settings.tls_ca!r}: {e}; give a PEM CA bundle") from None
-    # Python 3.13's defaults on every release: a certificate that Debian 13 refuses is refused on 12 too,
-    # so moving a host to 13 never cuts it off its feed.
-    ctx.verify_flags |= ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN
-    if settings.tls_cert:
-        try:
-            ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
-        except (OSError, ssl.SSLError) as e:
-            raise FeedError(
-                f"[feed.nats] tls_cert {settings.tls_cert!r} / tls_key {settings.tls_key!r}: {e}; "
-                "give a PEM certificate and its key"
-            ) from None
-    return ctx
-
-
-def _check_readable(key: str, path: str) -> None:
-    if not path:
-        return
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as e:
-        raise FeedError(f"[feed.nats] {key} {path!r}: cannot read it: {e.strerror or e}") from None
-
-
-def entry_change(
-    entry: KvEntry,
-    host_id: str,
-    max_value: int = DEFAULT_MAX_LINE,
-    max_entries: int = DEFAULT_MAX_ENTRIES,
-) -> Change:
-    """What one key of this host means: an upsert, a delete, or a PolicyError naming what is wrong.
-
-    The key names the sandbox: the record's `id` may be left out, and must match when given. The KV
-    revision is the record's revision, whatever the value says.
-    """
-    sid = entry.key[len(host_id) + 1 :]
-    if entry.deleted:
-        return Delete(sid)
-    try:
-        parse_sandbox({"id": sid})  # only to learn whether the key's id is a valid sandbox id
-    except PolicyError as e:
-        return PolicyError([f"key {entry.key!r}: {p}" for p in e.problems])
-
-    def refused(problem: str) -> PolicyError:
-        return PolicyError([f"sandbox {sid!r}: {problem}"], sid, None, entry.revision)
-
-    value = entry.value or b""
-    if not value.strip():
-        return refused("the value is empty; to remove a sandbox, delete its key")
-    if len(value) > max_value:
-        return refused(f"the value is {len(value)} bytes, more than [feed] max_line_bytes ({max_value})")
-    try:
-        raw: Any = json.loads(value)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e) or "too deep"
-        return refused(f"the value is not a JSON record: {why}")
-    if not isinstance(raw, dict):
-        return refused(f"the value must be a JSON object (a sandbox record), not {type(raw).__name__}")
-    try:
-        change: Change = Upsert(parse_sandbox({**raw, "id": sid, "revision": entry.revision}, max_entries))
-    except PolicyError as e:
-        change = e
-    if "id" in raw and raw["id"] != sid:
-        # Refused, but closed where the record says the sandbox lives, like any other bad record.
-        netns, iface = (
-            (change.sandbox.netns, change.sandbox.host_interface)
-            if isinstance(change, Upsert)
-            else (change.netns, change.host_interface)
-        )
-        problem = (
-            f"sandbox {sid!r}: the record's id {str(raw['id'])[:80]!r} is not the key's; write it under key"
-            f" {host_id}.<its id>, or leave id out"
-        )
-        return PolicyError([problem], sid, netns, entry.revision, iface)
-    return change
-
-
-def snapshot_of(
-    entries: Iterable[KvEntry],
-    host_id: str,
-    max_value: int = DEFAULT_MAX_LINE,
-    max_entries: int = DEFAULT_MAX_ENTRIES,
-) -> tuple[Snapshot, list[tuple[KvEntry, PolicyError]]]:
-    """The bucket's current values for this host as one authoritative snapshot, plus the keys that cannot
-    name a sandbox at all (reported on their own: they must not stop the snapshot from forgetting others)."""
-    latest: dict[str, KvEntry] = {}
-    for e in entries:
-        latest[e.key] = e  # in revision order: the last one is the current value
-    sandboxes: list[Sandbox] = []
-    rejected: list[PolicyError] = []
-    unnamed: list[tuple[KvEntry, PolicyError]] = []
-    for e in latest.values():
-        change = entry_change(e, host_id, max_value, max_entries)
-        if isinstance(change, Upsert):
-            sandboxes.append(change.sandbox)
-        elif isinstance(change, PolicyError):
-            if change.sandbox_id is None:
-                unnamed.append((e, change))
-            else:
-                problems = [f"key {e.key} (revision {e.revision}): {p}" for p in change.problems]
-                rejected.append(
-                    PolicyError(
-                        problems, change.sandbox_id, change.netns, change.revision, change.host_interface
-                    )
-                )
-    return Snapshot(tuple(sandboxes), tuple(rejected), authoritative=True), unnamed
-
-
 class NatsSource:
     """nats://HOST:PORT with [feed.nats]: a snapshot of this host's keys per session, then every change."""
 
@@ -243,15 +64,17 @@ class NatsSource:
         settings: NatsFeed,
         max_value: int = DEFAULT_MAX_LINE,
         max_entries: int = DEFAULT_MAX_ENTRIES,
+        session: Callable[[OnLine], Awaitable[None]] | None = None,
     ) -> None:
+        """session: what one session does (tests give their own); by default, connect, snapshot, watch."""
         self.servers = parse_servers(spec)
         self.settings = settings
         self.name = spec
         self.max_value = max_value
         self.max_entries = max_entries
         self._tls = tls_context(settings, self.servers)
-        _check_readable("creds", settings.creds)
-        _check_readable("nkey", settings.nkey)
+        check_readable("creds", settings.creds)
+        check_readable("nkey", settings.nkey)
         self.prefix = f"{settings.host_id}."
         self._stats = FeedStats(spec)
         self._backoff = Backoff(settings.retry_initial, settings.retry_max)
@@ -269,13 +92,14 @@ class NatsSource:
         self.retry_at: float | None = None
         self._cause: Exception | None = None
         self._watching = False  # the current session's watch is made: client errors now end the session
+        self._run_session = session or self._session
 
     async def run(self, on_line: OnLine) -> None:
         """Sessions until cancelled; a failed or lost one is retried with backoff, never raised."""
         self._stats.since = time.time()
         while True:
             try:
-                await self._session(on_line)
+                await self._run_session(on_line)
                 cause = self._cause
                 problem = describe(cause, self.settings.bucket) if cause else "the connection was closed"
             except asyncio.CancelledError:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
+from egressd.feed.file import FileSource
 from egressd.feed.lines import DEFAULT_MAX_LINE, FeedError, Source
-from egressd.feed.local import FileSource, StdinSource, UnixSource
+from egressd.feed.stdin import StdinSource
+from egressd.feed.unix import UnixSource
 from egressd.model.config import NatsFeed
-from egressd.model.policy import DEFAULT_MAX_ENTRIES
+from egressd.model.sandbox import DEFAULT_MAX_ENTRIES
 
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes including the terminating NUL
 

@@ -18,8 +18,10 @@ to the hard limit at start. With a hard limit too low for every sandbox, the fir
 rest are left to the resync (logged as `monitor_full`); they are watched when descriptors free up.
 
 When unsure, trigger: a spurious trigger costs one table read and compare; a missed one leaves a sandbox
-open until the next resync. Lost events (ENOBUFS), truncated or malformed messages, and message kinds this
-module does not know all trigger.
+open until the next resync. Lost events (ENOBUFS), truncated or malformed messages, and message kinds the
+decoder (monitor_events.py) does not know all trigger.
+
+The decoding of the events is in monitor_events.py, the making of the sockets in monitor_socket.py.
 """
 
 from __future__ import annotations
@@ -27,9 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import logging
-import os
 import resource
 import socket
 from collections.abc import Callable
@@ -38,216 +38,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from egressd.common.logs import log
-from egressd.kernel.netns import CLOSE_GRACE_S, NetnsError, NsId, in_netns, libc_setns, netns_id
-from egressd.kernel.nfnl import (
-    NETLINK_NETFILTER,
-    NFGENMSG,
-    NFNL_SUBSYS_NFTABLES,
-    NLMSG_MIN_TYPE,
-    NLMSG_NOOP,
-    NLMSGHDR,
-    align,
-    attributes,
-)
+from egressd.kernel.monitor_events import TransactionParser, own_thread_check
+from egressd.kernel.monitor_socket import FD_BASE, fd_capacity, open_monitor_socket
+from egressd.kernel.netns import CLOSE_GRACE_S, NetnsError, NsId, libc_setns, netns_id
 
-# Netlink and nf_tables constants, checked against linux/netlink.h, linux/netfilter/nfnetlink.h and
-# linux/netfilter/nf_tables.h (and against this kernel: see tests/integration/test_monitor.py).
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
-SO_RCVBUFFORCE = 33  # socket.h; needs CAP_NET_ADMIN, falls back to SO_RCVBUF (capped by rmem_max)
-NFNLGRP_NFTABLES = 7
-# enum nf_tables_msg_types
-NFT_MSG_NEWTABLE = 0
-NFT_MSG_DELFLOWTABLE = 24
-NFT_MSG_NEWGEN = 15
-NFT_MSG_GETGEN = 16
-NFT_MSG_TRACE = 17
-# enum nft_gen_attributes
-NFTA_GEN_PROC_PID = 2  # be32: task_pid_nr(current), the committing thread's id in the initial pid namespace
-NFTA_GEN_PROC_NAME = 3  # the committing thread's comm
-# In every object message from NEWTABLE to DELFLOWTABLE, attribute 1 names the table: NFTA_TABLE_NAME,
-# NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_TABLE, NFTA_SET_ELEM_LIST_TABLE, NFTA_OBJ_TABLE,
-# NFTA_FLOWTABLE_TABLE.
-NFTA_TABLE_ATTR = 1
-PROC_PID_INIT_INO = 0xEFFFFFFC  # inode of the initial pid namespace (include/linux/proc_ns.h)
-
-TABLE = b"egressd"
-
-FD_BASE = 1024  # monitor sockets live at or above this descriptor; libnftables needs those below
-FD_HEADROOM = 64  # high descriptors left unused, for whatever else needs one once the low ones run out
-RCVBUF = 1 << 20  # per socket; memory is used only while events wait to be read
 RECV_BUFFER = 1 << 16  # larger than any notification datagram (the kernel batches them up to a page or so)
 DATAGRAMS_PER_WAKE = 64  # then other sockets get their turn; a socket with more stays readable
 MIN_GAP = 0.1  # seconds between two triggers of one sandbox: a tenant looping deletes cannot spin us
-
-
-class TransactionParser:
-    """Turns the event stream of one namespace into "check this sandbox" decisions, one per transaction.
-
-    Messages of a transaction come in order, ended by NEWGEN; the parser remembers whether the messages
-    since the last NEWGEN touched table `egressd` (or could have: unknown kinds, missing names), and at
-    NEWGEN decides on the committer. State carries over between datagrams.
-    """
-
-    def __init__(self, is_own: Callable[[int], bool] | None = None, table: bytes = TABLE) -> None:
-        self._is_own = is_own
-        self._table = table
-        self.touched = False
-
-    def reset(self) -> None:
-        """Events were lost: what was collected so far says nothing."""
-        self.touched = False
-
-    def feed(self, data: bytes | bytearray | memoryview) -> str | None:
-        """Consume one datagram; return why the sandbox must be checked, or None when it need not be."""
-        view = memoryview(data)
-        reason: str | None = None
-        unpack = NLMSGHDR.unpack_from
-        header = NLMSGHDR.size
-        off = 0
-        end = len(view)
-        while off < end:
-            if end - off < header:
-                self.reset()
-                return reason or "malformed event: truncated netlink header"
-            length, kind, _, _, _ = unpack(view, off)
-            if length < header or off + length > end:
-                self.reset()
-                return reason or f"malformed event: netlink length {length}"
-            start, off = off, off + align(length)
-            if kind == NLMSG_NOOP:
-                continue
-            if kind < NLMSG_MIN_TYPE or kind >> 8 != NFNL_SUBSYS_NFTABLES:
-                self.reset()
-                reason = reason or f"unexpected netlink message type {kind:#x}"
-                continue
-            if length < header + NFGENMSG.size:
-                self.reset()
-                return reason or "malformed event: no nfgenmsg header"
-            msg = kind & 0xFF
-            if msg != NFT_MSG_NEWGEN and (self.touched or msg in (NFT_MSG_GETGEN, NFT_MSG_TRACE)):
-                continue  # the common case, cheap: the transaction already matters (or this changes nothing)
-            attrs_view = view[start + header + NFGENMSG.size : start + length]
-            if msg == NFT_MSG_NEWGEN:
-                try:
-                    attrs = attributes(attrs_view, (NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME))
-                except ValueError as e:
-                    self.reset()
-                    return reason or f"malformed event: {e}"
-                touched, self.touched = self.touched, False
-                if not touched:
-                    continue
-                pid = _be32(attrs.get(NFTA_GEN_PROC_PID))
-                if pid is not None and self._is_own is not None and self._is_own(pid):
-                    continue
-                name = _text(attrs.get(NFTA_GEN_PROC_NAME))
-                reason = reason or f"table changed by pid {pid if pid is not None else '?'} ({name or '?'})"
-                continue
-            if msg > NFT_MSG_DELFLOWTABLE:
-                self.touched = True  # a kind newer than this module: cannot tell, so it matters
-                continue
-            try:
-                table = attributes(attrs_view, (NFTA_TABLE_ATTR,)).get(NFTA_TABLE_ATTR)
-            except ValueError as e:
-                self.reset()
-                return reason or f"malformed event: {e}"
-            if table is None or bytes(table).rstrip(b"\0") == self._table:
-                self.touched = True
-        return reason
-
-
-def _be32(value: memoryview | None) -> int | None:
-    if value is None or len(value) != 4:
-        return None
-    return int.from_bytes(value, "big")
-
-
-def _text(value: memoryview | None) -> str | None:
-    if value is None:
-        return None
-    return bytes(value).split(b"\0", 1)[0].decode("utf-8", "replace")
-
-
-def own_thread_check() -> Callable[[int], bool] | None:
-    """A test for "this thread id is one of ours", or None when NEWGEN's ids cannot be compared with ours.
-
-    The kernel reports the committing thread's id in the initial pid namespace. Our /proc/self/task lists
-    ours in our own pid namespace: the two agree only when that is the initial one. Elsewhere (an agent in
-    a container's pid namespace) every transaction counts as foreign: our own writes then each cost one
-    extra read, never a missed change.
-    """
-    try:
-        if os.stat("/proc/self/ns/pid").st_ino != PROC_PID_INIT_INO:
-            return None
-        if os.readlink("/proc/self") != str(os.getpid()):
-            return None  # a /proc of another pid namespace
-    except OSError:
-        return None
-    return lambda tid: os.path.exists(f"/proc/self/task/{tid}")
-
-
-def raise_fd_limit() -> tuple[int, int]:
-    """Soft RLIMIT_NOFILE up to the hard limit (monitor sockets need one descriptor each); (soft, hard)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (OSError, ValueError) as e:
-            log(logging.WARNING, "fd_limit_not_raised", soft=soft, hard=hard, error=str(e))
-        else:
-            soft = hard
-    return soft, hard
-
-
-def fd_capacity(soft_limit: int, fd_base: int = FD_BASE) -> int:
-    """How many monitor sockets fit between fd_base and the soft limit, leaving some headroom."""
-    if soft_limit == resource.RLIM_INFINITY:
-        soft_limit = 1 << 20
-    return max(0, soft_limit - fd_base - FD_HEADROOM)
-
-
-def _subscribed_socket(rcvbuf: int) -> socket.socket:
-    """Run inside the target namespace: a netfilter netlink socket in the nftables event group."""
-    sock = socket.socket(
-        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
-    )
-    try:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.bind((0, 0))
-        sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def open_monitor_socket(
-    path: str,
-    fd_base: int = FD_BASE,
-    rcvbuf: int = RCVBUF,
-    setns: Callable[[int, int], int] | None = None,
-) -> tuple[socket.socket, NsId]:
-    """A non-blocking socket hearing nftables events of the namespace at path, at a descriptor >= fd_base.
-
-    Blocks briefly and enters the namespace on the calling thread, so call it from a helper thread. The
-    path goes through the same checks as every namespace egressd touches (open_netns: a network namespace,
-    never the agent's own). Raises NetnsError, or OSError (EMFILE, EINVAL: no high descriptor is free).
-    """
-    low, ident = in_netns(path, lambda: _subscribed_socket(rcvbuf), setns)
-    try:
-        high = fcntl.fcntl(low.fileno(), fcntl.F_DUPFD_CLOEXEC, fd_base)
-    finally:
-        low.close()
-    try:
-        sock = socket.socket(fileno=high)
-    except OSError:
-        os.close(high)
-        raise
-    sock.setblocking(False)
-    return sock, ident
 
 
 @dataclass

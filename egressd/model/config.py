@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from egressd.model.policy import DEFAULT_MAX_ENTRIES, IPNetwork, collapse
+from egressd.model.entries import IPNetwork, collapse
+from egressd.model.sandbox import DEFAULT_MAX_ENTRIES
 
 DEFAULT_GUARD_DENY = ("169.254.0.0/16", "fd00:ec2::254/128")
 DEFAULT_GUARD_PRIVATE = (

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from egressd.desired.store import Desired
-from egressd.model.policy import PolicyError, Sandbox, parse_sandbox, sandbox_to_record
+from egressd.model.sandbox import PolicyError, Sandbox, parse_sandbox, sandbox_to_record
 from egressd.reconcile.reconciler import Reconciler
 
 

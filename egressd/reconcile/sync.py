@@ -22,7 +22,7 @@ from egressd import __version__
 from egressd.desired.dnscache import DnsCache
 from egressd.kernel.backend import Backend
 from egressd.model.config import Config
-from egressd.model.policy import DENY_ALL, Policy
+from egressd.model.sandbox import DENY_ALL, Policy
 from egressd.ruleset.plan import plan
 from egressd.ruleset.render import FINGERPRINT_CHAIN, Json, Ruleset, render
 from egressd.ruleset.transactions import active_variant, fingerprint_of, set_elements

@@ -11,7 +11,8 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from egressd.model.config import Config
-from egressd.model.policy import IPNetwork, Policy, Targets
+from egressd.model.entries import IPNetwork
+from egressd.model.sandbox import Policy, Targets
 from egressd.ruleset.render import EMBEDDED_IPV4
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -12,7 +12,8 @@ from typing import Any
 
 from egressd.desired.dnscache import DnsCache
 from egressd.model.config import Config
-from egressd.model.policy import Policy, parse_entry
+from egressd.model.entries import parse_entry
+from egressd.model.sandbox import Policy
 from egressd.ruleset.decide import IPAddress, Verdict, decide
 from egressd.ruleset.plan import enforced_policy
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from egressd.desired.dnscache import DnsCache
 from egressd.model.config import Config
-from egressd.model.policy import Policy
+from egressd.model.sandbox import Policy
 from egressd.ruleset.render import Ruleset, elements_for, render
 
 

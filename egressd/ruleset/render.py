@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from egressd.model.config import Config
-from egressd.model.policy import IPNetwork, Policy
+from egressd.model.entries import IPNetwork
+from egressd.model.sandbox import Policy
 
 FAMILY = "inet"
 TABLE = "egressd"
@@ -78,7 +79,7 @@ def _elem(net: IPNetwork) -> Any:
 
 
 def _split(nets: Iterable[IPNetwork]) -> tuple[list[IPNetwork], list[IPNetwork]]:
-    """Callers pass networks already merged (policy.collapse), so splitting by family is all that is left."""
+    """Callers pass networks already merged (entries.collapse), so splitting by family is all that is left."""
     v4: list[IPNetwork] = []
     v6: list[IPNetwork] = []
     for n in nets:
@@ -183,7 +184,28 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
     neighbour-solicitation channel the sandbox's own table has to leave open.
     """
     b = _Builder()
-    # 1. loopback, replies on connections opened from outside, IPv6 neighbour discovery.
+    _link_rules(b, host)
+    dns_sets = _destination_rules(b, policy, config)
+    # 7. everything else: the public internet.
+    b.rules.append(_rule("decide", ACCEPT if policy.allow_internet_access else DENY))
+
+    variant: list[Json] = [
+        *b.sets,
+        {"add": {"chain": {**_T, "name": "deny"}}},
+        {"add": {"chain": {**_T, "name": "decide"}}},
+        *_deny_chain(config.deny_action, config.host_mark if host else None),
+        *b.rules,
+    ]
+    hooks = _hooks(config, host)
+    names = frozenset(
+        [c["add"]["set"]["name"] for c in b.sets] + ["deny", "decide"]
+    )  # the objects that exist twice during an update: name_a and name_b
+    fingerprint, shape = _digests(variant, hooks, "host" if host else config.uplink)
+    return Ruleset(variant, hooks, fingerprint, tuple(dns_sets), names, shape)
+
+
+def _link_rules(b: _Builder, host: bool) -> None:
+    """Step 1 of `decide`: loopback, replies on connections opened from outside, IPv6 neighbour discovery."""
     icmpv6_type = _payload("icmpv6", "type")
     hoplimit = _payload("ip6", "hoplimit")
     nd = (_match(icmpv6_type, {"set": ND_TYPES}), _match(hoplimit, 255))
@@ -200,6 +222,10 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
     b.rules.append(
         _rule("decide", _match(icmpv6_type, {"set": MLD_TYPES}), _match(hoplimit, 1), link_multicast, ACCEPT)
     )
+
+
+def _destination_rules(b: _Builder, policy: Policy, config: Config) -> list[str]:
+    """Steps 2-6 of `decide`, by destination; returns the names of the DNS sets, in table order."""
     # 2-6. operator deny, operator allow, tenant allow, tenant deny, private ranges. IPv6 destinations that
     # embed an IPv4 address go first: on the wire they would slip past every IPv4 rule (to a translator).
     b.set_rules("embedded", EMBEDDED_IPV4, DENY)
@@ -214,32 +240,26 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
     b.set_rules("deny", (*policy.deny_out.nets4, *policy.deny_out.nets6), DENY)
     dns_sets += b.dns_sets("deny_dns", DENY) if policy.deny_out.hostnames else []
     b.set_rules("private", config.guard.private, DENY)
-    # 7. everything else: the public internet.
-    b.rules.append(_rule("decide", ACCEPT if policy.allow_internet_access else DENY))
+    return dns_sets
 
+
+def _hooks(config: Config, host: bool) -> list[Json]:
+    """The base chains' rules, which jump to `decide`: ingress on the host side, else output and forward."""
+    if host:
+        return [_rule("ingress", {"jump": {"target": "decide"}})]
     uplink = _match(_meta("iifname"), config.uplink)
-    variant: list[Json] = [
-        *b.sets,
-        {"add": {"chain": {**_T, "name": "deny"}}},
-        {"add": {"chain": {**_T, "name": "decide"}}},
-        *_deny_chain(config.deny_action, config.host_mark if host else None),
-        *b.rules,
-    ]
-    hooks: list[Json] = [
+    return [
         _rule("output", {"jump": {"target": "decide"}}),
         # Forwarded traffic (a microVM behind a tap) is judged unless it enters from the uplink: that is
         # traffic towards the sandbox, not from it.
         _rule("forward", uplink, ACCEPT),
         _rule("forward", {"jump": {"target": "decide"}}),
     ]
-    if host:
-        hooks = [_rule("ingress", {"jump": {"target": "decide"}})]
-    names = frozenset(
-        [c["add"]["set"]["name"] for c in b.sets] + ["deny", "decide"]
-    )  # the objects that exist twice during an update: name_a and name_b
-    canonical = json.dumps(
-        [variant, hooks, "host" if host else config.uplink], sort_keys=True, separators=(",", ":")
-    )
+
+
+def _digests(variant: list[Json], hooks: list[Json], where: str) -> tuple[str, str]:
+    """The fingerprint (the whole table) and the shape (the table without its set elements, see Ruleset)."""
+    canonical = json.dumps([variant, hooks, where], sort_keys=True, separators=(",", ":"))
     fingerprint = f"{SCHEMA} sha256:{hashlib.sha256(canonical.encode()).hexdigest()}"
     bare = [
         {"add": {"set": {k: v for k, v in c["add"]["set"].items() if k != "elem"}}}
@@ -248,11 +268,9 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
         for c in variant
     ]
     shape = hashlib.sha256(
-        json.dumps(
-            [bare, hooks, "host" if host else config.uplink], sort_keys=True, separators=(",", ":")
-        ).encode()
+        json.dumps([bare, hooks, where], sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
-    return Ruleset(variant, hooks, fingerprint, tuple(dns_sets), names, shape)
+    return fingerprint, shape
 
 
 def elements_for(

@@ -9,7 +9,7 @@ import pytest
 
 from egressd.kernel.nft import LibnftBackend
 from egressd.model.config import Config, config_from_dict
-from egressd.model.policy import Sandbox, parse_sandbox
+from egressd.model.sandbox import Sandbox, parse_sandbox
 from egressd.ruleset.render import render
 from netns_fixtures import World, cleanup
 from netns_fixtures.bulk import BulkNamespaces

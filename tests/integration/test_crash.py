@@ -31,7 +31,7 @@ import pytest
 from egressd.agent.control import ControlError, request
 from egressd.kernel.nft import LibnftBackend
 from egressd.model.config import config_from_dict
-from egressd.model.policy import parse_sandbox
+from egressd.model.sandbox import parse_sandbox
 from egressd.ruleset.render import render
 from netns_fixtures import World, cleanup
 from netns_fixtures import world as world_module

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from egressd.kernel.netns import ContextCache
 from egressd.model.config import config_from_dict
-from egressd.model.policy import parse_sandbox
+from egressd.model.sandbox import parse_sandbox
 from egressd.ruleset.decide import decide
 from egressd.ruleset.render import render
 from egressd.ruleset.transactions import replace_table

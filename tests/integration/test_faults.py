@@ -11,7 +11,7 @@ How we know a deletion landed in the middle of an apply: the agent runs with a t
 module, TRACER below, put on its PYTHONPATH; it observes, changes nothing, and never raises into the agent)
 that records, for every TableSync.sync (one sandbox made equal to its desired state: read the table,
 stage transaction, switch transaction, read back), its start and end, its outcome or exception, and each
-nftables write on the way (LibnftBackend._run: "staged policy", "switch" or "table", with its start, end
+nftables write on the way (LibnftBackend.run: "staged policy", "switch" or "table", with its start, end
 and result). The deletion is done by a helper already running inside the mount namespace (umount2 with
 MNT_DETACH, then unlink, as `ip netns del` does), bracketed by our clock to a fraction of a millisecond;
 both sides use time.time() on one machine. A sync that committed a write and then failed with NetnsError
@@ -41,7 +41,7 @@ import pytest
 
 from egressd.agent.control import request
 from egressd.model.config import load_config
-from egressd.model.policy import parse_sandbox
+from egressd.model.sandbox import parse_sandbox
 from egressd.ruleset.render import render
 from netns_fixtures.bulk import BulkNamespaces
 from tests.integration.agent import AgentProcess
@@ -106,7 +106,7 @@ TRACER = textwrap.dedent(
 
         reconcile_sync.TableSync.sync = traced_sync
         hooked = {"TableSync.sync": list(sync_sig.parameters)}
-        run = getattr(nft.LibnftBackend, "_run", None)
+        run = getattr(nft.LibnftBackend, "run", None)
         if run is not None:
             run_sig = inspect.signature(run)
 
@@ -126,8 +126,8 @@ TRACER = textwrap.dedent(
                 _emit({"netns": _arg(run_sig, "netns", args, kwargs), "wrote": what, "t": t})
                 return out
 
-            nft.LibnftBackend._run = traced_run
-            hooked["LibnftBackend._run"] = list(run_sig.parameters)
+            nft.LibnftBackend.run = traced_run
+            hooked["LibnftBackend.run"] = list(run_sig.parameters)
         _emit({"tracer": "installed", "hooked": hooked})
 
     if _path:
@@ -322,7 +322,7 @@ def test_a_namespace_deleted_in_the_middle_of_an_apply(bulk, traced_agent):
     hooks = trace(trace_path)[0]
     assert hooks.get("tracer") == "installed", f"the tracer could not hook into egressd: {hooks}"
     assert "netns" in hooks["hooked"]["TableSync.sync"], f"update TRACER to egressd's code: {hooks}"
-    assert "what" in hooks["hooked"].get("LibnftBackend._run", ["what"]), f"update TRACER: {hooks}"
+    assert "what" in hooks["hooked"].get("LibnftBackend.run", ["what"]), f"update TRACER: {hooks}"
     config = load_config(a.config_path)
 
     def expected(rev: int) -> str:

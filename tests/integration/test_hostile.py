@@ -12,7 +12,7 @@ import time
 import pytest
 
 from egressd.model.config import Config
-from egressd.model.policy import parse_sandbox
+from egressd.model.sandbox import parse_sandbox
 from egressd.ruleset.render import render
 from netns_fixtures.probe import Sniffer, l3, l3_proto, scapy_send, udp_echo
 

@@ -13,7 +13,7 @@ from egressd.kernel.backend import ApplyError
 from egressd.kernel.netns import CLOSE_GRACE_S, NetnsError, open_netns
 from egressd.kernel.nft import LibnftBackend
 from egressd.model.config import Config
-from egressd.model.policy import parse_sandbox
+from egressd.model.sandbox import parse_sandbox
 from egressd.ruleset.render import render
 from egressd.ruleset.variants import neutral_name, stage_commands
 from tests.integration.conftest import live_name, nft_json

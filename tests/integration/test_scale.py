@@ -31,7 +31,7 @@ import pytest
 
 from egressd.agent.control import request
 from egressd.model.config import load_config
-from egressd.model.policy import parse_sandbox
+from egressd.model.sandbox import parse_sandbox
 from egressd.ruleset.render import render
 from netns_fixtures.bulk import BulkNamespaces
 from tests.integration.agent import AgentProcess

@@ -4,7 +4,7 @@ import json
 
 from egressd.cli import main
 from egressd.model.config import Config
-from egressd.model.policy import parse_sandbox
+from egressd.model.sandbox import parse_sandbox
 from egressd.ruleset.render import render
 from egressd.ruleset.variants import create_commands
 

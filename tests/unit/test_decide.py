@@ -3,7 +3,7 @@
 import pytest
 
 from egressd.model.config import Config, config_from_dict
-from egressd.model.policy import parse_sandbox
+from egressd.model.sandbox import parse_sandbox
 from egressd.ruleset.decide import decide
 
 

@@ -10,7 +10,7 @@ from egressd.desired.dnscache import GIVE_UP_AFTER, RDTYPES, Answer, DnsCache, r
 from egressd.desired.resolve import DnsService
 from egressd.kernel.fake import FakeBackend
 from egressd.model.config import config_from_dict
-from egressd.model.policy import parse_sandbox
+from egressd.model.sandbox import parse_sandbox
 from egressd.reconcile.reconciler import Reconciler
 from egressd.reconcile.restart import export_state, restore_state
 

@@ -12,7 +12,7 @@ from egressd.agent.daemon import Agent
 from egressd.desired.dnscache import NXDOMAIN, RDTYPES, Answer, DnsCache, rdtype_of
 from egressd.kernel.fake import FakeBackend
 from egressd.model.config import Config, config_from_dict
-from egressd.model.policy import parse_sandbox
+from egressd.model.sandbox import parse_sandbox
 from egressd.ruleset.decide import decide
 from egressd.ruleset.explain import explain_addresses, parse_dest
 
@@ -177,7 +177,7 @@ def ask(tmp_path, requests, answers=None, **np):
         agent.dns.resolver = FakeResolver(answers or {})
         agent.reconciler.upsert(parse_sandbox({"id": "a", "netns": "/run/netns/a", "network_policy": np}))
         record(agent.dns.cache, API, ["198.51.100.10", "2001:db8:1::10"], 60)
-        return [await agent.handle_request(r) for r in requests], agent.dns.resolver.asked
+        return [await agent.api.handle(r) for r in requests], agent.dns.resolver.asked
 
     return asyncio.run(main())
 

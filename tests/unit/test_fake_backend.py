@@ -6,7 +6,7 @@ from egressd.kernel.backend import ApplyError
 from egressd.kernel.fake import FakeBackend
 from egressd.kernel.netns import NetnsError
 from egressd.model.config import Config
-from egressd.model.policy import parse_sandbox
+from egressd.model.sandbox import parse_sandbox
 from egressd.ruleset.render import render
 
 

@@ -10,9 +10,11 @@ import tempfile
 
 import pytest
 
+from egressd.feed.file import TRUNCATED_DROPPED, FileSource
 from egressd.feed.lines import PARTIAL_DROPPED, FeedError, Line, LineSplitter
-from egressd.feed.local import TRUNCATED_DROPPED, FileSource, StdinSource, UnixSource
 from egressd.feed.sources import parse_source
+from egressd.feed.stdin import StdinSource
+from egressd.feed.unix import UnixSource
 
 POLL = 0.01
 

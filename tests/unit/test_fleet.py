@@ -15,20 +15,13 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from egressd.common.backoff import Backoff
 from egressd.feed.lines import FeedError
-from egressd.feed.nats import (
-    KV_DEL,
-    KV_PURGE,
-    STABLE_SESSION,
-    KvEntry,
-    NatsSource,
-    entry_change,
-    parse_servers,
-    snapshot_of,
-    tls_context,
-)
+from egressd.feed.nats import STABLE_SESSION, NatsSource
 from egressd.feed.nats_errors import SessionEnded, describe
+from egressd.feed.nats_keys import KV_DEL, KV_PURGE, KvEntry, entry_change, snapshot_of
+from egressd.feed.nats_servers import parse_servers, tls_context
 from egressd.model.config import NatsFeed
-from egressd.model.policy import Delete, PolicyError, Snapshot, Upsert, parse_sandbox
+from egressd.model.events import Delete, Snapshot, Upsert
+from egressd.model.sandbox import PolicyError, parse_sandbox
 
 HOST = "h1"
 
@@ -471,7 +464,6 @@ def test_a_snapshot_delivers_one_snapshot_line_and_one_line_per_unnamed_key():
 def test_only_a_session_that_held_resets_the_backoff():
     """A server that drops every session right after its snapshot is retried ever more slowly; one that
     held a session for STABLE_SESSION is retried at once."""
-    s = NatsSource("nats://127.0.0.1:4222", NatsFeed(host_id=HOST, retry_initial=0.001, retry_max=0.004))
     seen: list[int] = []
     errors: list[str | None] = []
 
@@ -486,7 +478,8 @@ def test_only_a_session_that_held_resets_the_backoff():
         if len(seen) == 3:
             s.connected_since = time.time() - STABLE_SESSION - 1
 
-    s._session = session
+    feed = NatsFeed(host_id=HOST, retry_initial=0.001, retry_max=0.004)
+    s = NatsSource("nats://127.0.0.1:4222", feed, session=session)
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(s.run([].append))
     assert seen == [0, 1, 2, 1]

@@ -14,7 +14,7 @@ from egressd.kernel.hostside import (
     target_for,
 )
 from egressd.model.config import Config, config_from_dict
-from egressd.model.policy import DENY_ALL, PolicyError, parse_sandbox
+from egressd.model.sandbox import DENY_ALL, PolicyError, parse_sandbox
 from egressd.reconcile.reconciler import Reconciler
 from egressd.reconcile.restart import export_state, restore_state
 from egressd.reconcile.sync import listing_digest

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from egressd.agent.metrics import DeniedCounters, Metrics, MetricsError, Snapshot, on_loop, snapshot
 from egressd.kernel.fake import FakeBackend
 from egressd.model.config import config_from_dict
-from egressd.model.policy import PolicyError, parse_sandbox
+from egressd.model.sandbox import PolicyError, parse_sandbox
 from egressd.reconcile.reconciler import Reconciler
 from tests.loopback import free_port
 

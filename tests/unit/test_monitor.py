@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egressd.kernel.monitor import ChangeMonitor, TransactionParser, fd_capacity
+from egressd.kernel.monitor import ChangeMonitor
+from egressd.kernel.monitor_events import TransactionParser
+from egressd.kernel.monitor_socket import fd_capacity
 from egressd.kernel.netns import NetnsError
 from egressd.model.config import ConfigError, config_from_dict
 

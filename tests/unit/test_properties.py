@@ -7,15 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from egressd.model.config import Config
-from egressd.model.policy import (
-    PolicyError,
-    Snapshot,
-    Upsert,
-    parse_entry,
-    parse_event,
-    parse_line,
-    parse_sandbox,
-)
+from egressd.model.entries import parse_entry
+from egressd.model.events import Snapshot, Upsert, parse_event, parse_line
+from egressd.model.sandbox import PolicyError, parse_sandbox
 from egressd.ruleset.decide import decide
 from egressd.ruleset.render import render
 

@@ -8,7 +8,8 @@ import threading
 from egressd.kernel.backend import ApplyError
 from egressd.kernel.fake import FakeBackend
 from egressd.model.config import config_from_dict
-from egressd.model.policy import DENY_ALL, PolicyError, parse_event, parse_sandbox
+from egressd.model.events import parse_event
+from egressd.model.sandbox import DENY_ALL, PolicyError, parse_sandbox
 from egressd.reconcile.queue import KeyedQueue
 from egressd.reconcile.reconciler import Reconciler
 from egressd.reconcile.restart import export_state, restore_state
@@ -617,7 +618,7 @@ def test_eventual_state_writes_are_spaced_by_how_long_a_write_takes(tmp_path, mo
         p = persister.Persister(state, lambda: ({"n": len(saved)}, 0), lambda g: None)
         p.mark()
         await asyncio.sleep(0.1)
-        assert len(saved) == 1 and p._last_write_s >= 0.02
+        assert len(saved) == 1 and p.last_write_s >= 0.02
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         p.mark()

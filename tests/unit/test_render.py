@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from egressd.model.config import Config, config_from_dict
-from egressd.model.policy import parse_sandbox
+from egressd.model.sandbox import parse_sandbox
 from egressd.ruleset.render import FINGERPRINT_CHAIN, render
 from egressd.ruleset.transactions import fingerprint_of, replace_table
 from egressd.ruleset.variants import create_commands

@@ -8,7 +8,7 @@ from egressd.kernel.fake import FakeBackend, FakeKernel
 from egressd.kernel.hostside import table_name, target_for
 from egressd.kernel.writer import TableWriter
 from egressd.model.config import Config
-from egressd.model.policy import parse_sandbox
+from egressd.model.sandbox import parse_sandbox
 from egressd.reconcile.sync import listing_digest
 from egressd.ruleset.render import render
 from egressd.ruleset.transactions import active_variant, fingerprint_of, plan_apply, set_elements

@@ -1,0 +1,116 @@
+"""What the control socket answers: `status`, `dns`, `wait` and `explain` requests, each a JSON document in
+and one out. Every field of a request is checked; a bad one gets an error that says what was expected."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from ipaddress import ip_address
+from typing import Any
+
+from egressd.desired.dnscache import RDTYPES, Answer, join_errors
+from egressd.desired.resolve import DnsService, resolve_all
+from egressd.model.config import Config
+from egressd.reconcile.reconciler import Reconciler
+from egressd.ruleset.decide import IPAddress
+from egressd.ruleset.explain import explain_addresses, parse_dest
+
+
+class ControlApi:
+    """The handler behind agent/control.py's server. agent_info: the agent's own part of `status`."""
+
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        dns: DnsService,
+        config: Callable[[], Config],
+        agent_info: Callable[[], dict[str, Any]],
+    ) -> None:
+        self._reconciler = reconciler
+        self._dns = dns
+        self._config = config
+        self._agent_info = agent_info
+
+    async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"agent": self._agent_info(), "sandboxes": self._reconciler.report()}
+        if cmd == "dns":
+            cache = self._dns.cache
+            return {"names": [cache.view(n) for n in sorted(cache.names)], "dns": self.dns_info()}
+        if cmd == "wait":
+            return await self.wait(req)
+        if cmd == "explain":
+            return await self.explain(req)
+        return {"error": f"unknown command {cmd!r}; expected status, dns, wait or explain"}
+
+    async def wait(self, req: dict[str, Any]) -> dict[str, Any]:
+        sid, revision, timeout = req.get("id"), req.get("revision"), req.get("timeout", 30)
+        if not isinstance(sid, str) or not (revision is None or isinstance(revision, int)):
+            return {"error": 'wait needs "id" (string) and optional "revision" (integer)'}
+        if not isinstance(timeout, int | float) or not 0 <= timeout <= 3600:
+            return {"error": '"timeout" must be a number of seconds between 0 and 3600'}
+        ok = await self._reconciler.wait_enforced(sid, revision, float(timeout))
+        row = next((r for r in self._reconciler.report() if r["id"] == sid), None)
+        return {"ok": ok, "sandbox": row}
+
+    def dns_info(self) -> dict[str, Any]:
+        return {
+            "names": len(self._dns.cache.names),
+            "queries": self._dns.queries,
+            "failures": self._dns.failures,
+            "nameservers": list(self._config().dns_nameservers) or "resolv.conf",
+        }
+
+    async def _resolve(self, dest: str, name: str) -> tuple[list[IPAddress], dict[str, str], str | None]:
+        """(addresses, why a record type gave none, an error when no type gave any): each record type on
+        its own, as the agent resolves, so one type failing never hides the other's answer."""
+        try:
+            answers = await asyncio.wait_for(
+                resolve_all(self._dns.resolver, name), self._config().dns_timeout + 1
+            )
+        except TimeoutError:
+            answers = {t: Answer("error", error="timeout: no answer from the nameservers") for t in RDTYPES}
+        addrs = sorted(
+            {ip_address(a) for ans in answers.values() for a in ans.addresses},
+            key=lambda a: (a.version, int(a)),
+        )
+        unresolved = {t: ans.error for t, ans in answers.items() if ans.kind == "error" and ans.error}
+        if addrs:
+            return addrs, unresolved, None
+        why = join_errors({t: ans.error or f"no {t} records" for t, ans in answers.items()})
+        return [], unresolved, f"destination {dest!r}: cannot resolve it: {why}; give an address instead"
+
+    async def explain(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The verdict for one destination of one sandbox, from its desired state and the DNS cache: what
+        the kernel is given. A host name is resolved once with the agent's own resolver."""
+        sid, dest = req.get("id"), req.get("dest")
+        if not isinstance(sid, str) or not isinstance(dest, str):
+            return {"error": 'explain needs "id" (string) and "dest" (an address or host name)'}
+        d = self._reconciler.desired.get(sid)
+        if d is None:
+            return {"error": f"no sandbox {sid!r} is known to the agent; `egressd status` lists them"}
+        try:
+            target = parse_dest(dest)
+        except ValueError as e:
+            return {"error": f"destination {dest!r}: {e}"}
+        unresolved: dict[str, str] = {}
+        if isinstance(target, str):
+            addrs, unresolved, error = await self._resolve(dest, target)
+            if error is not None:
+                return {"error": error}
+        else:
+            addrs = [target]
+        st = self._reconciler.status.get(sid)
+        out = explain_addresses(d.policy, self._reconciler.config, self._dns.cache, addrs)
+        return {
+            "sandbox": sid,
+            "dest": dest,
+            "hostname": target if isinstance(target, str) else None,
+            "revision": d.revision,
+            "state": st.state if st is not None else "pending",
+            # not "error": on the control socket that key means the request failed
+            "problem": d.problem or (st.error if st is not None else "not reconciled yet"),
+            "unresolved": unresolved,  # record type -> why it gave no addresses just now
+            **out,
+        }

@@ -1,0 +1,95 @@
+"""The socket that hears one namespace's nftables events, and the descriptors such sockets need.
+
+A socket belongs to the namespace it was made in, so it is made by a thread inside that namespace and then
+moved to a descriptor at or above FD_BASE: libnftables 1.0.6, in this same process, aborts on a descriptor
+of 1024 or more, so the low ones are left to it. Kept apart from the monitor so that the agent, the
+integration tests and the benchmarks make and count these sockets the same way.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import resource
+import socket
+from collections.abc import Callable
+
+from egressd.common.logs import log
+from egressd.kernel.netns import NsId, in_netns
+from egressd.kernel.nfnl import NETLINK_NETFILTER
+
+# Netlink constants, checked against linux/netlink.h and linux/netfilter/nfnetlink.h (and against this
+# kernel: see tests/integration/test_monitor.py).
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+SO_RCVBUFFORCE = 33  # socket.h; needs CAP_NET_ADMIN, falls back to SO_RCVBUF (capped by rmem_max)
+NFNLGRP_NFTABLES = 7
+
+FD_BASE = 1024  # monitor sockets live at or above this descriptor; libnftables needs those below
+FD_HEADROOM = 64  # high descriptors left unused, for whatever else needs one once the low ones run out
+RCVBUF = 1 << 20  # per socket; memory is used only while events wait to be read
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit (monitor sockets need one descriptor each); (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as e:
+            log(logging.WARNING, "fd_limit_not_raised", soft=soft, hard=hard, error=str(e))
+        else:
+            soft = hard
+    return soft, hard
+
+
+def fd_capacity(soft_limit: int, fd_base: int = FD_BASE) -> int:
+    """How many monitor sockets fit between fd_base and the soft limit, leaving some headroom."""
+    if soft_limit == resource.RLIM_INFINITY:
+        soft_limit = 1 << 20
+    return max(0, soft_limit - fd_base - FD_HEADROOM)
+
+
+def _subscribed_socket(rcvbuf: int) -> socket.socket:
+    """Run inside the target namespace: a netfilter netlink socket in the nftables event group."""
+    sock = socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
+    )
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((0, 0))
+        sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def open_monitor_socket(
+    path: str,
+    fd_base: int = FD_BASE,
+    rcvbuf: int = RCVBUF,
+    setns: Callable[[int, int], int] | None = None,
+) -> tuple[socket.socket, NsId]:
+    """A non-blocking socket hearing nftables events of the namespace at path, at a descriptor >= fd_base.
+
+    Blocks briefly and enters the namespace on the calling thread, so call it from a helper thread. The
+    path goes through the same checks as every namespace egressd touches (open_netns: a network namespace,
+    never the agent's own). Raises NetnsError, or OSError (EMFILE, EINVAL: no high descriptor is free).
+    """
+    low, ident = in_netns(path, lambda: _subscribed_socket(rcvbuf), setns)
+    try:
+        high = fcntl.fcntl(low.fileno(), fcntl.F_DUPFD_CLOEXEC, fd_base)
+    finally:
+        low.close()
+    try:
+        sock = socket.socket(fileno=high)
+    except OSError:
+        os.close(high)
+        raise
+    sock.setblocking(False)
+    return sock, ident
