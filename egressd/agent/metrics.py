@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from egressd.common.logs import log
 from egressd.kernel.backend import ApplyError
 from egressd.kernel.netns import NetnsError
-from egressd.model.config import parse_listen
+from egressd.model.config_file import parse_listen
 from egressd.reconcile.reconciler import COUNTERS, Reconciler
 
 COUNTER_BATCH = 50  # counters read per trip to a worker thread

@@ -62,7 +62,8 @@ def table_name(iface: str) -> str:
 
 def target_for(iface: str) -> Target:
     base = {"name": "ingress", "type": "filter", "hook": "ingress", "dev": iface}
-    return Target(FAMILY, table_name(iface), ({**base, "prio": INGRESS_PRIORITY, "policy": "accept"},))
+    chain = {**base, "prio": INGRESS_PRIORITY, "policy": "accept"}
+    return Target(FAMILY, table_name(iface), (chain,), learned=False)
 
 
 def guard_commands(mark: int) -> list[Json]:

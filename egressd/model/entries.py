@@ -1,4 +1,5 @@
-"""One allow_out/deny_out entry: an address, a CIDR or a host name, parsed and normalised.
+"""One allow_out/deny_out entry: an address, a CIDR, a host name or a host-name pattern (*.example.com),
+parsed and normalised.
 
 The one place that reads destination text, with messages that say what to write instead: the sandbox record
 (model/sandbox.py) parses its lists here, the config (model/config.py) merges its guard ranges with
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import idna
+from publicsuffixlist import PublicSuffixList
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -24,6 +26,10 @@ _FAST_NET_RE = re.compile(
 )
 _LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+PATTERN_PREFIX = "*."
+# The ICANN section only: names in the private section (githubusercontent.com, github.io) are each run by
+# one operator, and a pattern below them (*.githubusercontent.com) is what users of every peer ask for.
+_SUFFIXES = PublicSuffixList(only_icann=True)
 
 
 def collapse(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
@@ -157,8 +163,34 @@ def normalise_hostname(text: str) -> str:
     return name
 
 
+def parse_pattern(text: str) -> str:
+    """*.example.com: every name below example.com, at any depth, never example.com itself."""
+    if not text.startswith(PATTERN_PREFIX) or "*" in text[len(PATTERN_PREFIX) :]:
+        raise ValueError(
+            "a wildcard may only be the whole leftmost label, as in *.example.com (which matches every name "
+            "below example.com, at any depth)"
+        )
+    rest = normalise_hostname(text[len(PATTERN_PREFIX) :])
+    if _SUFFIXES.is_public(rest):
+        raise ValueError(
+            f"*.{rest} would match every name under the public suffix {rest}; name a domain below it, "
+            f"e.g. *.example.{rest}"
+        )
+    return PATTERN_PREFIX + rest
+
+
+def is_pattern(entry: str) -> bool:
+    return entry.startswith(PATTERN_PREFIX)
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """Whether a normalised name falls under a pattern: strictly below its domain."""
+    return name.endswith(pattern[1:])  # ".example.com": a name below it, never the domain itself
+
+
 def parse_entry(value: Any) -> IPNetwork | str:
-    """One allow_out/deny_out entry: an address or CIDR (as a network) or a host name (as a string)."""
+    """One allow_out/deny_out entry: an address or CIDR (as a network), or a host name or pattern (as a
+    string)."""
     if not isinstance(value, str):
         raise ValueError(f"must be a string (an address, CIDR or host name), not {type(value).__name__}")
     text = value.strip()
@@ -167,10 +199,7 @@ def parse_entry(value: Any) -> IPNetwork | str:
     if "://" in text:
         raise ValueError("looks like a URL; give only the host name or address, e.g. example.com")
     if "*" in text:
-        raise ValueError(
-            "wildcard host names are not supported: egressd resolves each name itself, and a wildcard "
-            "names no address to resolve; list each host name, e.g. api.example.com"
-        )
+        return parse_pattern(text)
     if text.startswith("[") or (text.count(":") == 1 and "/" not in text):
         raise ValueError("looks like host:port; ports are not supported, give only the host name or address")
     if any(c.isspace() for c in text):

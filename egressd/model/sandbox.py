@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from egressd.model.entries import IPNetwork, collapse, parse_entry
+from egressd.model.entries import IPNetwork, collapse, is_pattern, parse_entry
 
 DEFAULT_MAX_ENTRIES = 4096
 SANDBOX_STATUSES = ("pending", "running", "snapshotting", "suspending", "suspended", "terminated")
@@ -59,24 +59,34 @@ class Targets:
     nets4: tuple[ipaddress.IPv4Network, ...] = ()
     nets6: tuple[ipaddress.IPv6Network, ...] = ()
     hostnames: tuple[str, ...] = ()
+    patterns: tuple[str, ...] = ()  # *.example.com: enforced from the sandbox's own DNS answers only
 
     @classmethod
     def from_entries(cls, entries: Iterable[IPNetwork | str]) -> Targets:
         nets4: list[ipaddress.IPv4Network] = []
         nets6: list[ipaddress.IPv6Network] = []
         hosts: list[str] = []
+        patterns: list[str] = []
         for e in entries:
             if isinstance(e, ipaddress.IPv4Network):
                 nets4.append(e)
             elif isinstance(e, ipaddress.IPv6Network):
                 nets6.append(e)
+            elif is_pattern(e):
+                patterns.append(e)
             else:
                 hosts.append(e)
         return cls(
             nets4=collapse(nets4),  # type: ignore[arg-type]
             nets6=collapse(nets6),  # type: ignore[arg-type]
             hostnames=tuple(sorted(set(hosts))),
+            patterns=tuple(sorted(set(patterns))),
         )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Host names and patterns: what only DNS can tell addresses for."""
+        return self.hostnames + self.patterns
 
 
 @dataclass(frozen=True)
@@ -206,7 +216,7 @@ def parse_sandbox(raw: Any, max_entries: int = DEFAULT_MAX_ENTRIES) -> Sandbox:
 
 
 def targets_to_entries(t: Targets) -> list[str]:
-    return [str(n) for n in (*t.nets4, *t.nets6)] + list(t.hostnames)
+    return [str(n) for n in (*t.nets4, *t.nets6)] + list(t.hostnames) + list(t.patterns)
 
 
 def sandbox_to_record(sb: Sandbox) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from egressd.kernel.backend import Backend
 from egressd.model.config import Config
 from egressd.model.sandbox import DENY_ALL, Policy
 from egressd.ruleset.plan import plan
-from egressd.ruleset.render import FINGERPRINT_CHAIN, Json, Ruleset, render
+from egressd.ruleset.render import FINGERPRINT_CHAIN, LEARNED_SETS, Json, Ruleset, render
 from egressd.ruleset.transactions import active_variant, fingerprint_of, set_elements
 from egressd.ruleset.variants import neutral_name
 
@@ -121,8 +121,8 @@ def elements_differ(listing: list[Json], ruleset: Ruleset) -> str | None:
         if obj is None:
             continue
         name = neutral_name(str(obj.get("name", "")))
-        if name.endswith(DNS_SET_SUFFIXES):
-            continue
+        if name.endswith(DNS_SET_SUFFIXES) or name in LEARNED_SETS:
+            continue  # compared by difference (DNS), or filled by the proxy and emptied by time (learned)
         have = sorted(elem_key(e) for e in obj.get("elem", ()))
         expected = sorted(elem_key(e) for e in want.get(name, ()))
         if have != expected and (_ranges(have) is None or _ranges(have) != _ranges(expected)):

@@ -20,7 +20,7 @@ from egressd.model.sandbox import Policy
 
 FAMILY = "inet"
 TABLE = "egressd"
-SCHEMA = "egressd/1"
+SCHEMA = "egressd/2"  # 2: the DNS interception chains and learned sets in every table
 FINGERPRINT_CHAIN = "fingerprint"
 VARIANTS = ("a", "b")
 VARIANT_SUFFIXES = ("_a", "_b")
@@ -36,6 +36,19 @@ EMBEDDED_IPV4 = (ipaddress.IPv6Network("::ffff:0:0/96"), ipaddress.IPv6Network("
 MLD_TYPES = ["mld-listener-report", "mld-listener-done", "mld2-listener-report"]
 
 Json = dict[str, Any]
+
+# DNS interception (intercept.py): sets the proxy fills from the sandbox's own answers, each element with a
+# timeout. Made once with the table, outside the variants, so an element added between a stage and its
+# switch is never lost; emptied by nobody but time.
+LEARNED_SETS = ("learned4", "learned6")
+# Base chains of every sandbox table besides output and forward: the DNS redirects (nat output for the
+# sandbox's processes, nat prerouting for traffic routed through it) and input (only redirected queries
+# reach the proxy). Empty unless the sandbox's DNS is intercepted.
+INTERCEPT_BASE = (
+    {"name": "dns_out", "type": "nat", "hook": "output", "prio": -100, "policy": "accept"},
+    {"name": "dns_in", "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"},
+    {"name": "input", "type": "filter", "hook": "input", "prio": 0, "policy": "accept"},
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,7 @@ class Ruleset:
     # addresses) lists the same way but for the elements, so one read of the kernel's listing per shape
     # teaches the reconciler what all of them look like (see reconcile.listing_digest).
     shape: str = ""
+    intercept: bool = False  # the sandbox's DNS queries are answered by egressd, which fills LEARNED_SETS
 
     def elements(self) -> dict[str, list[Any]]:
         """The elements of each address set, by neutral name (the DNS sets are rendered empty)."""
@@ -87,8 +101,8 @@ def _split(nets: Iterable[IPNetwork]) -> tuple[list[IPNetwork], list[IPNetwork]]
     return v4, v6
 
 
-def _match(left: Json, right: Any) -> Json:
-    return {"match": {"op": "==", "left": left, "right": right}}
+def _match(left: Json, right: Any, op: str = "==") -> Json:
+    return {"match": {"op": op, "left": left, "right": right}}
 
 
 def _payload(protocol: str, field: str) -> Json:
@@ -184,8 +198,9 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
     neighbour-solicitation channel the sandbox's own table has to leave open.
     """
     b = _Builder()
-    _link_rules(b, host)
-    dns_sets = _destination_rules(b, policy, config)
+    intercept = intercepting(policy, config, host)
+    _link_rules(b, host, config.intercept.port if intercept else None)
+    dns_sets = _destination_rules(b, policy, config, intercept)
     # 7. everything else: the public internet.
     b.rules.append(_rule("decide", ACCEPT if policy.allow_internet_access else DENY))
 
@@ -196,16 +211,45 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
         *_deny_chain(config.deny_action, config.host_mark if host else None),
         *b.rules,
     ]
-    hooks = _hooks(config, host)
+    hooks = _hooks(config, host) + (_intercept_hooks(config) if intercept else [])
     names = frozenset(
         [c["add"]["set"]["name"] for c in b.sets] + ["deny", "decide"]
     )  # the objects that exist twice during an update: name_a and name_b
     fingerprint, shape = _digests(variant, hooks, "host" if host else config.uplink)
-    return Ruleset(variant, hooks, fingerprint, tuple(dns_sets), names, shape)
+    return Ruleset(variant, hooks, fingerprint, tuple(dns_sets), names, shape, intercept)
 
 
-def _link_rules(b: _Builder, host: bool) -> None:
-    """Step 1 of `decide`: loopback, replies on connections opened from outside, IPv6 neighbour discovery."""
+def intercepting(policy: Policy, config: Config, host: bool = False) -> bool:
+    """Whether egressd answers this sandbox's DNS: [dns] intercept, and a policy that names a host name or
+    a pattern in either list. Not on the host side: its table sees packets the sandbox's own table let by."""
+    return config.intercept.enabled and not host and bool(policy.allow_out.names or policy.deny_out.names)
+
+
+def _dns_l4(port: int) -> tuple[Json, Json]:
+    return _match(_meta("l4proto"), {"set": ["tcp", "udp"]}), _match(_payload("th", "dport"), port)
+
+
+def _intercept_hooks(config: Config) -> list[Json]:
+    """Every DNS query (port 53, any address, TCP and UDP) to the proxy's port, from the sandbox's processes
+    and from traffic routed through it (not what comes in from the uplink); and at input, only redirected
+    queries reach the proxy: no one outside asks it anything."""
+    port = config.intercept.port
+    redirect = {"redirect": {"port": port}}
+    not_redirected = {"match": {"op": "!", "left": {"ct": {"key": "status"}}, "right": "dnat"}}
+    return [
+        _rule("dns_out", *_dns_l4(53), redirect),
+        _rule("dns_in", _match(_meta("iifname"), config.uplink, "!="), *_dns_l4(53), redirect),
+        _rule("input", *_dns_l4(port), not_redirected, {"drop": None}),
+    ]
+
+
+def _link_rules(b: _Builder, host: bool, proxy_port: int | None = None) -> None:
+    """Step 1 of `decide`: loopback, replies on connections opened from outside, IPv6 neighbour discovery;
+    with interception, the redirected DNS queries (the output filter still sees the original device)."""
+    if proxy_port is not None:
+        for version, local in ((4, "127.0.0.1"), (6, "::1")):
+            daddr = _payload("ip" if version == 4 else "ip6", "daddr")
+            b.rules.append(_rule("decide", _match(daddr, local), *_dns_l4(proxy_port), ACCEPT))
     icmpv6_type = _payload("icmpv6", "type")
     hoplimit = _payload("ip6", "hoplimit")
     nd = (_match(icmpv6_type, {"set": ND_TYPES}), _match(hoplimit, 255))
@@ -224,19 +268,23 @@ def _link_rules(b: _Builder, host: bool) -> None:
     )
 
 
-def _destination_rules(b: _Builder, policy: Policy, config: Config) -> list[str]:
+def _destination_rules(b: _Builder, policy: Policy, config: Config, intercept: bool = False) -> list[str]:
     """Steps 2-6 of `decide`, by destination; returns the names of the DNS sets, in table order."""
     # 2-6. operator deny, operator allow, tenant allow, tenant deny, private ranges. IPv6 destinations that
     # embed an IPv4 address go first: on the wire they would slip past every IPv4 rule (to a translator).
     b.set_rules("embedded", EMBEDDED_IPV4, DENY)
     b.set_rules("guard_deny", config.guard.deny, DENY)
-    if not policy.allow_internet_access and policy.allow_out.hostnames and config.sandbox_resolvers:
+    closed_names = not policy.allow_internet_access and policy.allow_out.hostnames
+    if closed_names and config.sandbox_resolvers and not intercept:
         # A closed sandbox that names hosts needs DNS to use them: port 53 of the operator's resolvers only.
         dns_port = [_match(_meta("l4proto"), {"set": ["tcp", "udp"]}), _match(_payload("th", "dport"), 53)]
         b.set_rules("resolvers", config.sandbox_resolvers, {"accept": None}, extra=dns_port)
     b.set_rules("guard_allow", config.guard.allow, ACCEPT)
     b.set_rules("allow", (*policy.allow_out.nets4, *policy.allow_out.nets6), ACCEPT)
     dns_sets = b.dns_sets("allow_dns", ACCEPT) if policy.allow_out.hostnames else []
+    if intercept and policy.allow_out.names:
+        for version, name in zip((4, 6), LEARNED_SETS, strict=True):
+            b.rules.append(_rule("decide", _match_daddr(version, name), ACCEPT))
     b.set_rules("deny", (*policy.deny_out.nets4, *policy.deny_out.nets6), DENY)
     dns_sets += b.dns_sets("deny_dns", DENY) if policy.deny_out.hostnames else []
     b.set_rules("private", config.guard.private, DENY)

@@ -11,7 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from egressd.ruleset.render import FAMILY, FINGERPRINT_CHAIN, TABLE, VARIANT_SUFFIXES, Json, Ruleset
+from egressd.ruleset.render import (
+    FAMILY,
+    FINGERPRINT_CHAIN,
+    INTERCEPT_BASE,
+    LEARNED_SETS,
+    TABLE,
+    VARIANT_SUFFIXES,
+    Json,
+    Ruleset,
+)
 
 _T = {"family": FAMILY, "table": TABLE}
 
@@ -34,7 +43,22 @@ class Target:
     base: tuple[Json, ...] = (
         {"name": "output", "type": "filter", "hook": "output", "prio": 0, "policy": "accept"},
         {"name": "forward", "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"},
+        *INTERCEPT_BASE,
     )
+    learned: bool = True  # the table has the learned sets DNS interception fills
+
+
+def _table_objects(target: Target) -> list[Json]:
+    """What every table of a target has whatever the policy: made with the table, kept across updates."""
+    objects: list[Json] = [
+        {"counter": {**_T, "name": "denied"}},
+        {"chain": {**_T, "name": FINGERPRINT_CHAIN}},
+    ]
+    objects += [{"chain": {**_T, **base}} for base in target.base]
+    if target.learned:
+        for name, kind in zip(LEARNED_SETS, ("ipv4_addr", "ipv6_addr"), strict=True):
+            objects.append({"set": {**_T, "name": name, "type": kind, "flags": ["timeout"]}})
+    return objects
 
 
 NETNS = Target()
@@ -120,9 +144,7 @@ def create_commands(ruleset: Ruleset, variant: str = "a", target: Target = NETNS
     return retarget(
         [
             {"add": {"table": {"family": FAMILY, "name": TABLE}}},
-            {"add": {"counter": {**_T, "name": "denied"}}},
-            {"add": {"chain": {**_T, "name": FINGERPRINT_CHAIN}}},
-            *[{"add": {"chain": {**_T, **base}}} for base in target.base],
+            *[{"add": obj} for obj in _table_objects(target)],
             *_rename_commands(ruleset.variant, variant, ruleset.names),
             *_rename_commands(ruleset.hooks, variant, ruleset.names),
             _fingerprint_rule(ruleset.fingerprint),
@@ -134,8 +156,10 @@ def create_commands(ruleset: Ruleset, variant: str = "a", target: Target = NETNS
 def stage_commands(ruleset: Ruleset, variant: str, target: Target = NETNS) -> list[Json]:
     """The per-variant objects of a new policy, beside the ones in force and not yet used. Sets and chains
     are created with `create`, which fails when one is already there: nothing left over or planted under
-    that name can mix into the new policy (the caller then retires what the kernel holds, and tries again)."""
-    sets: list[Json] = []
+    that name can mix into the new policy (the caller then retires what the kernel holds, and tries again).
+    What every table has is added first (`add` does nothing to what is there): a table an older egressd
+    wrote gains it."""
+    sets: list[Json] = [{"add": obj} for obj in _table_objects(target)]
     elements: list[Json] = []
     rest: list[Json] = []
     for cmd in _rename_commands(ruleset.variant, variant, ruleset.names):

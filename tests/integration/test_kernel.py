@@ -12,10 +12,10 @@ from egressd.cli import main
 from egressd.kernel.backend import ApplyError
 from egressd.kernel.netns import CLOSE_GRACE_S, NetnsError, open_netns
 from egressd.kernel.nft import LibnftBackend
-from egressd.model.config import Config
+from egressd.model.config import Config, config_from_dict
 from egressd.model.sandbox import parse_sandbox
 from egressd.ruleset.render import render
-from egressd.ruleset.variants import neutral_name, stage_commands
+from egressd.ruleset.variants import NETNS, Target, create_commands, neutral_name, stage_commands
 from tests.integration.conftest import live_name, nft_json
 from tests.unit.test_render import CASES
 
@@ -68,6 +68,9 @@ def test_a_refused_transaction_leaves_the_old_table_in_force(world, backend):
     assert {neutral_name(n) for n in chain_names(sb.name)} == {
         "output",
         "forward",
+        "dns_out",
+        "dns_in",
+        "input",
         "fingerprint",
         "decide",
         "deny",
@@ -90,7 +93,9 @@ def test_an_update_stages_the_new_policy_then_switches(world, backend):
     ]
     backend.apply(sb.netns_path, second)
     assert live_name(sb.name, "decide") == "decide_b" and live_name(sb.name, "deny4") == "deny4_b"
-    assert sorted(chain_names(sb.name)) == ["decide_b", "deny_b", "fingerprint", "forward", "output"]
+    assert sorted(chain_names(sb.name)) == [
+        "decide_b", "deny_b", "dns_in", "dns_out", "fingerprint", "forward", "input", "output"
+    ]  # fmt: skip
     assert [
         i["table"]["handle"] for i in nft_json(sb.name, "list", "tables") if i["table"]["name"] == "egressd"
     ] == handle
@@ -294,6 +299,7 @@ def test_the_kernel_lists_set_elements_as_render_writes_them(netns_name):
     """Digests leave set elements out and reconcile.elements_differ compares them on their own, first as
     text: libnftables must list addresses, prefixes and the catch-alls exactly as render writes them."""
     from egressd.reconcile.sync import elem_key, elements_differ
+    from egressd.ruleset.render import LEARNED_SETS
 
     path = f"/run/netns/{netns_name}"
     many = [f"198.18.{i // 256}.{i % 256}/32" for i in range(0, 4000, 2)]
@@ -309,7 +315,7 @@ def test_the_kernel_lists_set_elements_as_render_writes_them(netns_name):
             listing = backend.read(path)
             want = rs.elements()
             for item in listing:
-                if "set" in item:
+                if "set" in item and item["set"]["name"] not in LEARNED_SETS:  # filled by DNS answers only
                     name = neutral_name(item["set"]["name"])
                     have = sorted(elem_key(e) for e in item["set"].get("elem", ()))
                     assert have == sorted(elem_key(e) for e in want[name]), name
@@ -349,3 +355,34 @@ def test_contexts_let_go_of_are_freed_after_the_grace_period_and_never_pile_up(w
     finally:
         cache.close()
     assert all(r() is None for r in made)
+
+
+def test_a_table_an_older_egressd_wrote_gains_the_interception_chains_on_its_next_update(world, backend):
+    """egressd/1 tables had no DNS redirect chains and no learned sets: the update stages them with `add`
+    (which leaves what is there alone) before its switch fills them."""
+    sb = world.sandboxes[0]
+    old = Target(base=NETNS.base[:2], learned=False)  # output and forward only
+    before = ruleset(allow_out=["192.0.2.1"])
+    out = subprocess.run(
+        ["ip", "netns", "exec", sb.name, "nft", "-j", "-f", "-"],
+        input=json.dumps({"nftables": create_commands(before, "a", old)}),
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert sorted(chain_names(sb.name)) == ["decide_a", "deny_a", "fingerprint", "forward", "output"]
+    sandbox = parse_sandbox({"id": "x", "network_policy": {"allow_out": ["api.example.com"]}})
+    after = render(sandbox.policy, config_from_dict({"dns": {"intercept": True}}))
+    assert after.intercept
+    backend.apply(sb.netns_path, after, listing=backend.read(sb.netns_path))
+    assert backend.fingerprint(sb.netns_path) == after.fingerprint
+    assert {"dns_out", "dns_in", "input"} <= set(chain_names(sb.name))
+    sets = {
+        i["set"]["name"]: i["set"]
+        for i in nft_json(sb.name, "list", "table", "inet", "egressd")
+        if "set" in i
+    }
+    assert sets["learned4"]["flags"] == ["timeout"] and sets["learned6"]["type"] == "ipv6_addr"
+    dns_out = nft_json(sb.name, "list", "chain", "inet", "egressd", "dns_out")
+    assert [r["rule"]["expr"][-1] for r in dns_out if "rule" in r] == [{"redirect": {"port": 153}}]
+    backend.remove(sb.netns_path)

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from egressd.agent.daemon import READY_TIMEOUT
-from egressd.model.config import Config, _ConfigModel, load_config
+from egressd.model.config import Config, load_config
+from egressd.model.config_file import ConfigFile
 from tests.integration.conftest import nft_json, nft_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -294,7 +295,7 @@ def test_the_example_config_loads_and_is_the_defaults():
     """packaging/egressd.toml sets every key egressd knows to its default: loading it changes nothing."""
     assert load_config(EXAMPLE) == Config() == load_config(None)
     data = tomllib.loads(EXAMPLE.read_text())
-    fields = _ConfigModel.model_fields
+    fields = ConfigFile.model_fields
     assert set(data) == set(fields)
     for section, value in data.items():
         assert set(value) == set(fields[section].annotation.model_fields), section

@@ -4,7 +4,8 @@ import ipaddress
 
 import pytest
 
-from egressd.model.config import ConfigError, config_from_dict, load_config, parse_listen
+from egressd.model.config import ConfigError, config_from_dict, load_config
+from egressd.model.config_file import parse_listen
 
 
 def test_defaults_match_the_documented_guard():
@@ -98,7 +99,7 @@ def test_cached_contexts_is_bounded_by_what_libnftables_can_select_on():
 
 
 def test_feed_nats_defaults(monkeypatch):
-    monkeypatch.setattr("egressd.model.config.socket.gethostname", lambda: "node-7.rack3.example.com")
+    monkeypatch.setattr("egressd.model.config_file.socket.gethostname", lambda: "node-7.rack3.example.com")
     n = load_config(None).nats
     assert n.bucket == "egressd-sandboxes" and n.host_id == "node-7"
     assert (n.creds, n.nkey, n.tls_ca, n.tls_cert, n.tls_key) == ("", "", "", "", "")
@@ -106,16 +107,16 @@ def test_feed_nats_defaults(monkeypatch):
 
 
 def test_default_host_id_is_the_hostname_up_to_its_first_dot(monkeypatch):
-    from egressd.model.config import default_host_id
+    from egressd.model.config_file import default_host_id
 
-    monkeypatch.setattr("egressd.model.config.socket.gethostname", lambda: "web1.example.com")
+    monkeypatch.setattr("egressd.model.config_file.socket.gethostname", lambda: "web1.example.com")
     assert default_host_id() == "web1"
-    monkeypatch.setattr("egressd.model.config.socket.gethostname", lambda: "plain")
+    monkeypatch.setattr("egressd.model.config_file.socket.gethostname", lambda: "plain")
     assert default_host_id() == "plain"
 
 
 def test_feed_nats_from_a_toml_file(tmp_path, monkeypatch):
-    monkeypatch.setattr("egressd.model.config.socket.gethostname", lambda: "ignored")
+    monkeypatch.setattr("egressd.model.config_file.socket.gethostname", lambda: "ignored")
     p = tmp_path / "egressd.toml"
     p.write_text(
         '[feed]\nsource = "nats://10.0.0.1:4222"\n[feed.nats]\nbucket = "fleet_A"\nhost_id = "h-1"\n'
@@ -145,7 +146,7 @@ def test_feed_nats_from_a_toml_file(tmp_path, monkeypatch):
     ],
 )
 def test_feed_nats_errors_name_the_key(nats, says, monkeypatch):
-    monkeypatch.setattr("egressd.model.config.socket.gethostname", lambda: "host1")
+    monkeypatch.setattr("egressd.model.config_file.socket.gethostname", lambda: "host1")
     with pytest.raises(ConfigError) as e:
         config_from_dict({"feed": {"nats": nats}}, "egressd.toml")
     assert says in str(e.value)
@@ -153,7 +154,7 @@ def test_feed_nats_errors_name_the_key(nats, says, monkeypatch):
 
 
 def test_feed_nats_pairs_that_are_allowed(monkeypatch):
-    monkeypatch.setattr("egressd.model.config.socket.gethostname", lambda: "host1")
+    monkeypatch.setattr("egressd.model.config_file.socket.gethostname", lambda: "host1")
     c = config_from_dict({"feed": {"nats": {"tls_cert": "/c.pem", "tls_key": "/k.pem", "nkey": "/n"}}})
     assert (c.nats.tls_cert, c.nats.tls_key, c.nats.nkey, c.nats.host_id) == (
         "/c.pem",
@@ -165,7 +166,7 @@ def test_feed_nats_pairs_that_are_allowed(monkeypatch):
 
 @pytest.mark.parametrize("hostname", ["bad_name!", "", "x" * 65])
 def test_a_hostname_that_cannot_be_a_host_id_asks_to_set_it(hostname, monkeypatch):
-    monkeypatch.setattr("egressd.model.config.socket.gethostname", lambda: hostname)
+    monkeypatch.setattr("egressd.model.config_file.socket.gethostname", lambda: hostname)
     fleet = {"feed": {"source": "nats://127.0.0.1:4222"}}
     with pytest.raises(ConfigError) as e:
         config_from_dict(fleet)

@@ -30,6 +30,14 @@ CASES = {
             "guard": {"allow": ["10.96.0.10"], "private": [], "deny": ["169.254.169.254"]},
         },
     ),
+    "intercept": (
+        {
+            "allow_internet_access": False,
+            "allow_out": ["pypi.org", "*.example.com"],
+            "deny_out": ["*.evil.test"],
+        },
+        {"dns": {"intercept": True}},
+    ),
 }
 
 
@@ -104,7 +112,7 @@ def test_fingerprint_is_stable_and_changes_with_policy():
     c = parse_sandbox({"id": "c", "network_policy": {"deny_out": ["1.1.1.1"]}})
     fa, fb, fc = (render(s.policy, Config()).fingerprint for s in (a, b, c))
     assert fa == fb != fc
-    assert fa.startswith("egressd/1 sha256:") and len(fa) < 128  # nftables comments are at most 128 bytes
+    assert fa.startswith("egressd/2 sha256:") and len(fa) < 128  # nftables comments are at most 128 bytes
     listing = [c["add"] for c in create_commands(render(a.policy, Config()))]
     assert fingerprint_of(listing) == fa
     assert any(
@@ -137,3 +145,39 @@ def test_sets_and_chains_exist_before_they_are_referenced():
                 right = e.get("match", {}).get("right")
                 assert target is None or target in defined
                 assert not (isinstance(right, str) and right.startswith("@")) or right in defined
+
+
+def test_interception_redirects_dns_and_accepts_learned_addresses_only_where_names_are_named():
+    cfg = config_from_dict({"dns": {"intercept": True, "proxy_port": 153}})
+    named = render(parse_sandbox({"id": "a", "network_policy": {"allow_out": ["*.example.com"]}}).policy, cfg)
+    assert named.intercept
+    assert rules(named, "dns_out") == [
+        [
+            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["tcp", "udp"]}}},
+            {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 53}},
+            {"redirect": {"port": 153}},
+        ]
+    ]
+    assert rules(named, "input")[0][-2:] == [
+        {"match": {"op": "!", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+        {"drop": None},
+    ]
+    decide = rules(named, "decide")
+    assert decide[0] != [{"accept": None}] and decide[0][-1] == {"accept": None}  # the redirected queries
+    learned = [e for e in decide if any(m.get("match", {}).get("right") == "@learned4" for m in e)]
+    assert learned == [
+        [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@learned4"}},
+         {"accept": None}]
+    ]  # fmt: skip
+    plain = render(parse_sandbox({"id": "b", "network_policy": {"allow_out": ["192.0.2.1"]}}).policy, cfg)
+    off = render(
+        named_policy := named_policy_of("*.example.com"), config_from_dict({"dns": {"intercept": False}})
+    )
+    for rs in (plain, off):
+        assert not rs.intercept and rules(rs, "dns_out") == rules(rs, "input") == []
+        assert not any("@learned4" in json.dumps(e) for e in rules(rs, "decide"))
+    assert named_policy.allow_out.patterns == ("*.example.com",)
+
+
+def named_policy_of(*entries):
+    return parse_sandbox({"id": "n", "network_policy": {"allow_out": list(entries)}}).policy

@@ -1,0 +1,61 @@
+"""The name decision of the DNS proxy (ruleset/names.py): the policy's order, patterns, CNAME chains."""
+
+import pytest
+
+from egressd.model.entries import pattern_matches
+from egressd.model.sandbox import parse_sandbox
+from egressd.ruleset.names import FORWARD, NXDOMAIN, REFUSED, judge_chain, judge_name
+
+
+def policy(**np):
+    return parse_sandbox({"id": "a", "network_policy": np}).policy
+
+
+@pytest.mark.parametrize(
+    ("name", "matches"),
+    [
+        ("a.example.com", True),
+        ("a.b.example.com", True),  # any depth
+        ("example.com", False),  # never the apex
+        ("badexample.com", False),  # a label boundary, not a suffix of text
+        ("a.example.com.evil.test", False),
+        ("a.example.org", False),
+    ],
+)
+def test_a_pattern_matches_names_strictly_below_its_domain(name, matches):
+    assert pattern_matches("*.example.com", name) is matches
+
+
+def test_allow_out_wins_over_deny_out_for_names_and_patterns():
+    p = policy(allow_internet_access=False, allow_out=["ok.example.com"], deny_out=["*.example.com"])
+    v = judge_name(p, "ok.example.com")
+    assert (v.action, v.step, v.entry, v.learn) == (FORWARD, "allow_out", "ok.example.com", True)
+    v = judge_name(p, "other.example.com")
+    assert (v.action, v.step, v.entry, v.learn) == (NXDOMAIN, "deny_out", "*.example.com", False)
+    v = judge_name(p, "example.com")  # the apex is not under the pattern: the internet decides
+    assert (v.action, v.step, v.entry) == (REFUSED, "internet", None)
+
+
+def test_the_internet_decides_names_no_list_names():
+    assert judge_name(policy(allow_internet_access=True), "x.test").action == FORWARD
+    assert judge_name(policy(allow_internet_access=True), "x.test").learn is False
+    assert judge_name(policy(allow_internet_access=False), "x.test").action == REFUSED
+
+
+def test_the_most_specific_pattern_is_named():
+    p = policy(allow_out=["*.example.com", "*.cdn.example.com"])
+    assert judge_name(p, "a.cdn.example.com").entry == "*.cdn.example.com"
+    assert judge_name(p, "a.www.example.com").entry == "*.example.com"
+    p = policy(allow_out=["*.example.com", "a.cdn.example.com"])
+    assert judge_name(p, "a.cdn.example.com").entry == "a.cdn.example.com"  # the exact name first
+
+
+def test_a_cname_chain_through_a_denied_name_is_nxdomain():
+    p = policy(allow_internet_access=False, allow_out=["pypi.org"], deny_out=["*.evil.test"])
+    ok = judge_chain(
+        p, ["pypi.org", "dualstack.python.map.fastly.test"]
+    )  # a CDN's name: allowed via pypi.org
+    assert (ok.action, ok.entry, ok.learn) == (FORWARD, "pypi.org", True)
+    bad = judge_chain(p, ["pypi.org", "a.fastly.test", "x.evil.test"])
+    assert (bad.action, bad.step, bad.entry) == (NXDOMAIN, "deny_out", "*.evil.test")
+    assert judge_chain(p, ["other.test"]).action == REFUSED
