@@ -55,12 +55,12 @@ def explain_addresses(
 ) -> dict[str, Any]:
     """The verdict for each address under the policy in force; `held_closed` says when plan() holds the
     sandbox closed (its allow_internet_access is then false whatever the record says)."""
-    enforced, waiting = enforced_policy(policy, cache)
+    enforced, _, closed = enforced_policy(policy, config, cache)
     resolved = cache.addresses if cache is not None else (lambda name: frozenset())
     results = [_detail(decide(enforced, config, a, resolved), a, cache) for a in addrs]
     held = None
-    if waiting and policy.allow_internet_access:
-        held = f"held closed until deny_out hosts resolve: {', '.join(waiting)}"
+    if closed is not None:
+        held = "held " + closed
         for r in results:
             if r["step"] == "internet":
                 r["text"] += f" ({held})"

@@ -10,16 +10,25 @@ from dataclasses import replace
 from egressd.desired.dnscache import DnsCache
 from egressd.model.config import Config
 from egressd.model.sandbox import Policy
-from egressd.ruleset.render import Ruleset, elements_for, render
+from egressd.ruleset.render import Ruleset, elements_for, intercepting, render
 
 
-def enforced_policy(policy: Policy, cache: DnsCache | None) -> tuple[Policy, list[str]]:
-    """The policy the kernel is given, and the deny_out hosts it waits for: while any is unresolved, the
-    sandbox is held closed (allow_internet_access false). plan() and `egressd explain` both use this."""
+def enforced_policy(
+    policy: Policy, config: Config, cache: DnsCache | None
+) -> tuple[Policy, list[str], str | None]:
+    """The policy the kernel is given, the deny_out hosts it waits for, and why it is held closed, if it is:
+    while a deny_out host is unresolved, or while a deny_out pattern cannot be enforced (only DNS
+    interception enforces patterns), the sandbox is enforced as if allow_internet_access were false.
+    plan() and `egressd explain` both use this."""
     waiting = [h for h in policy.deny_out.hostnames if cache is None or not cache.settled(h)]
-    if waiting and policy.allow_internet_access:
-        policy = replace(policy, allow_internet_access=False)
-    return policy, waiting
+    blind = [] if intercepting(policy, config) else list(policy.deny_out.patterns)
+    if not policy.allow_internet_access or not (waiting or blind):
+        return policy, waiting, None
+    if blind:
+        held = f"closed because deny_out patterns need [dns] intercept on: {', '.join(blind)}"
+    else:
+        held = f"closed until deny_out hosts resolve: {', '.join(waiting)}"
+    return replace(policy, allow_internet_access=False), waiting, held
 
 
 def plan(
@@ -34,13 +43,15 @@ def plan(
     as if allow_internet_access were false. An allow_out host not resolved yet allows nothing.
     """
     allow_hosts, deny_hosts = policy.allow_out.hostnames, policy.deny_out.hostnames
-    policy, waiting = enforced_policy(policy, cache)
+    policy, waiting, held = enforced_policy(policy, config, cache)
     ruleset = render_fn(policy) if render_fn is not None else render(policy, config)
     if not ruleset.dns_sets:
-        return ruleset, {}, None
+        return ruleset, {}, held
     allow = set().union(*(cache.addresses(h) for h in allow_hosts)) if cache else set()
     deny = set().union(*(cache.addresses(h) for h in deny_hosts)) if cache else set()
-    if waiting:
+    if held is not None:
+        note = held
+    elif waiting:
         note = f"closed until deny_out hosts resolve: {', '.join(waiting)}"
     else:
         # Not yet the policy asked for either: `wait` should not let a workload start before its names work.

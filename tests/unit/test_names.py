@@ -2,9 +2,12 @@
 
 import pytest
 
+from egressd.model.config import config_from_dict
 from egressd.model.entries import pattern_matches
 from egressd.model.sandbox import parse_sandbox
+from egressd.ruleset.explain import explain_addresses, parse_dest
 from egressd.ruleset.names import FORWARD, NXDOMAIN, REFUSED, judge_chain, judge_name
+from egressd.ruleset.plan import plan
 
 
 def policy(**np):
@@ -59,3 +62,19 @@ def test_a_cname_chain_through_a_denied_name_is_nxdomain():
     bad = judge_chain(p, ["pypi.org", "a.fastly.test", "x.evil.test"])
     assert (bad.action, bad.step, bad.entry) == (NXDOMAIN, "deny_out", "*.evil.test")
     assert judge_chain(p, ["other.test"]).action == REFUSED
+
+
+def test_a_deny_pattern_without_interception_holds_the_sandbox_closed():
+    """Only DNS interception can enforce a pattern: without it, a deny_out pattern closes the sandbox (fail
+    closed) and says why; with it, the sandbox is open as its record says."""
+    p = policy(allow_internet_access=True, deny_out=["*.evil.test"])
+    off, on = config_from_dict({"dns": {"intercept": False}}), config_from_dict({"dns": {"intercept": True}})
+    ruleset, _, note = plan(p, off, None)
+    assert note == "closed because deny_out patterns need [dns] intercept on: *.evil.test"
+    assert ruleset.variant[-1]["add"]["rule"]["expr"] == [{"jump": {"target": "deny"}}]  # internet: deny
+    out = explain_addresses(p, off, None, [parse_dest("203.0.113.5")])
+    assert out["results"][0]["action"] == "deny" and out["held_closed"].startswith("held closed because")
+    ruleset, _, note = plan(p, on, None)
+    assert note is None and ruleset.intercept
+    assert ruleset.variant[-1]["add"]["rule"]["expr"] == [{"accept": None}]
+    assert explain_addresses(p, on, None, [parse_dest("203.0.113.5")])["results"][0]["action"] == "accept"
