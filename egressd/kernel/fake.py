@@ -20,7 +20,7 @@ from egressd.kernel.hostside import neutral_listing, target_for
 from egressd.kernel.netns import NetnsError
 from egressd.kernel.writer import TableWriter
 from egressd.ruleset.render import Json, Ruleset
-from egressd.ruleset.transactions import Elements, active_variant, fingerprint_of
+from egressd.ruleset.transactions import Elements, active_variant, fingerprint_of, learn_commands
 from egressd.ruleset.variants import neutral_name, variant_name
 
 NOENT = "No such file or directory"
@@ -49,6 +49,9 @@ def _refs(obj: Any) -> Iterator[tuple[str, str]]:
 
 
 def _elem_key(e: Any) -> str:
+    """An element's identity: its value (a timeout is a property of the element, not part of it)."""
+    if isinstance(e, dict) and isinstance(e.get("elem"), dict):
+        e = e["elem"].get("val")
     return json.dumps(e, sort_keys=True)
 
 
@@ -269,6 +272,11 @@ class FakeBackend:
         self._check(netns, "update")
         self._writer.update_elements(netns, add, delete, variant)
         self.writes.append(("update", netns))
+
+    def learn(self, netns: str, timeouts: dict[str, int]) -> None:
+        self._check(netns, "learn")
+        self.run(netns, learn_commands(timeouts), "learned addresses")
+        self.writes.append(("learn", netns))
 
     def read(self, netns: str) -> list[Json] | None:
         self.reads += 1

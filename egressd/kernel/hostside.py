@@ -37,7 +37,7 @@ from egressd.kernel.backend import ApplyError, listing_of
 from egressd.kernel.writer import TableWriter
 from egressd.model.config import Config
 from egressd.ruleset.render import FINGERPRINT_CHAIN, ND_TYPES, Json, Ruleset
-from egressd.ruleset.transactions import Elements, fingerprint_of
+from egressd.ruleset.transactions import Elements, fingerprint_of, learn_commands
 from egressd.ruleset.variants import Target
 
 GUARD_TABLE = "egressd_host"
@@ -63,7 +63,7 @@ def table_name(iface: str) -> str:
 def target_for(iface: str) -> Target:
     base = {"name": "ingress", "type": "filter", "hook": "ingress", "dev": iface}
     chain = {**base, "prio": INGRESS_PRIORITY, "policy": "accept"}
-    return Target(FAMILY, table_name(iface), (chain,), learned=False)
+    return Target(FAMILY, table_name(iface), (chain,))
 
 
 def guard_commands(mark: int) -> list[Json]:
@@ -185,6 +185,9 @@ class HostBackend:
 
     def update_elements(self, where: str, add: Elements, delete: Elements, variant: str = "a") -> None:
         self._writer.update_elements(where, add, delete, variant)
+
+    def learn(self, where: str, timeouts: dict[str, int]) -> None:
+        self._run(learn_commands(timeouts, target_for(where)), "learned addresses")
 
     def read(self, where: str) -> list[Json] | None:
         listing = self._list({"table": {"family": FAMILY, "name": table_name(where)}})

@@ -13,7 +13,7 @@ from egressd.kernel.netns import ContextCache, libc_setns
 from egressd.kernel.nfnl import NetlinkError, read_chain_comments
 from egressd.kernel.writer import TableWriter
 from egressd.ruleset.render import FAMILY, FINGERPRINT_CHAIN, TABLE, Json, Ruleset
-from egressd.ruleset.transactions import Elements, fingerprint_of
+from egressd.ruleset.transactions import Elements, fingerprint_of, learn_commands
 
 
 def _make_nft() -> Any:
@@ -60,6 +60,9 @@ class LibnftBackend:
 
     def update_elements(self, netns: str, add: Elements, delete: Elements, variant: str = "a") -> None:
         self._writer.update_elements(netns, add, delete, variant)
+
+    def learn(self, netns: str, timeouts: dict[str, int]) -> None:
+        self.run(netns, learn_commands(timeouts), "learned addresses")
 
     def _list(self, netns: str, what: Json) -> list[Json] | None:
         rc, out, err = self._cmd(netns, {"nftables": [{"list": what}]})

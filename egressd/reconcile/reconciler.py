@@ -25,6 +25,7 @@ from egressd.common.logs import log
 from egressd.desired.dnscache import DnsCache
 from egressd.desired.resolve import DnsService
 from egressd.desired.store import Desired, DesiredStore
+from egressd.intercept.service import Interceptor
 from egressd.kernel.backend import ApplyError, Backend
 from egressd.kernel.hostside import HostBackend
 from egressd.kernel.netns import NetnsError
@@ -37,6 +38,7 @@ from egressd.reconcile.netnspass import NetnsPass, ident_of
 from egressd.reconcile.queue import KeyedQueue
 from egressd.reconcile.status import Status, StatusBoard
 from egressd.reconcile.sync import SyncResult, TableSync
+from egressd.ruleset.render import intercepting
 
 PENDING_RETRY_MAX = 1.0  # a namespace that does not exist yet is looked for at least every second
 COUNTERS = ("applied", "unchanged", "adopted", "repaired", "dns_updated", "failed")
@@ -80,16 +82,14 @@ class Reconciler:
         # Told how long each piece of work took: ("reconcile", s) for one sandbox's whole pass, ("apply", s)
         # for one table sync in a worker thread (the daemon feeds its metrics with it; see metrics.py).
         self.observe = observe
-        # The host-side tables (hostside.py), for sandboxes that name host_interface; where a namespace
-        # path would be, host_backend takes the interface name.
-        # on_table: told where each sandbox's table now lives (path) or that it has none any more (None):
-        # the daemon points its change monitor at it (see monitor.py).
+        # on_table: told where each sandbox's table now lives, or None (the daemon's change monitor follows).
         self.netns = NetnsPass(
             backend, self.sync, self.held, self.run_blocking, on_table, self.store.owns_netns
         )
-        self.host = HostPass(
-            host_backend, self.sync, self.held, self.counters, self.run_blocking, self._observe
-        )
+        # host_backend: the host-side tables (hostside.py), keyed by the interface a sandbox names.
+        run, held = self.run_blocking, self.held
+        self.host = HostPass(host_backend, self.sync, held, self.counters, run, self._observe)
+        self.proxy = Interceptor(config, backend, host_backend, run)  # DNS interception (intercept/)
 
     def persisted(self, generation: int) -> None:
         """The persister wrote desired state up to this generation."""
@@ -129,11 +129,9 @@ class Reconciler:
 
     def names_changed(self, names: set[str]) -> None:
         """DNS answers changed: only the sandboxes that name those hosts are looked at again."""
-        if self.dns is None:
-            return
-        for name in names:
-            for sid in self.dns.cache.subscribers.get(name, ()):
-                self.queue.add(sid)
+        subscribers = self.dns.cache.subscribers if self.dns is not None else {}
+        for sid in sorted({sid for name in names for sid in subscribers.get(name, ())}):
+            self.queue.add(sid)
         if self._persist is not None:
             self._persist()
 
@@ -142,6 +140,7 @@ class Reconciler:
         self.config = config
         if isinstance(self.host.backend, HostBackend):
             self.host.backend.set_config(config)
+        self.proxy.set_config(config)
         self.sync.set_config(config)
         self.resync()
 
@@ -154,7 +153,9 @@ class Reconciler:
             d = self.desired.get(sid)
             if d is not None:  # not enforced until the new namespace has its table: `wait` must know
                 reason = f"namespace at {path} was replaced or deleted; applying again"
-                self._record(sid, Status("pending", d.revision, reason, netns=path, generation=d.generation))
+                self.board.record(
+                    sid, Status("pending", d.revision, reason, netns=path, generation=d.generation)
+                )
             self.queue.add(sid, urgent=True)
         return [sid for sid, _ in changed]
 
@@ -179,6 +180,7 @@ class Reconciler:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers.clear()
+        self.proxy.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def _worker(self) -> None:
@@ -189,7 +191,7 @@ class Reconciler:
                 await self._reconcile(sid)
             except Exception as e:  # a bug must not stop the worker: it is logged, reported and retried
                 logging.getLogger("egressd").exception("reconcile_bug")
-                self._record(sid, Status("error", error=f"internal error: {e!r}"))
+                self.board.record(sid, Status("error", error=f"internal error: {e!r}"))
                 self._retry(sid, self.config.retry_max)
             finally:
                 self.queue.done(sid)
@@ -217,9 +219,6 @@ class Reconciler:
         delay = backoff_delay(attempt, self.config.retry_initial, cap, self._rng)
         asyncio.get_running_loop().call_later(delay, self.queue.add, sid)
 
-    def _record(self, sid: str, status: Status) -> None:
-        self.board.record(sid, status)
-
     async def _reconcile(self, sid: str) -> None:
         d = self.desired.get(sid)
         if d is None:
@@ -228,6 +227,7 @@ class Reconciler:
         old_path = self.held.get(sid).netns
         if old_path is not None and old_path != d.netns:
             await self.netns.release(sid, old_path)
+            await self.proxy.release(sid)
         if self._flush is not None and d.generation > self.persisted_generation:
             await self._flush()  # desired state on disk before the kernel changes: a restart never goes back
         # The host side first: it needs no namespace, so a sandbox is judged there even before its own
@@ -237,12 +237,14 @@ class Reconciler:
             self._attempts_failed(sid, d, host_error, pending=False)
             return
         if d.netns is None:
-            self._record(
+            self.board.record(
                 sid,
                 Status(
                     "pending", d.revision, d.problem or "no netns in the record yet", generation=d.generation
                 ),
             )
+            return
+        if not await self._listen(sid, d):
             return
         ident = ident_of(d.netns)
         t0 = time.monotonic()
@@ -267,7 +269,7 @@ class Reconciler:
         state, error = (
             ("error", d.problem) if d.problem else ("pending", waiting) if waiting else ("enforced", None)
         )
-        self._record(
+        self.board.record(
             sid,
             Status(state, d.revision, error, netns=d.netns, fingerprint=result.fingerprint,
                    writes=result.writes + host_writes, generation=d.generation),
@@ -282,18 +284,23 @@ class Reconciler:
         state = "pending" if pending else "error"
         old = self.status.get(sid)
         if old is None or old.state != state or old.error != reason:
-            log(
-                logging.INFO if pending else logging.ERROR,
-                state,
-                sandbox=sid,
-                revision=d.revision,
-                netns=d.netns,
-                error=reason,
-            )
-        self._record(sid, Status(state, d.revision, reason, netns=d.netns, generation=d.generation))
+            level = logging.INFO if pending else logging.ERROR
+            log(level, state, sandbox=sid, revision=d.revision, netns=d.netns, error=reason)
+        self.board.record(sid, Status(state, d.revision, reason, netns=d.netns, generation=d.generation))
         self._retry(sid, min(PENDING_RETRY_MAX, self.config.retry_max) if pending else self.config.retry_max)
 
+    async def _listen(self, sid: str, d: Desired) -> bool:
+        """The sandbox's DNS proxy up before its table redirects queries to it (or closed when its DNS is
+        not intercepted); False when it cannot listen: the sandbox is not enforced, and retried."""
+        assert d.netns is not None
+        wanted = intercepting(d.policy, self.config)
+        failed = await self.proxy.listen(sid, d.netns, d.policy, d.host_interface, wanted)
+        if failed is not None:
+            self._attempts_failed(sid, d, *failed)
+        return failed is None
+
     async def _forget(self, sid: str) -> None:
+        await self.proxy.release(sid)
         self.held.hold(sid, written=None, ident=None)
         path = self.held.get(sid).netns
         if path is not None:

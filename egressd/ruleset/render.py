@@ -198,8 +198,8 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
     neighbour-solicitation channel the sandbox's own table has to leave open.
     """
     b = _Builder()
-    intercept = intercepting(policy, config, host)
-    _link_rules(b, host, config.intercept.port if intercept else None)
+    intercept = intercepting(policy, config)
+    _link_rules(b, host, config.intercept.port if intercept and not host else None)
     dns_sets = _destination_rules(b, policy, config, intercept)
     # 7. everything else: the public internet.
     b.rules.append(_rule("decide", ACCEPT if policy.allow_internet_access else DENY))
@@ -211,7 +211,7 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
         *_deny_chain(config.deny_action, config.host_mark if host else None),
         *b.rules,
     ]
-    hooks = _hooks(config, host) + (_intercept_hooks(config) if intercept else [])
+    hooks = _hooks(config, host) + (_intercept_hooks(config) if intercept and not host else [])
     names = frozenset(
         [c["add"]["set"]["name"] for c in b.sets] + ["deny", "decide"]
     )  # the objects that exist twice during an update: name_a and name_b
@@ -219,10 +219,11 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
     return Ruleset(variant, hooks, fingerprint, tuple(dns_sets), names, shape, intercept)
 
 
-def intercepting(policy: Policy, config: Config, host: bool = False) -> bool:
+def intercepting(policy: Policy, config: Config) -> bool:
     """Whether egressd answers this sandbox's DNS: [dns] intercept, and a policy that names a host name or
-    a pattern in either list. Not on the host side: its table sees packets the sandbox's own table let by."""
-    return config.intercept.enabled and not host and bool(policy.allow_out.names or policy.deny_out.names)
+    a pattern in either list. Its host-side table then accepts the learned addresses too (it has no
+    redirect: the sandbox's own table sends its queries to the proxy)."""
+    return config.intercept.enabled and bool(policy.allow_out.names or policy.deny_out.names)
 
 
 def _dns_l4(port: int) -> tuple[Json, Json]:

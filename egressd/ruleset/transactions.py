@@ -17,7 +17,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from egressd.ruleset.render import FINGERPRINT_CHAIN, VARIANTS, Json, Ruleset
+from egressd.ruleset.render import FINGERPRINT_CHAIN, LEARNED_SETS, VARIANTS, Json, Ruleset
 from egressd.ruleset.variants import (
     NETNS,
     Target,
@@ -190,3 +190,20 @@ def plan_elements(add: Elements, delete: Elements, variant: str, target: Target 
     """One transaction of element changes to the variant in force; None when there is nothing to change."""
     cmds = element_commands("delete", delete, variant, target) + element_commands("add", add, variant, target)
     return Step("set update", cmds) if cmds else None
+
+
+def learn_commands(timeouts: Mapping[str, int], target: Target = NETNS) -> list[Json]:
+    """Addresses from a sandbox's DNS answers into its learned sets, each for `timeouts[address]` seconds.
+    Add, delete, add, in one transaction: the one way that sets the timeout of an element that is already
+    there on every kernel (a re-add alone does nothing before 6.12)."""
+    out: list[Json] = []
+    where = {"family": target.family, "table": target.table}
+    for version, name in zip((4, 6), LEARNED_SETS, strict=True):
+        addrs = sorted(a for a in timeouts if (":" in a) == (version == 6))
+        if not addrs:
+            continue
+        timed = [{"elem": {"val": a, "timeout": int(timeouts[a])}} for a in addrs]
+        out.append({"add": {"element": {**where, "name": name, "elem": timed}}})
+        out.append({"delete": {"element": {**where, "name": name, "elem": addrs}}})
+        out.append({"add": {"element": {**where, "name": name, "elem": timed}}})
+    return out

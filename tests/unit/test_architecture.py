@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "egressd"
-STAGES = ("common", "model", "feed", "desired", "ruleset", "kernel", "reconcile", "agent")
+STAGES = ("common", "model", "feed", "desired", "ruleset", "kernel", "intercept", "reconcile", "agent")
 # What each package may import from egressd, besides itself. Data flows feed -> desired -> reconcile ->
 # ruleset -> kernel; reconcile drives the last two, the agent wires everything, cli.py is the entry point.
 ALLOWED = {
@@ -16,9 +16,11 @@ ALLOWED = {
     "desired": {"common", "model"},
     "ruleset": {"common", "model", "desired"},
     "kernel": {"common", "model", "ruleset"},
-    "reconcile": {"common", "model", "desired", "ruleset", "kernel"},
-    "agent": {"common", "model", "feed", "desired", "ruleset", "kernel", "reconcile"},
-    "cli": {"common", "model", "feed", "desired", "ruleset", "kernel", "reconcile", "agent"},
+    # The DNS proxy: judges names (ruleset), writes learned addresses and makes its sockets (kernel).
+    "intercept": {"common", "model", "desired", "ruleset", "kernel"},
+    "reconcile": {"common", "model", "desired", "ruleset", "kernel", "intercept"},
+    "agent": {"common", "model", "feed", "desired", "ruleset", "kernel", "intercept", "reconcile"},
+    "cli": {"common", "model", "feed", "desired", "ruleset", "kernel", "intercept", "reconcile", "agent"},
     "__main__": {"cli"},
     "__init__": set(),
 }

@@ -1,0 +1,230 @@
+"""The DNS proxy: every query of an intercepted sandbox is judged by name (ruleset/names.py), forwarded
+from the agent's own namespace when the policy allows it, and answered only after the addresses of an
+allowed answer are in the kernel (its learned sets, and its host-side table's). If that write fails the
+sandbox gets SERVFAIL, never an answer it cannot use; a refused or denied name never leaves the host.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import dns.asyncquery
+import dns.exception
+import dns.message
+import dns.rcode
+import dns.resolver
+
+from egressd.common.logs import log
+from egressd.intercept.messages import (
+    Query,
+    QueryError,
+    learned,
+    parse_query,
+    reply,
+    sandbox_reply,
+    to_wire,
+    upstream_query,
+)
+from egressd.intercept.site import Site
+from egressd.kernel.backend import ApplyError, Backend
+from egressd.kernel.dnssock import open_proxy_sockets
+from egressd.kernel.netns import NetnsError, NsId, netns_id
+from egressd.model.config import Config
+from egressd.model.entries import IPNetwork
+from egressd.model.sandbox import Policy
+from egressd.ruleset.names import FORWARD, NXDOMAIN, judge_chain, judge_name
+
+OUTCOMES = ("forwarded", "refused", "nxdomain", "servfail", "rate_limited")
+REFUSED_LOG_INTERVAL = 1.0  # at most one dns_refused line per sandbox per second
+RunBlocking = Callable[..., Awaitable[Any]]
+
+
+@dataclass
+class Sandbox:
+    """What the proxy knows of one sandbox: where it answers, what it may ask, what it learned."""
+
+    netns: str
+    policy: Policy
+    host_iface: str | None
+    site: Site | None = None
+    expiry: dict[str, float] = field(default_factory=dict)  # learned address -> monotonic expiry
+    logged_at: float = 0.0
+
+
+def nameservers(config: Config) -> list[str]:
+    """[dns] nameservers, or the host's resolv.conf: the agent's own resolvers."""
+    if config.dns_nameservers:
+        return list(config.dns_nameservers)
+    return list(dns.resolver.Resolver(configure=True).nameservers)
+
+
+class Interceptor:
+    """Per sandbox one Site; `run` puts blocking kernel writes in the reconciler's worker threads."""
+
+    def __init__(
+        self, config: Config, backend: Backend, host_backend: Backend | None, run: RunBlocking
+    ) -> None:
+        self.config = config
+        self._backend = backend
+        self._host_backend = host_backend
+        self._run = run
+        self._servers = nameservers(config)
+        self.sandboxes: dict[str, Sandbox] = {}
+        self.counts: Counter[str] = Counter(dict.fromkeys(OUTCOMES, 0))
+        self.latency: Callable[[float], None] | None = None  # told each answer's time (metrics)
+
+    def set_config(self, config: Config) -> None:
+        self.config = config
+        self._servers = nameservers(config)
+
+    async def ensure(self, sid: str, netns: str, policy: Policy, host_iface: str | None) -> None:
+        """The sandbox's proxy listening in netns, for this policy. Raises NetnsError or OSError."""
+        sb = self.sandboxes.get(sid)
+        if (
+            sb is not None
+            and sb.site is not None
+            and sb.netns == netns
+            and _same_ns(netns, sb.site.sockets.ident)
+        ):
+            sb.policy, sb.host_iface = policy, host_iface
+            return
+        await self.release(sid)
+        sockets = await self._run(open_proxy_sockets, netns, self.config.intercept.port)
+        sb = Sandbox(netns, policy, host_iface)
+        sb.site = Site(
+            sid, sockets, self.config.intercept, lambda wire, size: self.answer(sid, wire, size), self.counts
+        )
+        await sb.site.start()
+        self.sandboxes[sid] = sb
+        log(logging.INFO, "dns_intercepting", sandbox=sid, netns=netns, port=self.config.intercept.port)
+
+    async def listen(
+        self, sid: str, netns: str, policy: Policy, host_iface: str | None, wanted: bool
+    ) -> tuple[str, bool] | None:
+        """ensure() when the sandbox's DNS is intercepted, release() when not; (why it failed, whether the
+        namespace is missing) when it cannot listen."""
+        if not wanted:
+            await self.release(sid)
+            return None
+        try:
+            await self.ensure(sid, netns, policy, host_iface)
+        except NetnsError as e:
+            return e.reason, e.gone
+        except OSError as e:
+            return f"the DNS proxy cannot listen on port {self.config.intercept.port}: {e}", False
+        return None
+
+    async def release(self, sid: str) -> None:
+        """Close the sandbox's sockets: they would keep its namespace alive."""
+        sb = self.sandboxes.pop(sid, None)
+        if sb is not None and sb.site is not None:
+            sb.site.close()
+
+    def close(self) -> None:
+        for sb in self.sandboxes.values():
+            if sb.site is not None:
+                sb.site.close()
+        self.sandboxes.clear()
+
+    async def answer(self, sid: str, wire: bytes, max_size: int) -> bytes | None:
+        """One query of the sandbox, start to end; None: nothing is sent (not a query)."""
+        t0 = time.monotonic()
+        sb = self.sandboxes.get(sid)
+        if sb is None:
+            return None
+        try:
+            query = parse_query(wire)
+        except QueryError as e:
+            return None if e.reply is None else to_wire(e.reply, max_size or 512)
+        out = await self._decide(sid, sb, query)
+        if self.latency is not None:
+            self.latency(time.monotonic() - t0)
+        return to_wire(out, max_size or query.payload)
+
+    async def _decide(self, sid: str, sb: Sandbox, query: Query) -> dns.message.Message:
+        verdict = judge_name(sb.policy, query.name)
+        if verdict.action != FORWARD:
+            return self._refuse(sid, sb, query, verdict.action, str(verdict))
+        upstream = await self._forward(query)
+        if upstream is None:
+            self.counts["servfail"] += 1
+            return reply(query.message, dns.rcode.SERVFAIL)
+        found = learned(query, upstream)
+        verdict = judge_chain(sb.policy, found.chain)
+        if verdict.action == NXDOMAIN:
+            return self._refuse(sid, sb, query, NXDOMAIN, f"{verdict} (on the CNAME chain)")
+        blocked = self.config.guard.deny
+        usable = {a: t for a, t in found.addresses.items() if not _inside(a, blocked)}
+        if verdict.learn and usable and not await self._learn(sid, sb, usable):
+            self.counts["servfail"] += 1
+            return reply(query.message, dns.rcode.SERVFAIL)
+        self.counts["forwarded"] += 1
+        return sandbox_reply(query, upstream, found, self.config.dns_max_ttl, blocked)
+
+    def _refuse(self, sid: str, sb: Sandbox, query: Query, action: str, why: str) -> dns.message.Message:
+        self.counts["nxdomain" if action == NXDOMAIN else "refused"] += 1
+        now = time.monotonic()
+        if now - sb.logged_at >= REFUSED_LOG_INTERVAL:
+            sb.logged_at = now
+            log(logging.INFO, "dns_refused", sandbox=sid, name=query.name, type=query.rdtype, detail=why)
+        return reply(query.message, dns.rcode.NXDOMAIN if action == NXDOMAIN else dns.rcode.REFUSED)
+
+    async def _forward(self, query: Query) -> dns.message.Message | None:
+        """The rebuilt question to each of the agent's resolvers in turn (UDP, TCP when truncated), from
+        the agent's own namespace; None when none answers."""
+        q = upstream_query(query)
+        timeout = self.config.dns_timeout / max(1, len(self._servers))
+        for server in self._servers:
+            try:
+                response, _ = await dns.asyncquery.udp_with_fallback(q, server, timeout=timeout)
+            except (dns.exception.DNSException, OSError):
+                continue
+            if response.rcode() not in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
+                return response
+        return None
+
+    async def _learn(self, sid: str, sb: Sandbox, ttls: dict[str, float]) -> bool:
+        """Commit the answer's addresses, each for its TTL clamped to [min_ttl, max_ttl] plus retention;
+        only those whose time would grow. The bookkeeping only after the kernel accepted them."""
+        cfg = self.config
+        now = time.monotonic()
+        for addr in [a for a, t in sb.expiry.items() if t <= now]:
+            del sb.expiry[addr]
+        timeouts = {}
+        for addr, ttl in ttls.items():
+            timeout = int(min(max(ttl, cfg.dns_min_ttl), cfg.dns_max_ttl) + cfg.dns_retention)
+            if sb.expiry.get(addr, 0.0) < now + timeout - 1:
+                timeouts[addr] = timeout
+        if not timeouts:
+            return True
+        if len(sb.expiry) + len([a for a in timeouts if a not in sb.expiry]) > cfg.intercept.max_learned:
+            log(logging.WARNING, "dns_learned_full", sandbox=sid, limit=cfg.intercept.max_learned)
+            return False  # full fails closed
+        try:
+            await self._run(self._backend.learn, sb.netns, timeouts)
+            if sb.host_iface is not None and self._host_backend is not None:
+                await self._run(self._host_backend.learn, sb.host_iface, timeouts)
+        except (ApplyError, NetnsError) as e:
+            log(logging.ERROR, "dns_learn_failed", sandbox=sid, error=str(e))
+            return False
+        for addr, timeout in timeouts.items():
+            sb.expiry[addr] = now + timeout
+        return True
+
+
+def _inside(addr: str, nets: tuple[IPNetwork, ...]) -> bool:
+    ip = ipaddress.ip_address(addr)
+    return any(ip.version == n.version and ip in n for n in nets)
+
+
+def _same_ns(path: str, ident: NsId) -> bool:
+    try:
+        return netns_id(path) == ident
+    except NetnsError:
+        return False

@@ -1,0 +1,183 @@
+"""DNS interception, end to end: the sandbox resolves with its own resolver (getaddrinfo, a resolv.conf naming
+an address where nothing listens), egressd answers every query, and host-name policy holds for whatever
+address the sandbox was given. The upstream answers like a CDN: one address of 50 at random per query.
+"""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from netns_fixtures.pool_dns import PoolDnsServer
+from tests.integration.test_agent import closed_to, open_to
+
+pytestmark = pytest.mark.root
+
+UPSTREAM = "192.0.2.153"
+NOWHERE = "203.0.113.253"  # the sandbox's resolv.conf names it; nothing listens there
+POOL = [f"198.51.100.{i}" for i in range(100, 150)]  # 50 addresses, like a CDN's slice
+POOL6 = [f"2001:db8:cd::{i:x}" for i in range(100, 150)]
+ZONES = {
+    "pool.example.test": POOL + POOL6,
+    "www.example.test": {"cname": "pool.example.test"},
+    "deep.api.wild.test": POOL,
+    "api.wild.test": POOL,
+    "wild.test": POOL,
+    "sneaky.example.test": {"cname": "x.evil.test"},
+    "x.evil.test": ["203.0.113.66"],
+    "meta.example.test": ["169.254.169.254", "198.51.100.77"],
+}
+
+RESOLVE = """
+import json, socket, sys
+try:
+    infos = socket.getaddrinfo(sys.argv[1], 80, int(sys.argv[2]), socket.SOCK_STREAM)
+    print(json.dumps(sorted({i[4][0] for i in infos})))
+except socket.gaierror as e:
+    print(json.dumps({"error": e.errno}))
+"""
+
+ASK = """
+import json, sys
+import dns.message, dns.query, dns.rcode
+name, rdtype, server, transport = sys.argv[1:5]
+q = dns.message.make_query(name, rdtype)
+try:
+    r = (dns.query.tcp if transport == "tcp" else dns.query.udp)(q, server, timeout=2)
+    print(json.dumps({"rcode": dns.rcode.to_text(r.rcode()), "answer": [str(x) for x in r.answer]}))
+except Exception as e:
+    print(json.dumps({"error": repr(e)}))
+"""
+
+
+@pytest.fixture
+def upstream(world):
+    with PoolDnsServer(world.inet, UPSTREAM, ZONES, ttl=30) as server:
+        yield server
+
+
+@pytest.fixture
+def resolv(world):
+    """Each sandbox's resolv.conf (what `ip netns exec` mounts) names an address where nothing listens."""
+    made = []
+    for sb in world.sandboxes:
+        d = Path("/etc/netns") / sb.name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "resolv.conf").write_text(f"nameserver {NOWHERE}\noptions timeout:2 attempts:1\n")
+        made.append(d)
+    yield
+    for d in made:
+        (d / "resolv.conf").unlink(missing_ok=True)
+        d.rmdir()
+
+
+@pytest.fixture
+def intercepting(world, agent, upstream, resolv):
+    extra = (
+        f'[dns]\nintercept = true\nnameservers = ["{UPSTREAM}"]\nmin_ttl = 5\nmax_ttl = 30\nretention = 0\n'
+    )
+    return agent(netns=world.router, extra_config=extra).start()
+
+
+def _in(ns, script, *args):
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def resolve(ns, name, family=2):  # 2: AF_INET, 10: AF_INET6
+    return _in(ns, RESOLVE, name, str(family))
+
+
+def ask(ns, name, rdtype="A", server=NOWHERE, transport="udp"):
+    return _in(ns, ASK, name, rdtype, server, transport)
+
+
+def test_whatever_address_the_cdn_gives_the_sandbox_it_can_reach_at_once(world, upstream, intercepting):
+    sb = world.sandboxes[0]
+    a = intercepting
+    a.upsert(
+        "s0",
+        sb.netns_path,
+        1,
+        allow_internet_access=False,
+        allow_out=["pool.example.test", "www.example.test"],
+    )
+    assert a.wait("s0", 1, timeout=10)
+    assert closed_to(sb.name, POOL[0])  # the table is in force: nothing learned yet, nothing open
+    given = set()
+    for _ in range(6):
+        (addr,) = resolve(sb.name, "pool.example.test")
+        assert addr in POOL
+        assert open_to(sb.name, addr)  # right after the answer: the first packet passes
+        given.add(addr)
+    assert len(given) >= 2  # the CDN did answer differently
+    never = next(p for p in POOL if p not in given and upstream.answered[("pool.example.test", p)] == 0)
+    assert closed_to(sb.name, never)
+    (addr6,) = resolve(sb.name, "www.example.test", 10)  # through a CNAME, IPv6
+    assert addr6 in POOL6 and open_to(sb.name, addr6)
+
+
+def test_names_the_policy_does_not_allow_never_reach_the_upstream(world, upstream, intercepting):
+    sb = world.sandboxes[0]
+    a = intercepting
+    a.upsert("s0", sb.netns_path, 1, allow_internet_access=False, allow_out=["pool.example.test"])
+    assert a.wait("s0", 1, timeout=10)
+    secret = [f"c2VjcmV0{i}.exfil.test" for i in range(4)]
+    assert resolve(sb.name, secret[0]) == {"error": -3}  # EAI_AGAIN: REFUSED
+    for name, server, transport, rdtype in (
+        (secret[1], "203.0.113.77", "udp", "TXT"),
+        (secret[2], "2001:db8:ffff::53", "tcp", "A"),
+        (secret[3], UPSTREAM, "udp", "AAAA"),  # even to the upstream's own address
+    ):
+        assert ask(sb.name, name, rdtype, server, transport)["rcode"] == "REFUSED"
+    assert ask(sb.name, "pool.example.test", "A", "203.0.113.77", "tcp")["rcode"] == "NOERROR"
+    assert not any(n.endswith("exfil.test") for n in upstream.names_seen())
+    assert "pool.example.test" in upstream.names_seen()  # the control: allowed names do get there
+
+
+def test_patterns_at_any_depth_never_the_apex_and_deny_through_a_cname(world, upstream, intercepting):
+    sb = world.sandboxes[0]
+    a = intercepting
+    a.upsert(
+        "s0",
+        sb.netns_path,
+        1,
+        allow_internet_access=False,
+        allow_out=["*.wild.test", "*.example.test"],
+        deny_out=["*.evil.test"],
+    )
+    assert a.wait("s0", 1, timeout=10)
+    for name in ("api.wild.test", "deep.api.wild.test"):
+        (addr,) = resolve(sb.name, name)
+        assert open_to(sb.name, addr), name
+    assert ask(sb.name, "wild.test")["rcode"] == "REFUSED"  # the apex is not under *.wild.test
+    assert ask(sb.name, "sneaky.example.test")["rcode"] == "NXDOMAIN"  # its CNAME leads into *.evil.test
+    assert ask(sb.name, "x.evil.test")["rcode"] == "NXDOMAIN"
+    assert closed_to(sb.name, "203.0.113.66")
+    meta = ask(sb.name, "meta.example.test")  # rebinding to the metadata address: stripped
+    assert meta["rcode"] == "NOERROR" and "169.254.169.254" not in json.dumps(meta["answer"])
+    assert "198.51.100.77" in json.dumps(meta["answer"])
+
+
+def test_a_sandbox_without_host_names_is_not_intercepted(world, upstream, intercepting):
+    s0, s1 = world.sandboxes
+    a = intercepting
+    a.upsert("s0", s0.netns_path, 1, allow_internet_access=True, deny_out=["203.0.113.0/24"])
+    a.upsert("s1", s1.netns_path, 1, allow_internet_access=True, allow_out=["pool.example.test"])
+    assert a.wait("s0", 1, timeout=10) and a.wait("s1", 1, timeout=10)
+    # s0 asks the upstream itself, directly; s1's question to the same server is answered by egressd
+    direct = ask(s0.name, "pool.example.test", "A", UPSTREAM)
+    assert direct["rcode"] == "NOERROR"
+    assert ask(s0.name, "pool.example.test", "A", NOWHERE)["error"]  # nothing listens there: a timeout
+    assert ask(s1.name, "pool.example.test", "A", NOWHERE)["rcode"] == "NOERROR"
+    addr = random.choice(POOL)
+    assert open_to(s1.name, addr)  # internet on: every address is open anyway
