@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any, TextIO
 
 from egressd import __version__
@@ -157,6 +158,9 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
         print("nothing applied: fix the problems above first", file=sys.stderr)
         return 1
     cache = _resolve_once(config, sandboxes)
+    # No proxy outlives this command: its tables redirect no DNS (deny_out patterns then hold a sandbox
+    # closed, as plan() says), and the agent's own tables, which do, are never taken for unchanged.
+    config = replace(config, intercept=replace(config.intercept, enabled=False))
     backend = LibnftBackend()
     host = HostBackend(backend, config)
     sync = TableSync(config)

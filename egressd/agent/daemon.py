@@ -87,6 +87,7 @@ class Agent:
             host_backend=host,
             on_table=self.monitor.watch if self.monitor is not None else None,
             observe=self._observe,
+            dns_proxy=True,
         )
         self.source: Source = parse_source(
             config.feed_source,

@@ -81,6 +81,9 @@ def parse_query(wire: bytes) -> Query:
 def reply(query: dns.message.Message, rcode: int) -> dns.message.Message:
     """An empty reply with rcode (REFUSED, NXDOMAIN, SERVFAIL), the query's id and question."""
     out = dns.message.make_response(query, our_payload=UPSTREAM_PAYLOAD)
+    # RA: the proxy recurses for the sandbox. glibc takes an empty answer without RA (a truncated one
+    # included) for a referral, and gives up on it instead of asking again over TCP.
+    out.flags |= dns.flags.RA
     out.set_rcode(rcode)
     return out
 

@@ -33,7 +33,7 @@ from egressd.intercept.messages import (
 )
 from egressd.intercept.site import Site
 from egressd.kernel.backend import ApplyError, Backend
-from egressd.kernel.dnssock import open_proxy_sockets
+from egressd.kernel.dnssock import ProxySockets, open_proxy_sockets
 from egressd.kernel.netns import NetnsError, NsId, netns_id
 from egressd.model.config import Config
 from egressd.model.entries import IPNetwork
@@ -43,6 +43,7 @@ from egressd.ruleset.names import FORWARD, NXDOMAIN, judge_chain, judge_name
 OUTCOMES = ("forwarded", "refused", "nxdomain", "servfail", "rate_limited")
 REFUSED_LOG_INTERVAL = 1.0  # at most one dns_refused line per sandbox per second
 RunBlocking = Callable[..., Awaitable[Any]]
+Forward = Callable[[Query], Awaitable[dns.message.Message | None]]
 
 
 @dataclass
@@ -68,8 +69,20 @@ class Interceptor:
     """Per sandbox one Site; `run` puts blocking kernel writes in the reconciler's worker threads."""
 
     def __init__(
-        self, config: Config, backend: Backend, host_backend: Backend | None, run: RunBlocking
+        self,
+        config: Config,
+        backend: Backend,
+        host_backend: Backend | None,
+        run: RunBlocking,
+        serving: bool = True,
+        open_sockets: Callable[[str, int], ProxySockets] = open_proxy_sockets,
+        forward: Forward | None = None,
     ) -> None:
+        """serving=False: nothing listens (a one-shot `egressd apply`, the reconciler's unit tests).
+        open_sockets and forward: where sockets come from and how a question is asked upstream (tests)."""
+        self.serving = serving
+        self._open = open_sockets
+        self._forward = forward or self._ask_upstream
         self.config = config
         self._backend = backend
         self._host_backend = host_backend
@@ -95,7 +108,7 @@ class Interceptor:
             sb.policy, sb.host_iface = policy, host_iface
             return
         await self.release(sid)
-        sockets = await self._run(open_proxy_sockets, netns, self.config.intercept.port)
+        sockets = await self._run(self._open, netns, self.config.intercept.port)
         sb = Sandbox(netns, policy, host_iface)
         sb.site = Site(
             sid, sockets, self.config.intercept, lambda wire, size: self.answer(sid, wire, size), self.counts
@@ -109,7 +122,7 @@ class Interceptor:
     ) -> tuple[str, bool] | None:
         """ensure() when the sandbox's DNS is intercepted, release() when not; (why it failed, whether the
         namespace is missing) when it cannot listen."""
-        if not wanted:
+        if not wanted or not self.serving:
             await self.release(sid)
             return None
         try:
@@ -175,7 +188,7 @@ class Interceptor:
             log(logging.INFO, "dns_refused", sandbox=sid, name=query.name, type=query.rdtype, detail=why)
         return reply(query.message, dns.rcode.NXDOMAIN if action == NXDOMAIN else dns.rcode.REFUSED)
 
-    async def _forward(self, query: Query) -> dns.message.Message | None:
+    async def _ask_upstream(self, query: Query) -> dns.message.Message | None:
         """The rebuilt question to each of the agent's resolvers in turn (UDP, TCP when truncated), from
         the agent's own namespace; None when none answers."""
         q = upstream_query(query)

@@ -64,7 +64,7 @@ class NatsFeed:
 class Intercept:
     """[dns] intercept and its limits (see _Dns)."""
 
-    enabled: bool = False
+    enabled: bool = True
     port: int = 153
     query_rate: float = 200.0
     max_inflight: int = 64

@@ -110,7 +110,7 @@ class _Dns(_Strict):
     sandbox_resolvers: list[str] = Field(default_factory=list)
     # DNS interception (docs/hostnames.md#interception): egressd answers every DNS query of a sandbox whose
     # policy names a host name or pattern.
-    intercept: bool = False  # being built (issue 18): on by default once the proxy answers
+    intercept: bool = True
     proxy_port: int = Field(default=153, ge=1, le=1023)  # below 1024: no unprivileged process takes it first
     query_rate: float = Field(default=200.0, gt=0, le=100_000)  # per sandbox per second, bursts of as many
     max_inflight: int = Field(default=64, ge=1, le=10_000)  # per sandbox: queries waiting for upstream

@@ -61,6 +61,7 @@ class Reconciler:
         idle: Callable[[], None] | None = None,
         on_table: Callable[[str, str | None], None] | None = None,
         observe: Callable[[str, float], None] | None = None,
+        dns_proxy: bool = False,
     ) -> None:
         self.backend = backend
         self.config = config
@@ -89,7 +90,8 @@ class Reconciler:
         # host_backend: the host-side tables (hostside.py), keyed by the interface a sandbox names.
         run, held = self.run_blocking, self.held
         self.host = HostPass(host_backend, self.sync, held, self.counters, run, self._observe)
-        self.proxy = Interceptor(config, backend, host_backend, run)  # DNS interception (intercept/)
+        # DNS interception (intercept/): only an agent serves it (dns_proxy); without it nothing listens.
+        self.proxy = Interceptor(config, backend, host_backend, run, serving=dns_proxy)
 
     def persisted(self, generation: int) -> None:
         """The persister wrote desired state up to this generation."""

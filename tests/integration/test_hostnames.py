@@ -194,9 +194,10 @@ def test_a_cname_chain_is_followed(world, server, dns_agent):
 
 
 def test_a_closed_sandbox_with_allow_names_may_use_the_resolvers_and_nothing_else(world, server, dns_agent):
+    """Without interception ([dns] intercept = false): the sandbox_resolvers exception."""
     s0, s1 = world.sandboxes
     server.set("api.example.test", A4)
-    a = dns_agent().start()
+    a = dns_agent(extra_config="intercept = false\n").start()
     a.upsert("s0", s0.netns_path, 1, allow_internet_access=False, allow_out=["api.example.test"])
     a.upsert("s1", s1.netns_path, 1, allow_internet_access=False, allow_out=[A4])
     assert a.wait("s0", 1) and a.wait("s1", 1)

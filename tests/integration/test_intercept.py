@@ -29,6 +29,7 @@ ZONES = {
     "sneaky.example.test": {"cname": "x.evil.test"},
     "x.evil.test": ["203.0.113.66"],
     "meta.example.test": ["169.254.169.254", "198.51.100.77"],
+    "many.example.test": {"many": [f"203.0.113.{i}" for i in range(10, 50)]},  # 40 addresses: over 512 bytes
 }
 
 RESOLVE = """
@@ -181,3 +182,32 @@ def test_a_sandbox_without_host_names_is_not_intercepted(world, upstream, interc
     assert ask(s1.name, "pool.example.test", "A", NOWHERE)["rcode"] == "NOERROR"
     addr = random.choice(POOL)
     assert open_to(s1.name, addr)  # internet on: every address is open anyway
+
+
+def test_an_answer_too_big_for_udp_comes_over_tcp_and_every_address_is_learned(world, upstream, intercepting):
+    sb = world.sandboxes[0]
+    a = intercepting
+    a.upsert("s0", sb.netns_path, 1, allow_internet_access=False, allow_out=["many.example.test"])
+    assert a.wait("s0", 1, timeout=10)
+    udp = ask(sb.name, "many.example.test")  # dnspython without EDNS: 512 bytes at most
+    assert udp.get("rcode") == "NOERROR" and udp["answer"] == []  # truncated: TC, no records
+    tcp = ask(sb.name, "many.example.test", transport="tcp")
+    assert len(tcp["answer"][0].split("\n")) == 40
+    addrs = resolve(sb.name, "many.example.test")  # glibc: UDP, truncated, then TCP
+    assert len(addrs) == 40
+    assert open_to(sb.name, addrs[0]) and open_to(sb.name, addrs[-1])
+
+
+def test_learned_addresses_outlive_the_agent_and_its_restart(world, upstream, intercepting):
+    sb = world.sandboxes[0]
+    a = intercepting
+    a.upsert("s0", sb.netns_path, 1, allow_internet_access=False, allow_out=["pool.example.test"])
+    assert a.wait("s0", 1, timeout=10)
+    (addr,) = resolve(sb.name, "pool.example.test")
+    assert a.stop() == 0
+    assert open_to(sb.name, addr)  # enforcement, learned addresses included, outlives the agent
+    assert "error" in ask(sb.name, "pool.example.test")  # nobody answers while it is down: a timeout
+    a.start()  # READY only once every proxy listens again
+    assert open_to(sb.name, addr)
+    (again,) = resolve(sb.name, "pool.example.test")
+    assert open_to(sb.name, again) and closed_to(sb.name, "203.0.113.66")
