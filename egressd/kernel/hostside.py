@@ -152,10 +152,11 @@ class HostBackend:
         rc, out, err = self._nft.host_cmd({"nftables": [{"list": what}]})
         return listing_of(rc, out, err, "cannot list the host-side tables")
 
-    def ensure_guard(self) -> bool:
+    def ensure_guard(self, expected: bool = False) -> bool:
         """The guard table, as this config wants it; True when it had to be (re)written. Without it a
         host-side deny would only mark packets. A guard that was there and is gone or altered is logged
-        as repaired here, whichever path found it: the resync's check, or a host-side table's apply."""
+        as repaired here, whichever path found it: the resync's check, a host-side table's apply, or the
+        adoption of a table after a restart (expected: that table's guard should be there too)."""
         with self._lock:
             if self._guard_checked:
                 return False
@@ -167,7 +168,7 @@ class HostBackend:
             intact = len(have) == len(rules) and found[-1:] == [rules[-1].get("comment")]
             if not intact:
                 self._run(want, "guard table")
-                if self._guard_written or listing is not None:
+                if self._guard_written or listing is not None or expected:
                     detail = "the guard table was missing or not as configured"
                     log(logging.WARNING, "host_guard_repaired", detail=detail)
             self._guard_checked = self._guard_written = True

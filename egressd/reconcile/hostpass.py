@@ -56,7 +56,9 @@ class HostPass:
             return None, 0
         if self.backend is None:
             return "host_interface is set but this agent has no host-side backend", 0
-        ruleset, elements, _ = self._sync.target(d.policy, cache, host=True)
+        # Only a sandbox with a namespace has a proxy: without one, its host side enforces no learned address
+        # and a deny_out pattern holds it closed (plan.enforced_policy).
+        ruleset, elements, _ = self._sync.target(d.policy, cache, host=True, intercept=d.netns is not None)
         last = self._held.get(sid).host_written
         last_fp = last[1] if last is not None and last[0] == iface else None
         t0 = time.monotonic()
@@ -67,6 +69,8 @@ class HostPass:
             self._counters["host_failed"] += 1
             return str(e), 0
         self._observe("apply", time.monotonic() - t0)
+        if result.outcome == "adopted" and isinstance(self.backend, HostBackend):
+            await self._check_guard(self.backend, expected=True)  # an adopted table relies on it too
         self._held.hold(sid, host_iface=iface, host_written=(iface, result.fingerprint))
         self._sync.learned(result)
         if result.outcome in ("applied", "repaired"):
@@ -90,11 +94,11 @@ class HostPass:
             if any_host_side:
                 asyncio.get_running_loop().create_task(self._check_guard(self.backend))
 
-    async def _check_guard(self, host: HostBackend) -> None:
+    async def _check_guard(self, host: HostBackend, expected: bool = False) -> None:
         """The host-side guard table is shared by every sandbox and changes with none: each resync reads it,
         and puts it back if it is gone or not as the config wants it (`nft flush ruleset` on the host)."""
         try:  # a repair is logged by ensure_guard itself, whichever path finds it first
-            await self._run(host.ensure_guard)
+            await self._run(host.ensure_guard, expected)
         except ApplyError as e:
             log(logging.ERROR, "host_guard_failed", error=str(e))
 

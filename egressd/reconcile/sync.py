@@ -15,7 +15,7 @@ import json
 import re
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from egressd import __version__
@@ -142,28 +142,34 @@ class TableSync:
         # sandbox id -> (desired generation, fingerprint and shape in force for it), from the state file
         self.hints: dict[str, tuple[int, str, str]] = {}
         self.adopt_by_fingerprint = False  # the daemon sets it for its first pass (see sync)
+        # The config for a sandbox whose DNS no proxy answers (one with no namespace: only its host side)
+        self._plain = replace(config, intercept=replace(config.intercept, enabled=False))
         self._rendered: OrderedDict[tuple[Policy, int, bool], Ruleset] = OrderedDict()
 
     def set_config(self, config: Config) -> None:
         """A reloaded config: every table is rendered again."""
         self.config = config
+        self._plain = replace(config, intercept=replace(config.intercept, enabled=False))
         self._rendered.clear()
 
-    def render(self, policy: Policy, host: bool = False) -> Ruleset:
+    def render(self, policy: Policy, host: bool = False, intercept: bool = True) -> Ruleset:
         """Rendering is cached: a DNS refresh or a resync re-renders nothing."""
-        key = (policy, id(self.config), host)
+        config = self.config if intercept else self._plain
+        key = (policy, id(config), host)
         ruleset = self._rendered.get(key)
         if ruleset is None:
-            ruleset = self._rendered[key] = render(policy, self.config, host)
+            ruleset = self._rendered[key] = render(policy, config, host)
             if len(self._rendered) > RENDER_CACHE:
                 self._rendered.popitem(last=False)
         return ruleset
 
     def target(
-        self, policy: Policy, cache: DnsCache | None, host: bool = False
+        self, policy: Policy, cache: DnsCache | None, host: bool = False, intercept: bool = True
     ) -> tuple[Ruleset, dict[str, frozenset[str]], str | None]:
-        """The table and DNS elements the policy needs now, and why it is held closed, if it is."""
-        return plan(policy, self.config, cache, lambda p: self.render(p, host))
+        """The table and DNS elements the policy needs now, and why it is held closed, if it is.
+        intercept=False: no proxy answers this sandbox's DNS (it has no namespace), whatever the config."""
+        config = self.config if intercept else self._plain
+        return plan(policy, config, cache, lambda p: self.render(p, host, intercept))
 
     def adoption_key(self) -> str:
         """What a remembered fingerprint was rendered under: this version of egressd and every config value

@@ -199,7 +199,7 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
     """
     b = _Builder()
     intercept = intercepting(policy, config)
-    _link_rules(b, host, config.intercept.port if intercept and not host else None)
+    _link_rules(b, host, config.intercept.port if intercept else None)
     dns_sets = _destination_rules(b, policy, config, intercept)
     # 7. everything else: the public internet.
     b.rules.append(_rule("decide", ACCEPT if policy.allow_internet_access else DENY))
@@ -247,7 +247,11 @@ def _intercept_hooks(config: Config) -> list[Json]:
 def _link_rules(b: _Builder, host: bool, proxy_port: int | None = None) -> None:
     """Step 1 of `decide`: loopback, replies on connections opened from outside, IPv6 neighbour discovery;
     with interception, the redirected DNS queries (the output filter still sees the original device)."""
-    if proxy_port is not None:
+    if proxy_port is not None and host:
+        # The sandbox's own table sends every query to its proxy: port 53 on the wire is a packet socket
+        # going around it (CAP_NET_RAW), a channel out of the host.
+        b.rules.append(_rule("decide", *_dns_l4(53), DENY))
+    elif proxy_port is not None:
         for version, local in ((4, "127.0.0.1"), (6, "::1")):
             daddr = _payload("ip" if version == 4 else "ip6", "daddr")
             b.rules.append(_rule("decide", _match(daddr, local), *_dns_l4(proxy_port), ACCEPT))
@@ -267,6 +271,10 @@ def _link_rules(b: _Builder, host: bool, proxy_port: int | None = None) -> None:
     b.rules.append(
         _rule("decide", _match(icmpv6_type, {"set": MLD_TYPES}), _match(hoplimit, 1), link_multicast, ACCEPT)
     )
+    if proxy_port is not None and not host:
+        # Every query was redirected to the proxy's port before this chain sees it: what still goes to port 53
+        # is a flow conntrack had set up before the redirect was in force (NAT is decided once per flow).
+        b.rules.append(_rule("decide", *_dns_l4(53), DENY))
 
 
 def _destination_rules(b: _Builder, policy: Policy, config: Config, intercept: bool = False) -> list[str]:

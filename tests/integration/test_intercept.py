@@ -211,3 +211,41 @@ def test_learned_addresses_outlive_the_agent_and_its_restart(world, upstream, in
     assert open_to(sb.name, addr)
     (again,) = resolve(sb.name, "pool.example.test")
     assert open_to(sb.name, again) and closed_to(sb.name, "203.0.113.66")
+
+
+OLD_FLOW = """
+import json, socket, sys
+import dns.message
+name, server = sys.argv[1:3]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 40053))  # the same flow (5-tuple) each time
+s.settimeout(1.5)
+try:
+    s.sendto(dns.message.make_query(name, "A").to_wire(), (server, 53))
+    r = dns.message.from_wire(s.recv(4096))
+    print(json.dumps({"rcode": r.rcode()}))
+except OSError as e:
+    print(json.dumps({"error": repr(e)}))
+"""
+
+
+def test_a_dns_flow_open_before_interception_cannot_go_around_it(world, upstream, agent, resolv):
+    """NAT is decided once per flow: a UDP flow to port 53 that conntrack set up while the sandbox's table
+    had no redirect (its policy named no host) would still reach its server once the policy names one. Such
+    packets are denied; a new flow is answered by the proxy."""
+    sb = world.sandboxes[0]
+    extra = f'[dns]\nintercept = true\nnameservers = ["{UPSTREAM}"]\n'
+    a = agent(netns=world.router, extra_config=extra).start()
+    a.upsert("s0", sb.netns_path, 1, allow_internet_access=True)
+    assert a.wait("s0", 1, timeout=10)
+    assert _in(sb.name, OLD_FLOW, "pool.example.test", UPSTREAM) == {"rcode": 0}  # not intercepted: direct
+    # internet stays on: only the port-53 rule stands between the old flow and the upstream
+    a.upsert("s0", sb.netns_path, 2, allow_internet_access=True, deny_out=["*.evil.test"])
+    assert a.wait("s0", 2, timeout=10)
+    upstream.reset_counts()
+    stale = _in(sb.name, OLD_FLOW, "x.evil.test", UPSTREAM)  # the old flow: denied
+    assert "error" in stale and upstream.names_seen() == set()
+    assert ask(sb.name, "x.evil.test", "A", UPSTREAM)["rcode"] == "NXDOMAIN"  # a new flow: the proxy
+    assert upstream.names_seen() == set()
+    assert ask(sb.name, "pool.example.test", "A", UPSTREAM)["rcode"] == "NOERROR"  # forwarded: internet on

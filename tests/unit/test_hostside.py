@@ -276,3 +276,15 @@ def test_a_guard_that_went_away_is_logged_as_repaired_whoever_finds_it(caplog):
         hb.invalidate()
         hb.apply("veth-x", render(DENY_ALL, Config(), host=True))  # found by an apply, not the resync
     assert [r.getMessage() for r in caplog.records].count("host_guard_repaired") == 2
+
+
+def test_a_restarted_agent_that_adopts_host_tables_knows_their_guard_should_be_there(caplog):
+    """The first check after a restart: with a host-side table adopted, a missing guard is a repair (it was
+    removed while no agent ran, or before the first resync), not a first write."""
+    with caplog.at_level("WARNING", logger="egressd"):
+        fresh = GuardHost()
+        assert HostBackend(fresh, Config()).ensure_guard() and fresh.runs == 1
+        assert "host_guard_repaired" not in [r.getMessage() for r in caplog.records]  # a first start
+        adopted = GuardHost()
+        assert HostBackend(adopted, Config()).ensure_guard(expected=True) and adopted.runs == 1
+        assert [r.getMessage() for r in caplog.records].count("host_guard_repaired") == 1

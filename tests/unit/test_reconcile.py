@@ -482,9 +482,9 @@ def _count_renders(r):
     calls = []
     render_ = r.sync.render
 
-    def counting(policy, host=False):
+    def counting(policy, *args):
         calls.append(policy)
-        return render_(policy, host)
+        return render_(policy, *args)
 
     r.sync.render = counting
     return calls

@@ -181,3 +181,30 @@ def test_interception_redirects_dns_and_accepts_learned_addresses_only_where_nam
 
 def named_policy_of(*entries):
     return parse_sandbox({"id": "n", "network_policy": {"allow_out": list(entries)}}).policy
+
+
+def test_the_host_side_of_an_intercepted_sandbox_accepts_learned_addresses_and_refuses_port_53():
+    """Its own table sends every query to the proxy: port 53 on the wire is a packet socket going around it.
+    A sandbox with no namespace has no proxy: its host side learns nothing and a deny pattern closes it."""
+    from egressd.reconcile.sync import TableSync
+
+    cfg = config_from_dict({"dns": {"intercept": True}})
+    pol = named_policy_of("*.example.com")
+    host = render(pol, cfg, host=True)
+    decide = rules(host, "decide")
+    dns53 = [
+        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["tcp", "udp"]}}},
+        {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 53}},
+        {"jump": {"target": "deny"}},
+    ]
+    assert dns53 in decide and any("@learned4" in json.dumps(e) for e in decide)
+    assert rules(host, "dns_out") == []  # no redirect on the host side
+    sync = TableSync(cfg)
+    denies = parse_sandbox({"id": "h", "network_policy": {"deny_out": ["*.evil.test"]}}).policy
+    ruleset, _, note = sync.target(denies, None, host=True, intercept=False)
+    assert (
+        not ruleset.intercept
+        and note == "closed because deny_out patterns need [dns] intercept on: *.evil.test"
+    )
+    ruleset, _, note = sync.target(denies, None, host=True)
+    assert ruleset.intercept and note is None
