@@ -55,6 +55,7 @@ class Sandbox:
     host_iface: str | None
     site: Site | None = None
     expiry: dict[str, float] = field(default_factory=dict)  # learned address -> monotonic expiry
+    names: dict[str, set[str]] = field(default_factory=dict)  # learned address -> the names it answered
     logged_at: float = 0.0
 
 
@@ -105,6 +106,8 @@ class Interceptor:
             and sb.netns == netns
             and _same_ns(netns, sb.site.sockets.ident)
         ):
+            if policy.allow_out != sb.policy.allow_out:
+                await self._relearn(sb, policy, host_iface)
             sb.policy, sb.host_iface = policy, host_iface
             return
         await self.release(sid)
@@ -174,7 +177,7 @@ class Interceptor:
             return self._refuse(sid, sb, query, NXDOMAIN, f"{verdict} (on the CNAME chain)")
         blocked = self.config.guard.deny
         usable = {a: t for a, t in found.addresses.items() if not _inside(a, blocked)}
-        if verdict.learn and usable and not await self._learn(sid, sb, usable):
+        if verdict.learn and usable and not await self._learn(sid, sb, usable, query.name):
             self.counts["servfail"] += 1
             return reply(query.message, dns.rcode.SERVFAIL)
         self.counts["forwarded"] += 1
@@ -202,13 +205,31 @@ class Interceptor:
                 return response
         return None
 
-    async def _learn(self, sid: str, sb: Sandbox, ttls: dict[str, float]) -> bool:
+    async def _relearn(self, sb: Sandbox, policy: Policy, host_iface: str | None) -> None:
+        """A policy that allows other names: the learned sets keep only the addresses of names it still
+        allows, before the new table (and its new generation) is written, so no connection to an address
+        only the old policy allowed is carried on. Addresses learned before a restart are not remembered:
+        they go too (the sandbox asks again). Raises ApplyError or NetnsError: the sandbox is retried."""
+        now = time.monotonic()
+        keep = {
+            addr: int(expiry - now) + 1
+            for addr, expiry in sb.expiry.items()
+            if expiry > now + 1 and any(judge_name(policy, n).learn for n in sb.names.get(addr, ()))
+        }
+        await self._run(self._backend.learn, sb.netns, keep, True)
+        if host_iface is not None and self._host_backend is not None:
+            await self._run(self._host_backend.learn, host_iface, keep, True)
+        sb.expiry = {a: t for a, t in sb.expiry.items() if a in keep}
+        sb.names = {a: n for a, n in sb.names.items() if a in keep}
+
+    async def _learn(self, sid: str, sb: Sandbox, ttls: dict[str, float], name: str) -> bool:
         """Commit the answer's addresses, each for its TTL clamped to [min_ttl, max_ttl] plus retention;
         only those whose time would grow. The bookkeeping only after the kernel accepted them."""
         cfg = self.config
         now = time.monotonic()
         for addr in [a for a, t in sb.expiry.items() if t <= now]:
             del sb.expiry[addr]
+            sb.names.pop(addr, None)
         timeouts = {}
         for addr, ttl in ttls.items():
             timeout = int(min(max(ttl, cfg.dns_min_ttl), cfg.dns_max_ttl) + cfg.dns_retention)
@@ -228,6 +249,8 @@ class Interceptor:
             return False
         for addr, timeout in timeouts.items():
             sb.expiry[addr] = now + timeout
+        for addr in ttls:
+            sb.names.setdefault(addr, set()).add(name)
         return True
 
 

@@ -42,9 +42,9 @@ class Backend(Protocol):
     def update_elements(self, netns: str, add: Elements, delete: Elements, variant: str = "a") -> None:
         """Add and delete DNS set elements of the variant in force, in one transaction."""
 
-    def learn(self, netns: str, timeouts: dict[str, int]) -> None:
+    def learn(self, netns: str, timeouts: dict[str, int], replace: bool = False) -> None:
         """Addresses from the sandbox's DNS answers into its learned sets, each for its timeout (seconds),
-        in one transaction."""
+        in one transaction; replace: the sets hold only these afterwards."""
 
     def read(self, netns: str) -> list[Json] | None:
         """egressd's table in netns as a libnftables listing, or None when there is none."""

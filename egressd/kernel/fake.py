@@ -273,9 +273,9 @@ class FakeBackend:
         self._writer.update_elements(netns, add, delete, variant)
         self.writes.append(("update", netns))
 
-    def learn(self, netns: str, timeouts: dict[str, int]) -> None:
+    def learn(self, netns: str, timeouts: dict[str, int], replace: bool = False) -> None:
         self._check(netns, "learn")
-        self.run(netns, learn_commands(timeouts), "learned addresses")
+        self.run(netns, learn_commands(timeouts, replace=replace), "learned addresses")
         self.writes.append(("learn", netns))
 
     def read(self, netns: str) -> list[Json] | None:

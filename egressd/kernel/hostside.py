@@ -187,8 +187,8 @@ class HostBackend:
     def update_elements(self, where: str, add: Elements, delete: Elements, variant: str = "a") -> None:
         self._writer.update_elements(where, add, delete, variant)
 
-    def learn(self, where: str, timeouts: dict[str, int]) -> None:
-        self._run(learn_commands(timeouts, target_for(where)), "learned addresses")
+    def learn(self, where: str, timeouts: dict[str, int], replace: bool = False) -> None:
+        self._run(learn_commands(timeouts, target_for(where), replace), "learned addresses")
 
     def read(self, where: str) -> list[Json] | None:
         listing = self._list({"table": {"family": FAMILY, "name": table_name(where)}})

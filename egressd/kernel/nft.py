@@ -61,8 +61,8 @@ class LibnftBackend:
     def update_elements(self, netns: str, add: Elements, delete: Elements, variant: str = "a") -> None:
         self._writer.update_elements(netns, add, delete, variant)
 
-    def learn(self, netns: str, timeouts: dict[str, int]) -> None:
-        self.run(netns, learn_commands(timeouts), "learned addresses")
+    def learn(self, netns: str, timeouts: dict[str, int], replace: bool = False) -> None:
+        self.run(netns, learn_commands(timeouts, replace=replace), "learned addresses")
 
     def _list(self, netns: str, what: Json) -> list[Json] | None:
         rc, out, err = self._cmd(netns, {"nftables": [{"list": what}]})

@@ -71,6 +71,7 @@ class Intercept:
     tcp_connections: int = 16
     tcp_idle_timeout: float = 10.0
     max_learned: int = 4096
+    conn_mark_mask: int = 0xFFFF0000
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ def _to_config(m: ConfigFile) -> Config:
             m.dns.tcp_connections,
             m.dns.tcp_idle_timeout,
             m.dns.max_learned,
+            m.dns.conn_mark_mask,
         ),
         resync_interval=m.reconcile.resync_interval,
         workers=m.reconcile.workers,

@@ -24,7 +24,7 @@ from egressd.kernel.backend import Backend
 from egressd.model.config import Config
 from egressd.model.sandbox import DENY_ALL, Policy
 from egressd.ruleset.plan import plan
-from egressd.ruleset.render import FINGERPRINT_CHAIN, LEARNED_SETS, Json, Ruleset, render
+from egressd.ruleset.render import CT_MARK, FINGERPRINT_CHAIN, LEARNED_SETS, Json, Ruleset, render
 from egressd.ruleset.transactions import active_variant, fingerprint_of, set_elements
 from egressd.ruleset.variants import neutral_name
 
@@ -69,10 +69,35 @@ def listing_digest(listing: list[Json]) -> str:
         rule = item.get("rule")
         if rule is not None and rule.get("chain") == FINGERPRINT_CHAIN and "comment" in rule:
             item = {"rule": {k: v for k, v in rule.items() if k != "comment"}}
+        elif rule is not None and "ct" in json.dumps(rule.get("expr", ())):
+            item = {"rule": without_generation(rule)}
         items.append(item)
     text = json.dumps(items, sort_keys=True, separators=(",", ":"))
     text = _VARIANT.sub('"', _COUNTS.sub(r'"\1":0', _HANDLE.sub("", text)))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _is_ct_mark(expr: Any) -> bool:
+    if expr == CT_MARK:
+        return True
+    return isinstance(expr, dict) and isinstance(expr.get("&"), list) and expr["&"][:1] == [CT_MARK]
+
+
+def without_generation(rule: Json) -> Json:
+    """A rule with the policy's generation (render._generation) set to 0, in whichever form libnftables
+    lists it: the ct mark comparison, and the ct mark a learned set's rule sets."""
+    exprs = []
+    for e in rule.get("expr", ()):
+        match = e.get("match") if isinstance(e, dict) else None
+        mangle = e.get("mangle") if isinstance(e, dict) else None
+        if match is not None and _is_ct_mark(match.get("left")):
+            e = {"match": {**match, "right": 0}}
+        elif mangle is not None and mangle.get("key") == CT_MARK and isinstance(mangle.get("value"), dict):
+            parts = mangle["value"].get("|")
+            if isinstance(parts, list) and len(parts) == 2:
+                e = {"mangle": {**mangle, "value": {"|": [parts[0], 0]}}}
+        exprs.append(e)
+    return {**rule, "expr": exprs}
 
 
 def elem_key(e: Any) -> str:

@@ -125,6 +125,7 @@ def _rule(chain: str, *expr: Json, comment: str | None = None) -> Json:
 
 
 ACCEPT: Json = {"accept": None}
+CT_MARK: Json = {"ct": {"key": "mark"}}
 DENY: Json = {"jump": {"target": "deny"}}
 
 
@@ -197,10 +198,41 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
     address the guard table lets it through only to this host's own addresses, which closes the
     neighbour-solicitation channel the sandbox's own table has to leave open.
     """
-    b = _Builder()
     intercept = intercepting(policy, config)
-    _link_rules(b, host, config.intercept.port if intercept else None)
-    dns_sets = _destination_rules(b, policy, config, intercept)
+    # Learned addresses accept by marking the connection with the policy's generation, and a marked
+    # connection is let through whatever the learned set holds now: it outlives its address's expiry, not a
+    # change of policy. Not on the host side: its hook runs before conntrack.
+    carry = intercept and not host and bool(policy.allow_out.names)
+    variant, hooks, dns_sets, names = _build(policy, config, host, intercept, 0)
+    where = "host" if host else config.uplink
+    fingerprint, shape = _digests(variant, hooks, where)
+    if carry:  # the generation comes from the table without it: its shape is every generation's shape
+        variant, hooks, dns_sets, names = _build(
+            policy, config, host, intercept, _generation(fingerprint, policy, config)
+        )
+        fingerprint, _ = _digests(variant, hooks, where)
+    return Ruleset(variant, hooks, fingerprint, tuple(dns_sets), names, shape, intercept)
+
+
+def _generation(fingerprint: str, policy: Policy, config: Config) -> int:
+    """A policy's generation, in the conn_mark_mask bits, never 0: from a digest of its table and of the
+    names it allows (which its table does not show), so a changed policy has another (one chance in 65,535
+    of the same, with the default mask) and a restart the same."""
+    mask = config.intercept.conn_mark_mask
+    shift, seed = (mask & -mask).bit_length() - 1, "\n".join((fingerprint, *policy.allow_out.names)).encode()
+    span = mask >> shift
+    return (int(hashlib.sha256(seed).hexdigest()[:12], 16) % span + 1) << shift
+
+
+def _build(
+    policy: Policy, config: Config, host: bool, intercept: bool, generation: int
+) -> tuple[list[Json], list[Json], list[str], frozenset[str]]:
+    """The variant, the hooks, the DNS set names and the per-variant names; generation 0: no carrying."""
+    b = _Builder()
+    mask = config.intercept.conn_mark_mask
+    carried = (mask, generation) if generation else None
+    _link_rules(b, host, config.intercept.port if intercept else None, carried)
+    dns_sets = _destination_rules(b, policy, config, intercept, carried)
     # 7. everything else: the public internet.
     b.rules.append(_rule("decide", ACCEPT if policy.allow_internet_access else DENY))
 
@@ -215,8 +247,7 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
     names = frozenset(
         [c["add"]["set"]["name"] for c in b.sets] + ["deny", "decide"]
     )  # the objects that exist twice during an update: name_a and name_b
-    fingerprint, shape = _digests(variant, hooks, "host" if host else config.uplink)
-    return Ruleset(variant, hooks, fingerprint, tuple(dns_sets), names, shape, intercept)
+    return variant, hooks, dns_sets, names
 
 
 def intercepting(policy: Policy, config: Config) -> bool:
@@ -244,7 +275,9 @@ def _intercept_hooks(config: Config) -> list[Json]:
     ]
 
 
-def _link_rules(b: _Builder, host: bool, proxy_port: int | None = None) -> None:
+def _link_rules(
+    b: _Builder, host: bool, proxy_port: int | None = None, carried: tuple[int, int] | None = None
+) -> None:
     """Step 1 of `decide`: loopback, replies on connections opened from outside, IPv6 neighbour discovery;
     with interception, the redirected DNS queries (the output filter still sees the original device)."""
     if proxy_port is not None and host:
@@ -266,6 +299,9 @@ def _link_rules(b: _Builder, host: bool, proxy_port: int | None = None) -> None:
     else:
         b.rules.append(_rule("decide", _match(_meta("oifname"), "lo"), ACCEPT))
         b.rules.append(_rule("decide", _match({"ct": {"key": "direction"}}, "reply"), ACCEPT))
+        if carried is not None:  # a connection a learned address let through under this very policy
+            mask, generation = carried
+            b.rules.append(_rule("decide", _match({"&": [CT_MARK, mask]}, generation), ACCEPT))
         b.rules.append(_rule("decide", *nd, ACCEPT))
     link_multicast = _match(_payload("ip6", "daddr"), {"prefix": {"addr": "ff02::", "len": 16}})
     b.rules.append(
@@ -277,7 +313,13 @@ def _link_rules(b: _Builder, host: bool, proxy_port: int | None = None) -> None:
         b.rules.append(_rule("decide", *_dns_l4(53), DENY))
 
 
-def _destination_rules(b: _Builder, policy: Policy, config: Config, intercept: bool = False) -> list[str]:
+def _destination_rules(
+    b: _Builder,
+    policy: Policy,
+    config: Config,
+    intercept: bool = False,
+    carried: tuple[int, int] | None = None,
+) -> list[str]:
     """Steps 2-6 of `decide`, by destination; returns the names of the DNS sets, in table order."""
     # 2-6. operator deny, operator allow, tenant allow, tenant deny, private ranges. IPv6 destinations that
     # embed an IPv4 address go first: on the wire they would slip past every IPv4 rule (to a translator).
@@ -292,8 +334,13 @@ def _destination_rules(b: _Builder, policy: Policy, config: Config, intercept: b
     b.set_rules("allow", (*policy.allow_out.nets4, *policy.allow_out.nets6), ACCEPT)
     dns_sets = b.dns_sets("allow_dns", ACCEPT) if policy.allow_out.hostnames else []
     if intercept and policy.allow_out.names:
+        mark = []
+        if carried is not None:
+            mask, generation = carried
+            keep = {"&": [CT_MARK, 0xFFFFFFFF ^ mask]}
+            mark = [{"mangle": {"key": CT_MARK, "value": {"|": [keep, generation]}}}]
         for version, name in zip((4, 6), LEARNED_SETS, strict=True):
-            b.rules.append(_rule("decide", _match_daddr(version, name), ACCEPT))
+            b.rules.append(_rule("decide", _match_daddr(version, name), *mark, ACCEPT))
     b.set_rules("deny", (*policy.deny_out.nets4, *policy.deny_out.nets6), DENY)
     dns_sets += b.dns_sets("deny_dns", DENY) if policy.deny_out.hostnames else []
     b.set_rules("private", config.guard.private, DENY)

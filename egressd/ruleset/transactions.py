@@ -192,12 +192,13 @@ def plan_elements(add: Elements, delete: Elements, variant: str, target: Target 
     return Step("set update", cmds) if cmds else None
 
 
-def learn_commands(timeouts: Mapping[str, int], target: Target = NETNS) -> list[Json]:
+def learn_commands(timeouts: Mapping[str, int], target: Target = NETNS, replace: bool = False) -> list[Json]:
     """Addresses from a sandbox's DNS answers into its learned sets, each for `timeouts[address]` seconds.
     Add, delete, add, in one transaction: the one way that sets the timeout of an element that is already
-    there on every kernel (a re-add alone does nothing before 6.12)."""
-    out: list[Json] = []
+    there on every kernel (a re-add alone does nothing before 6.12). replace: the sets hold only these
+    afterwards (a policy that allows other names)."""
     where = {"family": target.family, "table": target.table}
+    out: list[Json] = [{"flush": {"set": {**where, "name": n}}} for n in LEARNED_SETS] if replace else []
     for version, name in zip((4, 6), LEARNED_SETS, strict=True):
         addrs = sorted(a for a in timeouts if (":" in a) == (version == 6))
         if not addrs:

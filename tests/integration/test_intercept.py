@@ -7,11 +7,13 @@ import json
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from netns_fixtures.pool_dns import PoolDnsServer
+from netns_fixtures.probe import tcp_connect
 from tests.integration.test_agent import closed_to, open_to
 
 pytestmark = pytest.mark.root
@@ -28,7 +30,7 @@ ZONES = {
     "wild.test": POOL,
     "sneaky.example.test": {"cname": "x.evil.test"},
     "x.evil.test": ["203.0.113.66"],
-    "meta.example.test": ["169.254.169.254", "198.51.100.77"],
+    "meta.example.test": {"many": ["169.254.169.254", "198.51.100.77"]},  # both in every answer
     "many.example.test": {"many": [f"203.0.113.{i}" for i in range(10, 50)]},  # 40 addresses: over 512 bytes
 }
 
@@ -249,3 +251,56 @@ def test_a_dns_flow_open_before_interception_cannot_go_around_it(world, upstream
     assert ask(sb.name, "x.evil.test", "A", UPSTREAM)["rcode"] == "NXDOMAIN"  # a new flow: the proxy
     assert upstream.names_seen() == set()
     assert ask(sb.name, "pool.example.test", "A", UPSTREAM)["rcode"] == "NOERROR"  # forwarded: internet on
+
+
+HOLD = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=2)
+for line in sys.stdin:
+    tag = line.strip().encode()
+    try:
+        s.sendall(tag + b"\\n")
+        print("ok" if s.recv(100).startswith(tag) else "bad", flush=True)
+    except OSError:
+        print("cut", flush=True)
+"""
+
+
+def test_an_open_connection_outlives_its_learned_address_until_the_policy_changes(
+    world, upstream, agent, resolv
+):
+    """A learned address that expires denies new connections, not the ones opened while it was allowed
+    (a connection mark carrying the policy's generation); a policy change cuts them."""
+    sb = world.sandboxes[0]
+    extra = (
+        f'[dns]\nintercept = true\nnameservers = ["{UPSTREAM}"]\nmin_ttl = 1\nmax_ttl = 2\nretention = 0\n'
+    )
+    a = agent(netns=world.router, extra_config=extra).start()
+    a.upsert(
+        "s0", sb.netns_path, 1, allow_internet_access=False, allow_out=["*.example.test"]
+    )  # no exact name
+    assert a.wait("s0", 1, timeout=10)
+    (addr,) = resolve(sb.name, "pool.example.test")  # learned for 2 s
+    hold = subprocess.Popen(
+        ["ip", "netns", "exec", sb.name, sys.executable, "-c", HOLD, addr],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    def echo(tag):
+        hold.stdin.write(tag + "\n")
+        hold.stdin.flush()
+        return hold.stdout.readline().strip()
+
+    try:
+        assert echo("a") == "ok"
+        time.sleep(3.5)  # the address has left the learned set
+        assert tcp_connect(sb.name, addr, 80) == "reset"  # a new connection: denied
+        assert echo("b") == "ok"  # the open one: still carried
+        a.upsert(
+            "s0", sb.netns_path, 2, allow_internet_access=False, allow_out=["*.example.test", "192.0.2.1"]
+        )
+        assert a.wait("s0", 2, timeout=10)
+        assert echo("c") == "cut"  # a new policy judges it again: its address is not allowed any more
+    finally:
+        hold.kill()
+        hold.wait(timeout=5)

@@ -177,3 +177,16 @@ def test_a_hostname_that_cannot_be_a_host_id_asks_to_set_it(hostname, monkeypatc
     # And a host on another feed never needs one: its odd hostname must not stop it from starting.
     assert load_config(None).feed_source.startswith("unix:")
     assert config_from_dict({"feed": {"source": "file:/tmp/events"}}).feed_source == "file:/tmp/events"
+
+
+@pytest.mark.parametrize(
+    ("mask", "ok"),
+    [(0xFFFF0000, True), (0x00FF0000, True), (0x0000FF00, True), (0xFF00FF00, False), (0xF0000000, False),
+     (0xFFFFFF00, False), (0, False)],
+)  # fmt: skip
+def test_the_connection_mark_is_one_run_of_8_to_16_bits(mask, ok):
+    if ok:
+        assert config_from_dict({"dns": {"conn_mark_mask": mask}}).intercept.conn_mark_mask == mask
+    else:
+        with pytest.raises(ConfigError, match=r"dns\.conn_mark_mask"):
+            config_from_dict({"dns": {"conn_mark_mask": mask}})

@@ -80,8 +80,8 @@ def ask(proxy, name, rdtype="A"):
     return r
 
 
-def learned_set(fb, name="learned4"):
-    table = fb.tables[NS]
+def learned_set(fb, name="learned4", where=NS):
+    table = fb.tables[where]
     (s,) = [c["add"]["set"] for c in table if c["add"].get("set", {}).get("name") == name]
     return {e["elem"]["val"]: e["elem"]["timeout"] for e in s.get("elem", [])}
 
@@ -184,3 +184,42 @@ def test_the_rate_limit_refills_over_time():
     bucket.at -= 0.5  # half a second later: 2.5 tokens
     assert [bucket.take() for _ in range(3)] == [True, True, False]
     assert time.monotonic() >= bucket.at
+
+
+def test_a_policy_that_allows_fewer_names_keeps_only_their_learned_addresses():
+    """Before the new table (and generation) is written: no connection to an address only the old policy
+    allowed can be re-marked by it."""
+    from egressd.kernel.dnssock import ProxySockets
+    from egressd.kernel.netns import netns_id
+
+    here = "/proc/self/ns/net"  # a namespace path that exists: the proxy's sockets are a stub
+    fb = FakeBackend(namespaces={here})
+    both = policy(allow_internet_access=False, allow_out=["*.a.test", "*.b.test"])
+    fb.apply(here, render(both, CONFIG))
+    up = Upstream(
+        {
+            "x.a.test": [("x.a.test.", 30, "A", "198.51.100.1")],
+            "y.b.test": [("y.b.test.", 30, "A", "198.51.100.2")],
+        }
+    )
+
+    async def run(fn, *args):
+        return fn(*args)
+
+    proxy = Interceptor(
+        CONFIG, fb, None, run, open_sockets=lambda p, port: ProxySockets([], [], netns_id(p)), forward=up
+    )
+
+    async def scenario():
+        await proxy.ensure("a", here, both, None)
+        for name in ("x.a.test", "y.b.test"):
+            q = dns.message.make_query(name, "A")
+            assert dns.message.from_wire(await proxy.answer("a", q.to_wire(), 0)).rcode() == dns.rcode.NOERROR
+        assert set(learned_set(fb, where=here)) == {"198.51.100.1", "198.51.100.2"}
+        await proxy.ensure("a", here, policy(allow_internet_access=False, allow_out=["*.a.test"]), None)
+        assert set(learned_set(fb, where=here)) == {"198.51.100.1"}
+        await proxy.ensure("a", here, policy(allow_internet_access=False, allow_out=["*.c.test"]), None)
+        assert learned_set(fb, where=here) == {}
+        proxy.close()
+
+    asyncio.run(scenario())

@@ -165,10 +165,28 @@ def test_interception_redirects_dns_and_accepts_learned_addresses_only_where_nam
     decide = rules(named, "decide")
     assert decide[0] != [{"accept": None}] and decide[0][-1] == {"accept": None}  # the redirected queries
     learned = [e for e in decide if any(m.get("match", {}).get("right") == "@learned4" for m in e)]
-    assert learned == [
-        [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@learned4"}},
-         {"accept": None}]
-    ]  # fmt: skip
+    (rule,) = learned
+    mark = rule[1]["mangle"]
+    generation = mark["value"]["|"][1]
+    assert mark["key"] == {"ct": {"key": "mark"}} and mark["value"]["|"][0]["&"][1] == 0x0000FFFF
+    assert generation and generation & 0x0000FFFF == 0 and rule[-1] == {"accept": None}
+    reply = decide.index(
+        [{"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "reply"}}, {"accept": None}]
+    )
+    carried = [
+        {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, 0xFFFF0000]}, "right": generation}},
+        {"accept": None},
+    ]
+    assert decide[reply + 1] == carried  # connections a learned address let through under this policy
+    again = render(named_policy_of("*.example.com"), cfg)
+    other = render(named_policy_of("*.example.com", "192.0.2.1"), cfg)
+
+    def gen_of(rs):
+        rule = next(e for e in rules(rs, "decide") if "mangle" in json.dumps(e))
+        return rule[1]["mangle"]["value"]["|"][1]
+
+    assert gen_of(again) == generation != gen_of(other)  # stable across restarts, new with a new policy
+    assert named.shape == render(named_policy_of("*.example.org"), cfg).shape  # the generation is not shape
     plain = render(parse_sandbox({"id": "b", "network_policy": {"allow_out": ["192.0.2.1"]}}).policy, cfg)
     off = render(
         named_policy := named_policy_of("*.example.com"), config_from_dict({"dns": {"intercept": False}})
