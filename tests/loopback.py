@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,9 +17,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """Every sample the agent serves at 127.0.0.1:PORT/metrics, by (name, sorted labels)."""
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+def scrape(port: int, netns: str | None = None) -> dict[tuple[str, tuple], float]:
+    """Every sample the agent serves at 127.0.0.1:PORT/metrics, by (name, sorted labels); netns: the named
+    namespace the agent runs in, when not this one."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    if netns is None:
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+    else:
+        fetch = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+        argv = ["ip", "netns", "exec", netns, sys.executable, "-c", fetch, url]
+        body = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=20).stdout
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for fam in text_string_to_metric_families(body)

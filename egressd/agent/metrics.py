@@ -38,6 +38,7 @@ SCRAPE_TIMEOUT = 5.0
 STATES = ("enforced", "pending", "error")
 # Apply: one table sync (a read, and a write when needed): 1 ms .. 1 s is the range that matters.
 APPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DNS_ANSWER_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 RECONCILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -65,6 +66,9 @@ class Snapshot:
     feed_disconnects: int = 0
     feed_revision: int | None = None  # the last KV revision seen, for a nats:// source
     denied: dict[str, tuple[int, int]] = field(default_factory=dict)  # sandbox -> (packets, bytes)
+    proxy_queries: dict[str, int] = field(default_factory=dict)  # DNS proxy answers, by outcome
+    proxy_sandboxes: int = 0  # sandboxes whose DNS the proxy answers
+    proxy_learned: int = 0  # addresses in force from their answers
 
 
 def snapshot(
@@ -95,6 +99,9 @@ def snapshot(
         feed_disconnects=_int(feed.get("disconnects", 0)) if feed else 0,
         feed_revision=_int(feed["revision"]) if feed and "revision" in feed else None,
         denied={s: v for s, v in denied.values.items() if s in known} if denied is not None else {},
+        proxy_queries=dict(reconciler.proxy.counts),
+        proxy_sandboxes=len(reconciler.proxy.sandboxes),
+        proxy_learned=reconciler.proxy.learned_total(),
     )
 
 
@@ -160,6 +167,7 @@ class AgentCollector(Collector):
                 value=s.feed_revision,
             )
         yield from _denied_metrics(s)
+        yield from _proxy_metrics(s)
 
 
 def _denied_metrics(s: Snapshot) -> tuple[Metric, Metric]:
@@ -228,6 +236,23 @@ class DeniedCounters:
             await asyncio.sleep(every)
 
 
+def _proxy_metrics(s: Snapshot) -> Iterable[Metric]:
+    c = CounterMetricFamily(
+        "egressd_dns_proxy_queries", "Sandbox DNS queries the proxy handled, by outcome", labels=["outcome"]
+    )
+    for outcome, n in sorted(s.proxy_queries.items()):
+        c.add_metric([outcome], n)
+    yield c
+    yield GaugeMetricFamily(
+        "egressd_dns_proxy_sandboxes", "Sandboxes whose DNS the proxy answers", value=s.proxy_sandboxes
+    )
+    yield GaugeMetricFamily(
+        "egressd_dns_proxy_learned_addresses",
+        "Addresses in force from sandboxes' own DNS answers",
+        value=s.proxy_learned,
+    )
+
+
 class Metrics:
     """The registry, the histograms, the denied-counter cache and the HTTP server of one agent."""
 
@@ -245,6 +270,12 @@ class Metrics:
             buckets=APPLY_BUCKETS,
             registry=self.registry,
         )
+        self.dns_answer_seconds = Histogram(
+            "egressd_dns_proxy_answer_seconds",
+            "One sandbox DNS query, from its arrival to its reply (upstream and kernel write included)",
+            buckets=DNS_ANSWER_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(AgentCollector(read))
         self._server: Any = None
         self._thread: Any = None
@@ -255,6 +286,8 @@ class Metrics:
             self.reconcile_seconds.observe(seconds)
         elif kind == "apply":
             self.apply_seconds.observe(seconds)
+        elif kind == "dns_answer":
+            self.dns_answer_seconds.observe(seconds)
 
     def serve(self, listen: str) -> tuple[str, int] | None:
         """Start the HTTP server (its own thread) on listen; "" serves nothing."""

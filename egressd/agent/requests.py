@@ -34,7 +34,10 @@ class ControlApi:
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
         if cmd == "status":
-            return {"agent": self._agent_info(), "sandboxes": self._reconciler.report()}
+            rows = self._reconciler.report()
+            for row in rows:
+                row["dns_proxy"] = self._reconciler.proxy.view(row["id"])
+            return {"agent": self._agent_info(), "sandboxes": rows}
         if cmd == "dns":
             cache = self._dns.cache
             return {"names": [cache.view(n) for n in sorted(cache.names)], "dns": self.dns_info()}

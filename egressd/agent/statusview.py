@@ -81,6 +81,20 @@ def print_status(answer: dict[str, Any]) -> None:
     for sb in answer["sandboxes"]:
         rev = "-" if sb["revision"] is None else str(sb["revision"])
         rows.append((sb["id"], sb["state"], rev, age(sb["since"]), sb["netns"] or "-", sb["error"] or ""))
+        proxy = sb.get("dns_proxy")
+        if proxy is not None:
+            names = sorted({n for a in proxy["addresses"] for n in a["names"]})
+            shown = ", ".join(a["address"] for a in proxy["addresses"][:5]) or "-"
+            rows.append(
+                (
+                    "  dns proxy",
+                    "answering",
+                    "",
+                    "",
+                    shown,
+                    f"{proxy['learned']} learned: {', '.join(names[:5])}",
+                )
+            )
         for h in sb.get("hostnames", []):
             detail = f"refresh in {h.get('refresh_in', 0):g}s" + (f"; {h['error']}" if h.get("error") else "")
             rows.append((f"  {h['list']} {h['name']}", h.get("state", "?"), "", "", addresses(h), detail))

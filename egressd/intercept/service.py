@@ -78,6 +78,7 @@ class Interceptor:
         serving: bool = True,
         open_sockets: Callable[[str, int], ProxySockets] = open_proxy_sockets,
         forward: Forward | None = None,
+        observe: Callable[[str, float], None] | None = None,
     ) -> None:
         """serving=False: nothing listens (a one-shot `egressd apply`, the reconciler's unit tests).
         open_sockets and forward: where sockets come from and how a question is asked upstream (tests)."""
@@ -91,7 +92,7 @@ class Interceptor:
         self._servers = nameservers(config)
         self.sandboxes: dict[str, Sandbox] = {}
         self.counts: Counter[str] = Counter(dict.fromkeys(OUTCOMES, 0))
-        self.latency: Callable[[float], None] | None = None  # told each answer's time (metrics)
+        self._observe = observe  # told ("dns_answer", seconds) for each answer (metrics)
 
     def set_config(self, config: Config) -> None:
         self.config = config
@@ -142,6 +143,24 @@ class Interceptor:
         if sb is not None and sb.site is not None:
             sb.site.close()
 
+    def view(self, sid: str, limit: int = 20) -> dict[str, Any] | None:
+        """What `status` shows of a sandbox's proxy: the addresses it learned (the first `limit`, with the
+        names that gave them and seconds left), None when its DNS is not intercepted."""
+        sb = self.sandboxes.get(sid)
+        if sb is None:
+            return None
+        now = time.monotonic()
+        live = sorted((a, t) for a, t in sb.expiry.items() if t > now)
+        shown = [
+            {"address": a, "names": sorted(sb.names.get(a, ())), "expires_in": round(t - now)}
+            for a, t in live
+        ]
+        return {"learned": len(live), "addresses": shown[:limit]}
+
+    def learned_total(self) -> int:
+        now = time.monotonic()
+        return sum(1 for sb in self.sandboxes.values() for t in sb.expiry.values() if t > now)
+
     def close(self) -> None:
         for sb in self.sandboxes.values():
             if sb.site is not None:
@@ -159,8 +178,8 @@ class Interceptor:
         except QueryError as e:
             return None if e.reply is None else to_wire(e.reply, max_size or 512)
         out = await self._decide(sid, sb, query)
-        if self.latency is not None:
-            self.latency(time.monotonic() - t0)
+        if self._observe is not None:
+            self._observe("dns_answer", time.monotonic() - t0)
         return to_wire(out, max_size or query.payload)
 
     async def _decide(self, sid: str, sb: Sandbox, query: Query) -> dns.message.Message:

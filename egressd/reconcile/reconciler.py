@@ -91,7 +91,7 @@ class Reconciler:
         run, held = self.run_blocking, self.held
         self.host = HostPass(host_backend, self.sync, held, self.counters, run, self._observe)
         # DNS interception (intercept/): only an agent serves it (dns_proxy); without it nothing listens.
-        self.proxy = Interceptor(config, backend, host_backend, run, serving=dns_proxy)
+        self.proxy = Interceptor(config, backend, host_backend, run, serving=dns_proxy, observe=self._observe)
 
     def persisted(self, generation: int) -> None:
         """The persister wrote desired state up to this generation."""

@@ -15,6 +15,7 @@ import pytest
 from netns_fixtures.pool_dns import PoolDnsServer
 from netns_fixtures.probe import tcp_connect
 from tests.integration.test_agent import closed_to, open_to
+from tests.loopback import free_port, scrape
 
 pytestmark = pytest.mark.root
 
@@ -127,6 +128,11 @@ def test_whatever_address_the_cdn_gives_the_sandbox_it_can_reach_at_once(world, 
     assert closed_to(sb.name, never)
     (addr6,) = resolve(sb.name, "www.example.test", 10)  # through a CNAME, IPv6
     assert addr6 in POOL6 and open_to(sb.name, addr6)
+    (row,) = json.loads(a.cli("status", "--json").stdout)["sandboxes"]
+    learned = {x["address"]: x["names"] for x in row["dns_proxy"]["addresses"]}
+    assert row["dns_proxy"]["learned"] == len(given) + 1 and learned[addr6] == ["www.example.test"]
+    assert all(learned[g] == ["pool.example.test"] for g in given)
+    assert "dns proxy" in a.cli("status").stdout
 
 
 def test_names_the_policy_does_not_allow_never_reach_the_upstream(world, upstream, intercepting):
@@ -304,3 +310,48 @@ def test_an_open_connection_outlives_its_learned_address_until_the_policy_change
     finally:
         hold.kill()
         hold.wait(timeout=5)
+
+
+FLOOD = """
+import socket, sys, time
+import dns.message
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setblocking(False)
+wire = dns.message.make_query("flood.exfil.test", "A").to_wire()
+end = time.monotonic() + float(sys.argv[1])
+sent = 0
+while time.monotonic() < end:
+    try:
+        s.sendto(wire, ("203.0.113.77", 53))
+        sent += 1
+    except BlockingIOError:
+        time.sleep(0.0005)
+print(sent)
+"""
+
+
+def test_a_flooding_sandbox_does_not_slow_a_quiet_one(world, upstream, agent, resolv):
+    s0, s1 = world.sandboxes
+    port = free_port()
+    extra = f'[dns]\nintercept = true\nnameservers = ["{UPSTREAM}"]\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
+    a = agent(netns=world.router, extra_config=extra).start()
+    a.upsert("s0", s0.netns_path, 1, allow_internet_access=False, allow_out=["pool.example.test"])
+    a.upsert("s1", s1.netns_path, 1, allow_internet_access=False, allow_out=["pool.example.test"])
+    assert a.wait("s0", 1, timeout=10) and a.wait("s1", 1, timeout=10)
+    flood = subprocess.Popen(
+        ["ip", "netns", "exec", s0.name, sys.executable, "-c", FLOOD, "4"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(1)  # the flood is on
+        for _ in range(5):
+            t0 = time.monotonic()
+            (addr,) = resolve(s1.name, "pool.example.test")
+            assert time.monotonic() - t0 < 1.0 and open_to(s1.name, addr)  # includes starting Python
+    finally:
+        sent = int(flood.communicate(timeout=30)[0])
+    assert sent > 2000  # it did flood (the proxy's rate limit is 200 per second by default)
+    m = scrape(port, world.router)
+    limited = m[("egressd_dns_proxy_queries_total", (("outcome", "rate_limited"),))]
+    refused = m[("egressd_dns_proxy_queries_total", (("outcome", "refused"),))]
+    assert limited > 0 and refused <= 200 * 6  # at most the rate was answered; the rest were dropped
+    assert "flood.exfil.test" not in upstream.names_seen()
