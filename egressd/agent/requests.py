@@ -14,6 +14,7 @@ from egressd.model.config import Config
 from egressd.reconcile.reconciler import Reconciler
 from egressd.ruleset.decide import IPAddress
 from egressd.ruleset.explain import explain_addresses, parse_dest
+from egressd.ruleset.names import judge_name
 
 
 class ControlApi:
@@ -105,7 +106,12 @@ class ControlApi:
         else:
             addrs = [target]
         st = self._reconciler.status.get(sid)
-        out = explain_addresses(d.policy, self._reconciler.config, self._dns.cache, addrs)
+        proxy = self._reconciler.proxy
+        out = explain_addresses(
+            d.policy, self._reconciler.config, self._dns.cache, addrs, lambda a: proxy.learned(sid, a)
+        )
+        if isinstance(target, str) and proxy.view(sid) is not None:
+            out["notes"].append(f"{target}: the sandbox's own DNS query gets {judge_name(d.policy, target)}")
         return {
             "sandbox": sid,
             "dest": dest,

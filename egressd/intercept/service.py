@@ -56,6 +56,7 @@ class Sandbox:
     site: Site | None = None
     expiry: dict[str, float] = field(default_factory=dict)  # learned address -> monotonic expiry
     names: dict[str, set[str]] = field(default_factory=dict)  # learned address -> the names it answered
+    since: dict[str, float] = field(default_factory=dict)  # learned address -> when it was last written
     logged_at: float = 0.0
 
 
@@ -157,6 +158,15 @@ class Interceptor:
         ]
         return {"learned": len(live), "addresses": shown[:limit]}
 
+    def learned(self, sid: str, address: str) -> tuple[list[str], float, float] | None:
+        """The names whose answers put address in the sandbox's learned sets, seconds since, seconds left."""
+        sb = self.sandboxes.get(sid)
+        now = time.monotonic()
+        if sb is None or sb.expiry.get(address, 0.0) <= now:
+            return None
+        since = sb.since.get(address, now)
+        return sorted(sb.names.get(address, ())), now - since, sb.expiry[address] - now
+
     def learned_total(self) -> int:
         now = time.monotonic()
         return sum(1 for sb in self.sandboxes.values() for t in sb.expiry.values() if t > now)
@@ -249,6 +259,7 @@ class Interceptor:
         for addr in [a for a, t in sb.expiry.items() if t <= now]:
             del sb.expiry[addr]
             sb.names.pop(addr, None)
+            sb.since.pop(addr, None)
         timeouts = {}
         for addr, ttl in ttls.items():
             timeout = int(min(max(ttl, cfg.dns_min_ttl), cfg.dns_max_ttl) + cfg.dns_retention)
@@ -267,7 +278,7 @@ class Interceptor:
             log(logging.ERROR, "dns_learn_failed", sandbox=sid, error=str(e))
             return False
         for addr, timeout in timeouts.items():
-            sb.expiry[addr] = now + timeout
+            sb.expiry[addr], sb.since[addr] = now + timeout, now
         for addr in ttls:
             sb.names.setdefault(addr, set()).add(name)
         return True

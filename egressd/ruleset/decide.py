@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from egressd.model.config import Config
 from egressd.model.entries import IPNetwork
 from egressd.model.sandbox import Policy, Targets
+from egressd.ruleset.names import matching_entry
 from egressd.ruleset.render import EMBEDDED_IPV4
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -24,8 +25,11 @@ class Verdict:
     step: str  # embedded-ipv4, guard.deny, guard.allow, allow_out, deny_out, guard.private, internet
     entry: str | None = None  # the list entry that matched, when a list decided
     host: bool = False  # entry is a host name, and dst is among the addresses it resolved to
+    via: str | None = None  # the name whose answer to the sandbox itself put dst in its learned sets
 
     def __str__(self) -> str:
+        if self.via is not None:
+            return f"{self.action}: {self.step} {self.entry} via {self.via}"
         if self.host:
             return f"{self.action}: {self.step} entry {self.entry}"
         if self.entry is not None:
@@ -67,11 +71,14 @@ def decide(
     config: Config,
     dst: str | IPAddress,
     resolved: Callable[[str], Collection[str]] = _no_addresses,
+    learned: Callable[[str], Collection[str]] = _no_addresses,
 ) -> Verdict:
     """The verdict for an original-direction packet from the sandbox to dst (not loopback, not ND).
 
     resolved(name) gives the addresses a host-name entry stands for right now (DnsCache.addresses: what the
     DNS sets hold); by default host names match nothing, as in a table whose names have not resolved yet.
+    learned(address) gives the names whose answers to the sandbox itself put it in its learned sets (DNS
+    interception), which accept right after the allow_out host names' sets.
     """
     addr = ipaddress.ip_address(dst) if isinstance(dst, str) else dst
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -94,4 +101,9 @@ def decide(
         name = _first_host(addr, hosts.get(step, ()), resolved)
         if name is not None:
             return Verdict(action, step, name, host=True)
+        if step == "allow_out":
+            for via in sorted(learned(str(addr))):
+                entry = matching_entry(policy.allow_out, via)
+                if entry is not None:
+                    return Verdict("accept", step, entry, host=True, via=via)
     return Verdict("accept" if policy.allow_internet_access else "deny", "internet")

@@ -8,6 +8,7 @@ addresses. This module only chooses the inputs and words the answer.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 
 from egressd.desired.dnscache import DnsCache
@@ -36,11 +37,24 @@ def parse_dest(text: str) -> IPAddress | str:
     )
 
 
-def _detail(v: Verdict, addr: IPAddress, cache: DnsCache | None) -> dict[str, Any]:
+# address -> (the names whose answers to the sandbox put it in its learned sets, seconds since, seconds left)
+LearnedView = Callable[[str], tuple[list[str], float, float] | None]
+
+
+def _no_learned(address: str) -> tuple[list[str], float, float] | None:
+    return None
+
+
+def _detail(v: Verdict, addr: IPAddress, cache: DnsCache | None, learned: LearnedView) -> dict[str, Any]:
     out: dict[str, Any] = {"address": str(addr), "action": v.action, "step": v.step, "entry": v.entry}
     out["host"] = v.host
     text = str(v)
-    if v.host and v.entry is not None:
+    seen = learned(str(addr)) if v.via is not None else None
+    if seen is not None:
+        _, ago, left = seen
+        out["learned_ago"], out["learned_left"] = round(ago), round(left)
+        text += f", learned {ago:.0f} s ago, {left:.0f} s left"
+    elif v.host and v.entry is not None:
         held = cache.held_since(v.entry, str(addr)) if cache is not None else None
         ago, current = held if held is not None else (None, False)
         out["resolved_ago"], out["current"] = ago, current
@@ -51,13 +65,22 @@ def _detail(v: Verdict, addr: IPAddress, cache: DnsCache | None) -> dict[str, An
 
 
 def explain_addresses(
-    policy: Policy, config: Config, cache: DnsCache | None, addrs: list[IPAddress]
+    policy: Policy,
+    config: Config,
+    cache: DnsCache | None,
+    addrs: list[IPAddress],
+    learned: LearnedView = _no_learned,
 ) -> dict[str, Any]:
     """The verdict for each address under the policy in force; `held_closed` says when plan() holds the
     sandbox closed (its allow_internet_access is then false whatever the record says)."""
     enforced, _, closed = enforced_policy(policy, config, cache)
     resolved = cache.addresses if cache is not None else (lambda name: frozenset())
-    results = [_detail(decide(enforced, config, a, resolved), a, cache) for a in addrs]
+
+    def names(address: str) -> list[str]:
+        seen = learned(address)
+        return seen[0] if seen is not None else []
+
+    results = [_detail(decide(enforced, config, a, resolved, names), a, cache, learned) for a in addrs]
     held = None
     if closed is not None:
         held = "held " + closed

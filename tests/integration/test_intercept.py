@@ -126,6 +126,7 @@ def test_whatever_address_the_cdn_gives_the_sandbox_it_can_reach_at_once(world, 
     assert len(given) >= 2  # the CDN did answer differently
     never = next(p for p in POOL if p not in given and upstream.answered[("pool.example.test", p)] == 0)
     assert closed_to(sb.name, never)
+    assert a.cli("explain", "s0", never).returncode == 1  # explain agrees: denied
     (addr6,) = resolve(sb.name, "www.example.test", 10)  # through a CNAME, IPv6
     assert addr6 in POOL6 and open_to(sb.name, addr6)
     (row,) = json.loads(a.cli("status", "--json").stdout)["sandboxes"]
@@ -168,6 +169,12 @@ def test_patterns_at_any_depth_never_the_apex_and_deny_through_a_cname(world, up
     for name in ("api.wild.test", "deep.api.wild.test"):
         (addr,) = resolve(sb.name, name)
         assert open_to(sb.name, addr), name
+    out = a.cli("explain", "s0", addr)  # the last one: learned from deep.api.wild.test's answer
+    assert out.returncode == 0 and out.stdout.startswith(
+        "accept: allow_out *.wild.test via deep.api.wild.test, learned"
+    )
+    out = a.cli("explain", "s0", "wild.test")
+    assert "the sandbox's own DNS query gets refused" in out.stderr  # the apex
     assert ask(sb.name, "wild.test")["rcode"] == "REFUSED"  # the apex is not under *.wild.test
     assert ask(sb.name, "sneaky.example.test")["rcode"] == "NXDOMAIN"  # its CNAME leads into *.evil.test
     assert ask(sb.name, "x.evil.test")["rcode"] == "NXDOMAIN"

@@ -78,3 +78,17 @@ def test_a_deny_pattern_without_interception_holds_the_sandbox_closed():
     assert note is None and ruleset.intercept
     assert ruleset.variant[-1]["add"]["rule"]["expr"] == [{"accept": None}]
     assert explain_addresses(p, on, None, [parse_dest("203.0.113.5")])["results"][0]["action"] == "accept"
+
+
+def test_explain_judges_learned_addresses_by_the_entry_that_allowed_their_name():
+    p = policy(allow_internet_access=False, allow_out=["*.example.test"], deny_out=["198.51.100.0/24"])
+    cfg = config_from_dict({"dns": {"intercept": True}})
+    learned = {"198.51.100.7": (["a.example.test"], 3.2, 26.8)}
+    out = explain_addresses(p, cfg, None, [parse_dest("198.51.100.7"), parse_dest("198.51.100.8")], learned.get)
+    first, second = out["results"]
+    assert first["action"] == "accept" and first["entry"] == "*.example.test"  # allow_out before deny_out
+    assert first["text"] == "accept: allow_out *.example.test via a.example.test, learned 3 s ago, 27 s left"
+    assert second["action"] == "deny" and second["step"] == "deny_out"  # not learned: the CIDR decides
+    stale = {"198.51.100.7": (["gone.other.test"], 1.0, 5.0)}  # a name the policy no longer allows
+    out = explain_addresses(p, cfg, None, [parse_dest("198.51.100.7")], stale.get)
+    assert out["results"][0]["action"] == "deny"
