@@ -84,7 +84,9 @@ def test_explain_judges_learned_addresses_by_the_entry_that_allowed_their_name()
     p = policy(allow_internet_access=False, allow_out=["*.example.test"], deny_out=["198.51.100.0/24"])
     cfg = config_from_dict({"dns": {"intercept": True}})
     learned = {"198.51.100.7": (["a.example.test"], 3.2, 26.8)}
-    out = explain_addresses(p, cfg, None, [parse_dest("198.51.100.7"), parse_dest("198.51.100.8")], learned.get)
+    out = explain_addresses(
+        p, cfg, None, [parse_dest("198.51.100.7"), parse_dest("198.51.100.8")], learned.get
+    )
     first, second = out["results"]
     assert first["action"] == "accept" and first["entry"] == "*.example.test"  # allow_out before deny_out
     assert first["text"] == "accept: allow_out *.example.test via a.example.test, learned 3 s ago, 27 s left"
