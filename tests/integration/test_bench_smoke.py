@@ -39,6 +39,22 @@ def test_dns_benchmark_smoke(tmp_path):
     assert results["change_to_all_enforced_s"] is not None and results["change_to_all_enforced_s"] > 0
 
 
+def test_intercept_benchmark_smoke(tmp_path):
+    _, results = run_smoke(tmp_path, 180, "bench.intercept", "--smoke")
+    # the direct sandbox asked the upstream itself, the intercepted one was answered by egressd's proxy
+    assert results["intercepted_by_agent"] == {"direct": False, "intercepted": True}
+    assert all(results["checks"].values()), results["checks"]
+    for case in ("pool", "many"):  # four cases: two answer sizes, two ways, each timed with whole answers
+        row = results["cases"][case]
+        for way in ("direct", "intercepted"):
+            q = row[way]
+            assert q["n"] + q["errors"] == 40 and q["n"] > 0 and q["wrong"] == 0, (case, way)
+            assert q["p50"] > 0 and q["p99"] >= q["p50"], (case, way)
+        assert row["added_p50_ms"] is not None and row["added_p99_ms"] is not None  # any sign: no timing
+    assert results["kernel_writes"]["total"] > 0 and results["learned_addresses"] > 0
+    assert isinstance(results["goal"]["met"], bool)
+
+
 def test_tamper_benchmark_smoke(tmp_path):
     _, results = run_smoke(tmp_path, 300, "bench.tamper", "--smoke")
     phases = {p["mode"]: p for p in results["phases"]}
