@@ -53,7 +53,8 @@ from egressd.feed.lines import DEFAULT_MAX_LINE
 from egressd.kernel.netns import ContextCache, NetnsError
 from egressd.model.config import Config, load_config
 from egressd.model.sandbox import parse_sandbox
-from egressd.ruleset.render import FAMILY, FINGERPRINT_CHAIN, TABLE, Json, Ruleset, render
+from egressd.ruleset.exprs import FAMILY, TABLE, Json
+from egressd.ruleset.render import FINGERPRINT_CHAIN, Ruleset, render
 from egressd.ruleset.transactions import fingerprint_of
 from tests.integration.agent import AgentProcess
 

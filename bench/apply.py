@@ -35,7 +35,8 @@ from egressd.kernel.nft import LibnftBackend
 from egressd.model.config import Config
 from egressd.model.entries import IPNetwork
 from egressd.model.sandbox import Policy, Targets
-from egressd.ruleset.render import FAMILY, FINGERPRINT_CHAIN, TABLE, Json, Ruleset, render
+from egressd.ruleset.exprs import FAMILY, TABLE, Json
+from egressd.ruleset.render import FINGERPRINT_CHAIN, Ruleset, render
 from egressd.ruleset.transactions import fingerprint_of, replace_table
 from egressd.ruleset.variants import neutral_name
 

@@ -52,7 +52,7 @@ from egressd.kernel.monitor_events import TransactionParser
 from egressd.kernel.monitor_socket import FD_BASE, open_monitor_socket, raise_fd_limit
 from egressd.kernel.netns import ContextCache
 from egressd.model.config import load_config
-from egressd.ruleset.render import FAMILY, TABLE, Json
+from egressd.ruleset.exprs import FAMILY, TABLE, Json
 from tests.integration.agent import AgentProcess
 
 NEWGEN_TYPE = (10 << 8) | 15  # NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWGEN

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from egressd.ruleset.render import Json, Ruleset
+from egressd.ruleset.exprs import Json
+from egressd.ruleset.render import Ruleset
 from egressd.ruleset.transactions import Elements
 
 

@@ -19,7 +19,8 @@ from egressd.kernel.backend import ApplyError
 from egressd.kernel.hostside import neutral_listing, target_for
 from egressd.kernel.netns import NetnsError
 from egressd.kernel.writer import TableWriter
-from egressd.ruleset.render import Json, Ruleset
+from egressd.ruleset.exprs import Json
+from egressd.ruleset.render import Ruleset
 from egressd.ruleset.transactions import Elements, active_variant, fingerprint_of, learn_commands
 from egressd.ruleset.variants import neutral_name, variant_name
 

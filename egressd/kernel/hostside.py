@@ -36,7 +36,8 @@ from egressd.common.logs import log
 from egressd.kernel.backend import ApplyError, listing_of
 from egressd.kernel.writer import TableWriter
 from egressd.model.config import Config
-from egressd.ruleset.render import FINGERPRINT_CHAIN, ND_TYPES, Json, Ruleset
+from egressd.ruleset.exprs import Json
+from egressd.ruleset.render import FINGERPRINT_CHAIN, ND_TYPES, Ruleset
 from egressd.ruleset.transactions import Elements, fingerprint_of, learn_commands
 from egressd.ruleset.variants import Target
 

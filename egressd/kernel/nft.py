@@ -12,7 +12,8 @@ from egressd.kernel.backend import ApplyError, listing_of
 from egressd.kernel.netns import ContextCache, libc_setns
 from egressd.kernel.nfnl import NetlinkError, read_chain_comments
 from egressd.kernel.writer import TableWriter
-from egressd.ruleset.render import FAMILY, FINGERPRINT_CHAIN, TABLE, Json, Ruleset
+from egressd.ruleset.exprs import FAMILY, TABLE, Json
+from egressd.ruleset.render import FINGERPRINT_CHAIN, Ruleset
 from egressd.ruleset.transactions import Elements, fingerprint_of, learn_commands
 
 

@@ -12,7 +12,8 @@ from collections.abc import Callable, Hashable
 from typing import Protocol
 
 from egressd.kernel.backend import ApplyError
-from egressd.ruleset.render import Json, Ruleset
+from egressd.ruleset.exprs import Json
+from egressd.ruleset.render import Ruleset
 from egressd.ruleset.transactions import (
     Elements,
     Plan,

@@ -38,7 +38,7 @@ from egressd.reconcile.netnspass import NetnsPass, ident_of
 from egressd.reconcile.queue import KeyedQueue
 from egressd.reconcile.status import Status, StatusBoard
 from egressd.reconcile.sync import SyncResult, TableSync
-from egressd.ruleset.render import intercepting
+from egressd.ruleset.dnsrules import intercepting
 
 PENDING_RETRY_MAX = 1.0  # a namespace that does not exist yet is looked for at least every second
 COUNTERS = ("applied", "unchanged", "adopted", "repaired", "dns_updated", "failed")

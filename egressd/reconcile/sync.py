@@ -23,8 +23,10 @@ from egressd.desired.dnscache import DnsCache
 from egressd.kernel.backend import Backend
 from egressd.model.config import Config
 from egressd.model.sandbox import DENY_ALL, Policy
+from egressd.ruleset.dnsrules import LEARNED_SETS
+from egressd.ruleset.exprs import CT_MARK, Json
 from egressd.ruleset.plan import plan
-from egressd.ruleset.render import CT_MARK, FINGERPRINT_CHAIN, LEARNED_SETS, Json, Ruleset, render
+from egressd.ruleset.render import FINGERPRINT_CHAIN, Ruleset, render
 from egressd.ruleset.transactions import active_variant, fingerprint_of, set_elements
 from egressd.ruleset.variants import neutral_name
 

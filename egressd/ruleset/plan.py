@@ -10,7 +10,8 @@ from dataclasses import replace
 from egressd.desired.dnscache import DnsCache
 from egressd.model.config import Config
 from egressd.model.sandbox import Policy
-from egressd.ruleset.render import Ruleset, elements_for, intercepting, render
+from egressd.ruleset.dnsrules import intercepting
+from egressd.ruleset.render import Ruleset, elements_for, render
 
 
 def enforced_policy(

@@ -17,14 +17,24 @@ from typing import Any
 from egressd.model.config import Config
 from egressd.model.entries import IPNetwork
 from egressd.model.sandbox import Policy
+from egressd.ruleset.dnsrules import LEARNED_SETS, dns_l4, generation, intercept_hooks, intercepting
+from egressd.ruleset.exprs import (
+    ACCEPT,
+    CT_MARK,
+    DENY,
+    Json,
+    T,
+    match,
+    match_daddr,
+    meta,
+    payload,
+    rule,
+)
 
-FAMILY = "inet"
-TABLE = "egressd"
 SCHEMA = "egressd/2"  # 2: the DNS interception chains and learned sets in every table
 FINGERPRINT_CHAIN = "fingerprint"
 VARIANTS = ("a", "b")
 VARIANT_SUFFIXES = ("_a", "_b")
-_T = {"family": FAMILY, "table": TABLE}
 
 # ICMPv6 neighbour and router discovery: without these the sandbox cannot reach even its gateway over IPv6.
 ND_TYPES = ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]
@@ -34,21 +44,6 @@ ND_TYPES = ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]
 # former as IPv4 (judged by the IPv4 rules); as IPv6 packets they are only ever a way around those rules.
 EMBEDDED_IPV4 = (ipaddress.IPv6Network("::ffff:0:0/96"), ipaddress.IPv6Network("::/96"))
 MLD_TYPES = ["mld-listener-report", "mld-listener-done", "mld2-listener-report"]
-
-Json = dict[str, Any]
-
-# DNS interception (intercept.py): sets the proxy fills from the sandbox's own answers, each element with a
-# timeout. Made once with the table, outside the variants, so an element added between a stage and its
-# switch is never lost; emptied by nobody but time.
-LEARNED_SETS = ("learned4", "learned6")
-# Base chains of every sandbox table besides output and forward: the DNS redirects (nat output for the
-# sandbox's processes, nat prerouting for traffic routed through it) and input (only redirected queries
-# reach the proxy). Empty unless the sandbox's DNS is intercepted.
-INTERCEPT_BASE = (
-    {"name": "dns_out", "type": "nat", "hook": "output", "prio": -100, "policy": "accept"},
-    {"name": "dns_in", "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"},
-    {"name": "input", "type": "filter", "hook": "input", "prio": 0, "policy": "accept"},
-)
 
 
 @dataclass(frozen=True)
@@ -101,34 +96,6 @@ def _split(nets: Iterable[IPNetwork]) -> tuple[list[IPNetwork], list[IPNetwork]]
     return v4, v6
 
 
-def _match(left: Json, right: Any, op: str = "==") -> Json:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-def _payload(protocol: str, field: str) -> Json:
-    return {"payload": {"protocol": protocol, "field": field}}
-
-
-def _meta(key: str) -> Json:
-    return {"meta": {"key": key}}
-
-
-def _match_daddr(version: int, set_name: str) -> Json:
-    return _match(_payload("ip" if version == 4 else "ip6", "daddr"), f"@{set_name}")
-
-
-def _rule(chain: str, *expr: Json, comment: str | None = None) -> Json:
-    rule: Json = {**_T, "chain": chain, "expr": list(expr)}
-    if comment is not None:
-        rule["comment"] = comment
-    return {"add": {"rule": rule}}
-
-
-ACCEPT: Json = {"accept": None}
-CT_MARK: Json = {"ct": {"key": "mark"}}
-DENY: Json = {"jump": {"target": "deny"}}
-
-
 class _Builder:
     """Collects sets first and rules after, so every set and chain exists before anything refers to it."""
 
@@ -148,7 +115,7 @@ class _Builder:
                 {
                     "add": {
                         "set": {
-                            **_T,
+                            **T,
                             "name": set_name,
                             "type": "ipv4_addr" if version == 4 else "ipv6_addr",
                             "flags": ["interval"],
@@ -157,7 +124,7 @@ class _Builder:
                     }
                 }
             )
-            self.rules.append(_rule("decide", _match_daddr(version, set_name), *extra, verdict))
+            self.rules.append(rule("decide", match_daddr(version, set_name), *extra, verdict))
 
     def dns_sets(self, name: str, verdict: Json) -> list[str]:
         """Plain sets (no intervals) for resolved addresses, both families, rendered empty: their elements
@@ -166,25 +133,25 @@ class _Builder:
         for version in (4, 6):
             set_name = f"{name}{version}"
             set_type = "ipv4_addr" if version == 4 else "ipv6_addr"
-            self.sets.append({"add": {"set": {**_T, "name": set_name, "type": set_type}}})
-            self.rules.append(_rule("decide", _match_daddr(version, set_name), verdict))
+            self.sets.append({"add": {"set": {**T, "name": set_name, "type": set_type}}})
+            self.rules.append(rule("decide", match_daddr(version, set_name), verdict))
             names.append(set_name)
         return names
 
 
 def _deny_chain(action: str, host_mark: int | None = None) -> list[Json]:
-    rules = [_rule("deny", {"counter": "denied"})]
+    rules = [rule("deny", {"counter": "denied"})]
     if host_mark is not None:
         # The host side runs before conntrack (see hostside.py): it marks, and the guard table drops what is
         # marked unless conntrack calls it a reply.
         mark = {"meta": {"key": "mark"}}
-        rules.append(_rule("deny", {"mangle": {"key": mark, "value": {"|": [mark, host_mark]}}}, ACCEPT))
+        rules.append(rule("deny", {"mangle": {"key": mark, "value": {"|": [mark, host_mark]}}}, ACCEPT))
         return rules
     if action == "drop":
-        rules.append(_rule("deny", {"drop": None}))
+        rules.append(rule("deny", {"drop": None}))
     else:
-        rules.append(_rule("deny", _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}))
-        rules.append(_rule("deny", {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}))
+        rules.append(rule("deny", match(meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}))
+        rules.append(rule("deny", {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}))
     return rules
 
 
@@ -208,20 +175,10 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
     fingerprint, shape = _digests(variant, hooks, where)
     if carry:  # the generation comes from the table without it: its shape is every generation's shape
         variant, hooks, dns_sets, names = _build(
-            policy, config, host, intercept, _generation(fingerprint, policy, config)
+            policy, config, host, intercept, generation(fingerprint, policy, config)
         )
         fingerprint, _ = _digests(variant, hooks, where)
     return Ruleset(variant, hooks, fingerprint, tuple(dns_sets), names, shape, intercept)
-
-
-def _generation(fingerprint: str, policy: Policy, config: Config) -> int:
-    """A policy's generation, in the conn_mark_mask bits, never 0: from a digest of its table and of the
-    names it allows (which its table does not show), so a changed policy has another (one chance in 65,535
-    of the same, with the default mask) and a restart the same."""
-    mask = config.intercept.conn_mark_mask
-    shift, seed = (mask & -mask).bit_length() - 1, "\n".join((fingerprint, *policy.allow_out.names)).encode()
-    span = mask >> shift
-    return (int(hashlib.sha256(seed).hexdigest()[:12], 16) % span + 1) << shift
 
 
 def _build(
@@ -234,45 +191,20 @@ def _build(
     _link_rules(b, host, config.intercept.port if intercept else None, carried)
     dns_sets = _destination_rules(b, policy, config, intercept, carried)
     # 7. everything else: the public internet.
-    b.rules.append(_rule("decide", ACCEPT if policy.allow_internet_access else DENY))
+    b.rules.append(rule("decide", ACCEPT if policy.allow_internet_access else DENY))
 
     variant: list[Json] = [
         *b.sets,
-        {"add": {"chain": {**_T, "name": "deny"}}},
-        {"add": {"chain": {**_T, "name": "decide"}}},
+        {"add": {"chain": {**T, "name": "deny"}}},
+        {"add": {"chain": {**T, "name": "decide"}}},
         *_deny_chain(config.deny_action, config.host_mark if host else None),
         *b.rules,
     ]
-    hooks = _hooks(config, host) + (_intercept_hooks(config) if intercept and not host else [])
+    hooks = _hooks(config, host) + (intercept_hooks(config) if intercept and not host else [])
     names = frozenset(
         [c["add"]["set"]["name"] for c in b.sets] + ["deny", "decide"]
     )  # the objects that exist twice during an update: name_a and name_b
     return variant, hooks, dns_sets, names
-
-
-def intercepting(policy: Policy, config: Config) -> bool:
-    """Whether egressd answers this sandbox's DNS: [dns] intercept, and a policy that names a host name or
-    a pattern in either list. Its host-side table then accepts the learned addresses too (it has no
-    redirect: the sandbox's own table sends its queries to the proxy)."""
-    return config.intercept.enabled and bool(policy.allow_out.names or policy.deny_out.names)
-
-
-def _dns_l4(port: int) -> tuple[Json, Json]:
-    return _match(_meta("l4proto"), {"set": ["tcp", "udp"]}), _match(_payload("th", "dport"), port)
-
-
-def _intercept_hooks(config: Config) -> list[Json]:
-    """Every DNS query (port 53, any address, TCP and UDP) to the proxy's port, from the sandbox's processes
-    and from traffic routed through it (not what comes in from the uplink); and at input, only redirected
-    queries reach the proxy: no one outside asks it anything."""
-    port = config.intercept.port
-    redirect = {"redirect": {"port": port}}
-    not_redirected = {"match": {"op": "!", "left": {"ct": {"key": "status"}}, "right": "dnat"}}
-    return [
-        _rule("dns_out", *_dns_l4(53), redirect),
-        _rule("dns_in", _match(_meta("iifname"), config.uplink, "!="), *_dns_l4(53), redirect),
-        _rule("input", *_dns_l4(port), not_redirected, {"drop": None}),
-    ]
 
 
 def _link_rules(
@@ -283,34 +215,34 @@ def _link_rules(
     if proxy_port is not None and host:
         # The sandbox's own table sends every query to its proxy: port 53 on the wire is a packet socket
         # going around it (CAP_NET_RAW), a channel out of the host.
-        b.rules.append(_rule("decide", *_dns_l4(53), DENY))
+        b.rules.append(rule("decide", *dns_l4(53), DENY))
     elif proxy_port is not None:
         for version, local in ((4, "127.0.0.1"), (6, "::1")):
-            daddr = _payload("ip" if version == 4 else "ip6", "daddr")
-            b.rules.append(_rule("decide", _match(daddr, local), *_dns_l4(proxy_port), ACCEPT))
-    icmpv6_type = _payload("icmpv6", "type")
-    hoplimit = _payload("ip6", "hoplimit")
-    nd = (_match(icmpv6_type, {"set": ND_TYPES}), _match(hoplimit, 255))
+            daddr = payload("ip" if version == 4 else "ip6", "daddr")
+            b.rules.append(rule("decide", match(daddr, local), *dns_l4(proxy_port), ACCEPT))
+    icmpv6_type = payload("icmpv6", "type")
+    hoplimit = payload("ip6", "hoplimit")
+    nd = (match(icmpv6_type, {"set": ND_TYPES}), match(hoplimit, 255))
     if host:
         on_link = {
             "set": [{"prefix": {"addr": "fe80::", "len": 10}}, {"prefix": {"addr": "ff02::", "len": 16}}]
         }
-        b.rules.append(_rule("decide", *nd, _match(_payload("ip6", "daddr"), on_link), ACCEPT))
+        b.rules.append(rule("decide", *nd, match(payload("ip6", "daddr"), on_link), ACCEPT))
     else:
-        b.rules.append(_rule("decide", _match(_meta("oifname"), "lo"), ACCEPT))
-        b.rules.append(_rule("decide", _match({"ct": {"key": "direction"}}, "reply"), ACCEPT))
+        b.rules.append(rule("decide", match(meta("oifname"), "lo"), ACCEPT))
+        b.rules.append(rule("decide", match({"ct": {"key": "direction"}}, "reply"), ACCEPT))
         if carried is not None:  # a connection a learned address let through under this very policy
             mask, generation = carried
-            b.rules.append(_rule("decide", _match({"&": [CT_MARK, mask]}, generation), ACCEPT))
-        b.rules.append(_rule("decide", *nd, ACCEPT))
-    link_multicast = _match(_payload("ip6", "daddr"), {"prefix": {"addr": "ff02::", "len": 16}})
+            b.rules.append(rule("decide", match({"&": [CT_MARK, mask]}, generation), ACCEPT))
+        b.rules.append(rule("decide", *nd, ACCEPT))
+    link_multicast = match(payload("ip6", "daddr"), {"prefix": {"addr": "ff02::", "len": 16}})
     b.rules.append(
-        _rule("decide", _match(icmpv6_type, {"set": MLD_TYPES}), _match(hoplimit, 1), link_multicast, ACCEPT)
+        rule("decide", match(icmpv6_type, {"set": MLD_TYPES}), match(hoplimit, 1), link_multicast, ACCEPT)
     )
     if proxy_port is not None and not host:
         # Every query was redirected to the proxy's port before this chain sees it: what still goes to port 53
         # is a flow conntrack had set up before the redirect was in force (NAT is decided once per flow).
-        b.rules.append(_rule("decide", *_dns_l4(53), DENY))
+        b.rules.append(rule("decide", *dns_l4(53), DENY))
 
 
 def _destination_rules(
@@ -328,7 +260,7 @@ def _destination_rules(
     closed_names = not policy.allow_internet_access and policy.allow_out.hostnames
     if closed_names and config.sandbox_resolvers and not intercept:
         # A closed sandbox that names hosts needs DNS to use them: port 53 of the operator's resolvers only.
-        dns_port = [_match(_meta("l4proto"), {"set": ["tcp", "udp"]}), _match(_payload("th", "dport"), 53)]
+        dns_port = [match(meta("l4proto"), {"set": ["tcp", "udp"]}), match(payload("th", "dport"), 53)]
         b.set_rules("resolvers", config.sandbox_resolvers, {"accept": None}, extra=dns_port)
     b.set_rules("guard_allow", config.guard.allow, ACCEPT)
     b.set_rules("allow", (*policy.allow_out.nets4, *policy.allow_out.nets6), ACCEPT)
@@ -340,7 +272,7 @@ def _destination_rules(
             keep = {"&": [CT_MARK, 0xFFFFFFFF ^ mask]}
             mark = [{"mangle": {"key": CT_MARK, "value": {"|": [keep, generation]}}}]
         for version, name in zip((4, 6), LEARNED_SETS, strict=True):
-            b.rules.append(_rule("decide", _match_daddr(version, name), *mark, ACCEPT))
+            b.rules.append(rule("decide", match_daddr(version, name), *mark, ACCEPT))
     b.set_rules("deny", (*policy.deny_out.nets4, *policy.deny_out.nets6), DENY)
     dns_sets += b.dns_sets("deny_dns", DENY) if policy.deny_out.hostnames else []
     b.set_rules("private", config.guard.private, DENY)
@@ -350,14 +282,14 @@ def _destination_rules(
 def _hooks(config: Config, host: bool) -> list[Json]:
     """The base chains' rules, which jump to `decide`: ingress on the host side, else output and forward."""
     if host:
-        return [_rule("ingress", {"jump": {"target": "decide"}})]
-    uplink = _match(_meta("iifname"), config.uplink)
+        return [rule("ingress", {"jump": {"target": "decide"}})]
+    uplink = match(meta("iifname"), config.uplink)
     return [
-        _rule("output", {"jump": {"target": "decide"}}),
+        rule("output", {"jump": {"target": "decide"}}),
         # Forwarded traffic (a microVM behind a tap) is judged unless it enters from the uplink: that is
         # traffic towards the sandbox, not from it.
-        _rule("forward", uplink, ACCEPT),
-        _rule("forward", {"jump": {"target": "decide"}}),
+        rule("forward", uplink, ACCEPT),
+        rule("forward", {"jump": {"target": "decide"}}),
     ]
 
 

@@ -17,7 +17,9 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from egressd.ruleset.render import FINGERPRINT_CHAIN, LEARNED_SETS, VARIANTS, Json, Ruleset
+from egressd.ruleset.dnsrules import LEARNED_SETS
+from egressd.ruleset.exprs import Json
+from egressd.ruleset.render import FINGERPRINT_CHAIN, VARIANTS, Ruleset
 from egressd.ruleset.variants import (
     NETNS,
     Target,

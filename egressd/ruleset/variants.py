@@ -11,16 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from egressd.ruleset.render import (
-    FAMILY,
-    FINGERPRINT_CHAIN,
-    INTERCEPT_BASE,
-    LEARNED_SETS,
-    TABLE,
-    VARIANT_SUFFIXES,
-    Json,
-    Ruleset,
-)
+from egressd.ruleset.dnsrules import INTERCEPT_BASE, LEARNED_SETS
+from egressd.ruleset.exprs import FAMILY, TABLE, Json
+from egressd.ruleset.render import FINGERPRINT_CHAIN, VARIANT_SUFFIXES, Ruleset
 
 _T = {"family": FAMILY, "table": TABLE}
 

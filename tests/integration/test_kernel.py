@@ -299,7 +299,7 @@ def test_the_kernel_lists_set_elements_as_render_writes_them(netns_name):
     """Digests leave set elements out and reconcile.elements_differ compares them on their own, first as
     text: libnftables must list addresses, prefixes and the catch-alls exactly as render writes them."""
     from egressd.reconcile.sync import elem_key, elements_differ
-    from egressd.ruleset.render import LEARNED_SETS
+    from egressd.ruleset.dnsrules import LEARNED_SETS
 
     path = f"/run/netns/{netns_name}"
     many = [f"198.18.{i // 256}.{i % 256}/32" for i in range(0, 4000, 2)]

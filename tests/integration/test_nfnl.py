@@ -9,7 +9,8 @@ from egressd.kernel.nfnl import read_chain_comments
 from egressd.kernel.nft import LibnftBackend
 from egressd.model.config import Config
 from egressd.model.sandbox import DENY_ALL, parse_sandbox
-from egressd.ruleset.render import FINGERPRINT_CHAIN, TABLE, render
+from egressd.ruleset.exprs import TABLE
+from egressd.ruleset.render import FINGERPRINT_CHAIN, render
 from egressd.ruleset.transactions import fingerprint_of
 
 pytestmark = pytest.mark.root
