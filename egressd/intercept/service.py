@@ -113,8 +113,9 @@ class Interceptor:
             sb.policy, sb.host_iface = policy, host_iface
             return
         await self.release(sid)
-        sockets = await self._run(self._open, netns, self.config.intercept.port)
         sb = Sandbox(netns, policy, host_iface)
+        await self._remember(sb)  # before any socket: a namespace that is gone raises here, holding nothing
+        sockets = await self._run(self._open, netns, self.config.intercept.port)
         sb.site = Site(
             sid, sockets, self.config.intercept, lambda wire, size: self.answer(sid, wire, size), self.counts
         )
@@ -137,6 +138,19 @@ class Interceptor:
         except OSError as e:
             return f"the DNS proxy cannot listen on port {self.config.intercept.port}: {e}", False
         return None
+
+    async def _remember(self, sb: Sandbox) -> None:
+        """A proxy (re)started over a table that already holds learned addresses (the agent restarted): their
+        times are taken from the kernel, so a shorter answer never shortens one. Which names gave them is
+        not known: a policy that allows other names lets them go (see _relearn)."""
+        try:
+            left = await self._run(self._backend.read_learned, sb.netns)
+        except ApplyError as e:
+            log(logging.WARNING, "dns_learned_unreadable", netns=sb.netns, error=str(e))
+            return
+        now = time.monotonic()
+        for addr, seconds in left.items():
+            sb.expiry[addr] = now + seconds
 
     async def release(self, sid: str) -> None:
         """Close the sandbox's sockets: they would keep its namespace alive."""

@@ -47,6 +47,9 @@ class Backend(Protocol):
         """Addresses from the sandbox's DNS answers into its learned sets, each for its timeout (seconds),
         in one transaction; replace: the sets hold only these afterwards."""
 
+    def read_learned(self, netns: str) -> dict[str, int]:
+        """The addresses in the learned sets, with the seconds each has left ({} when there are none)."""
+
     def read(self, netns: str) -> list[Json] | None:
         """egressd's table in netns as a libnftables listing, or None when there is none."""
 

@@ -21,7 +21,13 @@ from egressd.kernel.netns import NetnsError
 from egressd.kernel.writer import TableWriter
 from egressd.ruleset.exprs import Json
 from egressd.ruleset.render import Ruleset
-from egressd.ruleset.transactions import Elements, active_variant, fingerprint_of, learn_commands
+from egressd.ruleset.transactions import (
+    Elements,
+    active_variant,
+    fingerprint_of,
+    learn_commands,
+    learned_elements,
+)
 from egressd.ruleset.variants import neutral_name, variant_name
 
 NOENT = "No such file or directory"
@@ -278,6 +284,10 @@ class FakeBackend:
         self._check(netns, "learn")
         self.run(netns, learn_commands(timeouts, replace=replace), "learned addresses")
         self.writes.append(("learn", netns))
+
+    def read_learned(self, netns: str) -> dict[str, int]:
+        self._check(netns, "read")
+        return learned_elements(self.kernel.listing(netns) or [])
 
     def read(self, netns: str) -> list[Json] | None:
         self.reads += 1

@@ -12,9 +12,10 @@ from egressd.kernel.backend import ApplyError, listing_of
 from egressd.kernel.netns import ContextCache, libc_setns
 from egressd.kernel.nfnl import NetlinkError, read_chain_comments
 from egressd.kernel.writer import TableWriter
+from egressd.ruleset.dnsrules import LEARNED_SETS
 from egressd.ruleset.exprs import FAMILY, TABLE, Json
 from egressd.ruleset.render import FINGERPRINT_CHAIN, Ruleset
-from egressd.ruleset.transactions import Elements, fingerprint_of, learn_commands
+from egressd.ruleset.transactions import Elements, fingerprint_of, learn_commands, learned_elements
 
 
 def _make_nft() -> Any:
@@ -68,6 +69,14 @@ class LibnftBackend:
     def _list(self, netns: str, what: Json) -> list[Json] | None:
         rc, out, err = self._cmd(netns, {"nftables": [{"list": what}]})
         return listing_of(rc, out, err, f"cannot list egressd's table in {netns}")
+
+    def read_learned(self, netns: str) -> dict[str, int]:
+        """Both learned sets in one libnftables call: what a restarted proxy starts from."""
+        where = {"family": FAMILY, "table": TABLE}
+        cmd = {"nftables": [{"list": {"set": {**where, "name": n}}} for n in LEARNED_SETS]}
+        rc, out, err = self._cmd(netns, cmd)
+        listing = listing_of(rc, out, err, f"cannot list the learned sets in {netns}")
+        return learned_elements(listing or [])
 
     def read(self, netns: str) -> list[Json] | None:
         return self._list(netns, {"table": {"family": FAMILY, "name": TABLE}})

@@ -210,3 +210,18 @@ def learn_commands(timeouts: Mapping[str, int], target: Target = NETNS, replace:
         out.append({"delete": {"element": {**where, "name": name, "elem": addrs}}})
         out.append({"add": {"element": {**where, "name": name, "elem": timed}}})
     return out
+
+
+def learned_elements(listing: list[Json]) -> dict[str, int]:
+    """Address -> seconds left, of the learned sets in a listing (libnftables lists `expires`; a fake or an
+    element without it, its `timeout`)."""
+    out: dict[str, int] = {}
+    for item in listing:
+        obj = item.get("set")
+        if not obj or obj.get("name") not in LEARNED_SETS:
+            continue
+        for e in obj.get("elem", ()):
+            inner = e.get("elem") if isinstance(e, dict) else None
+            if isinstance(inner, dict) and isinstance(inner.get("val"), str):
+                out[inner["val"]] = int(inner.get("expires", inner.get("timeout", 0)))
+    return out

@@ -224,6 +224,8 @@ def test_learned_addresses_outlive_the_agent_and_its_restart(world, upstream, in
     assert "error" in ask(sb.name, "pool.example.test")  # nobody answers while it is down: a timeout
     a.start()  # READY only once every proxy listens again
     assert open_to(sb.name, addr)
+    (row,) = json.loads(a.cli("status", "--json").stdout)["sandboxes"]
+    assert [x["address"] for x in row["dns_proxy"]["addresses"]] == [addr]  # taken from the kernel
     (again,) = resolve(sb.name, "pool.example.test")
     assert open_to(sb.name, again) and closed_to(sb.name, "203.0.113.66")
 

@@ -223,3 +223,33 @@ def test_a_policy_that_allows_fewer_names_keeps_only_their_learned_addresses():
         proxy.close()
 
     asyncio.run(scenario())
+
+
+def test_a_restarted_proxy_takes_learned_times_from_the_kernel_and_never_shortens_them():
+    from egressd.kernel.dnssock import ProxySockets
+    from egressd.kernel.netns import netns_id
+
+    here = "/proc/self/ns/net"
+    fb = FakeBackend(namespaces={here})
+    pol = policy(allow_internet_access=False, allow_out=["a.test"])
+    fb.apply(here, render(pol, CONFIG))
+    fb.learn(here, {"198.51.100.1": 500})  # what the agent before the restart wrote
+    up = Upstream({"a.test": [("a.test.", 30, "A", "198.51.100.1")]})
+
+    async def run(fn, *args):
+        return fn(*args)
+
+    stub = lambda p, port: ProxySockets([], [], netns_id(p))  # noqa: E731
+    proxy = Interceptor(CONFIG, fb, None, run, open_sockets=stub, forward=up)
+
+    async def scenario():
+        await proxy.ensure("a", here, pol, None)
+        assert proxy.view("a")["learned"] == 1
+        writes = len(fb.writes)
+        q = dns.message.make_query("a.test", "A")
+        assert dns.message.from_wire(await proxy.answer("a", q.to_wire(), 0)).rcode() == dns.rcode.NOERROR
+        assert len(fb.writes) == writes  # 30 s + retention is shorter than what the kernel holds: no write
+        assert learned_set(fb, where=here) == {"198.51.100.1": 500}
+        proxy.close()
+
+    asyncio.run(scenario())
