@@ -71,12 +71,13 @@ class LibnftBackend:
         return listing_of(rc, out, err, f"cannot list egressd's table in {netns}")
 
     def read_learned(self, netns: str) -> dict[str, int]:
-        """Both learned sets in one libnftables call: what a restarted proxy starts from."""
-        where = {"family": FAMILY, "table": TABLE}
-        cmd = {"nftables": [{"list": {"set": {**where, "name": n}}} for n in LEARNED_SETS]}
-        rc, out, err = self._cmd(netns, cmd)
-        listing = listing_of(rc, out, err, f"cannot list the learned sets in {netns}")
-        return learned_elements(listing or [])
+        """The learned sets, one libnftables call each (two `list` commands in one call find only one set):
+        what a restarted proxy starts from."""
+        out: dict[str, int] = {}
+        for name in LEARNED_SETS:
+            listing = self._list(netns, {"set": {"family": FAMILY, "table": TABLE, "name": name}})
+            out.update(learned_elements(listing or []))
+        return out
 
     def read(self, netns: str) -> list[Json] | None:
         return self._list(netns, {"table": {"family": FAMILY, "name": TABLE}})
