@@ -21,7 +21,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from egressd.model.entries import IPNetwork
+from egressd.model.entries import IPNetwork, within
 
 UPSTREAM_PAYLOAD = 1232  # EDNS payload asked of upstreams (the DNS flag day size)
 # A label the proxy will judge: letters, digits, hyphens, underscores (SRV, DMARC). Anything else (a dot or
@@ -149,8 +149,7 @@ def _copy(
 def _blocked(rdtype: int, rdata: object, nets: tuple[IPNetwork, ...]) -> bool:
     if rdtype not in ADDRESS_TYPES:
         return False
-    addr = ipaddress.ip_address(rdata.address)  # type: ignore[attr-defined]
-    return any(addr.version == n.version and addr in n for n in nets)
+    return within(str(rdata.address), nets)  # type: ignore[attr-defined]
 
 
 def to_wire(message: dns.message.Message, max_size: int = 65535) -> bytes:

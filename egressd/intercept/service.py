@@ -6,7 +6,6 @@ sandbox gets SERVFAIL, never an answer it cannot use; a refused or denied name n
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections import Counter
@@ -36,7 +35,7 @@ from egressd.kernel.backend import ApplyError, Backend
 from egressd.kernel.dnssock import ProxySockets, open_proxy_sockets
 from egressd.kernel.netns import NetnsError, NsId, netns_id
 from egressd.model.config import Config
-from egressd.model.entries import IPNetwork
+from egressd.model.entries import within
 from egressd.model.sandbox import Policy
 from egressd.ruleset.names import FORWARD, NXDOMAIN, judge_chain, judge_name
 
@@ -219,7 +218,7 @@ class Interceptor:
         if verdict.action == NXDOMAIN:
             return self._refuse(sid, sb, query, NXDOMAIN, f"{verdict} (on the CNAME chain)")
         blocked = self.config.guard.deny
-        usable = {a: t for a, t in found.addresses.items() if not _inside(a, blocked)}
+        usable = {a: t for a, t in found.addresses.items() if not within(a, blocked)}
         if verdict.learn and usable and not await self._learn(sid, sb, usable, query.name):
             self.counts["servfail"] += 1
             return reply(query.message, dns.rcode.SERVFAIL)
@@ -296,11 +295,6 @@ class Interceptor:
         for addr in ttls:
             sb.names.setdefault(addr, set()).add(name)
         return True
-
-
-def _inside(addr: str, nets: tuple[IPNetwork, ...]) -> bool:
-    ip = ipaddress.ip_address(addr)
-    return any(ip.version == n.version and ip in n for n in nets)
 
 
 def _same_ns(path: str, ident: NsId) -> bool:

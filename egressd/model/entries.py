@@ -32,6 +32,12 @@ PATTERN_PREFIX = "*."
 _SUFFIXES = PublicSuffixList(only_icann=True)
 
 
+def within(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | str, nets: Iterable[IPNetwork]) -> bool:
+    """Whether an address lies in any of the networks (of its own family)."""
+    ip = ipaddress.ip_address(addr) if isinstance(addr, str) else addr
+    return any(ip.version == n.version and ip in n for n in nets)
+
+
 def collapse(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
     """Merge overlapping and adjacent networks, sorted, IPv4 first; fast when little merges.
 

@@ -71,7 +71,7 @@ def listing_digest(listing: list[Json]) -> str:
         rule = item.get("rule")
         if rule is not None and rule.get("chain") == FINGERPRINT_CHAIN and "comment" in rule:
             item = {"rule": {k: v for k, v in rule.items() if k != "comment"}}
-        elif rule is not None and "ct" in json.dumps(rule.get("expr", ())):
+        elif rule is not None:
             item = {"rule": without_generation(rule)}
         items.append(item)
     text = json.dumps(items, sort_keys=True, separators=(",", ":"))
@@ -86,8 +86,9 @@ def _is_ct_mark(expr: Any) -> bool:
 
 
 def without_generation(rule: Json) -> Json:
-    """A rule with the policy's generation (render._generation) set to 0, in whichever form libnftables
-    lists it: the ct mark comparison, and the ct mark a learned set's rule sets."""
+    """A rule with the policy's generation (dnsrules.generation) set to 0, in whichever form libnftables
+    lists it: the ct mark comparison, and the ct mark a learned set's rule sets. A walk of the rule's
+    top-level expressions only: cheaper than finding out first whether it has any."""
     exprs = []
     for e in rule.get("expr", ()):
         match = e.get("match") if isinstance(e, dict) else None

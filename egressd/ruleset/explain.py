@@ -13,7 +13,7 @@ from typing import Any
 
 from egressd.desired.dnscache import DnsCache
 from egressd.model.config import Config
-from egressd.model.entries import parse_entry
+from egressd.model.entries import parse_entry, within
 from egressd.model.sandbox import Policy
 from egressd.ruleset.decide import IPAddress, Verdict, decide
 from egressd.ruleset.plan import enforced_policy
@@ -91,7 +91,7 @@ def explain_addresses(
     if not enforced.allow_internet_access and enforced.allow_out.hostnames and config.sandbox_resolvers:
         for a, r in zip(addrs, results, strict=True):
             guarded = r["step"] in ("embedded-ipv4", "guard.deny")
-            if not guarded and any(a.version == n.version and a in n for n in config.sandbox_resolvers):
+            if not guarded and within(a, config.sandbox_resolvers):
                 notes.append(
                     f"{a}: port 53 (TCP and UDP) is accepted first, as one of [dns] sandbox_resolvers"
                 )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from egressd.model.config import Config
-from egressd.model.entries import IPNetwork
+from egressd.model.entries import IPNetwork, within
 from egressd.model.sandbox import Policy
 from egressd.ruleset.dnsrules import LEARNED_SETS, dns_l4, generation, intercept_hooks, intercepting
 from egressd.ruleset.exprs import (
@@ -320,7 +320,7 @@ def elements_for(
         v4, v6 = set(), set()
         for a in addrs:
             ip = ipaddress.ip_address(a)
-            if drop_guarded and any(ip.version == n.version and ip in n for n in blocked):
+            if drop_guarded and within(ip, blocked):
                 continue
             (v4 if ip.version == 4 else v6).add(str(ip))
         return frozenset(v4), frozenset(v6)
