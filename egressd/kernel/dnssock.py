@@ -2,12 +2,11 @@
 
 A socket stays in the namespace it was made in (and keeps that namespace alive: close it when the sandbox
 goes). A short visit by the calling thread (netns.in_netns) makes them: UDP and TCP, IPv4 and IPv6, on the
-proxy port of every address. The sandbox's table redirects its queries there (127.0.0.1 / ::1 for its own
-processes, the incoming interface's address for traffic routed through it) and lets no other packet reach
-the port. A UDP reply must leave from the address the query was redirected to, or conntrack cannot map it
-back to the server the sandbox asked: the UDP sockets read each query's destination (IP_PKTINFO) and send
-the reply from it.
-"""
+proxy port of every address, and the netlink socket that writes the answers' addresses to its learned sets.
+The sandbox's table redirects its queries there (127.0.0.1 / ::1 for its own processes, the incoming
+interface's address for traffic routed through it) and lets no other packet reach the port. A UDP reply must
+leave from the address the query was redirected to, or conntrack cannot map it back to the server the
+sandbox asked: the UDP sockets read each query's destination (IP_PKTINFO) and send the reply from it."""
 
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from egressd.kernel.netns import NsId, in_netns
+from egressd.kernel.nfnl_elements import ElementSocket
 
 TCP_BACKLOG = 64
 # Linux's values; Python's socket module names IP_PKTINFO only from 3.12 (Debian 12 has 3.11).
@@ -33,8 +33,12 @@ class ProxySockets:
     udp: list[socket.socket]
     tcp: list[socket.socket]
     ident: NsId  # the namespace they were made in
+    # the answers' addresses go to the kernel over this one; None: through the backend (tests)
+    elements: ElementSocket | None = None
 
     def close(self) -> None:
+        """The listeners. The element socket is closed by its owner, off the event loop: closing it soon
+        after a write waits an RCU grace period (see nfnl_elements.py)."""
         for s in (*self.udp, *self.tcp):
             with contextlib.suppress(OSError):
                 s.close()
@@ -91,7 +95,8 @@ def open_proxy_sockets(path: str, port: int) -> ProxySockets:
                 t = _tcp(family, port)
                 made.append(t)
                 tcp.append(t)
-            return ProxySockets(udp, tcp, NsId(0, 0))
+            elements = ElementSocket.here(path)
+            return ProxySockets(udp, tcp, NsId(0, 0), elements)
         except OSError:
             for s in made:
                 s.close()

@@ -34,8 +34,10 @@ from typing import Any, Protocol
 
 from egressd.common.logs import log
 from egressd.kernel.backend import ApplyError, listing_of
+from egressd.kernel.nfnl_elements import ElementSocket
 from egressd.kernel.writer import TableWriter
 from egressd.model.config import Config
+from egressd.ruleset.dnsrules import LEARNED_SETS
 from egressd.ruleset.exprs import Json
 from egressd.ruleset.render import FINGERPRINT_CHAIN, ND_TYPES, Ruleset
 from egressd.ruleset.transactions import Elements, fingerprint_of, learn_commands
@@ -128,6 +130,8 @@ class HostBackend:
         self._guard_written = False  # this backend has put the guard in force once
         self._lock = threading.Lock()
         self._writer = TableWriter(self, target_for=target_for)
+        self._elements: ElementSocket | None = None  # made at the first learned address; kept for good
+        self._elements_lock = threading.Lock()
 
     def set_config(self, config: Config) -> None:
         with self._lock:
@@ -189,7 +193,18 @@ class HostBackend:
         self._writer.update_elements(where, add, delete, variant)
 
     def learn(self, where: str, timeouts: dict[str, int], replace: bool = False) -> None:
-        self._run(learn_commands(timeouts, target_for(where), replace), "learned addresses")
+        """An answer's addresses over one netlink socket kept for the purpose (kernel/nfnl_elements.py: the
+        DNS reply waits for this write); a replacement, which flushes the sets, with libnftables."""
+        if replace:
+            self._run(learn_commands(timeouts, target_for(where), True), "learned addresses")
+        else:
+            with self._elements_lock:
+                if self._elements is None:
+                    try:
+                        self._elements = ElementSocket.open(None)
+                    except OSError as e:
+                        raise ApplyError(f"cannot open a netlink socket for learned addresses: {e}") from None
+            self._elements.learn(FAMILY, table_name(where), LEARNED_SETS, timeouts)
 
     def read(self, where: str) -> list[Json] | None:
         listing = self._list({"table": {"family": FAMILY, "name": table_name(where)}})

@@ -71,7 +71,7 @@ def attributes(data: memoryview, wanted: tuple[int, ...]) -> dict[int, memoryvie
     return out
 
 
-def _attr(kind: int, value: bytes) -> bytes:
+def attr(kind: int, value: bytes) -> bytes:
     body = NLATTR.pack(NLATTR.size + len(value), kind) + value
     return body + b"\0" * (align(len(body)) - len(body))
 
@@ -80,8 +80,8 @@ def getrule_dump_request(table: str, chain: str, seq: int, family: int = NFPROTO
     """A GETRULE dump of one chain: the kernel filters by table and chain, so only its rules come back."""
     body = (
         NFGENMSG.pack(family, NFNETLINK_V0, 0)
-        + _attr(NFTA_RULE_TABLE, table.encode() + b"\0")
-        + _attr(NFTA_RULE_CHAIN, chain.encode() + b"\0")
+        + attr(NFTA_RULE_TABLE, table.encode() + b"\0")
+        + attr(NFTA_RULE_CHAIN, chain.encode() + b"\0")
     )
     kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE
     return NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
@@ -148,7 +148,7 @@ class DumpParser:
             raise NetlinkError("malformed reply: truncated netlink header")
 
 
-def _netfilter_socket() -> socket.socket:
+def netfilter_socket() -> socket.socket:
     """Made inside the target namespace (the socket stays bound to it)."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
     try:
@@ -182,7 +182,7 @@ def read_chain_comments(
 
     Raises NetnsError (path unusable) or NetlinkError."""
     try:
-        sock, _ = in_netns(path, _netfilter_socket, setns)
+        sock, _ = in_netns(path, netfilter_socket, setns)
     except OSError as e:
         raise NetlinkError(f"cannot open a netlink socket in {path}: {e}") from None
     with sock:

@@ -64,6 +64,8 @@ class LibnftBackend:
         self._writer.update_elements(netns, add, delete, variant)
 
     def learn(self, netns: str, timeouts: dict[str, int], replace: bool = False) -> None:
+        """With libnftables; the DNS proxy writes an answer's addresses over its own netlink socket
+        (kernel/nfnl_elements.py) and comes here for a replacement."""
         self.run(netns, learn_commands(timeouts, replace=replace), "learned addresses")
 
     def _list(self, netns: str, what: Json) -> list[Json] | None:

@@ -44,13 +44,16 @@ def test_intercept_benchmark_smoke(tmp_path):
     # the direct sandbox asked the upstream itself, the intercepted one was answered by egressd's proxy
     assert results["intercepted_by_agent"] == {"direct": False, "intercepted": True}
     assert all(results["checks"].values()), results["checks"]
-    for case in ("pool", "many"):  # four cases: two answer sizes, two ways, each timed with whole answers
+    for case in ("pool", "many"):  # six cases: two answer sizes, three ways, each timed with whole answers
         row = results["cases"][case]
-        for way in ("direct", "intercepted"):
+        for way in ("direct", "intercepted", "dnsmasq"):
             q = row[way]
             assert q["n"] + q["errors"] == 40 and q["n"] > 0 and q["wrong"] == 0, (case, way)
             assert q["p50"] > 0 and q["p99"] >= q["p50"], (case, way)
         assert row["added_p50_ms"] is not None and row["added_p99_ms"] is not None  # any sign: no timing
+        assert row["dnsmasq_added_p50_ms"] is not None
+        assert isinstance(results["goal_vs_dnsmasq"]["met"][case], bool)
+    assert results["dnsmasq"]["sets"]["ok"], results["dnsmasq"]["sets"]  # dnsmasq did the same job
     assert results["kernel_writes"]["total"] > 0 and results["learned_addresses"] > 0
     assert isinstance(results["goal"]["met"], bool)
 

@@ -1,14 +1,17 @@
-"""The raw netlink fingerprint read (nfnl.py) against libnftables and the nft CLI, on the real kernel."""
+"""The raw netlink reads and writes (nfnl.py, nfnl_elements.py) against libnftables and the nft CLI, on the real kernel."""
 
 import subprocess
 
 import pytest
 
+from egressd.kernel.backend import ApplyError
 from egressd.kernel.netns import NetnsError
 from egressd.kernel.nfnl import read_chain_comments
+from egressd.kernel.nfnl_elements import ElementSocket
 from egressd.kernel.nft import LibnftBackend
 from egressd.model.config import Config
 from egressd.model.sandbox import DENY_ALL, parse_sandbox
+from egressd.ruleset.dnsrules import LEARNED_SETS
 from egressd.ruleset.exprs import TABLE
 from egressd.ruleset.render import FINGERPRINT_CHAIN, render
 from egressd.ruleset.transactions import fingerprint_of
@@ -66,3 +69,42 @@ def test_raw_read_of_a_path_that_is_no_namespace_says_so(tmp_path):
     assert e.value.gone
     with pytest.raises(NetnsError, match="agent's own"):
         read_chain_comments("/proc/self/ns/net", TABLE, FINGERPRINT_CHAIN)
+
+
+def test_learned_addresses_written_over_raw_netlink_are_what_libnftables_lists(netns_name):
+    path = f"/run/netns/{netns_name}"
+    b = LibnftBackend()
+    elements = ElementSocket.open(path)
+    try:
+        with pytest.raises(ApplyError, match="No such file or directory"):  # no table yet: refused, said so
+            elements.learn("inet", TABLE, LEARNED_SETS, {"192.0.2.7": 30})
+        b.apply(path, render(DENY_ALL, Config()))
+        assert b.read_learned(path) == {}
+        elements.learn("inet", TABLE, LEARNED_SETS, {"192.0.2.7": 30, "2001:db8::7": 300, "198.51.100.1": 5})
+        left = b.read_learned(path)
+        assert left.keys() == {"192.0.2.7", "2001:db8::7", "198.51.100.1"}
+        assert (
+            28 <= left["192.0.2.7"] <= 30 and 298 <= left["2001:db8::7"] <= 300 and left["198.51.100.1"] <= 5
+        )
+        # An address already there gets the new time (add, delete, add), and one bad set spoils the batch.
+        elements.learn("inet", TABLE, LEARNED_SETS, {"192.0.2.7": 600})
+        assert 598 <= b.read_learned(path)["192.0.2.7"] <= 600
+        with pytest.raises(ApplyError, match="No such file or directory"):
+            elements.learn("inet", TABLE, ("learned4", "nosuch6"), {"192.0.2.8": 30, "2001:db8::8": 30})
+        assert "192.0.2.8" not in b.read_learned(path)
+        # The host side's family: a netdev table of the same shape.
+        nft(netns_name, "add", "table", "netdev", "hs")
+        nft(netns_name, "add", "set", "netdev", "hs", "learned4", "{ type ipv4_addr; flags timeout; }")
+        nft(netns_name, "add", "set", "netdev", "hs", "learned6", "{ type ipv6_addr; flags timeout; }")
+        elements.learn("netdev", "hs", LEARNED_SETS, {"203.0.113.5": 40})
+        listed = subprocess.run(
+            ["ip", "netns", "exec", netns_name, "nft", "list", "set", "netdev", "hs", "learned4"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        assert "203.0.113.5 timeout 40s" in listed
+    finally:
+        elements.close()
+        b.close()

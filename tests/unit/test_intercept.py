@@ -253,3 +253,58 @@ def test_a_restarted_proxy_takes_learned_times_from_the_kernel_and_never_shorten
         proxy.close()
 
     asyncio.run(scenario())
+
+
+class Elements:
+    """Stands in for the netlink socket made with a sandbox's listeners (kernel/nfnl_elements.py)."""
+
+    def __init__(self, refuse=False):
+        self.writes = []
+        self.refuse = refuse
+        self.closed = False
+
+    def learn(self, family, table, sets, timeouts):
+        if self.refuse:
+            raise ApplyError("the kernel refused the learned addresses: No such file or directory")
+        self.writes.append((family, table, sets, dict(timeouts)))
+
+    def close(self):
+        self.closed = True
+
+
+def test_answers_go_over_the_sandboxs_own_netlink_socket_in_the_loop_and_it_closes_with_the_sandbox():
+    from egressd.kernel.dnssock import ProxySockets
+    from egressd.kernel.netns import netns_id
+
+    here = "/proc/self/ns/net"
+    fb = FakeBackend(namespaces={here})
+    pol = policy(allow_internet_access=False, allow_out=["a.test", "b.test"])
+    fb.apply(here, render(pol, CONFIG))
+    up = Upstream(
+        {"a.test": [("a.test.", 30, "A", "198.51.100.1")], "b.test": [("b.test.", 30, "A", "192.0.2.9")]}
+    )
+    elements = Elements()
+    ran = []
+
+    async def run(fn, *args):
+        ran.append(getattr(fn, "__name__", fn))
+        return fn(*args)
+
+    stub = lambda p, port: ProxySockets([], [], netns_id(p), elements)  # noqa: E731
+    proxy = Interceptor(CONFIG, fb, None, run, open_sockets=stub, forward=up)
+
+    async def scenario():
+        await proxy.ensure("a", here, pol, None)
+        ran.clear()
+        q = dns.message.make_query("a.test", "A")
+        assert dns.message.from_wire(await proxy.answer("a", q.to_wire(), 0)).rcode() == dns.rcode.NOERROR
+        assert elements.writes == [("inet", "egressd", ("learned4", "learned6"), {"198.51.100.1": 30 + 10})]
+        assert ran == [] and learned_set(fb, where=here) == {}  # not through a worker, not the backend
+        elements.refuse = True  # a table gone behind the proxy's back: SERVFAIL, nothing remembered
+        q = dns.message.make_query("b.test", "A")
+        assert dns.message.from_wire(await proxy.answer("a", q.to_wire(), 0)).rcode() == dns.rcode.SERVFAIL
+        assert proxy.learned("a", "192.0.2.9") is None and proxy.learned("a", "198.51.100.1") is not None
+        await proxy.release("a")
+        assert elements.closed and "close" in ran  # closed off the loop: that close may wait in the kernel
+
+    asyncio.run(scenario())

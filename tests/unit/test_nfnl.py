@@ -19,7 +19,7 @@ from egressd.kernel.nfnl import (
     NLMSGHDR,
     DumpParser,
     NetlinkError,
-    _attr,
+    attr,
     attributes,
     getrule_dump_request,
     rule_comment,
@@ -32,10 +32,10 @@ def msg(kind: int, body: bytes, seq: int = 7) -> bytes:
 
 
 def rule(comment: bytes | None, other_udata: bytes = b"") -> bytes:
-    body = NFGENMSG.pack(1, 0, 0) + _attr(NFTA_RULE_TABLE, b"egressd\0")
+    body = NFGENMSG.pack(1, 0, 0) + attr(NFTA_RULE_TABLE, b"egressd\0")
     if comment is not None or other_udata:
         udata = other_udata + (bytes([0, len(comment)]) + comment if comment is not None else b"")
-        body += _attr(NFTA_RULE_USERDATA, udata)
+        body += attr(NFTA_RULE_USERDATA, udata)
     return msg((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE, body)
 
 
