@@ -1,12 +1,13 @@
-"""DNS messages as the proxy sees them: the sandbox's query checked and read, the query it sends upstream
-rebuilt from the question alone, the upstream answer read (the CNAME chain, the addresses on it), and the
-reply the sandbox gets (its own id, capped TTLs, no address inside guard.deny). Pure: no sockets here.
+"""DNS messages as the proxy sees them, with dnspython: the sandbox's query checked and read, the query it
+sends upstream rebuilt from the question alone, the upstream answer read (the CNAME chain, the addresses on
+it), and the reply the sandbox gets (its own id, capped TTLs, no address inside guard.deny). Pure: no
+sockets here. The slow path: wire.py serves the plain case with the same semantics, and hands anything
+else here.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -21,12 +22,9 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from egressd.intercept.wire import LABEL, MAX_CHAIN, UPSTREAM_PAYLOAD
 from egressd.model.entries import IPNetwork, within
 
-UPSTREAM_PAYLOAD = 1232  # EDNS payload asked of upstreams (the DNS flag day size)
-# A label the proxy will judge: letters, digits, hyphens, underscores (SRV, DMARC). Anything else (a dot or
-# a byte inside a label) could make a name's text look like another name's: refused, never forwarded.
-_LABEL = re.compile(rb"^[A-Za-z0-9_-]{1,63}$")
 ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 
 
@@ -72,7 +70,7 @@ def parse_query(wire: bytes) -> Query:
     if question.rdclass != dns.rdataclass.IN:
         raise QueryError("only class IN is answered", reply(msg, dns.rcode.REFUSED))
     labels = question.name.labels[:-1]  # the root label is empty
-    if not labels or not all(_LABEL.match(label) for label in labels):
+    if not labels or not all(LABEL.match(label) for label in labels):
         raise QueryError("a name with unusual bytes in a label", reply(msg, dns.rcode.REFUSED))
     name = b".".join(labels).decode("ascii").lower()
     return Query(msg, name, dns.rdatatype.to_text(question.rdtype))
@@ -103,7 +101,7 @@ def learned(query: Query, answer: dns.message.Message) -> Learned:
     chain = [qname]
     ttl = float("inf")
     by_owner = {rrset.name: rrset for rrset in answer.answer if rrset.rdtype == dns.rdatatype.CNAME}
-    while chain[-1] in by_owner and len(chain) < 16:
+    while chain[-1] in by_owner and len(chain) < MAX_CHAIN:
         rrset = by_owner[chain[-1]]
         ttl = min(ttl, rrset.ttl)
         chain.append(rrset[0].target)
@@ -150,6 +148,13 @@ def _blocked(rdtype: int, rdata: object, nets: tuple[IPNetwork, ...]) -> bool:
     if rdtype not in ADDRESS_TYPES:
         return False
     return within(str(rdata.address), nets)  # type: ignore[attr-defined]
+
+
+def read_answer(query: Query, wire: bytes) -> tuple[dns.message.Message, Learned]:
+    """An upstream's answer (bytes already matched to the question), and what it says. DNSException when
+    it does not parse."""
+    answer = dns.message.from_wire(wire)
+    return answer, learned(query, answer)
 
 
 def to_wire(message: dns.message.Message, max_size: int = 65535) -> bytes:

@@ -13,23 +13,26 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import dns.message
+import dns.exception
 import dns.rcode
 import dns.resolver
 
 from egressd.common.logs import log
 from egressd.intercept import upstream
+from egressd.intercept import wire as fast
 from egressd.intercept.messages import (
+    Learned,
     Query,
     QueryError,
-    learned,
     parse_query,
+    read_answer,
     reply,
     sandbox_reply,
     to_wire,
     upstream_query,
 )
 from egressd.intercept.site import Site
+from egressd.intercept.wire import FastAnswer, FastQuery, WireError
 from egressd.kernel.backend import ApplyError, Backend
 from egressd.kernel.dnssock import ProxySockets, open_proxy_sockets
 from egressd.kernel.netns import NetnsError, NsId, netns_id
@@ -43,7 +46,7 @@ from egressd.ruleset.names import FORWARD, NXDOMAIN, judge_chain, judge_name
 OUTCOMES = ("forwarded", "refused", "nxdomain", "servfail", "rate_limited")
 REFUSED_LOG_INTERVAL = 1.0  # at most one dns_refused line per sandbox per second
 RunBlocking = Callable[..., Awaitable[Any]]
-Forward = Callable[[Query], Awaitable[dns.message.Message | None]]
+Forward = Callable[[bytes], Awaitable[bytes | None]]  # a question's wire form -> the answer's
 
 
 @dataclass
@@ -196,57 +199,95 @@ class Interceptor:
         self.sandboxes.clear()
 
     async def answer(self, sid: str, wire: bytes, max_size: int) -> bytes | None:
-        """One query of the sandbox, start to end; None: nothing is sent (not a query)."""
+        """One query of the sandbox, start to end; None: nothing is sent (not a query). A plain query takes
+        the fast path (wire.py), anything else dnspython's (messages.py)."""
         t0 = time.monotonic()
         sb = self.sandboxes.get(sid)
         if sb is None:
             return None
+        query: FastQuery | Query
         try:
-            query = parse_query(wire)
-        except QueryError as e:
-            return None if e.reply is None else to_wire(e.reply, max_size or 512)
-        out = await self._decide(sid, sb, query)
+            query = fast.parse_query(wire)
+        except WireError:
+            try:
+                query = parse_query(wire)
+            except QueryError as e:
+                return None if e.reply is None else to_wire(e.reply, max_size or 512)
+        out = await self._decide(sid, sb, query, wire, max_size or query.payload)
         if self._observe is not None:
             self._observe("dns_answer", time.monotonic() - t0)
-        return to_wire(out, max_size or query.payload)
+        return out
 
-    async def _decide(self, sid: str, sb: Sandbox, query: Query) -> dns.message.Message:
+    async def _decide(self, sid: str, sb: Sandbox, query: FastQuery | Query, wire: bytes, size: int) -> bytes:
         verdict = judge_name(sb.policy, query.name)
         if verdict.action != FORWARD:
-            return self._refuse(sid, sb, query, verdict.action, str(verdict))
-        upstream = await self._forward(query)
-        if upstream is None:
-            self.counts["servfail"] += 1
-            return reply(query.message, dns.rcode.SERVFAIL)
-        found = learned(query, upstream)
+            return self._refuse(sid, sb, query, verdict.action, str(verdict), size)
+        read = await self._ask(query, wire)
+        if read is None:
+            return self._empty(query, dns.rcode.SERVFAIL, size, "servfail")
+        query, answer, found = read
         verdict = judge_chain(sb.policy, found.chain)
         if verdict.action == NXDOMAIN:
-            return self._refuse(sid, sb, query, NXDOMAIN, f"{verdict} (on the CNAME chain)")
+            return self._refuse(sid, sb, query, NXDOMAIN, f"{verdict} (on the CNAME chain)", size)
         blocked = self.config.guard.deny
         usable = {a: t for a, t in found.addresses.items() if not within(a, blocked)}
         if verdict.learn and usable and not await self._learn(sid, sb, usable, query.name):
-            self.counts["servfail"] += 1
-            return reply(query.message, dns.rcode.SERVFAIL)
+            return self._empty(query, dns.rcode.SERVFAIL, size, "servfail")
         self.counts["forwarded"] += 1
-        return sandbox_reply(query, upstream, found, self.config.dns_max_ttl, blocked)
+        if isinstance(query, FastQuery):
+            return fast.reply(query, answer, self.config.dns_max_ttl, blocked, size)
+        return to_wire(sandbox_reply(query, answer, found, self.config.dns_max_ttl, blocked), size)
 
-    def _refuse(self, sid: str, sb: Sandbox, query: Query, action: str, why: str) -> dns.message.Message:
-        self.counts["nxdomain" if action == NXDOMAIN else "refused"] += 1
+    async def _ask(
+        self, query: FastQuery | Query, wire: bytes
+    ) -> tuple[FastQuery | Query, Any, FastAnswer | Learned] | None:
+        """The question upstream and its answer read: (the query as read, the answer, its chain and
+        addresses); the query as dnspython reads it when the answer is not for the fast path. None: no
+        usable answer."""
+        plain = isinstance(query, FastQuery)
+        data = await self._forward(
+            fast.upstream_question(query) if plain else upstream_query(query).to_wire()
+        )
+        if data is None:
+            return None
+        try:
+            if isinstance(query, FastQuery):
+                try:
+                    answer = fast.read_answer(query, data)
+                    return query, answer, answer
+                except WireError:  # a rich or odd answer: dnspython reads it, from the query up
+                    query = parse_query(wire)
+            message, found = read_answer(query, data)
+        except (dns.exception.DNSException, QueryError) as e:
+            log(logging.WARNING, "dns_upstream_unreadable", name=query.name, error=str(e))
+            return None
+        return query, message, found
+
+    def _empty(self, query: FastQuery | Query, rcode: int, size: int, outcome: str) -> bytes:
+        self.counts[outcome] += 1
+        if isinstance(query, FastQuery):
+            return fast.refusal(query, rcode)
+        return to_wire(reply(query.message, rcode), size)
+
+    def _refuse(
+        self, sid: str, sb: Sandbox, query: FastQuery | Query, action: str, why: str, size: int
+    ) -> bytes:
         now = time.monotonic()
         if now - sb.logged_at >= REFUSED_LOG_INTERVAL:
             sb.logged_at = now
             log(logging.INFO, "dns_refused", sandbox=sid, name=query.name, type=query.rdtype, detail=why)
-        return reply(query.message, dns.rcode.NXDOMAIN if action == NXDOMAIN else dns.rcode.REFUSED)
+        if action == NXDOMAIN:
+            return self._empty(query, dns.rcode.NXDOMAIN, size, "nxdomain")
+        return self._empty(query, dns.rcode.REFUSED, size, "refused")
 
-    async def _ask_upstream(self, query: Query) -> dns.message.Message | None:
-        """The rebuilt question to each of the agent's resolvers in turn (UDP, TCP when truncated), from
-        the agent's own namespace; None when none answers."""
-        q = upstream_query(query)
+    async def _ask_upstream(self, question: bytes) -> bytes | None:
+        """The question to each of the agent's resolvers in turn (UDP, TCP when truncated), from the
+        agent's own namespace; None when none answers."""
         timeout = self.config.dns_timeout / max(1, len(self._servers))
         for server in self._servers:
-            response = await upstream.ask(q, server, timeout)
-            if response is not None and response.rcode() not in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
-                return response
+            data = await upstream.ask(question, server, timeout)
+            if data is not None and data[3] & 0xF not in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
+                return data
         return None
 
     async def _relearn(self, sb: Sandbox, policy: Policy, host_iface: str | None) -> None:
@@ -268,7 +309,10 @@ class Interceptor:
 
     async def _learn(self, sid: str, sb: Sandbox, ttls: dict[str, float], name: str) -> bool:
         """Commit the answer's addresses, each for its TTL clamped to [min_ttl, max_ttl] plus retention;
-        only those whose time would grow. The bookkeeping only after the kernel accepted them."""
+        only those whose time would grow by more than a tenth of the retention (at least 1 s): an address
+        answered again and again is written once a minute (the default retention), not at every answer,
+        and still outlives the answer's TTL by nine tenths of the retention. The bookkeeping only after
+        the kernel accepted them."""
         cfg = self.config
         now = time.monotonic()
         for addr in [a for a, t in sb.expiry.items() if t <= now]:
@@ -276,9 +320,10 @@ class Interceptor:
             sb.names.pop(addr, None)
             sb.since.pop(addr, None)
         timeouts = {}
+        slack = max(1.0, cfg.dns_retention / 10)
         for addr, ttl in ttls.items():
             timeout = int(min(max(ttl, cfg.dns_min_ttl), cfg.dns_max_ttl) + cfg.dns_retention)
-            if sb.expiry.get(addr, 0.0) < now + timeout - 1:
+            if sb.expiry.get(addr, 0.0) < now + timeout - slack:
                 timeouts[addr] = timeout
         if not timeouts:
             return True

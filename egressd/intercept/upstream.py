@@ -5,7 +5,7 @@ latency. Here each question gets a plain non-blocking UDP socket of its own (a n
 a stub resolver uses: one long-lived port would make off-path spoofing easier), connected to the server so
 the kernel drops datagrams from anyone else, and served by the loop's sock_* calls. A datagram that is not
 the answer to this question (another id, not a response, another question) is ignored and the wait goes
-on until the deadline. Truncated answers go to dnspython's TCP exchange.
+on until the deadline. Questions and answers are bytes: the caller reads them (wire.py, messages.py).
 """
 
 from __future__ import annotations
@@ -13,53 +13,70 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import struct
 
-import dns.asyncquery
-import dns.exception
-import dns.flags
-import dns.message
+from egressd.intercept.wire import HEADER, WireError, read_name
 
 DNS_PORT = 53
 MAX_UDP = 65535
 
 
-def _answer_to(query: dns.message.Message, wire: bytes, data: bytes) -> dns.message.Message | None:
-    """data read as the answer to query, or None: another id, not DNS, or not a response to it."""
-    if data[:2] != wire[:2]:
-        return None
+def matches(question: bytes, data: bytes) -> bool:
+    """Whether data answers the question (a query of ours: one question): the same id, a response to a
+    standard query, the same question (the name in any case)."""
     try:
-        answer = dns.message.from_wire(data)
-    except dns.exception.DNSException:
-        return None
-    return answer if query.is_response(answer) else None
+        end = read_name(question, HEADER.size)[1] + 4
+    except WireError:
+        return False
+    return (
+        len(data) >= end
+        and data[:2] == question[:2]
+        and data[2] & 0xF8 == 0x80  # QR set, opcode QUERY
+        and data[4:6] == b"\0\1"
+        and data[HEADER.size : end - 4].lower() == question[HEADER.size : end - 4].lower()
+        and data[end - 4 : end] == question[end - 4 : end]
+    )
 
 
-async def _udp(query: dns.message.Message, server: str, port: int, timeout: float) -> dns.message.Message:
+async def _udp(question: bytes, server: str, port: int, timeout: float) -> bytes:
     """The answer from server:port on a fresh socket; TimeoutError or OSError when there is none."""
-    wire = query.to_wire()
     family = socket.AF_INET6 if ipaddress.ip_address(server).version == 6 else socket.AF_INET
     loop = asyncio.get_running_loop()
     with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC) as sock:
         sock.connect((server, port))  # UDP: no packet; only this server's datagrams reach the socket
-        await loop.sock_sendall(sock, wire)
+        await loop.sock_sendall(sock, question)
         async with asyncio.timeout(timeout):
             while True:
-                answer = _answer_to(query, wire, await loop.sock_recv(sock, MAX_UDP))
-                if answer is not None:
-                    return answer
+                data = await loop.sock_recv(sock, MAX_UDP)
+                if matches(question, data):
+                    return data
 
 
-async def ask(
-    query: dns.message.Message, server: str, timeout: float, port: int = DNS_PORT
-) -> dns.message.Message | None:
-    """The server's answer to query, over UDP then TCP if truncated; None when it does not answer in time
-    or cannot be reached."""
+async def _tcp(question: bytes, server: str, port: int, timeout: float) -> bytes:
+    """The answer over TCP (length-prefixed); TimeoutError, OSError or IncompleteReadError otherwise."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(server, port)
+        try:
+            writer.write(struct.pack("!H", len(question)) + question)
+            await writer.drain()
+            while True:
+                (size,) = struct.unpack("!H", await reader.readexactly(2))
+                data = await reader.readexactly(size)
+                if matches(question, data):
+                    return data
+        finally:
+            writer.close()
+
+
+async def ask(question: bytes, server: str, timeout: float, port: int = DNS_PORT) -> bytes | None:
+    """The server's answer, over UDP then TCP if truncated; None when it does not answer in time or
+    cannot be reached."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     try:
-        answer = await _udp(query, server, port, timeout)
-        if answer.flags & dns.flags.TC:
-            return await dns.asyncquery.tcp(query, server, timeout=deadline - loop.time(), port=port)
-        return answer
-    except (TimeoutError, OSError, dns.exception.DNSException, ValueError):
+        data = await _udp(question, server, port, timeout)
+        if data[2] & 0x02:  # TC
+            return await _tcp(question, server, port, deadline - loop.time())
+        return data
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
         return None

@@ -50,13 +50,14 @@ class Upstream:
         self.records = records  # name -> list of records for answer_for
         self.asked = []
 
-    async def __call__(self, query):
-        self.asked.append(query.name)
-        msg = upstream_query(query)
-        assert not msg.options  # the question alone: the sandbox's EDNS option stays home
-        return answer_for(
-            msg, *self.records.get(query.name, []), rcode=0 if query.name in self.records else 3
-        )
+    async def __call__(self, question):
+        msg = dns.message.from_wire(question)
+        name = msg.question[0].name.to_text(omit_final_dot=True).lower()
+        self.asked.append(name)
+        assert msg.edns == 0 and not msg.options  # the question alone: the sandbox's EDNS option stays home
+        assert msg.flags & ~dns.flags.CD == dns.flags.RD
+        out = answer_for(msg, *self.records.get(name, []), rcode=0 if name in self.records else 3)
+        return out.to_wire()
 
 
 def world(pol, records, fail=None):
@@ -147,6 +148,21 @@ def test_only_growing_timeouts_are_written_and_a_full_sandbox_fails_closed():
         assert ask(proxy, f"n{i}.pool.test").rcode() == dns.rcode.NOERROR
     assert ask(proxy, "n16.pool.test").rcode() == dns.rcode.SERVFAIL  # max_learned = 16
     assert len(learned_set(fb)) == 16
+
+
+def test_an_address_answered_again_is_written_again_once_a_tenth_of_the_retention_has_passed():
+    pol = policy(allow_internet_access=False, allow_out=["a.test"])
+    proxy, fb, _ = world(pol, {"a.test": [("a.test.", 30, "A", "198.51.100.1")]})
+    proxy.config = config_from_dict({"dns": {"min_ttl": 5, "max_ttl": 60, "retention": 600}})  # slack 60 s
+    ask(proxy, "a.test")
+    assert learned_set(fb) == {"198.51.100.1": 630}
+    writes, expiry = len(fb.writes), proxy.sandboxes["a"].expiry
+    expiry["198.51.100.1"] -= 50  # as if 50 s had passed: 580 s left, the answer would make it 630
+    ask(proxy, "a.test")
+    assert len(fb.writes) == writes  # 50 s more is less than 60: not written
+    expiry["198.51.100.1"] -= 20  # 70 s
+    ask(proxy, "a.test")
+    assert len(fb.writes) == writes + 1 and learned_set(fb) == {"198.51.100.1": 630}
 
 
 def test_rebinding_addresses_are_neither_learned_nor_answered():

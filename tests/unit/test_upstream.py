@@ -46,7 +46,7 @@ async def serve(script):
 
 
 def query(name="a.test"):
-    return dns.message.make_query(name, "A", use_edns=0, payload=1232)
+    return dns.message.make_query(name, "A", use_edns=0, payload=1232).to_wire()
 
 
 def test_only_the_answer_to_this_question_is_taken():
@@ -58,16 +58,17 @@ def test_only_the_answer_to_this_question_is_taken():
             b"\x00",  # not DNS
             wire[:2] + b"garbage",  # the id, then nothing that parses
             answer(wire, "192.0.2.67", question="b.test").to_wire(),  # the id, another question
-            answer(wire, "192.0.2.1").to_wire(),
+            dns.message.from_wire(wire).to_wire(),  # the id and question, but a query, not an answer
+            answer(wire, "192.0.2.1", question="a.TEST").to_wire(),  # the name in another case is the same
         ]
 
     async def scenario():
         transport, server, port = await serve(script)
         try:
-            got = await ask(query(), "127.0.0.1", 2.0, port=port)
+            got = dns.message.from_wire(await ask(query("A.test"), "127.0.0.1", 2.0, port=port))
         finally:
             transport.close()
-        assert got is not None and [r.address for r in got.answer[0]] == ["192.0.2.1"]
+        assert [r.address for r in got.answer[0]] == ["192.0.2.1"]
         assert server.asked == 1
 
     asyncio.run(scenario())
@@ -90,11 +91,11 @@ def test_a_truncated_answer_is_asked_again_over_tcp():
 
         server = await asyncio.start_server(on_tcp, sock=tcp)
         try:
-            got = await ask(query(), "127.0.0.1", 2.0, port=port)
+            got = dns.message.from_wire(await ask(query(), "127.0.0.1", 2.0, port=port))
         finally:
             transport.close()
             server.close()
-        assert got is not None and not got.flags & dns.flags.TC and len(got.answer[0]) == 40
+        assert not got.flags & dns.flags.TC and len(got.answer[0]) == 40
 
     asyncio.run(scenario())
 
