@@ -1,7 +1,8 @@
 """The benchmark suite: every bench module in turn, one table, one results file.
 
 `python -m bench` (or `make bench`) runs bench.apply, bench.agent, bench.dns, bench.tamper, bench.hostside,
-bench.fleet, bench.natsscale and bench.datapath (when it exists) one after another, each as its own process
+bench.fleet, bench.natsscale, bench.intercept, bench.intercept_scale and bench.datapath (when it
+exists) one after another, each as its own process
 with `--json`, each bounded in time, then reads every result, asks the module's `summary()` for its
 headline figures (egressd against the baseline measured in the same run) and prints them as one table.
 Everything goes to bench/results.json. Run as root from the project root; see bench/README.md.
@@ -47,7 +48,7 @@ class Bench:
     optional: bool = False  # skipped, not failed, when its file does not exist
 
 
-# Sum of the bounds: 3,000 s, so a full run ends within about 50 minutes even if every bench hits its bound
+# Sum of the bounds: 3,540 s, so a full run ends within about 60 minutes even if every bench hits its bound
 # (plus the modules' own clean-up after an abort). A typical full run is much shorter.
 BENCHES: tuple[Bench, ...] = (
     Bench("apply", ("--namespaces", "50", "--entries", "10", "1000", "--single", "10000"), 240.0),
@@ -61,6 +62,8 @@ BENCHES: tuple[Bench, ...] = (
     # H=300, not 1,000: a fleet start of 1,000 hosts x 100 keys takes about 80 s on nats-server 2.9.10 and the
     # whole module about 270 s (docs/fleet.md); 300 shows the same growth in about 35 s.
     Bench("natsscale", ("--hosts", "300"), 240.0),
+    Bench("intercept", (), 120.0),  # 500 queries per answer size and way, three ways: about 25 s
+    Bench("intercept_scale", ("--sandboxes", "1000"), 420.0),  # about 180 s
     Bench("datapath", (), 600.0, optional=True),  # its own defaults: K=10,000, R=5 (about 430 s)
 )
 NAMES = tuple(b.name for b in BENCHES)

@@ -238,7 +238,7 @@ def run(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
             resync_interval=3600,  # a periodic resync is another cost: kept out of the figures
             extra_config=(
                 f'[dns]\nintercept = true\nnameservers = ["{UPSTREAM}"]\n'
-                f"min_ttl = 5\nmax_ttl = {TTL}\nretention = 0\n"
+                f"min_ttl = 5\nmax_ttl = {TTL}\nretention = {args.retention:g}\n"
             ),
         )
         dnsmasq = Dnsmasq(
@@ -403,6 +403,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="pause before each query (keeps the intercepted sandbox under the proxy's 200 queries/s)",
     )
     p.add_argument("--timeout", type=float, default=2.0, help="seconds a query waits for its reply")
+    p.add_argument(
+        "--retention",
+        type=float,
+        default=0.0,
+        help="the agent's [dns] retention: 0 (the worst case) writes an address again whenever an answer"
+        " holds it more than a second after its last write; the default config's 600 once a minute",
+    )
     p.add_argument("--max-seconds", type=float, default=240.0)
     p.add_argument("--json", type=Path, metavar="OUT")
     p.add_argument("--smoke", action="store_true", help="40 queries per size and way, 5 warm-up")

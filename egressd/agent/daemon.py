@@ -350,6 +350,9 @@ def run(config_path: str | None, overrides: dict[str, Any]) -> int:
     config = load_config(config_path, overrides)
     setup_logging(config.log_format, config.log_level)
     memory.tune()
+    # Every socket kept per sandbox (change monitors, DNS proxies) lives at a descriptor of 1024 or more,
+    # above the ones libnftables needs: the soft limit goes up to the hard one (LimitNOFILE= in the unit).
+    raise_fd_limit()
     backend = LibnftBackend(context_limit=config.cached_contexts)
 
     async def main() -> int:

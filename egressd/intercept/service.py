@@ -116,9 +116,10 @@ class Interceptor:
             sb.policy, sb.host_iface = policy, host_iface
             return
         await self.release(sid)
+        sockets, left = await self._run(self._open_site, netns)
         sb = Sandbox(netns, policy, host_iface)
-        await self._remember(sb)  # before any socket: a namespace that is gone raises here, holding nothing
-        sockets = await self._run(self._open, netns, self.config.intercept.port)
+        now = time.monotonic()
+        sb.expiry = {addr: now + seconds for addr, seconds in left.items()}
         sb.site = Site(
             sid, sockets, self.config.intercept, lambda wire, size: self.answer(sid, wire, size), self.counts
         )
@@ -142,18 +143,20 @@ class Interceptor:
             return f"the DNS proxy cannot listen on port {self.config.intercept.port}: {e}", False
         return None
 
-    async def _remember(self, sb: Sandbox) -> None:
-        """A proxy (re)started over a table that already holds learned addresses (the agent restarted): their
-        times are taken from the kernel, so a shorter answer never shortens one. Which names gave them is
-        not known: a policy that allows other names lets them go (see _relearn)."""
+    def _open_site(self, netns: str) -> tuple[ProxySockets, dict[str, int]]:
+        """In a worker thread: the sockets, and the learned addresses the kernel already holds with their
+        seconds left, read over the new netlink socket (the backend when there is none). A proxy (re)started
+        over such a table (the agent restarted) takes their times from the kernel, so a shorter answer never
+        shortens one. Which names gave them is not known: a policy that allows other names lets them go
+        (see _relearn). Raises NetnsError or OSError."""
+        sockets = self._open(netns, self.config.intercept.port)
         try:
-            left = await self._run(self._backend.read_learned, sb.netns)
+            if sockets.elements is not None:
+                return sockets, sockets.elements.read(FAMILY, TABLE, LEARNED_SETS)
+            return sockets, self._backend.read_learned(netns)
         except ApplyError as e:
-            log(logging.WARNING, "dns_learned_unreadable", netns=sb.netns, error=str(e))
-            return
-        now = time.monotonic()
-        for addr, seconds in left.items():
-            sb.expiry[addr] = now + seconds
+            log(logging.WARNING, "dns_learned_unreadable", netns=netns, error=str(e))
+            return sockets, {}
 
     async def release(self, sid: str) -> None:
         """Close the sandbox's sockets: they would keep its namespace alive."""

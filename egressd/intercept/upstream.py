@@ -5,7 +5,9 @@ latency. Here each question gets a plain non-blocking UDP socket of its own (a n
 a stub resolver uses: one long-lived port would make off-path spoofing easier), connected to the server so
 the kernel drops datagrams from anyone else, and served by the loop's sock_* calls. A datagram that is not
 the answer to this question (another id, not a response, another question) is ignored and the wait goes
-on until the deadline. Questions and answers are bytes: the caller reads them (wire.py, messages.py).
+on until the deadline. Questions and answers are bytes: the caller reads them (wire.py, messages.py). Every
+socket sits at a descriptor of 1024 or more (hundreds can be in flight at once; libnftables, in this
+process, aborts when its own socket gets one of those).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import socket
 import struct
 
 from egressd.intercept.wire import HEADER, WireError, read_name
+from egressd.kernel.monitor_socket import move_high
 
 DNS_PORT = 53
 MAX_UDP = 65535
@@ -42,7 +45,8 @@ async def _udp(question: bytes, server: str, port: int, timeout: float) -> bytes
     """The answer from server:port on a fresh socket; TimeoutError or OSError when there is none."""
     family = socket.AF_INET6 if ipaddress.ip_address(server).version == 6 else socket.AF_INET
     loop = asyncio.get_running_loop()
-    with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC) as sock:
+    low = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    with move_high(low) as sock:
         sock.connect((server, port))  # UDP: no packet; only this server's datagrams reach the socket
         await loop.sock_sendall(sock, question)
         async with asyncio.timeout(timeout):
@@ -54,8 +58,16 @@ async def _udp(question: bytes, server: str, port: int, timeout: float) -> bytes
 
 async def _tcp(question: bytes, server: str, port: int, timeout: float) -> bytes:
     """The answer over TCP (length-prefixed); TimeoutError, OSError or IncompleteReadError otherwise."""
+    family = socket.AF_INET6 if ipaddress.ip_address(server).version == 6 else socket.AF_INET
+    sock = move_high(socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC))
+    sock.setblocking(False)
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(server, port)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (server, port))
+        except BaseException:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_connection(sock=sock)
         try:
             writer.write(struct.pack("!H", len(question)) + question)
             await writer.drain()

@@ -2,7 +2,8 @@
 
 A socket stays in the namespace it was made in (and keeps that namespace alive: close it when the sandbox
 goes). A short visit by the calling thread (netns.in_netns) makes them: UDP and TCP, IPv4 and IPv6, on the
-proxy port of every address, and the netlink socket that writes the answers' addresses to its learned sets.
+proxy port of every address, and the netlink socket that writes the answers' addresses to its learned sets,
+all at descriptors of 1024 and more (monitor_socket.move_high: libnftables needs the low ones).
 The sandbox's table redirects its queries there (127.0.0.1 / ::1 for its own processes, the incoming
 interface's address for traffic routed through it) and lets no other packet reach the port. A UDP reply must
 leave from the address the query was redirected to, or conntrack cannot map it back to the server the
@@ -16,7 +17,9 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from egressd.kernel.monitor_socket import move_high
 from egressd.kernel.netns import NsId, in_netns
+from egressd.kernel.nfnl import netfilter_socket
 from egressd.kernel.nfnl_elements import ElementSocket
 
 TCP_BACKLOG = 64
@@ -85,17 +88,17 @@ def open_proxy_sockets(path: str, port: int) -> ProxySockets:
             udp, tcp = [], []
             for family in (socket.AF_INET, socket.AF_INET6):
                 try:
-                    u = _udp(family, port)
+                    u = move_high(_udp(family, port))
                 except OSError as e:
                     if family == socket.AF_INET6 and e.errno in (97, 99):  # EAFNOSUPPORT, EADDRNOTAVAIL
                         continue
                     raise
                 made.append(u)
                 udp.append(u)
-                t = _tcp(family, port)
+                t = move_high(_tcp(family, port))
                 made.append(t)
                 tcp.append(t)
-            elements = ElementSocket.here(path)
+            elements = ElementSocket(move_high(netfilter_socket()), path)
             return ProxySockets(udp, tcp, NsId(0, 0), elements)
         except OSError:
             for s in made:

@@ -1,4 +1,4 @@
-"""The socket that hears one namespace's nftables events, and the descriptors such sockets need.
+"""The socket that hears one namespace's nftables events, and the descriptors every kept socket needs.
 
 A socket belongs to the namespace it was made in, so it is made by a thread inside that namespace and then
 moved to a descriptor at or above FD_BASE: libnftables 1.0.6, in this same process, aborts on a descriptor
@@ -8,6 +8,7 @@ integration tests and the benchmarks make and count these sockets the same way.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -82,14 +83,29 @@ def open_monitor_socket(
     never the agent's own). Raises NetnsError, or OSError (EMFILE, EINVAL: no high descriptor is free).
     """
     low, ident = in_netns(path, lambda: _subscribed_socket(rcvbuf), setns)
+    sock = move_high(low, fd_base)
+    sock.setblocking(False)
+    return sock, ident
+
+
+def move_high(low: socket.socket, fd_base: int = FD_BASE) -> socket.socket:
+    """The same socket at a descriptor >= fd_base (the low one is closed), for every socket egressd keeps
+    per sandbox: libnftables' select() aborts the process on a descriptor of 1024 or more. A soft
+    RLIMIT_NOFILE of fd_base or less leaves the socket where it is (no descriptor can reach 1024 then).
+    Raises OSError (EMFILE: no high descriptor is free), the low socket closed."""
+    timeout = low.gettimeout()
     try:
         high = fcntl.fcntl(low.fileno(), fcntl.F_DUPFD_CLOEXEC, fd_base)
-    finally:
+    except OSError as e:
+        if e.errno == errno.EINVAL and resource.getrlimit(resource.RLIMIT_NOFILE)[0] <= fd_base:
+            return low
         low.close()
+        raise
+    low.close()
     try:
         sock = socket.socket(fileno=high)
     except OSError:
         os.close(high)
         raise
-    sock.setblocking(False)
-    return sock, ident
+    sock.settimeout(timeout)
+    return sock

@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from egressd.kernel.backend import ApplyError
 from egressd.kernel.netns import in_netns
@@ -29,12 +29,17 @@ from egressd.kernel.nfnl import (
     NFGENMSG,
     NFNETLINK_V0,
     NFNL_SUBSYS_NFTABLES,
+    NLA_TYPE_MASK,
+    NLATTR,
+    NLM_F_DUMP,
     NLM_F_REQUEST,
+    NLMSG_DONE,
     NLMSG_ERROR,
     NLMSGHDR,
     RECV_BUFFER,
     align,
     attr,
+    attributes,
     netfilter_socket,
 )
 
@@ -53,6 +58,8 @@ NFTA_SET_ELEM_LIST_ELEMENTS = 3
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY = 1
 NFTA_SET_ELEM_TIMEOUT = 4
+NFTA_SET_ELEM_EXPIRATION = 5
+NFT_MSG_GETSETELEM = 13
 NFTA_DATA_VALUE = 1
 FAMILIES = {"inet": NFPROTO_INET, "netdev": NFPROTO_NETDEV}
 
@@ -85,20 +92,26 @@ def _elements(addresses: list[str], timeouts: Mapping[str, int] | None) -> bytes
     return out
 
 
+def _naming(family: str, table: str, name: str) -> bytes:
+    """The head of every set element message: the family, the table and the set."""
+    head = NFGENMSG.pack(FAMILIES[family], NFNETLINK_V0, 0) + attr(
+        NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0"
+    )
+    return head + attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
+
+
 def learn_batch(
     family: str, table: str, sets: tuple[str, str], timeouts: Mapping[str, int], seq: int
 ) -> tuple[bytes, list[int]]:
     """The batch (begin, add/delete/add per non-empty set, end) and the sequence numbers to be
     acknowledged. sets: the IPv4 set, the IPv6 set. Timeouts in seconds."""
-    head = NFGENMSG.pack(FAMILIES[family], NFNETLINK_V0, 0)
     out = [_batch_marker(NFNL_MSG_BATCH_BEGIN, seq)]
     acked: list[int] = []
     for version, name in zip((4, 6), sets, strict=True):
         addrs = sorted(a for a in timeouts if (":" in a) == (version == 6))
         if not addrs:
             continue
-        where = head + attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-        where += attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
+        where = _naming(family, table, name)
         steps = (
             (NFT_MSG_NEWSETELEM, NLM_F_CREATE, timeouts),
             (NFT_MSG_DELSETELEM, 0, None),
@@ -148,6 +161,70 @@ class AckReader:
                 self.error = self.error or code
 
 
+def getsetelem_request(family: str, table: str, name: str, seq: int) -> bytes:
+    """A dump of one set's elements."""
+    body = NFGENMSG.pack(FAMILIES[family], NFNETLINK_V0, 0)
+    body += attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0") + attr(
+        NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"
+    )
+    return _message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP, seq, body)
+
+
+def _each(data: memoryview) -> Iterator[tuple[int, memoryview]]:
+    """Every attribute of a nested list, in order (a list repeats one type)."""
+    off = 0
+    while off + NLATTR.size <= len(data):
+        length, kind = NLATTR.unpack_from(data, off)
+        if length < NLATTR.size or off + length > len(data):
+            raise ValueError(f"attribute length {length}")
+        yield kind & NLA_TYPE_MASK, data[off + NLATTR.size : off + length]
+        off += align(length)
+
+
+class ElementReader:
+    """Collects address -> seconds left from a GETSETELEM dump reply; `done` at NLMSG_DONE, `missing` when
+    the set or its table is not there."""
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.left: dict[str, int] = {}
+        self.done = self.missing = False
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        off = 0
+        while off + NLMSGHDR.size <= len(view) and not self.done:
+            length, kind, _, seq, _ = NLMSGHDR.unpack_from(view, off)
+            if length < NLMSGHDR.size or off + length > len(view):
+                raise ValueError(f"malformed reply: netlink length {length}")
+            body = view[off + NLMSGHDR.size : off + length]
+            off += align(length)
+            if seq != self.seq:
+                continue  # an answer to something before
+            if kind == NLMSG_DONE:
+                self.done = True
+            elif kind == NLMSG_ERROR:
+                code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else -1
+                if code == errno.ENOENT:
+                    self.missing = self.done = True
+                elif code:
+                    raise ValueError(f"the kernel refused the dump: {os.strerror(code)}")
+            elif kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM:
+                self._elements(body[NFGENMSG.size :])
+
+    def _elements(self, body: memoryview) -> None:
+        listed = attributes(body, (NFTA_SET_ELEM_LIST_ELEMENTS,)).get(NFTA_SET_ELEM_LIST_ELEMENTS)
+        for _, elem in _each(listed if listed is not None else memoryview(b"")):
+            inner = attributes(elem, (NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_EXPIRATION))
+            key = inner.get(NFTA_SET_ELEM_KEY)
+            value = attributes(key, (NFTA_DATA_VALUE,)).get(NFTA_DATA_VALUE) if key is not None else None
+            if value is None or len(value) not in (4, 16):
+                raise ValueError("an element without an address key")
+            expiration = inner.get(NFTA_SET_ELEM_EXPIRATION)
+            ms = struct.unpack("!Q", expiration)[0] if expiration is not None and len(expiration) == 8 else 0
+            self.left[str(ipaddress.ip_address(bytes(value)))] = ms // 1000
+
+
 class ElementSocket:
     """A NETLINK_NETFILTER socket kept for one namespace's learned-set writes, one batch at a time.
 
@@ -167,11 +244,6 @@ class ElementSocket:
         if path is None:
             return cls(netfilter_socket(), "egressd's own namespace")
         return cls(in_netns(path, netfilter_socket, setns)[0], path)
-
-    @classmethod
-    def here(cls, where: str) -> ElementSocket:
-        """Made in the namespace the calling thread is in (dnssock makes it with the proxy's sockets)."""
-        return cls(netfilter_socket(), where)
 
     def learn(self, family: str, table: str, sets: tuple[str, str], timeouts: Mapping[str, int]) -> None:
         """timeouts (address -> seconds) into the sets of `family table`, in one transaction. Raises
@@ -198,6 +270,30 @@ class ElementSocket:
                 f"the kernel refused the learned addresses for {family} {table} in {self._where}: "
                 f"{os.strerror(reader.error)}"
             )
+
+    def read(self, family: str, table: str, sets: tuple[str, str]) -> dict[str, int]:
+        """Address -> seconds left, of the sets (a set or table that is not there holds nothing): what a
+        restarted proxy starts from. Raises ApplyError."""
+        out: dict[str, int] = {}
+        with self._lock:
+            for name in sets:
+                self._seq = (self._seq + 1000) % 0x7FFF0000
+                reader = ElementReader(self._seq)
+                try:
+                    self._sock.sendall(getsetelem_request(family, table, name, self._seq))
+                    while not reader.done:
+                        data = self._sock.recv(RECV_BUFFER)
+                        if not data:
+                            raise OSError(errno.ECONNRESET, "netlink socket closed")
+                        reader.feed(data)
+                except (OSError, ValueError) as e:
+                    why = f"the learned addresses could not be read in {self._where}: {e}"
+                    raise ApplyError(why) from None
+                out.update(reader.left)
+        return out
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
 
     def close(self) -> None:
         with self._lock:

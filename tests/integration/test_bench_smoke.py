@@ -58,6 +58,18 @@ def test_intercept_benchmark_smoke(tmp_path):
     assert isinstance(results["goal"]["met"], bool)
 
 
+def test_intercept_scale_benchmark_smoke(tmp_path):
+    _, results = run_smoke(tmp_path, 240, "bench.intercept_scale", "--smoke")
+    # every named sandbox intercepted, none of the others; learned addresses held while the agent was down
+    assert all(results["checks"].values()), results["checks"]
+    assert results["memory"]["per_sandbox"]["fds"] == 5.0  # four listeners and one netlink socket
+    for phase in results["phases"].values():  # each way answered at the lowest rate
+        for way in ("direct", "intercepted"):
+            assert phase["steps"][way][0]["answered_fraction"] == 1.0, (way, phase["steps"][way][0])
+    gap = results["restart"]["gap"]
+    assert gap["longest_without_answer_s"] is not None and gap["answered_before_sigterm"] > 0
+
+
 def test_tamper_benchmark_smoke(tmp_path):
     _, results = run_smoke(tmp_path, 300, "bench.tamper", "--smoke")
     phases = {p["mode"]: p for p in results["phases"]}

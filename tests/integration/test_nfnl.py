@@ -5,6 +5,8 @@ import subprocess
 import pytest
 
 from egressd.kernel.backend import ApplyError
+from egressd.kernel.dnssock import open_proxy_sockets
+from egressd.kernel.monitor_socket import FD_BASE, raise_fd_limit
 from egressd.kernel.netns import NetnsError
 from egressd.kernel.nfnl import read_chain_comments
 from egressd.kernel.nfnl_elements import ElementSocket
@@ -78,11 +80,14 @@ def test_learned_addresses_written_over_raw_netlink_are_what_libnftables_lists(n
     try:
         with pytest.raises(ApplyError, match="No such file or directory"):  # no table yet: refused, said so
             elements.learn("inet", TABLE, LEARNED_SETS, {"192.0.2.7": 30})
+        assert elements.read("inet", TABLE, LEARNED_SETS) == {}  # and nothing to read
         b.apply(path, render(DENY_ALL, Config()))
         assert b.read_learned(path) == {}
         elements.learn("inet", TABLE, LEARNED_SETS, {"192.0.2.7": 30, "2001:db8::7": 300, "198.51.100.1": 5})
         left = b.read_learned(path)
         assert left.keys() == {"192.0.2.7", "2001:db8::7", "198.51.100.1"}
+        raw = elements.read("inet", TABLE, LEARNED_SETS)  # the restart's read, over the same socket
+        assert raw.keys() == left.keys() and all(abs(raw[a] - left[a]) <= 1 for a in raw)
         assert (
             28 <= left["192.0.2.7"] <= 30 and 298 <= left["2001:db8::7"] <= 300 and left["198.51.100.1"] <= 5
         )
@@ -108,3 +113,19 @@ def test_learned_addresses_written_over_raw_netlink_are_what_libnftables_lists(n
     finally:
         elements.close()
         b.close()
+
+
+def test_the_proxys_sockets_sit_above_the_descriptors_libnftables_needs(netns_name):
+    """libnftables' select() aborts the process on a descriptor of 1024 or more: every socket kept per
+    intercepted sandbox lives above (at 200 sandboxes the low ones ran out and the agent died)."""
+    raise_fd_limit()
+    sockets = open_proxy_sockets(f"/run/netns/{netns_name}", 153)
+    try:
+        kept = [*sockets.udp, *sockets.tcp]
+        assert len(kept) >= 2 and sockets.elements is not None
+        assert all(s.fileno() >= FD_BASE for s in kept)
+        assert sockets.elements.fileno() >= FD_BASE
+        assert all(s.gettimeout() == 0.0 for s in kept)  # still non-blocking, for the event loop
+    finally:
+        sockets.close()
+        sockets.elements.close()

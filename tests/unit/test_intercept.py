@@ -279,6 +279,9 @@ class Elements:
         self.refuse = refuse
         self.closed = False
 
+    def read(self, family, table, sets):
+        return {"192.0.2.200": 50}  # what a proxy before the restart learned
+
     def learn(self, family, table, sets, timeouts):
         if self.refuse:
             raise ApplyError("the kernel refused the learned addresses: No such file or directory")
@@ -311,6 +314,8 @@ def test_answers_go_over_the_sandboxs_own_netlink_socket_in_the_loop_and_it_clos
 
     async def scenario():
         await proxy.ensure("a", here, pol, None)
+        assert proxy.view("a")["learned"] == 1 and "_open_site" in ran  # read with the sockets made
+        assert learned_set(fb, where=here) == {}  # from the kernel over the socket, not the backend
         ran.clear()
         q = dns.message.make_query("a.test", "A")
         assert dns.message.from_wire(await proxy.answer("a", q.to_wire(), 0)).rcode() == dns.rcode.NOERROR

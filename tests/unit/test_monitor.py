@@ -260,3 +260,23 @@ def test_while_paused_watches_are_recorded_and_made_on_resume():
 
     info = asyncio.run(main())
     assert sorted(opened) == ["/run/netns/a", "/run/netns/b"] and info["watched"] == 2
+
+
+def test_kept_sockets_move_above_the_descriptors_libnftables_needs():
+    import resource
+    import socket
+
+    from egressd.kernel.monitor_socket import move_high
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    low = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    low.bind(("127.0.0.1", 0))
+    port = low.getsockname()[1]
+    if soft > 1100:
+        with move_high(low, 1024) as high:
+            assert high.fileno() >= 1024 and high.getsockname()[1] == port and high.gettimeout() == 0.0
+        assert low.fileno() == -1  # the low one is closed
+    # No descriptor can reach the base under the soft limit: the socket stays where it is, usable.
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with move_high(other, soft + 10) as same:
+        assert same is other and same.fileno() < soft

@@ -110,3 +110,35 @@ def test_the_first_refusal_is_kept_and_a_refused_batch_ends_the_wait():
     whole = AckReader(10, [11, 12])  # the commit failed: one error, on the batch's begin marker
     whole.feed(ack(10, errno.ENOMEM))
     assert whole.done and whole.error == errno.ENOMEM
+
+
+def test_a_dump_of_learned_elements_reads_addresses_and_seconds_left():
+    from egressd.kernel.nfnl import NFNL_SUBSYS_NFTABLES, NLMSG_DONE, attr
+    from egressd.kernel.nfnl_elements import NFTA_SET_ELEM_EXPIRATION, ElementReader, getsetelem_request
+
+    request = getsetelem_request("inet", "egressd", "learned4", 5)
+    _, kind, flags, seq, _ = NLMSGHDR.unpack_from(request)
+    assert kind & 0xFF == 13 and flags & 0x300 == 0x300 and seq == 5  # GETSETELEM, a dump
+
+    def elem(addr, ms):
+        key = attr(NFTA_SET_ELEM_KEY | 0x8000, attr(NFTA_DATA_VALUE, ipaddress.ip_address(addr).packed))
+        return attr(NFTA_LIST_ELEM | 0x8000, key + attr(NFTA_SET_ELEM_EXPIRATION, struct.pack("!Q", ms)))
+
+    body = NFGENMSG.pack(1, 0, 0) + attr(
+        NFTA_SET_ELEM_LIST_ELEMENTS | 0x8000, elem("192.0.2.1", 29_500) + elem("2001:db8::1", 5)
+    )
+    msg = (
+        NLMSGHDR.pack(NLMSGHDR.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM, 0, 5, 0)
+        + body
+    )
+    done = NLMSGHDR.pack(20, NLMSG_DONE, 0, 5, 0) + b"\0" * 4
+    r = ElementReader(5)
+    r.feed(msg.replace(struct.pack("=I", 5), struct.pack("=I", 4), 1))  # an older reply: not this dump's
+    assert r.left == {}
+    r.feed(msg)
+    assert not r.done
+    r.feed(done)
+    assert r.done and not r.missing and r.left == {"192.0.2.1": 29, "2001:db8::1": 0}
+    gone = ElementReader(5)
+    gone.feed(ack(5, errno.ENOENT))
+    assert gone.done and gone.missing and gone.left == {}
