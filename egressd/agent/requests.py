@@ -41,7 +41,10 @@ class ControlApi:
             return {"agent": self._agent_info(), "sandboxes": rows}
         if cmd == "dns":
             cache = self._dns.cache
-            return {"names": [cache.view(n) for n in sorted(cache.names)], "dns": self.dns_info()}
+            proxy = self._reconciler.proxy
+            learned = {sid: proxy.view(sid, limit=200) for sid in sorted(proxy.sandboxes)}
+            names = [cache.view(n) for n in sorted(cache.names)]
+            return {"names": names, "dns": self.dns_info(), "learned": learned}
         if cmd == "wait":
             return await self.wait(req)
         if cmd == "explain":

@@ -30,7 +30,8 @@ def addresses(view: dict[str, Any]) -> str:
 
 
 def print_dns(answer: dict[str, Any]) -> None:
-    """`egressd status --dns`: the agent's DNS cache, one row per name."""
+    """`egressd status --dns`: the agent's DNS cache, one row per name; then what each intercepted
+    sandbox's own answers put in force."""
     info = answer["dns"]
     print(
         f"{info['names']} names, {info['queries']} resolutions, {info['failures']} failed; "
@@ -51,6 +52,18 @@ def print_dns(answer: dict[str, Any]) -> None:
             )
         )
     print_table(rows)
+    learned = answer.get("learned") or {}
+    if learned:
+        print("\nlearned from the sandboxes' own DNS answers (interception):")
+        rows = [("SANDBOX", "ADDRESS", "NAMES", "EXPIRES IN")]
+        for sid, view in sorted(learned.items()):
+            shown = view["addresses"] or [{"address": "-", "names": [], "expires_in": None}]
+            for a in shown:
+                left = "-" if a["expires_in"] is None else f"{a['expires_in']}s"
+                rows.append((sid, a["address"], ", ".join(a["names"]) or "?", left))
+            if view["learned"] > len(view["addresses"]):
+                rows.append((sid, f"... {view['learned'] - len(view['addresses'])} more", "", ""))
+        print_table(rows)
 
 
 def print_status(answer: dict[str, Any]) -> None:

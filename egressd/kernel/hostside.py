@@ -19,22 +19,30 @@ for element commands, every element of every set in the ruleset) before each tra
 made each change cost O(sandboxes): about 110 ms at 1,000 sandboxes. A table per interface costs what the
 sandbox's own table costs, whatever the number of sandboxes.
 
+The tables are written over raw netlink (nfnl_batch.py): libnftables 1.0.6 would load every table of the
+namespace, with every interval set's elements, before each transaction (0.3-1.6 s at 1,000 tables). The
+guard table, and reads, go through libnftables.
+
 HostBackend speaks the reconciler's Backend interface, with the interface name where a namespace path
 would be, so adoption, digests, drift repair and DNS updates work as for the sandbox's own table.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 from egressd.common.logs import log
 from egressd.kernel.backend import ApplyError, listing_of
-from egressd.kernel.nfnl_elements import ElementSocket
+from egressd.kernel.nfnl import NetlinkError, read_chain_comments
+from egressd.kernel.nfnl_batch import BatchSocket, EncodeError
+from egressd.kernel.nfnl_elements import NFPROTO_NETDEV, ElementSocket
 from egressd.kernel.writer import TableWriter
 from egressd.model.config import Config
 from egressd.ruleset.dnsrules import LEARNED_SETS
@@ -51,6 +59,14 @@ INGRESS_PRIORITY = -500
 # destination is judged, not one a port forward rewrote it to.
 GUARD_PRIORITY = -150
 NEUTRAL_TABLE = "egressd_host_side"  # what listings call every host-side table, so digests compare
+# The sets element commands name without declaring them in the same batch, and their types: nfnl_batch
+# reads nothing from the kernel (what libnftables learns from its cache), and these are all plain sets.
+PLAIN_SETS = {
+    f"{p}{v}_{variant}": "ipv4_addr" if v == "4" else "ipv6_addr"
+    for p in ("allow_dns", "deny_dns")
+    for v in "46"
+    for variant in "ab"
+} | dict(zip(LEARNED_SETS, ("ipv4_addr", "ipv6_addr"), strict=True))
 
 
 class HostCmd(Protocol):
@@ -123,8 +139,11 @@ def neutral_listing(listing: list[Json]) -> list[Json]:
 class HostBackend:
     """The Backend interface over the host-side tables; `where` is the sandbox's interface name."""
 
-    def __init__(self, nft: HostCmd, config: Config) -> None:
+    def __init__(self, nft: HostCmd, config: Config, raw: bool = True) -> None:
+        """raw=False: every write through nft too (unit tests, whose nft is a fake: raw netlink would
+        write the machine's own ruleset)."""
         self._nft = nft
+        self._raw = raw
         self._mark = config.host_mark
         self._guard_checked = False
         self._guard_written = False  # this backend has put the guard in force once
@@ -132,6 +151,8 @@ class HostBackend:
         self._writer = TableWriter(self, target_for=target_for)
         self._elements: ElementSocket | None = None  # made at the first learned address; kept for good
         self._elements_lock = threading.Lock()
+        self._batches: BatchSocket | None = None  # made at the first write; kept for good
+        self._batches_lock = threading.Lock()
 
     def set_config(self, config: Config) -> None:
         with self._lock:
@@ -150,8 +171,23 @@ class HostBackend:
             raise ApplyError(f"nftables refused the host-side {what}: {err.strip()}")
 
     def run(self, where: str, commands: list[Json], what: str) -> None:
-        """One transaction on the host (the TableWriter's Runner)."""
-        self._run(commands, what)
+        """One transaction on the host (the TableWriter's Runner), over raw netlink (nfnl_batch.py):
+        libnftables would load every host-side table before it (docs/performance.md). A command the
+        encoder does not know is a bug, logged, and the transaction goes through libnftables."""
+        if not self._raw:
+            self._run(commands, what)
+            return
+        with self._batches_lock:
+            if self._batches is None:
+                try:
+                    self._batches = BatchSocket.open(None)
+                except OSError as e:
+                    raise ApplyError(f"cannot open a netlink socket for the host-side tables: {e}") from None
+        try:
+            self._batches.run(commands, f"host-side {what}", PLAIN_SETS)
+        except EncodeError as e:
+            log(logging.ERROR, "host_batch_unencodable", error=str(e), detail="written with libnftables")
+            self._run(commands, what)
 
     def _list(self, what: Json) -> list[Json] | None:
         rc, out, err = self._nft.host_cmd({"nftables": [{"list": what}]})
@@ -194,9 +230,10 @@ class HostBackend:
 
     def learn(self, where: str, timeouts: dict[str, int], replace: bool = False) -> None:
         """An answer's addresses over one netlink socket kept for the purpose (kernel/nfnl_elements.py: the
-        DNS reply waits for this write); a replacement, which flushes the sets, with libnftables."""
-        if replace:
-            self._run(learn_commands(timeouts, target_for(where), True), "learned addresses")
+        DNS reply waits for this write, in the event loop); a replacement, which flushes the sets, as
+        every other host-side write."""
+        if replace or not self._raw:
+            self.run(where, learn_commands(timeouts, target_for(where), replace), "learned addresses")
         else:
             with self._elements_lock:
                 if self._elements is None:
@@ -211,18 +248,28 @@ class HostBackend:
         return None if listing is None else neutral_listing(listing)
 
     def fingerprint(self, where: str) -> str | None:
-        chain = {"family": FAMILY, "table": table_name(where), "name": FINGERPRINT_CHAIN}
-        listing = self._list({"chain": chain})
-        return None if listing is None else fingerprint_of(listing)
+        """Over raw netlink (nfnl.py): libnftables' listing of one chain costs about 10 ms at 1,000
+        host-side tables (it allocates every table), and a restart reads one per sandbox. libnftables is
+        the fallback if that read fails."""
+        try:
+            if not self._raw:
+                raise NetlinkError("raw netlink is off")
+            comments = read_chain_comments(None, table_name(where), FINGERPRINT_CHAIN, family=NFPROTO_NETDEV)
+        except NetlinkError:
+            chain = {"family": FAMILY, "table": table_name(where), "name": FINGERPRINT_CHAIN}
+            listing = self._list({"chain": chain})
+            return None if listing is None else fingerprint_of(listing)
+        return next((c for c in comments or () if c is not None), None)
 
     def remove(self, where: str) -> bool:
-        rc, _, err = self._nft.host_cmd(
-            {"nftables": [{"delete": {"table": {"family": FAMILY, "name": table_name(where)}}}]}
-        )
-        if rc != 0:
-            if "No such file or directory" in err:
+        try:
+            self.run(
+                where, [{"delete": {"table": {"family": FAMILY, "name": table_name(where)}}}], "deletion"
+            )
+        except ApplyError as e:
+            if os.strerror(errno.ENOENT) in str(e):
                 return False
-            raise ApplyError(f"cannot delete the host-side table for {where}: {err.strip()}")
+            raise ApplyError(f"cannot delete the host-side table for {where}: {e}") from None
         return True
 
     def forget(self, where: str) -> None:
@@ -236,5 +283,5 @@ class HostBackend:
         names = [t["table"]["name"] for t in listing if "table" in t]
         gone = sorted(n for n in names if n.startswith(TABLE_PREFIX) and n not in wanted)
         if gone:
-            self._run([{"delete": {"table": {"family": FAMILY, "name": n}}} for n in gone], "cleanup")
+            self.run("", [{"delete": {"table": {"family": FAMILY, "name": n}}} for n in gone], "cleanup")
         return gone

@@ -1,4 +1,5 @@
-"""nf_tables over raw netlink: the one read a restart needs (the fingerprint), without libnftables.
+"""nf_tables over raw netlink: the one read a restart needs (the fingerprint), without libnftables; for
+the sandbox's own table and for the host side's (family netdev, in egressd's own namespace).
 
 A libnftables context costs about 0.3 ms to make and its calls share one process-wide lock (1.0.6 is not
 thread-safe). Adopting a table on restart needs only the comment of one rule, so it is read here with a
@@ -160,11 +161,13 @@ def netfilter_socket() -> socket.socket:
     return sock
 
 
-def chain_comments(sock: socket.socket, table: str, chain: str, seq: int = 1) -> list[str | None] | None:
-    """Comments of every rule of `inet table chain`, in order; None when the table or chain is missing."""
+def chain_comments(
+    sock: socket.socket, table: str, chain: str, seq: int = 1, family: int = NFPROTO_INET
+) -> list[str | None] | None:
+    """Comments of every rule of `family table chain`, in order; None when the table or chain is missing."""
     parser = DumpParser(seq)
     try:
-        sock.sendall(getrule_dump_request(table, chain, seq))
+        sock.sendall(getrule_dump_request(table, chain, seq, family))
         while not parser.done:
             data = sock.recv(RECV_BUFFER)
             if not data:
@@ -176,14 +179,18 @@ def chain_comments(sock: socket.socket, table: str, chain: str, seq: int = 1) ->
 
 
 def read_chain_comments(
-    path: str, table: str, chain: str, setns: Callable[[int, int], int] | None = None
+    path: str | None,
+    table: str,
+    chain: str,
+    setns: Callable[[int, int], int] | None = None,
+    family: int = NFPROTO_INET,
 ) -> list[str | None] | None:
-    """chain_comments() in the namespace at path, on a socket made for this read only.
+    """chain_comments() in the namespace at path (None: egressd's own), on a socket made for this read only.
 
     Raises NetnsError (path unusable) or NetlinkError."""
     try:
-        sock, _ = in_netns(path, netfilter_socket, setns)
+        sock = netfilter_socket() if path is None else in_netns(path, netfilter_socket, setns)[0]
     except OSError as e:
-        raise NetlinkError(f"cannot open a netlink socket in {path}: {e}") from None
+        raise NetlinkError(f"cannot open a netlink socket in {path or 'our namespace'}: {e}") from None
     with sock:
-        return chain_comments(sock, table, chain)
+        return chain_comments(sock, table, chain, family=family)

@@ -145,6 +145,10 @@ def test_whatever_address_the_cdn_gives_the_sandbox_it_can_reach_at_once(world, 
     assert row["dns_proxy"]["learned"] == len(given) + 1 and learned[addr6] == ["www.example.test"]
     assert all(learned[g] == ["pool.example.test"] for g in given)
     assert "dns proxy" in a.cli("status").stdout
+    by_dns = json.loads(a.cli("status", "--dns", "--json").stdout)["learned"]["s0"]  # the same, by --dns
+    assert {x["address"]: x["names"] for x in by_dns["addresses"]} == learned
+    text = a.cli("status", "--dns").stdout
+    assert "learned from the sandboxes' own DNS answers" in text and addr6 in text
 
 
 def test_names_the_policy_does_not_allow_never_reach_the_upstream(world, upstream, intercepting):

@@ -381,6 +381,8 @@ def test_the_agent_runs_as_the_hardened_unit(netns_name, tmp_path):
     skip = {"ExecStart", "ExecReload", "StateDirectory", "RuntimeDirectory", "Restart", "RestartSec"}
     props = [f"{k}={v}" for k, v in service().items() if k not in skip]
     props += [f"StateDirectory={unit}", f"RuntimeDirectory={unit}"]
+    # A checkout under /tmp or /home: PrivateTmp and ProtectHome would hide the agent's own code.
+    props += [f"BindReadOnlyPaths={ROOT}"]
     feed, control = f"/run/{unit}/feed.sock", f"/run/{unit}/control.sock"
     cmd = ["systemd-run", f"--unit={unit}", "--quiet", "--collect"]
     cmd += [f"--property={p}" for p in props]

@@ -264,7 +264,7 @@ class GuardHost:
 
 def test_a_guard_that_went_away_is_logged_as_repaired_whoever_finds_it(caplog):
     host = GuardHost()
-    hb = HostBackend(host, Config())
+    hb = HostBackend(host, Config(), raw=False)
     with caplog.at_level("WARNING", logger="egressd"):
         assert hb.ensure_guard() and host.runs == 1  # the first write: nothing to repair
         assert not hb.ensure_guard() and host.runs == 1  # checked once until the next resync
@@ -283,8 +283,8 @@ def test_a_restarted_agent_that_adopts_host_tables_knows_their_guard_should_be_t
     removed while no agent ran, or before the first resync), not a first write."""
     with caplog.at_level("WARNING", logger="egressd"):
         fresh = GuardHost()
-        assert HostBackend(fresh, Config()).ensure_guard() and fresh.runs == 1
+        assert HostBackend(fresh, Config(), raw=False).ensure_guard() and fresh.runs == 1
         assert "host_guard_repaired" not in [r.getMessage() for r in caplog.records]  # a first start
         adopted = GuardHost()
-        assert HostBackend(adopted, Config()).ensure_guard(expected=True) and adopted.runs == 1
+        assert HostBackend(adopted, Config(), raw=False).ensure_guard(expected=True) and adopted.runs == 1
         assert [r.getMessage() for r in caplog.records].count("host_guard_repaired") == 1
