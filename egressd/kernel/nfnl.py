@@ -102,17 +102,23 @@ def rule_comment(userdata: memoryview) -> str | None:
     return None
 
 
-class DumpParser:
-    """Collects the comments of the rules in a dump reply, in order; `done` once NLMSG_DONE arrives.
+class DumpReader:
+    """The frame of a dump reply: the messages of one request, until NLMSG_DONE; `missing` when the kernel
+    says the object is not there (ENOENT). A subclass names the message type it reads (`kind`) and reads
+    each (`message`). strict: a message of another sequence number is an error (a socket made for one
+    read); otherwise it is skipped (a kept socket may still hold answers to an earlier request)."""
 
-    `missing` is set when the kernel says the table or chain is not there (ENOENT).
-    """
+    kind = -1
+    strict = True
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
-        self.comments: list[str | None] = []
         self.done = False
         self.missing = False
+
+    def message(self, body: memoryview) -> None:
+        """One object message, its nfgenmsg header off; ValueError when malformed."""
+        raise NotImplementedError
 
     def feed(self, data: bytes) -> None:
         """One datagram of the reply; NetlinkError for anything this reader does not expect."""
@@ -125,7 +131,9 @@ class DumpParser:
             body = view[off + NLMSGHDR.size : off + length]
             off += align(length)
             if seq != self.seq:
-                raise NetlinkError(f"reply to another request (sequence {seq}, expected {self.seq})")
+                if self.strict:
+                    raise NetlinkError(f"reply to another request (sequence {seq}, expected {self.seq})")
+                continue
             if kind == NLMSG_DONE:
                 self.done = True
             elif kind == NLMSG_ERROR:
@@ -136,17 +144,29 @@ class DumpParser:
                     raise NetlinkError(f"kernel refused the dump: {os.strerror(code)}")
             elif kind == NLMSG_NOOP:
                 continue
-            elif kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE:
+            elif kind == (NFNL_SUBSYS_NFTABLES << 8) | self.kind:
                 try:
-                    attrs = attributes(body[NFGENMSG.size :], (NFTA_RULE_USERDATA,))
-                    data_ = attrs.get(NFTA_RULE_USERDATA)
-                    self.comments.append(None if data_ is None else rule_comment(data_))
+                    self.message(body[NFGENMSG.size :])
                 except ValueError as e:
-                    raise NetlinkError(f"malformed rule in reply: {e}") from None
+                    raise NetlinkError(f"malformed object in reply: {e}") from None
             else:
                 raise NetlinkError(f"unexpected message type {kind:#x} in reply")
         if off < len(view) and not self.done:
             raise NetlinkError("malformed reply: truncated netlink header")
+
+
+class DumpParser(DumpReader):
+    """Collects the comments of the rules in a GETRULE dump reply, in order."""
+
+    kind = NFT_MSG_NEWRULE
+
+    def __init__(self, seq: int) -> None:
+        super().__init__(seq)
+        self.comments: list[str | None] = []
+
+    def message(self, body: memoryview) -> None:
+        data = attributes(body, (NFTA_RULE_USERDATA,)).get(NFTA_RULE_USERDATA)
+        self.comments.append(None if data is None else rule_comment(data))
 
 
 def netfilter_socket() -> socket.socket:

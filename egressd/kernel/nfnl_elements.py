@@ -33,10 +33,11 @@ from egressd.kernel.nfnl import (
     NLATTR,
     NLM_F_DUMP,
     NLM_F_REQUEST,
-    NLMSG_DONE,
     NLMSG_ERROR,
     NLMSGHDR,
     RECV_BUFFER,
+    DumpReader,
+    NetlinkError,
     align,
     attr,
     attributes,
@@ -181,36 +182,18 @@ def _each(data: memoryview) -> Iterator[tuple[int, memoryview]]:
         off += align(length)
 
 
-class ElementReader:
-    """Collects address -> seconds left from a GETSETELEM dump reply; `done` at NLMSG_DONE, `missing` when
-    the set or its table is not there."""
+class ElementReader(DumpReader):
+    """Collects address -> seconds left from a GETSETELEM dump reply, on a kept socket (not strict)."""
+
+    kind = NFT_MSG_NEWSETELEM
+    strict = False
 
     def __init__(self, seq: int) -> None:
-        self.seq = seq
+        super().__init__(seq)
         self.left: dict[str, int] = {}
-        self.done = self.missing = False
 
-    def feed(self, data: bytes) -> None:
-        view = memoryview(data)
-        off = 0
-        while off + NLMSGHDR.size <= len(view) and not self.done:
-            length, kind, _, seq, _ = NLMSGHDR.unpack_from(view, off)
-            if length < NLMSGHDR.size or off + length > len(view):
-                raise ValueError(f"malformed reply: netlink length {length}")
-            body = view[off + NLMSGHDR.size : off + length]
-            off += align(length)
-            if seq != self.seq:
-                continue  # an answer to something before
-            if kind == NLMSG_DONE:
-                self.done = True
-            elif kind == NLMSG_ERROR:
-                code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else -1
-                if code == errno.ENOENT:
-                    self.missing = self.done = True
-                elif code:
-                    raise ValueError(f"the kernel refused the dump: {os.strerror(code)}")
-            elif kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM:
-                self._elements(body[NFGENMSG.size :])
+    def message(self, body: memoryview) -> None:
+        self._elements(body)
 
     def _elements(self, body: memoryview) -> None:
         listed = attributes(body, (NFTA_SET_ELEM_LIST_ELEMENTS,)).get(NFTA_SET_ELEM_LIST_ELEMENTS)
@@ -286,7 +269,7 @@ class ElementSocket:
                         if not data:
                             raise OSError(errno.ECONNRESET, "netlink socket closed")
                         reader.feed(data)
-                except (OSError, ValueError) as e:
+                except (OSError, ValueError, NetlinkError) as e:
                     why = f"the learned addresses could not be read in {self._where}: {e}"
                     raise ApplyError(why) from None
                 out.update(reader.left)
