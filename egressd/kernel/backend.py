@@ -7,6 +7,7 @@ All three put tables in force through the one TableWriter (writer.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from egressd.ruleset.exprs import Json
@@ -55,6 +56,10 @@ class Backend(Protocol):
 
     def fingerprint(self, netns: str) -> str | None:
         """The fingerprint the table in netns carries, or None when there is no table."""
+
+    def set_elements(self, netns: str, names: Iterable[str]) -> dict[str, frozenset[str]] | None:
+        """The addresses of each named plain set of egressd's table that exists (a restart adopting a table
+        with DNS sets compares them, without a full read); None when they cannot be read that way."""
 
     def remove(self, netns: str) -> bool:
         """Delete egressd's table in netns; False when there was none."""

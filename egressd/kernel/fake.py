@@ -295,6 +295,16 @@ class FakeBackend:
         listing = self.kernel.listing(netns)
         return neutral_listing(listing) if listing is not None and self.host_side else listing
 
+    def set_elements(self, netns: str, names: Iterable[str]) -> dict[str, frozenset[str]] | None:
+        self._check(netns, "read")
+        wanted = set(names)
+        out: dict[str, frozenset[str]] = {}
+        for item in self.kernel.listing(netns) or []:
+            obj = item.get("set")
+            if obj and obj.get("name") in wanted:
+                out[obj["name"]] = frozenset(e for e in obj.get("elem", ()) if isinstance(e, str))
+        return out
+
     def fingerprint(self, netns: str) -> str | None:
         self._check(netns, "read")
         listing = self.kernel.listing(netns)

@@ -243,6 +243,19 @@ class HostBackend:
                         raise ApplyError(f"cannot open a netlink socket for learned addresses: {e}") from None
             self._elements.learn(FAMILY, table_name(where), LEARNED_SETS, timeouts)
 
+    def set_elements(self, where: str, names: Iterable[str]) -> dict[str, frozenset[str]] | None:
+        """Over the learned addresses' socket (raw netlink); None without raw netlink or when it fails."""
+        if not self._raw:
+            return None
+        try:
+            with self._elements_lock:
+                if self._elements is None:
+                    self._elements = ElementSocket.open(None)
+            got = self._elements.elements(FAMILY, table_name(where), names)
+        except (OSError, ApplyError):
+            return None
+        return {name: frozenset(left) for name, left in got.items()}
+
     def read(self, where: str) -> list[Json] | None:
         listing = self._list({"table": {"family": FAMILY, "name": table_name(where)}})
         return None if listing is None else neutral_listing(listing)

@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from egressd.kernel.backend import ApplyError
 from egressd.kernel.netns import in_netns
@@ -258,6 +258,14 @@ class ElementSocket:
         """Address -> seconds left, of the sets (a set or table that is not there holds nothing): what a
         restarted proxy starts from. Raises ApplyError."""
         out: dict[str, int] = {}
+        for left in self.elements(family, table, sets).values():
+            out.update(left)
+        return out
+
+    def elements(self, family: str, table: str, sets: Iterable[str]) -> dict[str, dict[str, int]]:
+        """Each named plain address set that exists -> its addresses, with the seconds each has left (0
+        without a timeout). Raises ApplyError."""
+        out: dict[str, dict[str, int]] = {}
         with self._lock:
             for name in sets:
                 self._seq = (self._seq + 1000) % 0x7FFF0000
@@ -270,9 +278,10 @@ class ElementSocket:
                             raise OSError(errno.ECONNRESET, "netlink socket closed")
                         reader.feed(data)
                 except (OSError, ValueError, NetlinkError) as e:
-                    why = f"the learned addresses could not be read in {self._where}: {e}"
+                    why = f"the sets of {table} could not be read in {self._where}: {e}"
                     raise ApplyError(why) from None
-                out.update(reader.left)
+                if not reader.missing:
+                    out[name] = reader.left
         return out
 
     def fileno(self) -> int:

@@ -6,11 +6,13 @@ the new one are swapped so that there is no instant in which neither policy is i
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 from egressd.kernel.backend import ApplyError, listing_of
 from egressd.kernel.netns import ContextCache, libc_setns
 from egressd.kernel.nfnl import NetlinkError, read_chain_comments
+from egressd.kernel.nfnl_elements import ElementSocket
 from egressd.kernel.writer import TableWriter
 from egressd.ruleset.dnsrules import LEARNED_SETS
 from egressd.ruleset.exprs import FAMILY, TABLE, Json
@@ -83,6 +85,21 @@ class LibnftBackend:
 
     def read(self, netns: str) -> list[Json] | None:
         return self._list(netns, {"table": {"family": FAMILY, "name": TABLE}})
+
+    def set_elements(self, netns: str, names: Iterable[str]) -> dict[str, frozenset[str]] | None:
+        """Over a transient raw netlink socket (nfnl_elements.py): no context, no lock, no full listing;
+        closing it is quick, as it commits nothing. Raises NetnsError."""
+        try:
+            sock = ElementSocket.open(netns, self._setns)
+        except OSError:
+            return None
+        try:
+            got = sock.elements(FAMILY, TABLE, names)
+        except ApplyError:
+            return None
+        finally:
+            sock.close()
+        return {name: frozenset(left) for name, left in got.items()}
 
     def fingerprint(self, netns: str) -> str | None:
         """Read over a transient raw netlink socket (nfnl.py): no context to make and no lock to wait for,

@@ -26,9 +26,9 @@ from egressd.model.sandbox import DENY_ALL, Policy
 from egressd.ruleset.dnsrules import LEARNED_SETS
 from egressd.ruleset.exprs import CT_MARK, Json
 from egressd.ruleset.plan import plan
-from egressd.ruleset.render import FINGERPRINT_CHAIN, Ruleset, render
+from egressd.ruleset.render import FINGERPRINT_CHAIN, VARIANTS, Ruleset, render
 from egressd.ruleset.transactions import active_variant, fingerprint_of, set_elements
-from egressd.ruleset.variants import neutral_name
+from egressd.ruleset.variants import neutral_name, variant_name
 
 DNS_SET_SUFFIXES = ("_dns4", "_dns6")
 # Rendered tables kept (about 40 KB each as Python objects): enough for the sandboxes whose DNS answers or
@@ -158,6 +158,19 @@ def elements_differ(listing: list[Json], ruleset: Ruleset) -> str | None:
     return None
 
 
+def dns_sets_hold(
+    backend: Backend, netns: str, ruleset: Ruleset, elements: dict[str, frozenset[str]]
+) -> bool:
+    """Whether the DNS sets of the variant in force hold exactly these elements, read set by set (the sets
+    of the other variant are gone after every switch); False when that cannot be told this way."""
+    names = [variant_name(n, v) for n in ruleset.dns_sets for v in VARIANTS]
+    have = backend.set_elements(netns, names)
+    for v in VARIANTS if have is not None else ():
+        if all(variant_name(n, v) in have for n in ruleset.dns_sets):
+            return all(have[variant_name(n, v)] == elements.get(n, frozenset()) for n in ruleset.dns_sets)
+    return False
+
+
 class TableSync:
     """The sync step and its memory. Call render/target/sync from anywhere; update the memory (learned,
     prune, hints) from one thread: workers only read it."""
@@ -245,11 +258,15 @@ class TableSync:
         someone else (drift), one that equals it is simply our previous policy.
         """
         # Startup: a table carrying the fingerprint is adopted on it alone (the whole table is compared by the
-        # verification pass right after): a restart costs one short read per sandbox.
+        # verification pass right after): a restart costs one short read per sandbox, and one per DNS set.
         shape = ruleset.shape
         known = self.digests.get(shape)
-        quick = self.adopt_by_fingerprint and not ruleset.dns_sets and known is not None
-        if quick and backend.fingerprint(netns) == ruleset.fingerprint:
+        quick = self.adopt_by_fingerprint and known is not None
+        if (
+            quick
+            and backend.fingerprint(netns) == ruleset.fingerprint
+            and (not ruleset.dns_sets or dns_sets_hold(backend, netns, ruleset, elements))
+        ):
             return SyncResult("adopted", ruleset.fingerprint, shape, known, 0)
         listing = backend.read(netns)
         detail = None

@@ -238,3 +238,26 @@ def test_element_updates_change_only_the_variant_in_force():
     with pytest.raises(ApplyError):
         fb.update_elements(NS, {"allow_dns4": {"192.0.2.3"}}, {}, "a")  # variant a was retired
     assert fb.elements[NS]["allow_dns4"] == {"192.0.2.2"}
+
+
+def test_a_restart_adopts_a_table_with_dns_sets_on_its_fingerprint_and_its_sets_alone():
+    """A sandbox naming hosts: on restart its DNS sets are read set by set (raw netlink in the real
+    backend), not the whole table; sets that hold other addresses fall back to the full read and an update."""
+    from egressd.reconcile.sync import TableSync
+
+    fb = FakeBackend(namespaces={NS})
+    sync = TableSync(Config())
+    rs = sync.render(policy(allow_internet_access=False, allow_out=["a.test", "198.51.100.1"]))
+    assert rs.dns_sets
+    elements = {"allow_dns4": frozenset({"192.0.2.1"}), "allow_dns6": frozenset({"2001:db8::1"})}
+    first = sync.sync(fb, NS, rs, elements, None)
+    sync.learned(first)
+    fb.apply(NS, rs, elements)  # a second write: the table now runs on the other variant
+    sync.adopt_by_fingerprint = True
+    reads = fb.reads
+    again = sync.sync(fb, NS, rs, elements, first.fingerprint)
+    assert (again.outcome, again.writes, fb.reads) == ("adopted", 0, reads)  # no full read
+    moved = {**elements, "allow_dns4": frozenset({"192.0.2.2"})}  # the name now answers elsewhere
+    third = sync.sync(fb, NS, rs, moved, first.fingerprint)
+    assert third.outcome == "dns_updated" and fb.reads == reads + 1
+    assert set_elements(fb.read(NS), ["allow_dns4"]) == {"allow_dns4": frozenset({"192.0.2.2"})}
