@@ -40,9 +40,9 @@ from typing import Any, Protocol
 
 from egressd.common.logs import log
 from egressd.kernel.backend import ApplyError, listing_of
-from egressd.kernel.nfnl import NetlinkError, read_chain_comments
+from egressd.kernel.nfnl import NFPROTO_NETDEV, NetlinkError, read_chain_comments
 from egressd.kernel.nfnl_batch import BatchSocket, EncodeError
-from egressd.kernel.nfnl_elements import NFPROTO_NETDEV, ElementSocket
+from egressd.kernel.nfnl_elements import ElementSocket
 from egressd.kernel.writer import TableWriter
 from egressd.model.config import Config
 from egressd.ruleset.dnsrules import LEARNED_SETS

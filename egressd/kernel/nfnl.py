@@ -24,12 +24,20 @@ from egressd.kernel.netns import in_netns
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+NLM_F_APPEND = 0x800
 NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
 NLMSG_NOOP = 1
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLMSG_MIN_TYPE = 0x10  # types below are netlink control messages (error, done, overrun)
 NFPROTO_INET = 1
+NFPROTO_NETDEV = 5
+NFNL_MSG_BATCH_BEGIN = 0x10
+NFNL_MSG_BATCH_END = 0x11
+NLA_F_NESTED = 0x8000
 NFNETLINK_V0 = 0
 NFT_MSG_NEWRULE = 6
 NFT_MSG_GETRULE = 7
@@ -75,6 +83,17 @@ def attributes(data: memoryview, wanted: tuple[int, ...]) -> dict[int, memoryvie
 def attr(kind: int, value: bytes) -> bytes:
     body = NLATTR.pack(NLATTR.size + len(value), kind) + value
     return body + b"\0" * (align(len(body)) - len(body))
+
+
+def nested(kind: int, payload: bytes) -> bytes:
+    return attr(kind | NLA_F_NESTED, payload)
+
+
+def batch_marker(kind: int, seq: int) -> bytes:
+    """The begin or end message of an nf_tables batch: its nfgenmsg is AF_UNSPEC, and res_id names the
+    subsystem, big-endian."""
+    body = struct.pack("=BB", 0, NFNETLINK_V0) + struct.pack("!H", NFNL_SUBSYS_NFTABLES)
+    return NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, NLM_F_REQUEST, seq, 0) + body
 
 
 def getrule_dump_request(table: str, chain: str, seq: int, family: int = NFPROTO_INET) -> bytes:

@@ -34,15 +34,25 @@ from egressd.kernel import nfnl
 from egressd.kernel import nfnl_exprs as nx
 from egressd.kernel.backend import ApplyError
 from egressd.kernel.netns import in_netns
-from egressd.kernel.nfnl import NLMSGHDR, attr
+from egressd.kernel.nfnl import (
+    NFNL_MSG_BATCH_BEGIN,
+    NFNL_MSG_BATCH_END,
+    NFPROTO_NETDEV,
+    NLM_F_ACK,
+    NLM_F_APPEND,
+    NLM_F_CREATE,
+    NLM_F_EXCL,
+    NLM_F_REQUEST,
+    NLMSGHDR,
+    attr,
+    batch_marker,
+    nested,
+)
 from egressd.kernel.nfnl_elements import AckReader
-from egressd.kernel.nfnl_exprs import EncodeError, nested, strz, u32, udata
+from egressd.kernel.nfnl_exprs import EncodeError, strz, u32, udata
 
 __all__ = ["Batch", "BatchSocket", "EncodeError", "encode_batch"]
 
-NFPROTO_NETDEV = 5
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x200, 0x400, 0x800
-NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NEWTABLE, DELTABLE, NEWCHAIN, DELCHAIN, NEWRULE, DELRULE = 0, 2, 3, 5, 6, 8
 NEWSET, DELSET, NEWSETELEM, DELSETELEM, NEWOBJ, DELOBJ = 9, 11, 12, 14, 18, 20
 NFT_SET_TIMEOUT = 0x10
@@ -109,7 +119,7 @@ class _Encoder:
 
     def __init__(self, seq: int, plain: Mapping[str, str]) -> None:
         self.seq = seq
-        self.parts = [_marker(NFNL_MSG_BATCH_BEGIN, seq)]
+        self.parts = [batch_marker(NFNL_MSG_BATCH_BEGIN, seq)]
         self.acked: list[int] = []
         self.origin: dict[int, int] = {}
         self.index = 0
@@ -137,7 +147,7 @@ class _Encoder:
 
     def finish(self) -> Batch:
         return Batch(
-            b"".join([*self.parts, _marker(NFNL_MSG_BATCH_END, self.seq + 1)]), self.acked, self.origin
+            b"".join([*self.parts, batch_marker(NFNL_MSG_BATCH_END, self.seq + 1)]), self.acked, self.origin
         )
 
     def table(self, verb: str, obj: Any) -> None:
@@ -280,12 +290,6 @@ class _Encoder:
         body += nested(9, u32(1, size)) + attr(13, nx.set_udata(f.order, interval, f.typeof))  # DESC_SIZE
         self.message(NEWSET, NLM_F_CREATE, body)
         self.message(NEWSETELEM, NLM_F_CREATE, where + u32(4, anon.set_id) + nested(3, b"".join(items)))
-
-
-def _marker(kind: int, seq: int) -> bytes:
-    # a batch marker's nfgenmsg: AF_UNSPEC, and res_id naming the subsystem, big-endian
-    body = struct.pack("=BB", 0, nfnl.NFNETLINK_V0) + struct.pack("!H", nfnl.NFNL_SUBSYS_NFTABLES)
-    return NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, NLM_F_REQUEST, seq, 0) + body
 
 
 def encode_batch(commands: list[Any], seq: int = 0, plain_sets: Mapping[str, str] | None = None) -> Batch:

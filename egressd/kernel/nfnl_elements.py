@@ -28,9 +28,15 @@ from egressd.kernel.netns import in_netns
 from egressd.kernel.nfnl import (
     NFGENMSG,
     NFNETLINK_V0,
+    NFNL_MSG_BATCH_BEGIN,
+    NFNL_MSG_BATCH_END,
     NFNL_SUBSYS_NFTABLES,
+    NFPROTO_INET,
+    NFPROTO_NETDEV,
     NLA_TYPE_MASK,
     NLATTR,
+    NLM_F_ACK,
+    NLM_F_CREATE,
     NLM_F_DUMP,
     NLM_F_REQUEST,
     NLMSG_ERROR,
@@ -41,16 +47,11 @@ from egressd.kernel.nfnl import (
     align,
     attr,
     attributes,
+    batch_marker,
+    nested,
     netfilter_socket,
 )
 
-NFPROTO_INET = 1
-NFPROTO_NETDEV = 5
-NLM_F_ACK = 0x4
-NLM_F_CREATE = 0x400
-NLA_F_NESTED = 0x8000
-NFNL_MSG_BATCH_BEGIN = 0x10
-NFNL_MSG_BATCH_END = 0x11
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_DELSETELEM = 14
 NFTA_SET_ELEM_LIST_TABLE = 1
@@ -65,31 +66,17 @@ NFTA_DATA_VALUE = 1
 FAMILIES = {"inet": NFPROTO_INET, "netdev": NFPROTO_NETDEV}
 
 
-def _nested(kind: int, payload: bytes) -> bytes:
-    return attr(kind | NLA_F_NESTED, payload)
-
-
 def _message(kind: int, flags: int, seq: int, body: bytes) -> bytes:
     return NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, flags, seq, 0) + body
-
-
-def _batch_marker(kind: int, seq: int) -> bytes:
-    # nfgenmsg of a batch marker: AF_UNSPEC, and res_id naming the subsystem, big-endian
-    return _message(
-        kind,
-        NLM_F_REQUEST,
-        seq,
-        struct.pack("=BB", 0, NFNETLINK_V0) + struct.pack("!H", NFNL_SUBSYS_NFTABLES),
-    )
 
 
 def _elements(addresses: list[str], timeouts: Mapping[str, int] | None) -> bytes:
     out = b""
     for a in addresses:
-        key = _nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, ipaddress.ip_address(a).packed))
+        key = nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, ipaddress.ip_address(a).packed))
         if timeouts is not None:
             key += attr(NFTA_SET_ELEM_TIMEOUT, struct.pack("!Q", int(timeouts[a]) * 1000))
-        out += _nested(NFTA_LIST_ELEM, key)
+        out += nested(NFTA_LIST_ELEM, key)
     return out
 
 
@@ -106,7 +93,7 @@ def learn_batch(
 ) -> tuple[bytes, list[int]]:
     """The batch (begin, add/delete/add per non-empty set, end) and the sequence numbers to be
     acknowledged. sets: the IPv4 set, the IPv6 set. Timeouts in seconds."""
-    out = [_batch_marker(NFNL_MSG_BATCH_BEGIN, seq)]
+    out = [batch_marker(NFNL_MSG_BATCH_BEGIN, seq)]
     acked: list[int] = []
     for version, name in zip((4, 6), sets, strict=True):
         addrs = sorted(a for a in timeouts if (":" in a) == (version == 6))
@@ -120,12 +107,12 @@ def learn_batch(
         )
         for msg, flags, timed in steps:
             seq += 1
-            body = where + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, _elements(addrs, timed))
+            body = where + nested(NFTA_SET_ELEM_LIST_ELEMENTS, _elements(addrs, timed))
             out.append(
                 _message((NFNL_SUBSYS_NFTABLES << 8) | msg, NLM_F_REQUEST | NLM_F_ACK | flags, seq, body)
             )
             acked.append(seq)
-    out.append(_batch_marker(NFNL_MSG_BATCH_END, seq + 1))
+    out.append(batch_marker(NFNL_MSG_BATCH_END, seq + 1))
     return b"".join(out), acked
 
 

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from egressd.kernel.nfnl import attr
+from egressd.kernel.nfnl import attr, nested
 
-NLA_F_NESTED, NFTA_LIST_ELEM, NFTA_EXPR_NAME, NFTA_EXPR_DATA = 0x8000, 1, 1, 2
+NFTA_LIST_ELEM, NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 1, 2
 NFTA_DATA_VALUE, NFTA_DATA_VERDICT, NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 1, 2, 1, 2
 NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_FLAGS, NFTA_SET_ELEM_TIMEOUT, NFTA_SET_ELEM_USERDATA = 1, 3, 4, 6
 NFT_SET_ELEM_INTERVAL_END = 1
@@ -55,10 +55,6 @@ ICMP6_TYPES = {
 
 class EncodeError(ValueError):
     """A command or expression this encoder does not know: nothing was sent."""
-
-
-def nested(kind: int, payload: bytes) -> bytes:
-    return attr(kind | NLA_F_NESTED, payload)
 
 
 def u32(kind: int, value: int) -> bytes:

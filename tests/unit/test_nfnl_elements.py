@@ -4,11 +4,18 @@ import errno
 import ipaddress
 import struct
 
-from egressd.kernel.nfnl import NFGENMSG, NLMSG_ERROR, NLMSGHDR, attributes
-from egressd.kernel.nfnl_elements import (
+from egressd.kernel.nfnl import (
+    NFGENMSG,
     NFNL_MSG_BATCH_BEGIN,
     NFNL_MSG_BATCH_END,
     NFPROTO_NETDEV,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLMSG_ERROR,
+    NLMSGHDR,
+    attributes,
+)
+from egressd.kernel.nfnl_elements import (
     NFT_MSG_DELSETELEM,
     NFT_MSG_NEWSETELEM,
     NFTA_DATA_VALUE,
@@ -18,8 +25,6 @@ from egressd.kernel.nfnl_elements import (
     NFTA_SET_ELEM_LIST_SET,
     NFTA_SET_ELEM_LIST_TABLE,
     NFTA_SET_ELEM_TIMEOUT,
-    NLM_F_ACK,
-    NLM_F_CREATE,
     AckReader,
     learn_batch,
 )
