@@ -117,8 +117,8 @@ class _Dns(_Strict):
     tcp_connections: int = Field(default=16, ge=1, le=10_000)  # per sandbox
     tcp_idle_timeout: float = Field(default=10.0, gt=0, le=3600)
     max_learned: int = Field(default=4096, ge=16, le=1_000_000)  # per sandbox and family: the sets' size
-    # The conntrack mark bits that carry a policy's generation: a connection opened to a learned address
-    # keeps working after the address expires, until the policy changes. One contiguous run of 8-16 bits.
+    # The conntrack mark bits that carry a policy's generation, in every sandbox's table: an accepted
+    # connection is let through until the policy changes (ruleset/generation.py). 8-16 contiguous bits.
     conn_mark_mask: int = Field(default=0xFFFF0000, ge=1, le=0xFFFFFFFF, strict=True)
 
     @field_validator("conn_mark_mask")

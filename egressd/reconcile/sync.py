@@ -85,22 +85,47 @@ def _is_ct_mark(expr: Any) -> bool:
     return isinstance(expr, dict) and isinstance(expr.get("&"), list) and expr["&"][:1] == [CT_MARK]
 
 
+def _generation_at(e: Any) -> tuple[Any, Any] | None:
+    """(where the policy's generation sits in expression e, e with it zeroed), or None when e carries none.
+    libnftables lists the hooks' check `ct mark & mask == G` as a prefix match `ct mark G/len`, and folds G
+    into the mask of the admit chain's `ct mark set ct mark & ~mask | G`: the values go, the shape stays
+    (a prefix keeps its length: a shorter one would let other generations through)."""
+    match = e.get("match") if isinstance(e, dict) else None
+    if match is not None and _is_ct_mark(match.get("left")):
+        right = match.get("right")
+        prefix = right.get("prefix") if isinstance(right, dict) else None
+        if isinstance(prefix, dict):
+            return prefix.get("addr"), {"match": {**match, "right": {"prefix": {**prefix, "addr": 0}}}}
+        return right, {"match": {**match, "right": 0}}
+    mangle = e.get("mangle") if isinstance(e, dict) else None
+    if mangle is not None and mangle.get("key") == CT_MARK and isinstance(mangle.get("value"), dict):
+        parts = mangle["value"].get("|")
+        if isinstance(parts, list) and len(parts) == 2:
+            return parts[1], {"mangle": {**mangle, "value": 0}}
+    return None
+
+
 def without_generation(rule: Json) -> Json:
-    """A rule with the policy's generation (dnsrules.generation) set to 0, in whichever form libnftables
-    lists it: the ct mark comparison, and the ct mark a learned set's rule sets. A walk of the rule's
-    top-level expressions only: cheaper than finding out first whether it has any."""
+    """A rule with the policy's generation (ruleset/generation.py) zeroed, in whichever form libnftables
+    lists it (see _generation_at). A walk of the rule's top-level expressions only: cheaper than finding
+    out first whether it has any."""
     exprs = []
     for e in rule.get("expr", ()):
-        match = e.get("match") if isinstance(e, dict) else None
-        mangle = e.get("mangle") if isinstance(e, dict) else None
-        if match is not None and _is_ct_mark(match.get("left")):
-            e = {"match": {**match, "right": 0}}
-        elif mangle is not None and mangle.get("key") == CT_MARK and isinstance(mangle.get("value"), dict):
-            parts = mangle["value"].get("|")
-            if isinstance(parts, list) and len(parts) == 2:
-                e = {"mangle": {**mangle, "value": {"|": [parts[0], 0]}}}
-        exprs.append(e)
+        found = _generation_at(e)
+        exprs.append(e if found is None else found[1])
     return {**rule, "expr": exprs}
+
+
+def generation_differs(listing: list[Json], ruleset: Ruleset) -> str | None:
+    """Whether a table's rules carry another generation than the ruleset's (listing_digest leaves it out,
+    so that every policy of a shape lists alike)."""
+    for item in listing:
+        rule = item.get("rule")
+        for e in rule.get("expr", ()) if rule is not None else ():
+            found = _generation_at(e)
+            if found is not None and found[0] != ruleset.generation:
+                return f"chain {rule.get('chain')} carries generation {found[0]}, not {ruleset.generation}"
+    return None
 
 
 def elem_key(e: Any) -> str:
@@ -278,7 +303,7 @@ class TableSync:
             if found == ruleset.fingerprint:
                 digest = listing_digest(listing)
                 detail = "table was altered in place" if known not in (None, digest) else None
-                detail = detail or elements_differ(listing, ruleset)
+                detail = detail or elements_differ(listing, ruleset) or generation_differs(listing, ruleset)
                 if detail is None:
                     outcome = "adopted" if known is None else "unchanged"
                     have = set_elements(listing, ruleset.dns_sets)

@@ -1,11 +1,9 @@
 """What DNS interception adds to a sandbox's table: the redirect of every query to the proxy, the learned
-sets the proxy fills, and the connection mark that carries a policy's generation (docs/hostnames.md,
-Interception). render.py puts these pieces in place; nothing here decides the order of `decide`.
+sets the proxy fills (docs/hostnames.md, Interception). render.py puts these pieces in place; nothing here
+decides the order of `decide`.
 """
 
 from __future__ import annotations
-
-import hashlib
 
 from egressd.model.config import Config
 from egressd.model.sandbox import Policy
@@ -48,13 +46,3 @@ def intercept_hooks(config: Config) -> list[Json]:
         rule("dns_in", match(meta("iifname"), config.uplink, "!="), *dns_l4(53), redirect),
         rule("input", *dns_l4(port), not_redirected, {"drop": None}),
     ]
-
-
-def generation(fingerprint: str, policy: Policy, config: Config) -> int:
-    """A policy's generation, in the conn_mark_mask bits, never 0: from a digest of its table and of the
-    names it allows (which its table does not show), so a changed policy has another (one chance in 65,535
-    of the same, with the default mask) and a restart the same."""
-    mask = config.intercept.conn_mark_mask
-    shift, seed = (mask & -mask).bit_length() - 1, "\n".join((fingerprint, *policy.allow_out.names)).encode()
-    span = mask >> shift
-    return (int(hashlib.sha256(seed).hexdigest()[:12], 16) % span + 1) << shift

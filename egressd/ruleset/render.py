@@ -17,10 +17,9 @@ from typing import Any
 from egressd.model.config import Config
 from egressd.model.entries import IPNetwork, within
 from egressd.model.sandbox import Policy
-from egressd.ruleset.dnsrules import LEARNED_SETS, dns_l4, generation, intercept_hooks, intercepting
+from egressd.ruleset.dnsrules import LEARNED_SETS, dns_l4, intercept_hooks, intercepting
 from egressd.ruleset.exprs import (
     ACCEPT,
-    CT_MARK,
     DENY,
     Json,
     T,
@@ -30,6 +29,7 @@ from egressd.ruleset.exprs import (
     payload,
     rule,
 )
+from egressd.ruleset.generation import ADMIT, Marks, generation
 
 SCHEMA = "egressd/2"  # 2: the DNS interception chains and learned sets in every table
 FINGERPRINT_CHAIN = "fingerprint"
@@ -67,6 +67,7 @@ class Ruleset:
     # teaches the reconciler what all of them look like (see reconcile.listing_digest).
     shape: str = ""
     intercept: bool = False  # the sandbox's DNS queries are answered by egressd, which fills LEARNED_SETS
+    generation: int = 0  # in the conntrack mark of the connections it accepts (generation.py); 0: none
 
     def elements(self) -> dict[str, list[Any]]:
         """The elements of each address set, by neutral name (the DNS sets are rendered empty)."""
@@ -99,12 +100,14 @@ def _split(nets: Iterable[IPNetwork]) -> tuple[list[IPNetwork], list[IPNetwork]]
 class _Builder:
     """Collects sets first and rules after, so every set and chain exists before anything refers to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, marks: Marks | None) -> None:
         self.sets: list[Json] = []
         self.rules: list[Json] = []
+        # How a destination step accepts: marking the connection with the generation where there is one.
+        self.accept: tuple[Json, ...] = marks.accept if marks is not None else (ACCEPT,)
 
     def set_rules(
-        self, name: str, nets: Iterable[IPNetwork], verdict: Json, extra: Iterable[Json] = ()
+        self, name: str, nets: Iterable[IPNetwork], verdict: tuple[Json, ...], extra: Iterable[Json] = ()
     ) -> None:
         """One interval set per family, and one rule per non-empty set; empty lists cost no rule."""
         for version, members in zip((4, 6), _split(nets), strict=True):
@@ -124,9 +127,9 @@ class _Builder:
                     }
                 }
             )
-            self.rules.append(rule("decide", match_daddr(version, set_name), *extra, verdict))
+            self.rules.append(rule("decide", match_daddr(version, set_name), *extra, *verdict))
 
-    def dns_sets(self, name: str, verdict: Json) -> list[str]:
+    def dns_sets(self, name: str, verdict: tuple[Json, ...]) -> list[str]:
         """Plain sets (no intervals) for resolved addresses, both families, rendered empty: their elements
         change with DNS, by difference, and are not part of the fingerprint."""
         names = []
@@ -134,7 +137,7 @@ class _Builder:
             set_name = f"{name}{version}"
             set_type = "ipv4_addr" if version == 4 else "ipv6_addr"
             self.sets.append({"add": {"set": {**T, "name": set_name, "type": set_type}}})
-            self.rules.append(rule("decide", match_daddr(version, set_name), verdict))
+            self.rules.append(rule("decide", match_daddr(version, set_name), *verdict))
             names.append(set_name)
         return names
 
@@ -166,50 +169,48 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
     neighbour-solicitation channel the sandbox's own table has to leave open.
     """
     intercept = intercepting(policy, config)
-    # Learned addresses accept by marking the connection with the policy's generation, and a marked
-    # connection is let through whatever the learned set holds now: it outlives its address's expiry, not a
-    # change of policy. Not on the host side: its hook runs before conntrack.
-    carry = intercept and not host and bool(policy.allow_out.names)
-    variant, hooks, dns_sets, names = _build(policy, config, host, intercept, 0)
-    where = "host" if host else config.uplink
-    fingerprint, shape = _digests(variant, hooks, where)
-    if carry:  # the generation comes from the table without it: its shape is every generation's shape
-        variant, hooks, dns_sets, names = _build(
-            policy, config, host, intercept, generation(fingerprint, policy, config)
-        )
-        fingerprint, _ = _digests(variant, hooks, where)
-    return Ruleset(variant, hooks, fingerprint, tuple(dns_sets), names, shape, intercept)
+    # Every accept marks the connection with the policy's generation, and a connection of the current
+    # generation is let through first (generation.py). Not on the host side: its hook runs before conntrack.
+    marks = None if host else Marks(config.intercept.conn_mark_mask)
+    variant, hooks, dns_sets, names = _build(policy, config, host, intercept, marks)
+    digest, shape = _digests(variant, hooks, "host" if host else config.uplink)
+    value = 0
+    if marks is not None:
+        # Rendered with generation 0, so the shape is every generation's; the generation comes from that
+        # table's digest, and the fingerprint covers both (one table, one fingerprint).
+        value = generation(digest, policy.allow_out.names, config.intercept.conn_mark_mask)
+        marks.set(value)
+        digest = hashlib.sha256(f"{digest} {value:#x}".encode()).hexdigest()
+    fingerprint = f"{SCHEMA} sha256:{digest}"
+    return Ruleset(variant, hooks, fingerprint, tuple(dns_sets), names, shape, intercept, value)
 
 
 def _build(
-    policy: Policy, config: Config, host: bool, intercept: bool, generation: int
+    policy: Policy, config: Config, host: bool, intercept: bool, marks: Marks | None
 ) -> tuple[list[Json], list[Json], list[str], frozenset[str]]:
-    """The variant, the hooks, the DNS set names and the per-variant names; generation 0: no carrying."""
-    b = _Builder()
-    mask = config.intercept.conn_mark_mask
-    carried = (mask, generation) if generation else None
-    _link_rules(b, host, config.intercept.port if intercept else None, carried)
-    dns_sets = _destination_rules(b, policy, config, intercept, carried)
+    """The variant, the hooks, the DNS set names and the per-variant names."""
+    b = _Builder(marks)
+    _link_rules(b, host, config.intercept.port if intercept else None)
+    dns_sets = _destination_rules(b, policy, config, intercept)
     # 7. everything else: the public internet.
-    b.rules.append(rule("decide", ACCEPT if policy.allow_internet_access else DENY))
+    b.rules.append(rule("decide", *b.accept) if policy.allow_internet_access else rule("decide", DENY))
 
     variant: list[Json] = [
         *b.sets,
         {"add": {"chain": {**T, "name": "deny"}}},
+        *(marks.admit() if marks is not None else []),
         {"add": {"chain": {**T, "name": "decide"}}},
         *_deny_chain(config.deny_action, config.host_mark if host else None),
         *b.rules,
     ]
-    hooks = _hooks(config, host) + (intercept_hooks(config) if intercept and not host else [])
+    hooks = _hooks(config, marks) + (intercept_hooks(config) if intercept and not host else [])
     names = frozenset(
-        [c["add"]["set"]["name"] for c in b.sets] + ["deny", "decide"]
+        [c["add"]["set"]["name"] for c in b.sets] + ["deny", "decide"] + ([ADMIT] if marks else [])
     )  # the objects that exist twice during an update: name_a and name_b
     return variant, hooks, dns_sets, names
 
 
-def _link_rules(
-    b: _Builder, host: bool, proxy_port: int | None = None, carried: tuple[int, int] | None = None
-) -> None:
+def _link_rules(b: _Builder, host: bool, proxy_port: int | None = None) -> None:
     """Step 1 of `decide`: loopback, replies on connections opened from outside, IPv6 neighbour discovery;
     with interception, the redirected DNS queries (the output filter still sees the original device)."""
     if proxy_port is not None and host:
@@ -231,9 +232,6 @@ def _link_rules(
     else:
         b.rules.append(rule("decide", match(meta("oifname"), "lo"), ACCEPT))
         b.rules.append(rule("decide", match({"ct": {"key": "direction"}}, "reply"), ACCEPT))
-        if carried is not None:  # a connection a learned address let through under this very policy
-            mask, generation = carried
-            b.rules.append(rule("decide", match({"&": [CT_MARK, mask]}, generation), ACCEPT))
         b.rules.append(rule("decide", *nd, ACCEPT))
     link_multicast = match(payload("ip6", "daddr"), {"prefix": {"addr": "ff02::", "len": 16}})
     b.rules.append(
@@ -245,58 +243,51 @@ def _link_rules(
         b.rules.append(rule("decide", *dns_l4(53), DENY))
 
 
-def _destination_rules(
-    b: _Builder,
-    policy: Policy,
-    config: Config,
-    intercept: bool = False,
-    carried: tuple[int, int] | None = None,
-) -> list[str]:
+def _destination_rules(b: _Builder, policy: Policy, config: Config, intercept: bool = False) -> list[str]:
     """Steps 2-6 of `decide`, by destination; returns the names of the DNS sets, in table order."""
     # 2-6. operator deny, operator allow, tenant allow, tenant deny, private ranges. IPv6 destinations that
     # embed an IPv4 address go first: on the wire they would slip past every IPv4 rule (to a translator).
-    b.set_rules("embedded", EMBEDDED_IPV4, DENY)
-    b.set_rules("guard_deny", config.guard.deny, DENY)
+    b.set_rules("embedded", EMBEDDED_IPV4, (DENY,))
+    b.set_rules("guard_deny", config.guard.deny, (DENY,))
     closed_names = not policy.allow_internet_access and policy.allow_out.hostnames
     if closed_names and config.sandbox_resolvers and not intercept:
         # A closed sandbox that names hosts needs DNS to use them: port 53 of the operator's resolvers only.
         dns_port = [match(meta("l4proto"), {"set": ["tcp", "udp"]}), match(payload("th", "dport"), 53)]
-        b.set_rules("resolvers", config.sandbox_resolvers, {"accept": None}, extra=dns_port)
-    b.set_rules("guard_allow", config.guard.allow, ACCEPT)
-    b.set_rules("allow", (*policy.allow_out.nets4, *policy.allow_out.nets6), ACCEPT)
-    dns_sets = b.dns_sets("allow_dns", ACCEPT) if policy.allow_out.hostnames else []
+        b.set_rules("resolvers", config.sandbox_resolvers, b.accept, extra=dns_port)
+    b.set_rules("guard_allow", config.guard.allow, b.accept)
+    b.set_rules("allow", (*policy.allow_out.nets4, *policy.allow_out.nets6), b.accept)
+    dns_sets = b.dns_sets("allow_dns", b.accept) if policy.allow_out.hostnames else []
     if intercept and policy.allow_out.names:
-        mark = []
-        if carried is not None:
-            mask, generation = carried
-            keep = {"&": [CT_MARK, 0xFFFFFFFF ^ mask]}
-            mark = [{"mangle": {"key": CT_MARK, "value": {"|": [keep, generation]}}}]
         for version, name in zip((4, 6), LEARNED_SETS, strict=True):
-            b.rules.append(rule("decide", match_daddr(version, name), *mark, ACCEPT))
-    b.set_rules("deny", (*policy.deny_out.nets4, *policy.deny_out.nets6), DENY)
-    dns_sets += b.dns_sets("deny_dns", DENY) if policy.deny_out.hostnames else []
-    b.set_rules("private", config.guard.private, DENY)
+            b.rules.append(rule("decide", match_daddr(version, name), *b.accept))
+    b.set_rules("deny", (*policy.deny_out.nets4, *policy.deny_out.nets6), (DENY,))
+    dns_sets += b.dns_sets("deny_dns", (DENY,)) if policy.deny_out.hostnames else []
+    b.set_rules("private", config.guard.private, (DENY,))
     return dns_sets
 
 
-def _hooks(config: Config, host: bool) -> list[Json]:
-    """The base chains' rules, which jump to `decide`: ingress on the host side, else output and forward."""
-    if host:
-        return [rule("ingress", {"jump": {"target": "decide"}})]
+def _hooks(config: Config, marks: Marks | None) -> list[Json]:
+    """The base chains' rules, which jump to `decide`: ingress on the host side (no marks), else output and
+    forward, where a connection already judged under this policy (its generation) is let through first."""
+    decide = {"jump": {"target": "decide"}}
+    if marks is None:
+        return [rule("ingress", decide)]
     uplink = match(meta("iifname"), config.uplink)
     return [
-        rule("output", {"jump": {"target": "decide"}}),
+        rule("output", *marks.carried),
+        rule("output", decide),
         # Forwarded traffic (a microVM behind a tap) is judged unless it enters from the uplink: that is
         # traffic towards the sandbox, not from it.
         rule("forward", uplink, ACCEPT),
-        rule("forward", {"jump": {"target": "decide"}}),
+        rule("forward", *marks.carried),
+        rule("forward", decide),
     ]
 
 
 def _digests(variant: list[Json], hooks: list[Json], where: str) -> tuple[str, str]:
-    """The fingerprint (the whole table) and the shape (the table without its set elements, see Ruleset)."""
+    """Digests of the whole table and of its shape (the table without its set elements, see Ruleset)."""
     canonical = json.dumps([variant, hooks, where], sort_keys=True, separators=(",", ":"))
-    fingerprint = f"{SCHEMA} sha256:{hashlib.sha256(canonical.encode()).hexdigest()}"
+    digest = hashlib.sha256(canonical.encode()).hexdigest()
     bare = [
         {"add": {"set": {k: v for k, v in c["add"]["set"].items() if k != "elem"}}}
         if "set" in c["add"]
@@ -306,7 +297,7 @@ def _digests(variant: list[Json], hooks: list[Json], where: str) -> tuple[str, s
     shape = hashlib.sha256(
         json.dumps([bare, hooks, where], sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
-    return fingerprint, shape
+    return digest, shape
 
 
 def elements_for(

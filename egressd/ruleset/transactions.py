@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from egressd.ruleset.dnsrules import LEARNED_SETS
 from egressd.ruleset.exprs import Json
+from egressd.ruleset.generation import ADMIT
 from egressd.ruleset.render import FINGERPRINT_CHAIN, VARIANTS, Ruleset
 from egressd.ruleset.variants import (
     NETNS,
@@ -31,6 +32,7 @@ from egressd.ruleset.variants import (
 )
 
 Elements = Mapping[str, Iterable[str]]
+VARIANT_CHAINS = ("decide", "deny", ADMIT)  # the per-variant chains; every other per-variant object is a set
 
 
 @dataclass(frozen=True)
@@ -138,11 +140,9 @@ def other_variant(variant: str) -> str:
 
 def _own_objects(ruleset: Ruleset, variant: str) -> list[Json]:
     """A listing-shaped list of the per-variant objects a ruleset creates under `variant`."""
-    chains = [{"chain": {"name": variant_name(n, variant)}} for n in ("decide", "deny")]
+    chains = [{"chain": {"name": variant_name(n, variant)}} for n in VARIANT_CHAINS if n in ruleset.names]
     sets = [
-        {"set": {"name": variant_name(n, variant)}}
-        for n in sorted(ruleset.names)
-        if n not in ("decide", "deny")
+        {"set": {"name": variant_name(n, variant)}} for n in sorted(ruleset.names) if n not in VARIANT_CHAINS
     ]
     return chains + sets
 

@@ -5,13 +5,17 @@ TCP (a reset when denied), UDP (ICMP administratively prohibited when denied) an
 """
 
 import contextlib
+import re
 import socket
 import struct
+import subprocess
 import time
 
 import pytest
 
-from netns_fixtures import in_netns
+from egressd.model.config import Config
+from egressd.ruleset.render import render
+from netns_fixtures import in_netns, netns_socket
 from netns_fixtures.probe import Sniffer, open_tcp, ping, tcp_connect, udp_echo
 
 pytestmark = pytest.mark.root
@@ -155,6 +159,79 @@ def test_tightening_cuts_an_open_connection(world, enforce, dst):
         assert session.exchange(b"after\n") != "ok"
     finally:
         session.close()
+
+
+def generation_in_force(record) -> int:
+    """The generation the table of record's policy lets through first (ruleset/generation.py)."""
+    hook = render(record.policy, Config()).hooks[0]["add"]["rule"]["expr"][0]
+    return hook["match"]["right"]
+
+
+def conntrack_marks(ns: str, dst: str, proto: str, sport: int) -> list[int]:
+    """The conntrack mark of the entry (one expected) from the sandbox's port sport to dst, by conntrack(8)."""
+    family = "ipv6" if ":" in dst else "ipv4"
+    flow = ["-f", family, "-p", proto, "-d", dst, "--sport", str(sport)]
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "conntrack", "-L", *flow],
+        capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return [int(m) for m in re.findall(r"mark=(\d+)", out.stdout)]
+
+
+@pytest.mark.parametrize("dst", [OK4, OK6])
+def test_an_accepted_connection_is_carried_by_its_generation_and_judged_again_on_a_change(
+    world, enforce, dst
+):
+    """After its first packet an open connection is let through by the generation in its conntrack mark: an
+    address that leaves a set (as a host name's address does when DNS answers otherwise) stops new
+    connections, not that one. A new policy has a new generation and judges it again."""
+    sb = world.sandboxes[0]
+    record = enforce(sb, allow_internet_access=False, allow_out=[dst])
+    session = open_tcp(sb.name, dst, 5001)
+    try:
+        assert session.exchange(b"before\n") == "ok"
+        first, sport = generation_in_force(record), session.sock.getsockname()[1]
+        assert conntrack_marks(sb.name, dst, "tcp", sport) == [first]
+        family = "6" if ":" in dst else "4"
+        nft = ["ip", "netns", "exec", sb.name, "nft", "delete", "element", "inet", "egressd"]
+        subprocess.run([*nft, f"allow{family}_a", "{", dst, "}"], check=True, timeout=10)
+        assert tcp_connect(sb.name, dst, 80) == "reset"  # a new connection is judged: no longer allowed
+        assert session.exchange(b"carried\n") == "ok"  # the open one is let through by its mark
+        record = enforce(sb, allow_internet_access=False, allow_out=[dst, OTHER4])
+        second = generation_in_force(record)
+        assert second != first
+        assert session.exchange(b"judged again\n") == "ok"  # allowed by the new policy: marked anew
+        assert conntrack_marks(sb.name, dst, "tcp", sport) == [second]
+        enforce(sb, allow_internet_access=False, allow_out=[OTHER4])
+        assert session.exchange(b"cut\n") != "ok"  # and tightening cuts it
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("dst", [OK4, OK6])
+def test_tightening_cuts_an_open_udp_flow(world, enforce, dst):
+    """One UDP flow (the same socket, the same ports) answered before a change and refused after it: its
+    mark carries the old generation, which the new table does not let through."""
+    sb = world.sandboxes[0]
+    enforce(sb, allow_internet_access=False, allow_out=[dst])
+    family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    with netns_socket(sb.name, family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(1.0)
+        sock.connect((dst, 7))
+        sock.send(b"before")
+        assert sock.recv(100) == b"before"
+        assert len(conntrack_marks(sb.name, dst, "udp", sock.getsockname()[1])) == 1
+        enforce(sb, allow_internet_access=False, allow_out=[OTHER4])
+        with pytest.raises(OSError):  # ICMP admin-prohibited (refused) or nothing (timeout)
+            sock.send(b"after")
+            sock.recv(100)
+        enforce(sb, allow_internet_access=False, allow_out=[dst])  # control: the flow is let through again
+        time.sleep(0.1)
+        with contextlib.suppress(OSError):
+            sock.recv(100)  # a pending error, if one is queued
+        sock.send(b"again")
+        assert sock.recv(100) == b"again"
 
 
 def test_loosening_opens_without_reconnect_delay(world, enforce):

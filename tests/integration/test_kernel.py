@@ -14,6 +14,7 @@ from egressd.kernel.netns import CLOSE_GRACE_S, NetnsError, open_netns
 from egressd.kernel.nft import LibnftBackend
 from egressd.model.config import Config, config_from_dict
 from egressd.model.sandbox import parse_sandbox
+from egressd.reconcile.sync import generation_differs, listing_digest
 from egressd.ruleset.render import render
 from egressd.ruleset.variants import NETNS, Target, create_commands, neutral_name, stage_commands
 from tests.integration.conftest import live_name, nft_json
@@ -72,10 +73,54 @@ def test_a_refused_transaction_leaves_the_old_table_in_force(world, backend):
         "dns_in",
         "input",
         "fingerprint",
+        "admit",
         "decide",
         "deny",
     }
     backend.remove(sb.netns_path)
+
+
+@pytest.mark.parametrize("intercept", [False, True])
+def test_tables_of_one_shape_list_alike_and_an_altered_generation_is_found(world, backend, intercept):
+    """The digest the reconciler learns from one table of a shape is how every other lists (each policy's
+    generation left out: libnftables lists the hooks' check as a prefix match and folds the generation
+    into the mark's mask); the generation is compared on its own, and a wider check changes the digest."""
+    a, b = world.sandboxes
+    config = config_from_dict({"dns": {"intercept": intercept}})
+
+    def shaped(name: str, deny: str):
+        policy = {"allow_out": [name], "deny_out": [deny]}
+        return render(parse_sandbox({"id": "x", "network_policy": policy}).policy, config)
+
+    one, two = shaped("api.example.com", "203.0.113.1"), shaped("cdn.example.net", "203.0.113.2")
+    assert one.shape == two.shape and one.generation != two.generation
+    backend.apply(a.netns_path, one)
+    backend.apply(b.netns_path, two)
+    first, second = backend.read(a.netns_path), backend.read(b.netns_path)
+    assert first is not None and second is not None
+    assert listing_digest(first) == listing_digest(second)
+    assert generation_differs(first, one) is None and generation_differs(second, two) is None
+    assert generation_differs(first, two) is not None  # the control: another policy's generation is seen
+
+    def check(mask: int, value: int) -> str:
+        """The output hook's first rule replaced by a check of (ct mark & mask) == value."""
+        world.exec(a.name, ["nft", "flush", "chain", "inet", "egressd", "output"])
+        world.exec(a.name, ["nft", "add", "rule", "inet", "egressd", "output",
+                            "ct", "mark", "and", hex(mask), "==", hex(value), "accept"])  # fmt: skip
+        world.exec(a.name, ["nft", "add", "rule", "inet", "egressd", "output", "jump", "decide_a"])
+        listing = backend.read(a.netns_path)
+        assert listing is not None
+        return listing
+
+    other = check(0xFFFF0000, two.generation)  # another generation let through: same shape, found apart
+    assert listing_digest(other) == listing_digest(first)
+    assert generation_differs(other, one) == (
+        f"chain output carries generation {two.generation}, not {one.generation}"
+    )
+    wider = check(0xFF000000, one.generation & 0xFF000000)  # more generations let through: another shape
+    assert listing_digest(wider) != listing_digest(first)
+    backend.remove(a.netns_path)
+    backend.remove(b.netns_path)
 
 
 def chain_names(ns: str) -> list[str]:
@@ -94,7 +139,7 @@ def test_an_update_stages_the_new_policy_then_switches(world, backend):
     backend.apply(sb.netns_path, second)
     assert live_name(sb.name, "decide") == "decide_b" and live_name(sb.name, "deny4") == "deny4_b"
     assert sorted(chain_names(sb.name)) == [
-        "decide_b", "deny_b", "dns_in", "dns_out", "fingerprint", "forward", "input", "output"
+        "admit_b", "decide_b", "deny_b", "dns_in", "dns_out", "fingerprint", "forward", "input", "output"
     ]  # fmt: skip
     assert [
         i["table"]["handle"] for i in nft_json(sb.name, "list", "tables") if i["table"]["name"] == "egressd"
@@ -370,7 +415,14 @@ def test_a_table_an_older_egressd_wrote_gains_the_interception_chains_on_its_nex
         text=True,
     )
     assert out.returncode == 0, out.stderr
-    assert sorted(chain_names(sb.name)) == ["decide_a", "deny_a", "fingerprint", "forward", "output"]
+    assert sorted(chain_names(sb.name)) == [
+        "admit_a",
+        "decide_a",
+        "deny_a",
+        "fingerprint",
+        "forward",
+        "output",
+    ]
     sandbox = parse_sandbox({"id": "x", "network_policy": {"allow_out": ["api.example.com"]}})
     after = render(sandbox.policy, config_from_dict({"dns": {"intercept": True}}))
     assert after.intercept

@@ -316,7 +316,7 @@ def test_deny_host_keeps_the_sandbox_closed_until_it_resolves():
             for c in fb.tables["/run/netns/s0"]
             if c["add"].get("rule", {}).get("chain") == "decide_b"  # the update switched to variant b
         ]
-        assert decide[-1] == [{"accept": None}]
+        assert decide[-1] == [{"goto": {"target": "admit_b"}}]  # accepts
         assert fb.elements["/run/netns/s0"]["deny_dns4"] == {"203.0.113.7"}
 
     run(scenario, answers)

@@ -76,7 +76,7 @@ def test_a_deny_pattern_without_interception_holds_the_sandbox_closed():
     assert out["results"][0]["action"] == "deny" and out["held_closed"].startswith("held closed because")
     ruleset, _, note = plan(p, on, None)
     assert note is None and ruleset.intercept
-    assert ruleset.variant[-1]["add"]["rule"]["expr"] == [{"accept": None}]
+    assert ruleset.variant[-1]["add"]["rule"]["expr"] == [{"goto": {"target": "admit"}}]  # accepts
     assert explain_addresses(p, on, None, [parse_dest("203.0.113.5")])["results"][0]["action"] == "accept"
 
 

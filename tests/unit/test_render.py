@@ -85,7 +85,7 @@ def test_semantic_order_of_decide_chain():
         "@private4",
         "@private6",
     ]
-    assert decide[-1] == [{"accept": None}]
+    assert decide[-1] == [{"goto": {"target": "admit"}}]  # which marks the connection, then accepts
 
 
 def test_internet_off_ends_in_deny_and_both_families_are_covered():
@@ -95,7 +95,7 @@ def test_internet_off_ends_in_deny_and_both_families_are_covered():
     rs = render(sb.policy, Config())
     # The last rule has no family match: it denies IPv6 even though the policy only named IPv4.
     assert rules(rs, "decide")[-1] == [{"jump": {"target": "deny"}}]
-    assert rules(rs, "output") == [[{"jump": {"target": "decide"}}]]
+    assert rules(rs, "output")[-1] == [{"jump": {"target": "decide"}}]
     assert rules(rs, "forward")[-1] == [{"jump": {"target": "decide"}}]
 
 
@@ -166,27 +166,7 @@ def test_interception_redirects_dns_and_accepts_learned_addresses_only_where_nam
     assert decide[0] != [{"accept": None}] and decide[0][-1] == {"accept": None}  # the redirected queries
     learned = [e for e in decide if any(m.get("match", {}).get("right") == "@learned4" for m in e)]
     (rule,) = learned
-    mark = rule[1]["mangle"]
-    generation = mark["value"]["|"][1]
-    assert mark["key"] == {"ct": {"key": "mark"}} and mark["value"]["|"][0]["&"][1] == 0x0000FFFF
-    assert generation and generation & 0x0000FFFF == 0 and rule[-1] == {"accept": None}
-    reply = decide.index(
-        [{"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "reply"}}, {"accept": None}]
-    )
-    carried = [
-        {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, 0xFFFF0000]}, "right": generation}},
-        {"accept": None},
-    ]
-    assert decide[reply + 1] == carried  # connections a learned address let through under this policy
-    again = render(named_policy_of("*.example.com"), cfg)
-    other = render(named_policy_of("*.example.com", "192.0.2.1"), cfg)
-
-    def gen_of(rs):
-        rule = next(e for e in rules(rs, "decide") if "mangle" in json.dumps(e))
-        return rule[1]["mangle"]["value"]["|"][1]
-
-    assert gen_of(again) == generation != gen_of(other)  # stable across restarts, new with a new policy
-    assert named.shape == render(named_policy_of("*.example.org"), cfg).shape  # the generation is not shape
+    assert rule[1:] == [{"goto": {"target": "admit"}}]  # generation.py
     plain = render(parse_sandbox({"id": "b", "network_policy": {"allow_out": ["192.0.2.1"]}}).policy, cfg)
     off = render(
         named_policy := named_policy_of("*.example.com"), config_from_dict({"dns": {"intercept": False}})
@@ -195,6 +175,73 @@ def test_interception_redirects_dns_and_accepts_learned_addresses_only_where_nam
         assert not rs.intercept and rules(rs, "dns_out") == rules(rs, "input") == []
         assert not any("@learned4" in json.dumps(e) for e in rules(rs, "decide"))
     assert named_policy.allow_out.patterns == ("*.example.com",)
+
+
+def marking(generation):
+    keep = {"&": [{"ct": {"key": "mark"}}, 0x0000FFFF]}
+    return {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"|": [keep, generation]}}}
+
+
+def generation_of(ruleset):
+    """The generation the hooks let through first: one rule of output, the same in forward."""
+    (check,) = [r for r in rules(ruleset, "output") if len(r) == 2 and "match" in r[0]]
+    assert check in rules(ruleset, "forward")
+    assert check[0]["match"]["left"] == {"&": [{"ct": {"key": "mark"}}, 0xFFFF0000]}
+    assert check[1] == {"accept": None}
+    return check[0]["match"]["right"]
+
+
+@pytest.mark.parametrize("intercept", [False, True])
+def test_every_accept_marks_the_connection_with_the_policy_generation(intercept):
+    """A connection judged once under a policy is let through by its mark; a new policy re-judges it."""
+    policy = {"allow_internet_access": True, "allow_out": ["192.0.2.1", "a.example", "*.b.example"]}
+    policy |= {"deny_out": ["198.51.100.0/24", "c.example"]}
+    config = config_from_dict({"dns": {"intercept": intercept}, "guard": {"allow": ["10.96.0.10"]}})
+    rs = render(parse_sandbox({"id": "a", "network_policy": policy}).policy, config)
+    gen = generation_of(rs)
+    assert gen and gen & 0x0000FFFF == 0
+    assert rules(rs, "output")[0][0]["match"]["right"] == gen  # checked before anything else
+    assert rules(rs, "forward")[1][0]["match"]["right"] == gen  # after the uplink's own accept
+    # The mark in a rule of its own: a packet without a conntrack entry breaks it, and is still accepted.
+    assert rules(rs, "admit") == [[marking(gen)], [{"accept": None}]]
+    for expr in rules(rs, "decide"):
+        assert expr[-1] != {"accept": None} or _on_link(expr), expr  # every destination step goes to admit
+        assert "mark" not in json.dumps(expr)
+    accepting = [e for e in rules(rs, "decide") if e[-1] == {"goto": {"target": "admit"}}]
+    # guard.allow and allow_out (IPv4 only here), the host names' sets and the learned ones (both families)
+    assert len(accepting) == 1 + 1 + 2 + (2 if intercept else 0) + 1
+    assert rules(rs, "decide")[-1] == [{"goto": {"target": "admit"}}]  # the internet step too
+
+    def gen_with(**change):
+        return generation_of(
+            render(parse_sandbox({"id": "b", "network_policy": policy | change}).policy, config)
+        )
+
+    assert gen_with() == gen  # the same policy: the same generation, after a restart too
+    assert gen_with(allow_out=["192.0.2.1", "a.example", "*.b.example", "192.0.2.2"]) != gen
+    assert gen_with(allow_out=["192.0.2.1", "z.example", "*.b.example"]) != gen  # names are not in the table
+    assert gen_with(deny_out=["c.example"]) != gen  # tightening or loosening: every connection judged again
+    other = render(
+        parse_sandbox({"id": "c", "network_policy": policy | {"allow_out": ["a2.example"]}}).policy, config
+    )
+    again = render(
+        parse_sandbox({"id": "d", "network_policy": policy | {"allow_out": ["a3.example"]}}).policy, config
+    )
+    assert other.shape == again.shape and other.fingerprint != again.fingerprint  # the generation is in it
+
+
+def _on_link(expr):
+    """Step 1's accepts (loopback, replies, neighbour discovery, the proxy): nothing to mark."""
+    text = json.dumps(expr)
+    return any(k in text for k in ('"oifname"', '"direction"', '"icmpv6"', "127.0.0.1", '"::1"'))
+
+
+def test_the_host_side_table_carries_no_generation():
+    """Its hook runs before conntrack: no mark to set or read there."""
+    policy = {"allow_out": ["192.0.2.1", "a.example"]}
+    rs = render(parse_sandbox({"id": "a", "network_policy": policy}).policy, Config(), host=True)
+    assert '{"ct": {"key": "mark"}}' not in json.dumps(rs.variant + rs.hooks)
+    assert rules(rs, "ingress") == [[{"jump": {"target": "decide"}}]]
 
 
 def named_policy_of(*entries):

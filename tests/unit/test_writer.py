@@ -9,7 +9,7 @@ from egressd.kernel.hostside import table_name, target_for
 from egressd.kernel.writer import TableWriter
 from egressd.model.config import Config
 from egressd.model.sandbox import parse_sandbox
-from egressd.reconcile.sync import listing_digest
+from egressd.reconcile.sync import generation_differs, listing_digest
 from egressd.ruleset.render import render
 from egressd.ruleset.transactions import active_variant, fingerprint_of, plan_apply, set_elements
 
@@ -261,3 +261,17 @@ def test_a_restart_adopts_a_table_with_dns_sets_on_its_fingerprint_and_its_sets_
     third = sync.sync(fb, NS, rs, moved, first.fingerprint)
     assert third.outcome == "dns_updated" and fb.reads == reads + 1
     assert set_elements(fb.read(NS), ["allow_dns4"]) == {"allow_dns4": frozenset({"192.0.2.2"})}
+
+
+def test_a_generation_is_compared_apart_from_the_shape_it_leaves_out():
+    """OLD and NEW are one shape with two generations: their tables digest alike, and each table's
+    generation is checked against its own policy's."""
+    assert OLD.shape == NEW.shape and OLD.generation != NEW.generation != 0
+    old, new = KernelRunner(), KernelRunner()
+    TableWriter(old).apply(NS, OLD, None, None)
+    TableWriter(new).apply(NS, NEW, None, None)
+    assert listing_digest(old.kernel.listing(NS)) == listing_digest(new.kernel.listing(NS))
+    assert generation_differs(old.kernel.listing(NS), OLD) is None
+    assert generation_differs(old.kernel.listing(NS), NEW) == (
+        f"chain output carries generation {OLD.generation}, not {NEW.generation}"
+    )
