@@ -8,10 +8,13 @@ sandboxes with K allow_out entries each:
 - cold: first write of every sandbox's table, ms per sandbox;
 - update: a changed policy for every sandbox (stage and switch), ms per sandbox;
 - adopt: a restart's check of every unchanged table (one fingerprint read each), ms per sandbox;
+- read: a whole table read, as a resync or the verification pass reads each (over raw netlink), against
+  the same read through libnftables (`list table`, which loads every table of the namespace), ms per table;
 - shared: for comparison, what one shared table costs per change at the same N (the design egressd tried
   first and dropped: libnftables 1.0.6 loads the whole table before every transaction).
 
-Run as root from the project root: `python -m bench.hostside` (`--smoke` for a tiny run).
+Run as root from the project root: `python -m bench.hostside` (`--smoke` for a tiny run; `--no-baseline`
+leaves out the `nft -f` side, which takes over ten minutes at N = 1,000).
 """
 
 from __future__ import annotations
@@ -85,6 +88,12 @@ def inner(n: int, k: int) -> dict[str, float]:
     matched = sum(host.fingerprint(f"h{i}") == rulesets[1][i].fingerprint for i in range(n))
     out["adopt"] = time.perf_counter() - t0
     out["adopted"] = matched
+    libnft = HostBackend(backend, config, raw=False)  # the same tables, read through libnftables
+    for label, reader in (("read", host), ("read_libnft", libnft)):
+        t0 = time.perf_counter()
+        listed = sum(reader.read(f"h{i}") is not None for i in range(n))
+        out[label] = time.perf_counter() - t0
+        out[f"{label}_tables"] = listed
     backend.close()
     return out
 
@@ -134,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--entries", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny and quick: N=20, one repeat")
+    ap.add_argument("--no-baseline", action="store_true", help="egressd only, no `nft -f` side")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -152,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):
             ours_ns, base_ns = f"{tag}o{rep}", f"{tag}b{rep}"
             try:
-                for ns in (ours_ns, base_ns):
+                for ns in (ours_ns,) if args.no_baseline else (ours_ns, base_ns):
                     _netns(ns, "add")
                     make_interfaces(ns, n)
                 row: dict[str, float] = {}
-                for step in ("ours", "baseline") if rep % 2 == 0 else ("baseline", "ours"):
+                steps = ("ours", "baseline") if rep % 2 == 0 else ("baseline", "ours")
+                for step in ("ours",) if args.no_baseline else steps:
                     if step == "ours":
                         row.update(run_ours(ours_ns, n, k))
                     else:
@@ -171,16 +182,28 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(r[key] for r in runs) / n * 1000
 
     result: dict[str, Any] = {"sandboxes": n, "entries": k, "repeats": len(runs)}
-    for key in ("cold", "update", "adopt", "base_cold", "base_update"):
-        result[f"{key}_ms_per_sandbox"] = per_sandbox_ms(key)
+    for key in ("cold", "update", "adopt", "read", "read_libnft", "base_cold", "base_update"):
+        if key in runs[0]:
+            result[f"{key}_ms_per_sandbox"] = per_sandbox_ms(key)
     result["adopted"] = min(r["adopted"] for r in runs)
+    result["read_tables"] = min(min(r["read_tables"], r["read_libnft_tables"]) for r in runs)
     print(f"host-side tables, N={n} sandboxes, K={k} entries, median of {len(runs)}")
     print(f"{'ms per sandbox':24}{'egressd':>10}{'nft -f':>10}{'ratio':>8}")
     for label in ("cold", "update"):
-        ours_ms, base_ms = result[f"{label}_ms_per_sandbox"], result[f"base_{label}_ms_per_sandbox"]
+        ours_ms, base_ms = result[f"{label}_ms_per_sandbox"], result.get(f"base_{label}_ms_per_sandbox")
+        if base_ms is None:
+            print(f"{label:24}{ours_ms:10.2f}")
+            continue
         result[f"{label}_ratio"] = base_ms / ours_ms
         print(f"{label:24}{ours_ms:10.2f}{base_ms:10.2f}{base_ms / ours_ms:7.1f}x")
     print(f"{'adopt (restart)':24}{result['adopt_ms_per_sandbox']:10.2f}   ({result['adopted']}/{n} adopted)")
+    raw_ms, lib_ms = result["read_ms_per_sandbox"], result["read_libnft_ms_per_sandbox"]
+    result["read_ratio"] = lib_ms / raw_ms
+    print(
+        f"{'read (whole table)':24}{raw_ms:10.2f}   (libnftables {lib_ms:.2f}, {lib_ms / raw_ms:.1f}x;",
+        end=" ",
+    )
+    print(f"{result['read_tables']}/{n} read)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

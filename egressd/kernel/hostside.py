@@ -20,8 +20,9 @@ made each change cost O(sandboxes): about 110 ms at 1,000 sandboxes. A table per
 sandbox's own table costs, whatever the number of sandboxes.
 
 The tables are written over raw netlink (nfnl_batch.py): libnftables 1.0.6 would load every table of the
-namespace, with every interval set's elements, before each transaction (0.3-1.6 s at 1,000 tables). The
-guard table, and reads, go through libnftables.
+namespace, with every interval set's elements, before each transaction (0.3-1.6 s at 1,000 tables). They
+are read over raw netlink too (nfnl_listing.py; libnftables loads every table to list one, about 10 ms at
+1,000). The guard table goes through libnftables.
 
 HostBackend speaks the reconciler's Backend interface, with the interface name where a namespace path
 would be, so adoption, digests, drift repair and DNS updates work as for the sandbox's own table.
@@ -43,6 +44,7 @@ from egressd.kernel.backend import ApplyError, listing_of
 from egressd.kernel.nfnl import NFPROTO_NETDEV, NetlinkError, read_chain_comments
 from egressd.kernel.nfnl_batch import BatchSocket, EncodeError
 from egressd.kernel.nfnl_elements import ElementSocket
+from egressd.kernel.nfnl_listing import ListingSocket
 from egressd.kernel.writer import TableWriter
 from egressd.model.config import Config
 from egressd.ruleset.dnsrules import LEARNED_SETS
@@ -153,6 +155,10 @@ class HostBackend:
         self._elements_lock = threading.Lock()
         self._batches: BatchSocket | None = None  # made at the first write; kept for good
         self._batches_lock = threading.Lock()
+        # Sockets for raw reads, idle ones: a reading thread takes one (or makes one) and puts it back, so
+        # reads in several workers run at once; kept, as closing a netfilter socket takes the commit lock.
+        self._listers: list[ListingSocket] = []
+        self._listers_lock = threading.Lock()
 
     def set_config(self, config: Config) -> None:
         with self._lock:
@@ -257,7 +263,25 @@ class HostBackend:
         return {name: frozenset(left) for name, left in got.items()}
 
     def read(self, where: str) -> list[Json] | None:
-        listing = self._list({"table": {"family": FAMILY, "name": table_name(where)}})
+        """The table, listed over raw netlink (nfnl_listing.py; with raw=False, through libnftables), with
+        its name made neutral. A raw read that fails is an ApplyError, never a libnftables listing instead:
+        the two list rules differently, and a digest of the one against the other would call the table
+        altered."""
+        if not self._raw:
+            listing = self._list({"table": {"family": FAMILY, "name": table_name(where)}})
+            return None if listing is None else neutral_listing(listing)
+        with self._listers_lock:
+            lister = self._listers.pop() if self._listers else None
+        chains = [c["name"] for c in target_for(where).base] + [FINGERPRINT_CHAIN]
+        try:
+            lister = lister or ListingSocket.open()
+            listing = lister.read(table_name(where), FAMILY, chains)
+        except (OSError, NetlinkError) as e:
+            if lister is not None:
+                lister.close()  # it may hold part of an answer
+            raise ApplyError(f"cannot read the host-side table for {where} over raw netlink: {e}") from None
+        with self._listers_lock:
+            self._listers.append(lister)
         return None if listing is None else neutral_listing(listing)
 
     def fingerprint(self, where: str) -> str | None:

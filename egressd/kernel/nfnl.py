@@ -17,7 +17,8 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from egressd.kernel.netns import in_netns
 
@@ -78,6 +79,18 @@ def attributes(data: memoryview, wanted: tuple[int, ...]) -> dict[int, memoryvie
             out[kind] = data[off + NLATTR.size : off + length]
         off += align(length)
     return out
+
+
+def each_attribute(data: memoryview) -> Iterator[tuple[int, memoryview]]:
+    """Every attribute of a body or nested list, in order (a list repeats one type: attributes() would
+    keep only its first); ValueError when the body is malformed."""
+    off = 0
+    while off + NLATTR.size <= len(data):
+        length, kind = NLATTR.unpack_from(data, off)
+        if length < NLATTR.size or off + length > len(data):
+            raise ValueError(f"attribute length {length}")
+        yield kind & NLA_TYPE_MASK, data[off + NLATTR.size : off + length]
+        off += align(length)
 
 
 def attr(kind: int, value: bytes) -> bytes:
@@ -204,17 +217,25 @@ def chain_comments(
     sock: socket.socket, table: str, chain: str, seq: int = 1, family: int = NFPROTO_INET
 ) -> list[str | None] | None:
     """Comments of every rule of `family table chain`, in order; None when the table or chain is missing."""
-    parser = DumpParser(seq)
+    parser = exchange(sock, getrule_dump_request(table, chain, seq, family), DumpParser(seq))
+    return None if parser.missing else parser.comments
+
+
+R = TypeVar("R", bound=DumpReader)
+
+
+def exchange(sock: socket.socket, request: bytes, reader: R) -> R:
+    """One request sent, and its reply fed to reader until it is done; NetlinkError for any failure."""
     try:
-        sock.sendall(getrule_dump_request(table, chain, seq, family))
-        while not parser.done:
+        sock.sendall(request)
+        while not reader.done:
             data = sock.recv(RECV_BUFFER)
             if not data:
                 raise NetlinkError("netlink socket closed during the dump")
-            parser.feed(data)
+            reader.feed(data)
     except OSError as e:  # timeout included
         raise NetlinkError(f"netlink dump failed: {e}") from None
-    return None if parser.missing else parser.comments
+    return reader
 
 
 def read_chain_comments(

@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from egressd.kernel.backend import ApplyError
 from egressd.kernel.netns import in_netns
@@ -33,8 +33,6 @@ from egressd.kernel.nfnl import (
     NFNL_SUBSYS_NFTABLES,
     NFPROTO_INET,
     NFPROTO_NETDEV,
-    NLA_TYPE_MASK,
-    NLATTR,
     NLM_F_ACK,
     NLM_F_CREATE,
     NLM_F_DUMP,
@@ -48,6 +46,7 @@ from egressd.kernel.nfnl import (
     attr,
     attributes,
     batch_marker,
+    each_attribute,
     nested,
     netfilter_socket,
 )
@@ -158,17 +157,6 @@ def getsetelem_request(family: str, table: str, name: str, seq: int) -> bytes:
     return _message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP, seq, body)
 
 
-def _each(data: memoryview) -> Iterator[tuple[int, memoryview]]:
-    """Every attribute of a nested list, in order (a list repeats one type)."""
-    off = 0
-    while off + NLATTR.size <= len(data):
-        length, kind = NLATTR.unpack_from(data, off)
-        if length < NLATTR.size or off + length > len(data):
-            raise ValueError(f"attribute length {length}")
-        yield kind & NLA_TYPE_MASK, data[off + NLATTR.size : off + length]
-        off += align(length)
-
-
 class ElementReader(DumpReader):
     """Collects address -> seconds left from a GETSETELEM dump reply, on a kept socket (not strict)."""
 
@@ -184,7 +172,7 @@ class ElementReader(DumpReader):
 
     def _elements(self, body: memoryview) -> None:
         listed = attributes(body, (NFTA_SET_ELEM_LIST_ELEMENTS,)).get(NFTA_SET_ELEM_LIST_ELEMENTS)
-        for _, elem in _each(listed if listed is not None else memoryview(b"")):
+        for _, elem in each_attribute(listed if listed is not None else memoryview(b"")):
             inner = attributes(elem, (NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_EXPIRATION))
             key = inner.get(NFTA_SET_ELEM_KEY)
             value = attributes(key, (NFTA_DATA_VALUE,)).get(NFTA_DATA_VALUE) if key is not None else None

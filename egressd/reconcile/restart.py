@@ -9,6 +9,7 @@ from typing import Any
 from egressd.desired.store import Desired
 from egressd.model.sandbox import PolicyError, Sandbox, parse_sandbox, sandbox_to_record
 from egressd.reconcile.reconciler import Reconciler
+from egressd.reconcile.sync import LISTING_FORM
 
 
 def export_state(r: Reconciler) -> tuple[dict[str, Any], int]:
@@ -36,6 +37,7 @@ def export_state(r: Reconciler) -> tuple[dict[str, Any], int]:
         "sandboxes": sandboxes,
         "tombstones": [[sid, rev] for sid, rev in r.tombstones.items()],
         "digests": dict(r.sync.digests),
+        "digest_form": LISTING_FORM,
         "dns": r.dns.cache.export() if r.dns is not None else {},
         "in_force": {"key": r.sync.adoption_key(), "tables": in_force},
     }
@@ -73,7 +75,7 @@ def restore_state(r: Reconciler, doc: dict[str, Any]) -> list[str]:
         if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str):
             r.tombstones[entry[0]] = entry[1] if isinstance(entry[1], int) else None
     digests = doc.get("digests", {})
-    if isinstance(digests, dict):
+    if isinstance(digests, dict) and doc.get("digest_form") == LISTING_FORM:  # else: learned again
         r.sync.digests.update({k: v for k, v in digests.items() if isinstance(k, str) and isinstance(v, str)})
     if r.dns is not None:
         r.dns.cache.restore(doc.get("dns"))

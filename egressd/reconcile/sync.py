@@ -52,6 +52,10 @@ def describe_change(add: dict[str, frozenset[str]], delete: dict[str, frozenset[
     return " ".join(parts[:20]) + (f" (+{len(parts) - 20} more)" if len(parts) > 20 else "")
 
 
+# How the digests of listings are taken: a state file's digests of another form are learned again, not
+# compared (a comparison would call every table altered). 2: host-side tables listed over raw netlink
+# (kernel/nfnl_listing.py), and the generation in the prefix form libnftables lists.
+LISTING_FORM = 2
 _HANDLE = re.compile(r'"handle":\s*\d+,?\s*')
 _COUNTS = re.compile(r'"(packets|bytes)":\s*\d+')
 _VARIANT = re.compile(r'_[ab]"')

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from egressd.ruleset.dnsrules import LEARNED_SETS
 from egressd.ruleset.exprs import Json
 from egressd.ruleset.generation import ADMIT
-from egressd.ruleset.render import FINGERPRINT_CHAIN, VARIANTS, Ruleset
+from egressd.ruleset.render import FINGERPRINT_CHAIN, VARIANT_SUFFIXES, VARIANTS, Ruleset
 from egressd.ruleset.variants import (
     NETNS,
     Target,
     create_commands,
     neutral_name,
+    own_objects,
     stage_commands,
     switch_commands,
     variant_name,
@@ -134,6 +135,32 @@ def retire_commands(listing: list[Json], variant: str, target: Target = NETNS) -
     return out
 
 
+# What a table can hold besides rules: each is deleted by `delete {kind: {family, table, name}}`.
+OBJECT_KINDS = ("chain", "set", "map", "counter", "quota", "limit", "ct helper", "ct timeout",
+                "ct expectation", "secmark", "synproxy", "flowtable")  # fmt: skip
+
+
+def foreign_commands(listing: list[Json], target: Target = NETNS) -> list[Json]:
+    """Delete what a listed table holds that egressd never makes there (a chain, set or stateful object
+    someone added under a name of their own; per-variant names are retired with their variant). Chains are
+    all emptied before any is deleted: one may jump to another, or read a set."""
+    ours = own_objects(target)
+    where = {"family": target.family, "table": target.table}
+    chains: list[str] = []
+    rest: list[Json] = []
+    for item in listing:
+        for kind in OBJECT_KINDS:
+            name = item[kind].get("name") if isinstance(item.get(kind), dict) else None
+            if not isinstance(name, str) or (kind, name) in ours or name.endswith(VARIANT_SUFFIXES):
+                continue
+            if kind == "chain":
+                chains.append(name)
+            else:
+                rest.append({"delete": {kind: {**where, "name": name}}})
+    flush = [{"flush": {"chain": {**where, "name": n}}} for n in chains]
+    return flush + [{"delete": {"chain": {**where, "name": n}}} for n in chains] + rest
+
+
 def other_variant(variant: str) -> str:
     return VARIANTS[1] if variant == VARIANTS[0] else VARIANTS[0]
 
@@ -175,12 +202,13 @@ def plan_apply(
     ruleset: Ruleset, elements: Elements | None, listing: list[Json] | None, target: Target = NETNS
 ) -> Plan:
     """The plan for a table as listed (None: there is none): what the kernel holds decides what is
-    cleared and retired."""
+    cleared and retired, and what is not egressd's goes in the switch (a repair leaves nothing planted)."""
     active = active_variant(listing)
     if listing is None or active is None:
         return plan_replace(ruleset, elements, target)
     clear = retire_commands(listing, other_variant(active), target)
-    return plan_update(ruleset, elements, active, clear, retire_commands(listing, active, target), target)
+    retire = retire_commands(listing, active, target) + foreign_commands(listing, target)
+    return plan_update(ruleset, elements, active, clear, retire, target)
 
 
 def plan_after(ruleset: Ruleset, elements: Elements | None, written: Written, target: Target = NETNS) -> Plan:

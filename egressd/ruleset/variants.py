@@ -57,6 +57,12 @@ def _table_objects(target: Target) -> list[Json]:
 NETNS = Target()
 
 
+def own_objects(target: Target) -> set[tuple[str, str]]:
+    """(kind, name) of what every table of target has whatever the policy; with the per-variant objects
+    (name_a, name_b) that is everything egressd puts in a table."""
+    return {(kind, body["name"]) for obj in _table_objects(target) for kind, body in obj.items()}
+
+
 def retarget(cmds: Any, target: Target) -> Any:
     """Commands written for the sandbox's own table, aimed at target instead."""
     if target == NETNS:

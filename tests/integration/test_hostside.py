@@ -8,6 +8,7 @@ router end of its veth.
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -220,3 +221,30 @@ def test_replies_on_connections_opened_from_outside_still_pass(world, host_agent
     drops = guard_drops(world)  # the guard table stays in the router between tests: count from here
     assert stopped(sb.name, DENIED4) and stopped(sb.name, DENIED6)
     assert guard_drops(world) > drops  # what it opened itself was dropped there
+
+
+def test_a_host_side_table_altered_in_place_is_repaired_by_a_resync(world, host_agent):
+    """The agent reads its host-side tables over raw netlink (nfnl_listing.py). A rule inserted ahead of
+    the policy, with the fingerprint left alone, is seen by the digest alone; the resync puts the table
+    back as written, and the denied destination is stopped again."""
+    sb = world.sandboxes[0]
+    a = host_agent(resync_interval=1.0).start()
+    upsert(a, "t0", sb, 1, netns=False, **CLOSED)
+    a.wait_log("host_applied", sandbox="t0", revision=1)
+    table = table_name(sb.host_if)
+    written = as_written(nft_table(world.router, "netdev", table))
+    decide = next(i["chain"]["name"] for i in nft_table(world.router, "netdev", table) if "chain" in i
+                  and i["chain"]["name"].startswith("decide_"))  # fmt: skip
+    world.exec(world.router, ["nft", "insert", "rule", "netdev", table, decide, "accept"])
+    assert passes(sb.name, DENIED4)  # the edit is real: the host side lets everything through
+    a.wait_log("host_repaired", sandbox="t0", detail="table was altered in place", timeout=10)
+    assert as_written(nft_table(world.router, "netdev", table)) == written
+    assert stopped(sb.name, DENIED4)
+    # An empty chain nothing jumps to shows only in the table's use count: it is seen too, and the repair
+    # takes it out (what is not egressd's goes in the switch), so it is repaired once, not at every resync.
+    world.exec(world.router, ["nft", "add", "chain", "netdev", table, "planted"])
+    a.wait_log("host_repaired", sandbox="t0", detail="table was altered in place", count=2, timeout=10)
+    assert as_written(nft_table(world.router, "netdev", table)) == written
+    time.sleep(3.5)  # three more resyncs
+    assert len(a.events("host_repaired")) == 2
+    assert not a.events("host_failed")

@@ -13,7 +13,7 @@ from egressd.model.sandbox import DENY_ALL, PolicyError, parse_sandbox
 from egressd.reconcile.queue import KeyedQueue
 from egressd.reconcile.reconciler import Reconciler
 from egressd.reconcile.restart import export_state, restore_state
-from egressd.reconcile.sync import elements_differ
+from egressd.reconcile.sync import LISTING_FORM, elements_differ
 from egressd.ruleset.render import render
 from egressd.ruleset.variants import create_commands
 
@@ -654,6 +654,51 @@ def test_an_address_swapped_in_place_is_repaired_though_the_shape_is_the_same():
         ]
 
     run(scenario)
+
+
+def test_objects_planted_in_a_table_go_with_its_repair_which_is_done_once():
+    """A chain, a set and a counter of someone else's names in egressd's table: the repair removes them in
+    its switch, so the next resync finds the table as written (no repair at every resync)."""
+
+    async def scenario(r, fb):
+        r.upsert(sandbox(allow_internet_access=False, allow_out=["192.0.2.1"]))
+        await settle(r)
+        t = {"family": "inet", "table": "egressd"}
+        planted = [
+            {"add": {"chain": {**t, "name": "planted"}}},
+            {"add": {"set": {**t, "name": "planted4", "type": "ipv4_addr"}}},
+            {"add": {"counter": {**t, "name": "planted_counter"}}},
+            {"add": {"rule": {**t, "chain": "planted", "expr": [{"match": {"op": "==", "left": {
+                "payload": {"protocol": "ip", "field": "daddr"}}, "right": "@planted4"}}, {"accept": None}]}}},
+        ]  # fmt: skip
+        fb.tables["/run/netns/a"] += planted
+        r.resync()
+        await settle(r)
+        assert r.counters["repaired"] == 1
+        names = {body.get("name") for c in fb.tables["/run/netns/a"] for body in c["add"].values()}
+        assert not names & {"planted", "planted4", "planted_counter"}
+        assert "denied" in names  # the control: egressd's own counter stays
+        r.resync()
+        await settle(r)
+        assert r.counters["repaired"] == 1
+
+    run(scenario)
+
+
+def test_digests_of_another_listing_form_are_learned_again_not_compared():
+    """A state file from before the host side was listed over raw netlink holds digests of another form:
+    compared, every table would look altered."""
+    fb = FakeBackend(namespaces={"/run/netns/a"})
+    saved = _saved_after_first_run(fb, sandbox("a", allow_internet_access=False, allow_out=["192.0.2.1"]))
+    assert saved["digests"] and saved["digest_form"] == LISTING_FORM
+    older = {k: v for k, v in saved.items() if k != "digest_form"}
+
+    async def restored(r, fb, doc, expect):
+        restore_state(r, doc)
+        assert bool(r.sync.digests) is expect
+
+    run(lambda r, fb: restored(r, fb, saved, True), fb)
+    run(lambda r, fb: restored(r, fb, older, False), fb)
 
 
 def test_a_table_with_the_right_fingerprint_but_other_addresses_is_not_adopted():
