@@ -10,6 +10,7 @@ namespace and resolves through the world's DNS server. Run as root from the proj
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -17,13 +18,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from bench.apply import Aborted, Deadline, _terminate, machine_info
 from bench.figures import Figure
 from egressd.agent.control import ControlError
+from egressd.desired.query import ENGINE_ENV
 from egressd.kernel.nft import LibnftBackend
 from egressd.ruleset.transactions import set_elements
 from netns_fixtures import DnsServer, World, cleanup
@@ -96,90 +98,148 @@ def wait_all_enforced(agent: AgentProcess, count: int, deadline: float) -> float
     raise TimeoutError(f"not all {count} sandboxes enforced in time")
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of the process so far (all its threads)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def namespaces(names: list[str]) -> Iterator[list[str]]:
+    """Bare namespaces standing for the sandboxes, deleted (with the tables in them) on the way out."""
+    subprocess.run(["ip", "-batch", "-"], input="".join(f"netns add {n}\n" for n in names), text=True,
+                   check=True, timeout=120)  # fmt: skip
+    try:
+        yield names
+    finally:
+        subprocess.run(["ip", "-batch", "-"], input="".join(f"netns del {n}\n" for n in names), text=True,
+                       timeout=120)  # fmt: skip
+
+
 def run(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
-    """Fills `results` as it goes, so an aborted run still reports what it measured."""
+    """Fills `results` as it goes, so an aborted run still reports what it measured. Each resolver engine
+    asked for gets an agent of its own over fresh namespaces (no tables left by the one before), against
+    the same dnsmasq; the figures of the last one (the lean path when both ran) are also at the top."""
     deadline = Deadline(time.monotonic() + args.max_seconds)
     prefix = f"bd{os.getpid() % 10000}"
     cleanup(prefix)
     results["machine"] = machine_info()
-    extra = [f"{prefix}n{i}" for i in range(args.sandboxes)]
+    engines = ["dnspython", "wire"] if args.resolver == "both" else [args.resolver]
     with World(prefix, sandboxes=0) as world, tempfile.TemporaryDirectory() as tmp:
-        batch = "".join(f"netns add {n}\n" for n in extra)
-        subprocess.run(["ip", "-batch", "-"], input=batch, text=True, check=True, timeout=120)
-        try:
-            recs = records(args.shared, args.distinct)
-            with DnsServer(world, address=DNS4, ttl=int(args.ttl), records=recs) as server:
-                agent = AgentProcess(
-                    Path(tmp) / "agent",
-                    netns=world.router,
-                    extra_config=(
-                        f'[dns]\nnameservers = ["{DNS4}"]\nmin_ttl = {args.ttl}\nmax_ttl = {args.ttl}\n'
-                        f"retention = {args.ttl * 2}\ntimeout = 2\n"
-                    ),
-                )
-                try:
-                    snapshot = {
-                        "type": "snapshot",
-                        "sandboxes": sandbox_records(extra, args.shared, args.distinct, args.per_shared),
-                    }
-                    agent.send(snapshot)
-                    t0 = time.monotonic()
-                    agent.start(wait_ready=False)
-                    results["cold_start_all_enforced_s"] = wait_all_enforced(agent, len(extra), deadline.end)
-                    results["cold_start_total_s"] = time.monotonic() - t0
-                    names = args.shared + args.distinct
-                    # Queries per second at the server, in steady state, against names / TTL.
-                    time.sleep(min(args.ttl, 5))
-                    server.reset_counts()
-                    window = args.ttl * args.windows
-                    time.sleep(window)
-                    a_queries = server.queries(qtype="A")
-                    aaaa_queries = server.queries(qtype="AAAA")
-                    floor = names / args.ttl
-                    results["names"] = names
-                    results["window_s"] = window
-                    results["queries_a_per_s"] = a_queries / window
-                    results["queries_aaaa_per_s"] = aaaa_queries / window
-                    results["names_per_ttl"] = floor
-                    results["ratio_a_to_floor"] = (a_queries / window) / floor
-                    pid = agent_pid(agent)
-                    results["agent_rss_mib"] = rss_mib(pid) if pid else None
-                    # A changed answer for one shared name, until every sandbox naming it holds the new
-                    # address.
-                    backend = LibnftBackend()
-                    target = "s0.bench.test"
-                    naming = [r for r in snapshot["sandboxes"] if target in r["network_policy"]["allow_out"]]
-                    new4 = "198.19.255.1"
-                    t_change = time.monotonic()
-                    server.set(target, new4, "2001:db8:d::ffff")
-                    pending = {r["netns"] for r in naming}
-                    first_seen: float | None = None
-                    while pending and time.monotonic() < deadline.end:
-                        for path in list(pending):
-                            listing = backend.read(path) or []
-                            if new4 in set_elements(listing, ["allow_dns4"]).get("allow_dns4", frozenset()):
-                                pending.discard(path)
-                                first_seen = first_seen or time.monotonic()
-                        time.sleep(0.005)
-                    backend.close()
-                    done = time.monotonic()
-                    changed = [e for e in agent.events("dns_changed") if e.get("host") == target]
-                    results["change_sandboxes"] = len(naming)
-                    results["change_to_all_enforced_s"] = done - t_change if not pending else None
-                    results["change_first_to_last_sandbox_s"] = (
-                        (done - first_seen) if first_seen and not pending else None
-                    )
-                    results["change_log_events"] = len(changed)
-                finally:
-                    agent.stop()  # also when a check fails or the run is interrupted
-        finally:
-            subprocess.run(
-                ["ip", "-batch", "-"],
-                input="".join(f"netns del {n}\n" for n in extra),
-                text=True,
-                timeout=120,
-            )
+        recs = records(args.shared, args.distinct)
+        with DnsServer(world, address=DNS4, ttl=int(args.ttl), records=recs) as server:
+            for k, engine in enumerate(engines):
+                measured = results.setdefault("by_resolver", {}).setdefault(engine, {})
+                extra = [f"{prefix}{k}n{i}" for i in range(args.sandboxes)]
+                with namespaces(extra):
+                    measure(args, server, world.router, Path(tmp) / engine, extra, k, deadline, measured)
+                results.update(measured)
     return results
+
+
+def measure(
+    args: argparse.Namespace,
+    server: DnsServer,
+    router: str,
+    workdir: Path,
+    extra: list[str],
+    k: int,
+    deadline: Deadline,
+    results: dict[str, Any],
+) -> None:
+    """One agent (resolver engine k of the run, workdir named after it) over the namespaces in extra."""
+    engine = workdir.name
+    results["resolver"] = engine
+    agent = AgentProcess(
+        workdir,
+        netns=router,
+        env={ENGINE_ENV: engine},
+        extra_config=(
+            f'[dns]\nnameservers = ["{DNS4}"]\nmin_ttl = {args.ttl}\nmax_ttl = {args.ttl}\n'
+            f"retention = {args.ttl * 2}\ntimeout = 2\n"
+        ),
+    )
+    try:
+        snapshot = {
+            "type": "snapshot",
+            "sandboxes": sandbox_records(extra, args.shared, args.distinct, args.per_shared),
+        }
+        agent.send(snapshot)
+        t0 = time.monotonic()
+        agent.start(wait_ready=False)
+        results["cold_start_all_enforced_s"] = wait_all_enforced(agent, len(extra), deadline.end)
+        results["cold_start_total_s"] = time.monotonic() - t0
+        steady_state(args, server, agent_pid(agent), results)
+        naming = [r for r in snapshot["sandboxes"] if "s0.bench.test" in r["network_policy"]["allow_out"]]
+        changed_answer(server, agent, naming, f"198.19.255.{k + 1}", deadline, results)
+    finally:
+        agent.stop()  # also when a check fails or the run is interrupted
+
+
+def steady_state(
+    args: argparse.Namespace, server: DnsServer, pid: int | None, results: dict[str, Any]
+) -> None:
+    """Queries per second at the server, in steady state, against names / TTL; the agent's CPU meanwhile."""
+    names = args.shared + args.distinct
+    time.sleep(min(args.ttl, 5))
+    server.reset_counts()
+    cpu0 = cpu_seconds(pid) if pid else None
+    server0 = cpu_seconds(server.pid) if server.pid else None
+    window = args.ttl * args.windows
+    time.sleep(window)
+    a_queries = server.queries(qtype="A")
+    aaaa_queries = server.queries(qtype="AAAA")
+    cpu1 = cpu_seconds(pid) if pid else None
+    server1 = cpu_seconds(server.pid) if server.pid else None
+    if server0 is not None and server1 is not None:
+        results["server_cpu_share"] = (server1 - server0) / window  # dnsmasq's, of one core
+    floor = names / args.ttl
+    results["names"] = names
+    results["window_s"] = window
+    results["queries_a_per_s"] = a_queries / window
+    results["queries_aaaa_per_s"] = aaaa_queries / window
+    results["names_per_ttl"] = floor
+    results["ratio_a_to_floor"] = (a_queries / window) / floor
+    results["ratio_aaaa_to_floor"] = (aaaa_queries / window) / floor
+    if cpu0 is not None and cpu1 is not None:
+        results["agent_cpu_share"] = (cpu1 - cpu0) / window  # of one core
+        total = a_queries + aaaa_queries
+        results["agent_cpu_ms_per_query"] = (cpu1 - cpu0) * 1000 / total if total else None
+    results["agent_rss_mib"] = rss_mib(pid) if pid else None
+
+
+def changed_answer(
+    server: DnsServer,
+    agent: AgentProcess,
+    naming: list[dict[str, Any]],
+    new4: str,
+    deadline: Deadline,
+    results: dict[str, Any],
+) -> None:
+    """A changed answer for one shared name, until every sandbox naming it holds the new address."""
+    backend = LibnftBackend()
+    target = "s0.bench.test"
+    t_change = time.monotonic()
+    server.set(target, new4, "2001:db8:d::ffff")
+    pending = {r["netns"] for r in naming}
+    first_seen: float | None = None
+    while pending and time.monotonic() < deadline.end:
+        for path in list(pending):
+            listing = backend.read(path) or []
+            if new4 in set_elements(listing, ["allow_dns4"]).get("allow_dns4", frozenset()):
+                pending.discard(path)
+                first_seen = first_seen or time.monotonic()
+        time.sleep(0.005)
+    backend.close()
+    done = time.monotonic()
+    changed = [e for e in agent.events("dns_changed") if e.get("host") == target]
+    results["change_sandboxes"] = len(naming)
+    results["change_to_all_enforced_s"] = done - t_change if not pending else None
+    results["change_first_to_last_sandbox_s"] = (done - first_seen) if first_seen and not pending else None
+    results["change_log_events"] = len(changed)
 
 
 def summary(results: dict[str, Any]) -> list[Figure]:
@@ -197,6 +257,8 @@ def summary(results: dict[str, Any]) -> list[Figure]:
         return abs(q / floor - 1) <= QUERY_TOLERANCE
 
     world = f"{st.get('sandboxes', '?')} sandboxes, {results.get('names', '?')} names"
+    by_resolver = results.get("by_resolver", {})
+    old = by_resolver.get("dnspython", {}) if len(by_resolver) > 1 else {}  # the baseline, when both ran
     rss = results.get("agent_rss_mib")
     rss_mb = None if rss is None else rss * 1024 * 1024 / 1e6
     # Queries are a cost, but the ratio reads queries / floor (1.04: 4 % above it), as the module prints it.
@@ -212,6 +274,9 @@ def summary(results: dict[str, Any]) -> list[Figure]:
         Figure("dns", f"cold start, {world}: all enforced", "s", results.get("cold_start_all_enforced_s")),
         Figure("dns", f"agent RSS, {world}", "MB", rss_mb, goal=f"< {RSS_GOAL_MB:g} MB",
                met=None if rss_mb is None else rss_mb < RSS_GOAL_MB, note="decimal MB (VmRSS)"),
+        Figure("dns", f"agent CPU per query, {world}", "ms", results.get("agent_cpu_ms_per_query"),
+               old.get("agent_cpu_ms_per_query"), "dnspython's resolver, same run" if old else None,
+               note=f"agent CPU in steady state / A + AAAA queries ({results.get('resolver', 'wire')})"),
     ]  # fmt: skip
 
 
@@ -225,6 +290,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--windows", type=int, default=3, help="TTLs over which queries are counted")
     p.add_argument("--max-seconds", type=float, default=600.0)
     p.add_argument("--json", type=Path, metavar="OUT")
+    p.add_argument(
+        "--resolver",
+        choices=("wire", "dnspython", "both"),
+        default="wire",
+        help="the agent's query path: the lean one (wire), the old one (dnspython), or both in turn",
+    )
     p.add_argument("--smoke", action="store_true", help="20 sandboxes, 10 + 100 names, TTL 2 s")
     args = p.parse_args(argv)
     if args.smoke:
@@ -259,32 +330,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.json.write_text(json.dumps(partial, indent=2, default=str))
         return 2
     results["wall_s"] = time.monotonic() - t0
-    r = results
+    for engine, measured in results["by_resolver"].items():
+        print(f"resolver: {engine}")
+        print_table(measured, args.ttl)
+    print(f"wall time {results['wall_s']:.1f} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    ok = all(m.get("change_to_all_enforced_s") is not None for m in results["by_resolver"].values())
+    return 0 if ok else 1
 
+
+def print_table(r: dict[str, Any], ttl: float) -> None:
     def fmt(key: str, unit: str = "", digits: int = 2) -> str:
         value = r.get(key)
         return "-" if value is None else f"{value:.{digits}f}{unit}"
 
     rows = [
-        ("names (shared + distinct)", str(r["names"]), ""),
+        ("names (shared + distinct)", str(r.get("names", "-")), ""),
         ("cold start, all sandboxes enforced", fmt("cold_start_all_enforced_s", " s"), ""),
         ("A queries/s at the resolver", fmt("queries_a_per_s", "", 1),
          f"floor names/TTL = {fmt('names_per_ttl', '', 1)}"),
         ("  ratio to the floor", fmt("ratio_a_to_floor", "", 3), "goal: within 10 %"),
-        ("AAAA queries/s", fmt("queries_aaaa_per_s", "", 1), ""),
+        ("AAAA queries/s", fmt("queries_aaaa_per_s", "", 1), f"ratio {fmt('ratio_aaaa_to_floor', '', 3)}"),
+        ("agent CPU per query (A + AAAA)", fmt("agent_cpu_ms_per_query", " ms", 3),
+         f"agent busy {fmt('agent_cpu_share', '', 2)} of a core, dnsmasq {fmt('server_cpu_share', '', 2)}"),
         ("changed answer -> every sandbox naming it", fmt("change_to_all_enforced_s", " s"),
-         f"{r['change_sandboxes']} sandboxes; includes the wait for the refresh (TTL {args.ttl:g} s)"),
+         f"{r.get('change_sandboxes')} sandboxes; includes the wait for the refresh (TTL {ttl:g} s)"),
         ("  first -> last of them updated", fmt("change_first_to_last_sandbox_s", " s", 3), ""),
         ("agent RSS", fmt("agent_rss_mib", " MiB", 1), ""),
     ]  # fmt: skip
-    width = max(len(r[0]) for r in rows)
+    width = max(len(row[0]) for row in rows)
     for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>12}  {note}")
-    print(f"wall time {results['wall_s']:.1f} s")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    ok = results["change_to_all_enforced_s"] is not None
-    return 0 if ok else 1
+        print(f"  {name:<{width}}  {value:>12}  {note}")
 
 
 if __name__ == "__main__":

@@ -1,54 +1,55 @@
-"""Asking the nameservers (dnspython) for the host names of the policies, and the refresh loop that keeps the
-DNS cache current and tells the reconciler which names changed; the reconciler then updates only the sets
-of the sandboxes that name them, by difference.
+"""The agent's resolver for the host names of the policies (query.py asks the nameservers), and the refresh
+loop that keeps the DNS cache current and tells the reconciler which names changed; the reconciler then
+updates only the sets of the sandboxes that name them, by difference.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
+import os
 from collections.abc import Callable, Iterable
 
-import dns.asyncresolver
-import dns.exception
-import dns.resolver
-
+from egressd.common.dnsupstream import DNS_PORT, system_nameservers
 from egressd.common.logs import log
-from egressd.desired.dnscache import NXDOMAIN, RDTYPES, Answer, DnsCache, sort_key
+from egressd.desired.dnscache import RDTYPES, Answer, DnsCache, sort_key
+from egressd.desired.query import ENGINE_ENV, DnspythonLookup, WireLookup
 
-MAX_CONCURRENT_QUERIES = 64
+# Questions in flight at once (each holds a socket at a high descriptor). 64 capped the refresh rate near
+# names / TTL at 10,100 names: whenever the loop stalls (a state file export, a resync) nothing new is sent,
+# and the refreshes fell up to a second behind their schedule (python -m bench.dns: 0.96-1.04 of the floor
+# at 64, 1.03-1.06 at 256).
+MAX_CONCURRENT_QUERIES = 256
 EXPIRY_SWEEP = 1.0  # seconds between sweeps for addresses that left their retention window
+ENGINES = ("wire", "dnspython")
 
 
 class Resolver:
-    """dnspython, asynchronous: one record type of one name, CNAME chains followed, TTL of the whole chain.
+    """One record type of one name: CNAME chains followed, TTL the shortest along the chain.
 
-    A REFUSED or SERVFAIL from one nameserver makes dnspython ask the next configured one; only when none
-    answers is it an error, and the error names what each nameserver said."""
+    Nameservers are the given ones, or the host's resolv.conf when none are. A REFUSED or SERVFAIL from one
+    nameserver makes the next configured one be asked; only when none answers is it an error, and the
+    error names what each nameserver said. engine: "wire" (the lean path, the default) or "dnspython" (the
+    old path, for the benchmark's baseline); when not given, $EGRESSD_RESOLVER, else "wire"."""
 
-    def __init__(self, nameservers: Iterable[str] = (), timeout: float = 2.0) -> None:
-        servers = list(nameservers)
-        self._resolver = dns.asyncresolver.Resolver(configure=not servers)
-        if servers:
-            self._resolver.nameservers = servers
-        self._resolver.lifetime = timeout
-        # Each nameserver gets its share of the lifetime: one that drops queries leaves time to ask the next.
-        self._resolver.timeout = timeout / max(1, len(self._resolver.nameservers))
-        self._resolver.cache = None  # our cache is the one that counts; never answer from a second one
+    def __init__(
+        self,
+        nameservers: Iterable[str] = (),
+        timeout: float = 2.0,
+        *,
+        port: int = DNS_PORT,
+        engine: str | None = None,
+    ) -> None:
+        servers = list(nameservers) or system_nameservers()
+        self.engine = engine or os.environ.get(ENGINE_ENV) or "wire"
+        if self.engine not in ENGINES:
+            raise ValueError(f"resolver engine {self.engine!r}: one of {', '.join(ENGINES)}")
+        lookup = DnspythonLookup if self.engine == "dnspython" else WireLookup
+        self._lookup = lookup(servers, timeout, port)
 
     async def resolve(self, name: str, rdtype: str) -> Answer:
-        try:
-            answer = await self._resolver.resolve(name + ".", rdtype, raise_on_no_answer=False, search=False)
-        except dns.resolver.NXDOMAIN:
-            return Answer("nxdomain", error=NXDOMAIN)
-        except dns.exception.DNSException as e:
-            return Answer("error", error=_describe(e))
-        if answer.rrset is None:
-            return Answer("ok")  # NOERROR with no data: the name has no records of this type
-        ttl = answer.chaining_result.minimum_ttl  # the shortest TTL along the CNAME chain
-        return Answer("ok", tuple(str(ipaddress.ip_address(r.address)) for r in answer.rrset), float(ttl))
+        return await self._lookup.resolve(name, rdtype)
 
 
 async def resolve_all(resolver: Resolver, name: str) -> dict[str, Answer]:
@@ -59,24 +60,19 @@ async def resolve_all(resolver: Resolver, name: str) -> dict[str, Answer]:
 
 
 async def resolve_once(cache: DnsCache, resolver: Resolver) -> None:
-    """Every name of the cache, every record type, once, each recorded on its own (`egressd apply`)."""
+    """Every name of the cache, every record type, once, each recorded on its own (`egressd apply`); at most
+    MAX_CONCURRENT_QUERIES names asked at once (each question in flight holds a socket)."""
     names = list(cache.names)
-    answers = await asyncio.gather(*(resolve_all(resolver, n) for n in names))
+    limit = asyncio.Semaphore(MAX_CONCURRENT_QUERIES)
+
+    async def one(name: str) -> dict[str, Answer]:
+        async with limit:
+            return await resolve_all(resolver, name)
+
+    answers = await asyncio.gather(*(one(n) for n in names))
     for name, by_type in zip(names, answers, strict=True):
         for rdtype, answer in by_type.items():
             cache.record(name, rdtype, answer)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, dns.resolver.LifetimeTimeout | dns.exception.Timeout):
-        return "timeout: no answer from the nameservers"
-    if isinstance(exc, dns.resolver.NoNameservers):
-        said = []
-        for server, _tcp, _port, err, _response in exc.kwargs.get("errors", []):
-            where = str(server).removeprefix("Do53:").removesuffix("@53")  # "Do53:192.0.2.53@53"
-            said.append(f"{err} from {where}")  # err is the rcode's name (REFUSED, SERVFAIL) or an error
-        return "no nameserver answered: " + (", ".join(said) or "none configured")
-    return f"{type(exc).__name__}: {exc}"
 
 
 class DnsService:

@@ -22,7 +22,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from egressd.intercept.wire import LABEL, MAX_CHAIN, UPSTREAM_PAYLOAD
+from egressd.common.dnswire import MAX_CHAIN
+from egressd.intercept.wire import LABEL, UPSTREAM_PAYLOAD
 from egressd.model.entries import IPNetwork, within
 
 ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)

@@ -15,10 +15,10 @@ from typing import Any
 
 import dns.exception
 import dns.rcode
-import dns.resolver
 
+from egressd.common.dnsupstream import NoAnswer, Unusable, ask_each, system_nameservers
+from egressd.common.dnswire import WireError
 from egressd.common.logs import log
-from egressd.intercept import upstream
 from egressd.intercept import wire as fast
 from egressd.intercept.messages import (
     Learned,
@@ -32,7 +32,7 @@ from egressd.intercept.messages import (
     upstream_query,
 )
 from egressd.intercept.site import Site
-from egressd.intercept.wire import FastAnswer, FastQuery, WireError
+from egressd.intercept.wire import FastAnswer, FastQuery
 from egressd.kernel.backend import ApplyError, Backend
 from egressd.kernel.dnssock import ProxySockets, open_proxy_sockets
 from egressd.kernel.netns import NetnsError, NsId, netns_id
@@ -67,7 +67,7 @@ def nameservers(config: Config) -> list[str]:
     """[dns] nameservers, or the host's resolv.conf: the agent's own resolvers."""
     if config.dns_nameservers:
         return list(config.dns_nameservers)
-    return list(dns.resolver.Resolver(configure=True).nameservers)
+    return system_nameservers()
 
 
 class Interceptor:
@@ -284,14 +284,10 @@ class Interceptor:
         return self._empty(query, dns.rcode.REFUSED, size, "refused")
 
     async def _ask_upstream(self, question: bytes) -> bytes | None:
-        """The question to each of the agent's resolvers in turn (UDP, TCP when truncated), from the
-        agent's own namespace; None when none answers."""
-        timeout = self.config.dns_timeout / max(1, len(self._servers))
-        for server in self._servers:
-            data = await upstream.ask(question, server, timeout)
-            if data is not None and data[3] & 0xF not in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
-                return data
-        return None
+        """The question to each of the agent's resolvers in turn (UDP, TCP when truncated; a SERVFAIL or
+        REFUSED passed over for the next), from the agent's own namespace; None when none answers."""
+        answer = await ask_each(question, self._servers, self.config.dns_timeout, _not_refused)
+        return None if isinstance(answer, NoAnswer) else answer
 
     async def _relearn(self, sb: Sandbox, policy: Policy, host_iface: str | None) -> None:
         """A policy that allows other names: the learned sets keep only the addresses of names it still
@@ -361,6 +357,12 @@ class Interceptor:
             self._backend.learn(sb.netns, timeouts)
         if sb.host_iface is not None and self._host_backend is not None:
             self._host_backend.learn(sb.host_iface, timeouts)
+
+
+def _not_refused(data: bytes) -> bytes:
+    if data[3] & 0xF in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
+        raise Unusable(dns.rcode.to_text(data[3] & 0xF))
+    return data
 
 
 def _same_ns(path: str, ident: NsId) -> bool:

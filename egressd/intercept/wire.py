@@ -8,77 +8,49 @@ the same question upstream, the same CNAME chain and addresses, the same reply (
 copied, RA set, capped TTLs, only the chain's records, no address inside guard.deny, the SOA of a negative
 answer, our own EDNS record when the sandbox sent one). Anything else, or anything odd, raises WireError,
 and the caller hands the message to messages.py: this module decides nothing alone. tests/unit/test_wire.py
-holds the two paths to the same output and feeds this one malformed bytes.
-
-Every read is bounds-checked; compression pointers must point backwards (no loops) and names stay within
-255 bytes.
+holds the two paths to the same output and feeds this one malformed bytes. The reading of DNS messages as
+bytes is common/dnswire.py, shared with the agent's own resolver.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import secrets
-import socket
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import dns.rdatatype
 
+from egressd.common.dnswire import (
+    C_IN,
+    CD,
+    HEADER,
+    OPCODE,
+    QR,
+    RA,
+    RD,
+    RR_FIXED,
+    T_CNAME,
+    T_OPT,
+    TC,
+    Labels,
+    Rrset,
+    Rrsets,
+    WireError,
+    address_text,
+    cname_chain,
+    lower,
+    read_name,
+    read_response,
+    text,
+)
 from egressd.model.entries import IPNetwork, within
 
-HEADER = struct.Struct("!HHHHHH")  # id, flags, question, answer, authority, additional counts
-RR_FIXED = struct.Struct("!HHIH")  # type, class, TTL, data length
-QR, OPCODE, TC, RD, RA, CD = 0x8000, 0x7800, 0x0200, 0x0100, 0x0080, 0x0010
-T_A, T_CNAME, T_SOA, T_AAAA, T_OPT = 1, 5, 6, 28, 41
-C_IN = 1
 UPSTREAM_PAYLOAD = 1232  # EDNS payload asked of upstreams and offered to sandboxes (the DNS flag day size)
-MAX_CHAIN = 16  # names on a CNAME chain that are followed
 # A label the proxy will judge: letters, digits, hyphens, underscores (SRV, DMARC). Anything else (a dot or
 # a byte inside a label) could make a name's text look like another name's: refused, never forwarded.
 LABEL = re.compile(rb"^[A-Za-z0-9_-]{1,63}$")
-Labels = tuple[bytes, ...]
-
-
-class WireError(ValueError):
-    """Not for the fast path: the slow path (dnspython) reads the message."""
-
-
-def read_name(buf: bytes, off: int) -> tuple[Labels, int]:
-    """The labels of the name at off (as sent), and the offset after it where it is written."""
-    labels: list[bytes] = []
-    end, size, start = -1, 1, off
-    while True:
-        if off >= len(buf):
-            raise WireError("a name runs past the end")
-        n = buf[off]
-        if n == 0:
-            return tuple(labels), (off + 1 if end < 0 else end)
-        if n & 0xC0 == 0xC0:
-            if off + 1 >= len(buf):
-                raise WireError("a compression pointer runs past the end")
-            target = ((n & 0x3F) << 8) | buf[off + 1]
-            if target >= start:  # backwards only: no loops
-                raise WireError("a compression pointer that does not point back")
-            end = off + 2 if end < 0 else end
-            off = start = target
-            continue
-        if n & 0xC0:
-            raise WireError("an unknown label type")
-        size += n + 1
-        if size > 255 or off + 1 + n > len(buf):
-            raise WireError("a name too long or past the end")
-        labels.append(buf[off + 1 : off + 1 + n])
-        off += 1 + n
-
-
-def lower(labels: Labels) -> Labels:
-    return tuple(label.lower() for label in labels)
-
-
-def text(labels: Labels) -> str:
-    return b".".join(labels).decode("ascii", "replace").lower()
 
 
 @dataclass(frozen=True)
@@ -150,112 +122,29 @@ def _header(query: FastQuery, flags: int, an: int, ns: int) -> bytes:
 
 
 @dataclass
-class Rrset:
-    """Records of one owner and type in an answer, in their order, without duplicates (as dnspython)."""
-
-    owner: Labels  # as sent
-    rdtype: int
-    ttl: int  # the smallest of its records'
-    items: list[object] = field(default_factory=list)  # bytes (A, AAAA), Labels (CNAME), SOA tuples
-
-
-@dataclass
 class FastAnswer:
     rcode: int
-    answer: dict[tuple[Labels, int], Rrset]  # by (lower-case owner, type), in order
+    answer: Rrsets  # by (lower-case owner, type), in order
     soa: list[Rrset]  # of the authority section
     keys: list[Labels]  # the CNAME chain, lower case, the question first
     chain: list[str]  # the same as text (as messages.Learned)
     addresses: dict[str, float]  # address -> TTL (as messages.Learned)
 
 
-def _rdata(buf: bytes, kind: int, off: int, length: int) -> object:
-    end = off + length
-    if kind in (T_A, T_AAAA):
-        if length != (4 if kind == T_A else 16):
-            raise WireError("an address of the wrong length")
-        return buf[off:end]
-    if kind == T_CNAME:
-        target, after = read_name(buf, off)
-        if after != end:
-            raise WireError("a CNAME that does not fill its record")
-        return target
-    mname, after = read_name(buf, off)  # SOA
-    rname, after = read_name(buf, after)
-    if after + 20 != end:
-        raise WireError("a SOA of the wrong length")
-    return (mname, rname, buf[after:end])
-
-
-def _records(buf: bytes, off: int, count: int, keep: tuple[int, ...]) -> tuple[list[tuple], int]:
-    """(owner, type, TTL, data) of the next count records whose type is in keep; WireError for a record
-    of another class or, in the answer section (keep has CNAME), of another type."""
-    out = []
-    for _ in range(count):
-        owner, off = read_name(buf, off)
-        if off + RR_FIXED.size > len(buf):
-            raise WireError("a record past the end")
-        kind, rdclass, ttl, length = RR_FIXED.unpack_from(buf, off)
-        off += RR_FIXED.size
-        if off + length > len(buf):
-            raise WireError("record data past the end")
-        if kind == T_OPT:
-            if ttl >> 24:
-                raise WireError("an extended rcode")
-        elif rdclass != C_IN:
-            raise WireError("a record of another class")
-        elif kind in keep:
-            out.append((owner, kind, ttl, _rdata(buf, kind, off, length)))
-        elif T_CNAME in keep:
-            raise WireError("an answer record of another type")
-        off += length
-    return out, off
-
-
-def _grouped(records: Iterable[tuple]) -> dict[tuple[Labels, int], Rrset]:
-    out: dict[tuple[Labels, int], Rrset] = {}
-    for owner, kind, ttl, item in records:
-        rrset = out.setdefault((lower(owner), kind), Rrset(owner, kind, ttl))
-        rrset.ttl = min(rrset.ttl, ttl)
-        if item not in rrset.items:
-            rrset.items.append(item)
-    return out
-
-
 def read_answer(query: FastQuery, wire: bytes) -> FastAnswer:
-    """The upstream's answer to query (its id and question already matched: upstream.py)."""
-    if len(wire) < HEADER.size + len(query.question):
-        raise WireError("short answer")
-    _, flags, qd, an, ns, ar = HEADER.unpack_from(wire)
-    if qd != 1:
-        raise WireError("not one question")
-    off = HEADER.size + len(query.question)
-    answer, off = _records(wire, off, an, (T_A, T_AAAA, T_CNAME))
-    authority, off = _records(wire, off, ns, (T_SOA,))
-    _, off = _records(wire, off, ar, ())
-    if off != len(wire):
-        raise WireError("trailing bytes")
-    rrsets = _grouped(answer)
-    chain, ttl = [lower(query.labels)], float("inf")
-    while (chain[-1], T_CNAME) in rrsets and len(chain) < MAX_CHAIN:
-        cname = rrsets[(chain[-1], T_CNAME)]
-        ttl = min(ttl, cname.ttl)
-        chain.append(lower(cname.items[0]))  # type: ignore[arg-type]
-    on_chain = set(chain)
+    """The upstream's answer to query (its id and question already matched: common/dnsupstream.py)."""
+    response = read_response(wire, len(query.question))
+    rrsets = response.answer
+    keys, ttl = cname_chain(rrsets, lower(query.labels))
+    on_chain = set(keys)
     addresses: dict[str, float] = {}
     for (owner, kind), rrset in rrsets.items():
         if kind != T_CNAME and owner in on_chain:
             for raw in rrset.items:
-                addr = _address(raw)  # type: ignore[arg-type]
+                addr = address_text(raw)  # type: ignore[arg-type]
                 addresses[addr] = max(addresses.get(addr, 0.0), float(min(ttl, rrset.ttl)))
-    soa = list(_grouped(authority).values())
-    return FastAnswer(flags & 0xF, rrsets, soa, chain, [text(c) for c in chain], addresses)
-
-
-def _address(raw: bytes) -> str:
-    if len(raw) == 4:
-        return socket.inet_ntop(socket.AF_INET, raw)
-    return str(ipaddress.IPv6Address(raw))
+    soa = list(response.authority.values())
+    return FastAnswer(response.rcode, rrsets, soa, keys, [text(c) for c in keys], addresses)
 
 
 class _Writer:
@@ -309,7 +198,7 @@ def reply(
             continue
         items = rrset.items
         if kind != T_CNAME and nets:
-            items = [raw for raw in items if not within(_address(raw), nets)]  # type: ignore[arg-type]
+            items = [raw for raw in items if not within(address_text(raw), nets)]  # type: ignore[arg-type]
         w.rrset(rrset, min(rrset.ttl, cap), items)
         an += len(items)
     for rrset in answer.soa:

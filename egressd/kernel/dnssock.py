@@ -3,7 +3,7 @@
 A socket stays in the namespace it was made in (and keeps that namespace alive: close it when the sandbox
 goes). A short visit by the calling thread (netns.in_netns) makes them: UDP and TCP, IPv4 and IPv6, on the
 proxy port of every address, and the netlink socket that writes the answers' addresses to its learned sets,
-all at descriptors of 1024 and more (monitor_socket.move_high: libnftables needs the low ones).
+all at descriptors of 1024 and more (common/fds.py, move_high: libnftables needs the low ones).
 The sandbox's table redirects its queries there (127.0.0.1 / ::1 for its own processes, the incoming
 interface's address for traffic routed through it) and lets no other packet reach the port. A UDP reply must
 leave from the address the query was redirected to, or conntrack cannot map it back to the server the
@@ -17,7 +17,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from egressd.kernel.monitor_socket import move_high
+from egressd.common.fds import move_high
 from egressd.kernel.netns import NsId, in_netns
 from egressd.kernel.nfnl import netfilter_socket
 from egressd.kernel.nfnl_elements import ElementSocket

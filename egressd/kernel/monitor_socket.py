@@ -1,21 +1,19 @@
-"""The socket that hears one namespace's nftables events, and the descriptors every kept socket needs.
+"""The socket that hears one namespace's nftables events, and how many such sockets fit.
 
 A socket belongs to the namespace it was made in, so it is made by a thread inside that namespace and then
-moved to a descriptor at or above FD_BASE: libnftables 1.0.6, in this same process, aborts on a descriptor
-of 1024 or more, so the low ones are left to it. Kept apart from the monitor so that the agent, the
-integration tests and the benchmarks make and count these sockets the same way.
+moved to a descriptor at or above FD_BASE (common/fds.py: libnftables 1.0.6, in this same process, aborts
+on a descriptor of 1024 or more, so the low ones are left to it). Kept apart from the monitor so that the
+agent, the integration tests and the benchmarks make and count these sockets the same way.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
-import os
 import resource
 import socket
 from collections.abc import Callable
 
+from egressd.common.fds import FD_BASE, move_high
 from egressd.common.logs import log
 from egressd.kernel.netns import NsId, in_netns
 from egressd.kernel.nfnl import NETLINK_NETFILTER
@@ -27,7 +25,6 @@ NETLINK_ADD_MEMBERSHIP = 1
 SO_RCVBUFFORCE = 33  # socket.h; needs CAP_NET_ADMIN, falls back to SO_RCVBUF (capped by rmem_max)
 NFNLGRP_NFTABLES = 7
 
-FD_BASE = 1024  # monitor sockets live at or above this descriptor; libnftables needs those below
 FD_HEADROOM = 64  # high descriptors left unused, for whatever else needs one once the low ones run out
 RCVBUF = 1 << 20  # per socket; memory is used only while events wait to be read
 
@@ -86,26 +83,3 @@ def open_monitor_socket(
     sock = move_high(low, fd_base)
     sock.setblocking(False)
     return sock, ident
-
-
-def move_high(low: socket.socket, fd_base: int = FD_BASE) -> socket.socket:
-    """The same socket at a descriptor >= fd_base (the low one is closed), for every socket egressd keeps
-    per sandbox: libnftables' select() aborts the process on a descriptor of 1024 or more. A soft
-    RLIMIT_NOFILE of fd_base or less leaves the socket where it is (no descriptor can reach 1024 then).
-    Raises OSError (EMFILE: no high descriptor is free), the low socket closed."""
-    timeout = low.gettimeout()
-    try:
-        high = fcntl.fcntl(low.fileno(), fcntl.F_DUPFD_CLOEXEC, fd_base)
-    except OSError as e:
-        if e.errno == errno.EINVAL and resource.getrlimit(resource.RLIMIT_NOFILE)[0] <= fd_base:
-            return low
-        low.close()
-        raise
-    low.close()
-    try:
-        sock = socket.socket(fileno=high)
-    except OSError:
-        os.close(high)
-        raise
-    sock.settimeout(timeout)
-    return sock

@@ -135,8 +135,9 @@ def test_explain_and_apply_judge_each_type_on_its_own(world, server, dns_agent, 
     out = subprocess.run([*argv, "--config", str(config), str(tmp_path / "records.json")],
                          capture_output=True, text=True, timeout=30)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    # c0's table had the same shape (one allowed name, internet off): only the name's addresses change
-    assert f"c0: updated in {s0.netns_path}\n" in out.stdout
+    # c0's table had the same shape (one allowed name, internet off), but another name is another policy:
+    # a new generation (ruleset/generation.py), so the open connections are judged again
+    assert f"c0: applied in {s0.netns_path}\n" in out.stdout
     assert f"c1: applied in {s1.netns_path}\n" in out.stdout
     assert f"c0:   {V6ONLY}: {A6} (A: no nameserver answered: REFUSED from {DNS4})" in out.stdout
     assert open_to(s0.name, A6) and closed_to(s0.name, B6) and closed_to(s0.name, A4)

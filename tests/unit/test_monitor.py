@@ -266,7 +266,7 @@ def test_kept_sockets_move_above_the_descriptors_libnftables_needs():
     import resource
     import socket
 
-    from egressd.kernel.monitor_socket import move_high
+    from egressd.common.fds import move_high
 
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     low = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)

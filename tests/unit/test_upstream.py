@@ -1,4 +1,4 @@
-"""Asking the agent's resolvers (intercept/upstream.py), against small servers on loopback: no root."""
+"""Asking the agent's resolvers (common/dnsupstream.py), against small servers on loopback: no root."""
 
 import asyncio
 import socket
@@ -9,7 +9,7 @@ import dns.flags
 import dns.message
 import dns.rrset
 
-from egressd.intercept.upstream import ask
+from egressd.common.dnsupstream import ask
 
 
 def answer(wire: bytes, *addresses: str, question: str | None = None) -> dns.message.Message:
