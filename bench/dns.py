@@ -159,7 +159,7 @@ def measure(
         env={ENGINE_ENV: engine},
         extra_config=(
             f'[dns]\nnameservers = ["{DNS4}"]\nmin_ttl = {args.ttl}\nmax_ttl = {args.ttl}\n'
-            f"retention = {args.ttl * 2}\ntimeout = 2\n"
+            f"retention = {args.ttl * 2}\ntimeout = 2\nintercept = {'true' if args.intercept else 'false'}\n"
         ),
     )
     try:
@@ -295,6 +295,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=("wire", "dnspython", "both"),
         default="wire",
         help="the agent's query path: the lean one (wire), the old one (dnspython), or both in turn",
+    )
+    p.add_argument(
+        "--no-intercept",
+        dest="intercept",
+        action="store_false",
+        help="[dns] intercept = false: no DNS proxy per sandbox (what the agent holds without them)",
     )
     p.add_argument("--smoke", action="store_true", help="20 sandboxes, 10 + 100 names, TTL 2 s")
     args = p.parse_args(argv)

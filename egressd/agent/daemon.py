@@ -240,6 +240,9 @@ class Agent:
         while True:
             interval = self.reconciler.config.resync_interval
             await asyncio.sleep(interval * rng.uniform(0.9, 1.1))
+            # What the last interval freed (DNS answers, tables read and compared, status reports) goes back
+            # to the kernel: glibc returns free memory only from the top of a heap by itself.
+            await asyncio.to_thread(memory.trim)
             if self.monitor is not None:
                 self.monitor.refresh()  # reopen what failed, follow namespaces replaced under their path
             self.reconciler.resync()

@@ -413,3 +413,39 @@ def test_restart_with_the_saved_cache_adopts_without_writing(addresses):
 
     run(second, answers, backend=fb)
     assert len(fb.writes) == writes
+
+
+def test_at_most_the_limit_is_asked_at_once_and_the_rest_wait_without_a_task_each():
+    """A start with many names: every (name, type) is due at once. Only MAX_CONCURRENT_QUERIES of them are
+    asked (a task each); the others wait in a queue, and every one is asked in the end."""
+    from egressd.desired import resolve
+
+    names = [f"n{i}.test" for i in range(3 * resolve.MAX_CONCURRENT_QUERIES)]
+    gate = asyncio.Event()
+    asking: list[int] = []
+
+    class Held:
+        active = 0
+
+        async def resolve(self, name, rdtype):
+            Held.active += 1
+            asking.append(Held.active)
+            await gate.wait()
+            Held.active -= 1
+            return Answer("ok", ("192.0.2.1",) if rdtype == "A" else (), ttl=60)
+
+    async def main():
+        dns = DnsService(DnsCache(60, 60, 60), Held(), on_change=lambda names: None)
+        task = asyncio.create_task(dns.run())
+        dns.subscribe("s0", names)
+        await until(lambda: Held.active == resolve.MAX_CONCURRENT_QUERIES)
+        await asyncio.sleep(0.05)
+        refreshes = [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_refresh"]
+        assert len(refreshes) == resolve.MAX_CONCURRENT_QUERIES  # not a task per due key
+        assert max(asking) == resolve.MAX_CONCURRENT_QUERIES
+        gate.set()
+        await until(lambda: dns.queries == 2 * len(names))
+        assert max(asking) == resolve.MAX_CONCURRENT_QUERIES  # never more, to the last
+        task.cancel()
+
+    asyncio.run(main())
