@@ -746,8 +746,10 @@ def bench_latency(
 
 @dataclass
 class ColdRepeat:
-    """One cold start + SIGKILL + restart, and the baseline, at N sandboxes."""
+    """One cold start + SIGKILL + restart, and the baseline, at N sandboxes; `writes`: how the agent wrote
+    the sandbox tables (raw netlink, as shipped, or libnftables: --writes)."""
 
+    writes: str = "raw"
     baseline_s: float | None = None
     cold_s: float | None = None
     cold_ready_s: float | None = None
@@ -850,15 +852,24 @@ def start_agent(
 
 
 def bench_cold(
-    rep: ColdRepeat, world: ColdWorld, workdir: Path, view: KernelView, extra: str, deadline: Deadline
+    rep: ColdRepeat,
+    world: ColdWorld,
+    workdir: Path,
+    view: KernelView,
+    extra: str,
+    deadline: Deadline,
+    wrap: list[str] | None = None,
+    baseline: bool = True,
 ) -> None:
-    """Figures 3 and 4: baseline, cold start from empty namespaces, SIGKILL, restart adopting everything."""
+    """Figures 3 and 4: baseline, cold start from empty namespaces, SIGKILL, restart adopting everything.
+    wrap: the agent's command prefix (bench.agent_writes, --writes); baseline=False: no baseline loop."""
     clean_tables(view, world, deadline)
-    rep.baseline_s = run_baseline(world, workdir / "baseline", deadline)
-    check_fingerprints(view, world, "baseline", deadline)
-    clean_tables(view, world, deadline)
+    if baseline:
+        rep.baseline_s = run_baseline(world, workdir / "baseline", deadline)
+        check_fingerprints(view, world, "baseline", deadline)
+        clean_tables(view, world, deadline)
 
-    agent = AgentProcess(workdir / "agent", resync_interval=RESYNC_S, extra_config=extra)
+    agent = AgentProcess(workdir / "agent", resync_interval=RESYNC_S, extra_config=extra, wrap=wrap)
     try:
         write_feed(agent, world)
         rep.cold_ready_s, rep.cold_s, rows = start_agent(agent, world, deadline, "cold start")
@@ -958,8 +969,20 @@ def rows_for(
     rows.append(
         Row("storm: events/s until all enforced (median)", _med([r.events / r.seconds for r in rounds]), None)
     )
-    cold, base = _med([r.cold_s for r in reps]), _med([r.baseline_s for r in reps])
-    m = f"median of {len(reps)}"
+    base = _med([r.baseline_s for r in reps])  # one baseline loop per repeat, whichever agents ran
+    modes = list(dict.fromkeys(r.writes for r in reps))
+    others: list[Row] = []  # --writes both: the first mode's rows as always, then the other's cold start
+    for mode in modes[1:]:
+        other = [r for r in reps if r.writes == mode]
+        m = f"median of {len(other)}, {mode} writes"
+        cold = _med([r.cold_s for r in other])
+        others.append(Row(f"cold start N={n}: start -> all enforced, s ({m})", cold, base, True))
+        others.append(
+            Row(f"restart N={n}: start -> all enforced, s ({m})", _med([r.restart_s for r in other]), None)
+        )
+    reps = [r for r in reps if r.writes == modes[0]] if modes else reps
+    cold = _med([r.cold_s for r in reps])
+    m = f"median of {len(reps)}" + (f", {modes[0]} writes" if len(modes) > 1 else "")
     rows.append(
         Row(
             f"cold start N={n}: start -> all enforced, s ({m})",
@@ -1018,6 +1041,7 @@ def rows_for(
         rows.append(Row(f"agent after {phase} at N={n}: RSS MiB", None if rss is None else rss / 1024, None))
         rows.append(Row("  peak RSS MiB (VmHWM)", None if hwm is None else hwm / 1024, None))
         rows.append(Row("  open file descriptors", fds, None))
+    rows += others
     return rows
 
 
@@ -1137,7 +1161,9 @@ def summary(results: dict[str, Any]) -> list[Figure]:
             Figure("agent", "storm throughput, events/s", "events/s", rate, lower_is_better=False,
                    note=f"median of {len(rounds)} rounds")
         )  # fmt: skip
-    reps = results.get("cold_start", {}).get("repeats", [])
+    every = results.get("cold_start", {}).get("repeats", [])
+    first = every[0].get("writes", "raw") if every else "raw"
+    reps = [r for r in every if r.get("writes", "raw") == first]  # --writes both: the agent as shipped
     m = f"median of {len(reps)} repeats"
     cold = _med([r.get("cold_s") for r in reps])
     figures.append(
@@ -1146,7 +1172,7 @@ def summary(results: dict[str, Any]) -> list[Figure]:
             f"cold start, {n:,} sandboxes, start -> all enforced",
             "s",
             cold,
-            _med([r.get("baseline_s") for r in reps]),
+            _med([r.get("baseline_s") for r in every]),
             "ip netns exec NS nft -j -f FILE, each sandbox in turn",
             f"< {cold_goal:g} s",
             None if cold is None else cold < cold_goal,
@@ -1214,6 +1240,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, metavar="W", help="[reconcile] workers (default: the agent's)")
     p.add_argument("--keep-workdir", action="store_true", help="keep agent logs and state for a look after")
     p.add_argument("--smoke", action="store_true", help="N=20, M=20, storm 50 events, R=1: seconds")
+    p.add_argument(
+        "--writes",
+        choices=("raw", "libnftables", "both"),
+        default="raw",
+        help="how the cold start's agents write sandbox tables: raw netlink (as shipped), libnftables "
+        "(as before issue 19), or both alternately in each repeat (default raw)",
+    )
+    p.add_argument("--skip-latency", action="store_true", help="only the cold start and restart")
     args = p.parse_args(argv)
     if args.smoke:
         args.sandboxes, args.updates, args.repeats = 20, 20, 1
@@ -1286,15 +1320,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             cold = namespaces.create_named([f"c{i}" for i in range(args.sandboxes)], deadline)
             # Each phase has agents of its own, so one that fails (an agent that dies) is reported and the
             # next phase still runs; the exit status says that something failed.
-            with phase_errors(errors, "latency"):
-                bench_latency(lat, work / "latency", probe, storm, args, deadline)
+            if args.skip_latency:  # only its config file, for the fingerprints below
+                AgentProcess(work / "latency", resync_interval=RESYNC_S, extra_config=agent_extra(args))
+            else:
+                with phase_errors(errors, "latency"):
+                    bench_latency(lat, work / "latency", probe, storm, args, deadline)
             # The agents' own config file, so the expected fingerprints are rendered exactly as theirs are.
             world = make_cold_world(cold, load_config(str(work / "latency" / "egressd.toml"), {}))
             view = KernelView(cache=False)
+            modes = ["raw", "libnftables"] if args.writes == "both" else [args.writes]
             for r in range(args.repeats):
-                reps.append(ColdRepeat())
-                with phase_errors(errors, f"cold start/restart repeat {r + 1}"):
-                    bench_cold(reps[-1], world, work / f"cold{r}", view, agent_extra(args), deadline)
+                for i, mode in enumerate(modes if r % 2 == 0 else modes[::-1]):  # alternately first
+                    reps.append(ColdRepeat(writes=mode))
+                    wrap = (
+                        None
+                        if args.writes == "raw"
+                        else [sys.executable, "-m", "bench.agent_writes", mode, "--"]
+                    )
+                    with phase_errors(errors, f"cold start/restart repeat {r + 1} ({mode} writes)"):
+                        bench_cold(
+                            reps[-1],
+                            world,
+                            work / f"cold{r}{mode}",
+                            view,
+                            agent_extra(args),
+                            deadline,
+                            wrap,
+                            i == 0,
+                        )
             if args.profile:
                 with phase_errors(errors, "profile"):
                     profile = bench_profile(world, work, view, agent_extra(args), deadline)
@@ -1332,9 +1385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     for e in errors:
         print(f"FAILED {e}")
-    print(
-        f"wall time {wall:.1f} s ({status}); repeats verified: {sum(r.verified for r in reps)}/{args.repeats}"
-    )
+    print(f"wall time {wall:.1f} s ({status}); repeats verified: {sum(r.verified for r in reps)}/{len(reps)}")
     if args.keep_workdir and work is not None:
         print(f"agent logs and state kept in {work}")
     if args.json:

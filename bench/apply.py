@@ -272,19 +272,50 @@ def phase_render(run_: SizeRun, targets: Sequence[Target], config: Config, deadl
     run_.add("serialise", time_each(targets, lambda t: json.dumps(replace_table(t.ruleset)), deadline))
 
 
-def phase_egressd(run_: SizeRun, targets: Sequence[Target], deadline: Deadline) -> None:
-    """Cold: a fresh backend, so each apply also makes the namespace's context. Warm: the cached one."""
-    backend = LibnftBackend()
+def phase_egressd(
+    run_: SizeRun, targets: Sequence[Target], deadline: Deadline, prefix: str = "egressd", raw: bool = True
+) -> None:
+    """Cold: a fresh backend, so each apply also makes the namespace's context. Warm: the cached one.
+    raw=False (prefix libnft): every write through libnftables, as before issue 19."""
+    backend = LibnftBackend(raw=raw)
     try:
         gc.collect()
-        run_.add("egressd_cold", time_each(targets, lambda t: backend.apply(t.path, t.ruleset), deadline))
+        run_.add(f"{prefix}_cold", time_each(targets, lambda t: backend.apply(t.path, t.ruleset), deadline))
         gc.collect()
-        run_.add("egressd_warm", time_each(targets, lambda t: backend.apply(t.path, t.ruleset), deadline))
+        run_.add(f"{prefix}_warm", time_each(targets, lambda t: backend.apply(t.path, t.ruleset), deadline))
         for t in targets:
             if backend.fingerprint(t.path) != t.ruleset.fingerprint:
                 raise RuntimeError(f"{t.name}: wrong fingerprint after a timed egressd apply")
     finally:
         backend.close()
+
+
+def phase_new(
+    run_: SizeRun, targets: Sequence[Target], deadline: Deadline, prefix: str, raw: bool | None
+) -> None:
+    """A new sandbox on a running agent (--compare-writes): its namespace holds no table (deleted, untimed)
+    and is new to the backend, which does what the agent does: a read that finds nothing, then the table
+    in one transaction. raw=None: the baseline, `nft -j -f` into the empty namespace."""
+    backend = LibnftBackend(raw=bool(raw))
+    out: list[int] = []
+    try:
+        gc.collect()
+        for t in targets:
+            deadline.check("new sandboxes")
+            backend.remove(t.path)
+            backend.forget(t.path)
+            t0 = time.perf_counter_ns()
+            if raw is None:
+                baseline_apply(t.name, t.ruleset, t.file, deadline)
+            else:
+                listing = backend.read(t.path)
+                backend.apply(t.path, t.ruleset, None, listing if listing is not None else [])
+            out.append(time.perf_counter_ns() - t0)
+            if backend.fingerprint(t.path) != t.ruleset.fingerprint:
+                raise RuntimeError(f"{t.name}: wrong fingerprint after a new sandbox's apply ({prefix})")
+    finally:
+        backend.close()
+    run_.add(f"{prefix}_new", out)
 
 
 def phase_baseline(run_: SizeRun, targets: Sequence[Target], empty: Path, deadline: Deadline) -> None:
@@ -312,9 +343,16 @@ def phase_baseline(run_: SizeRun, targets: Sequence[Target], empty: Path, deadli
 
 
 def bench_size(
-    run_: SizeRun, names: Sequence[str], tmp: Path, repeats: int, config: Config, deadline: Deadline
+    run_: SizeRun,
+    names: Sequence[str],
+    tmp: Path,
+    repeats: int,
+    config: Config,
+    deadline: Deadline,
+    compare: bool = False,
 ) -> None:
-    """Render once for setup, verify, then R repeats with the egressd/baseline order flipped each time."""
+    """Render once for setup, verify, then R repeats with the egressd/baseline order flipped each time.
+    compare (--compare-writes): egressd with libnftables writes too, and new sandboxes every way."""
     targets = []
     for i, name in enumerate(names[: run_.namespaces]):
         policy = make_policy(i, run_.entries)
@@ -327,14 +365,21 @@ def bench_size(
     # kernel work whichever method runs it: delete a K-element table, build an identical one.
     verify(targets, run_.entries, deadline)
     run_.verified = True
+    phases: list[Callable[[], None]] = [
+        lambda: phase_egressd(run_, targets, deadline),
+        lambda: phase_baseline(run_, targets, empty, deadline),
+    ]
+    if compare:
+        phases[1:1] = [
+            lambda: phase_egressd(run_, targets, deadline, "libnft", raw=False),
+            lambda: phase_new(run_, targets, deadline, "egressd", True),
+            lambda: phase_new(run_, targets, deadline, "libnft", False),
+            lambda: phase_new(run_, targets, deadline, "baseline", None),
+        ]
     for r in range(repeats):
         phase_render(run_, targets, config, deadline)
-        if r % 2 == 0:
-            phase_egressd(run_, targets, deadline)
-            phase_baseline(run_, targets, empty, deadline)
-        else:
-            phase_baseline(run_, targets, empty, deadline)
-            phase_egressd(run_, targets, deadline)
+        for phase in phases if r % 2 == 0 else phases[::-1]:
+            phase()
 
 
 def profile_warm(name: str, entries_: int, config: Config, repeats: int) -> str:
@@ -424,6 +469,14 @@ def rows_for(run_: SizeRun) -> list[Row]:
         Row("  apply minus serialise ms/ns (libnft | nft proc)", rest, med.get("baseline_exec"), True)
     )
     rows.append(Row("  process floor ms/ns (nft -j -f empty)", None, med.get("spawn_floor")))
+    if "libnft_warm" in med:  # --compare-writes: the same backend writing through libnftables
+        base_new = med.get("baseline_new")
+        rows.append(Row("apply, first (cold), libnftables writes ms/ns", med.get("libnft_cold"), base, True))
+        rows.append(
+            Row("apply, re-apply (warm), libnftables writes ms/ns", med.get("libnft_warm"), base, True)
+        )
+        rows.append(Row("new sandbox (read + table) ms/ns", med.get("egressd_new"), base_new, True))
+        rows.append(Row("new sandbox, libnftables writes ms/ns", med.get("libnft_new"), base_new, True))
     return rows
 
 
@@ -569,6 +622,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, metavar="OUT", help="also write all figures and machine info here")
     p.add_argument("--profile", action="store_true", help="cProfile render + warm apply at the largest K")
     p.add_argument("--smoke", action="store_true", help="N=2, K=10, R=1, single K=500: a few seconds")
+    p.add_argument(
+        "--compare-writes",
+        action="store_true",
+        help="also egressd writing through libnftables (as before issue 19), and new sandboxes every way",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.namespaces, args.entries, args.repeats, args.single = 2, [10], 1, 500
@@ -607,7 +665,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             namespaces.create(max(n for n, _ in sizes), deadline)
             for n, k in sizes:
                 runs.append(SizeRun(n, k))
-                bench_size(runs[-1], namespaces.names, Path(tmp), args.repeats, config, deadline)
+                bench_size(
+                    runs[-1], namespaces.names, Path(tmp), args.repeats, config, deadline, args.compare_writes
+                )
             if args.profile:
                 biggest = max(k for _, k in sizes)
                 profile = profile_warm(namespaces.names[0], biggest, config, max(args.repeats, 5))
@@ -646,6 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "repeats": args.repeats,
                 "max_seconds": args.max_seconds,
                 "smoke": args.smoke,
+                "compare_writes": args.compare_writes,
             },
             "goals": {
                 "ratio_at_k10": RATIO_GOAL,

@@ -345,6 +345,7 @@ class Agent:
             log(logging.WARNING, "verification_slow", detail=f"not done after {VERIFY_TIMEOUT:g} s")
         # The start's churn (the backlog parsed, a libnftables context made and freed per sandbox) is free
         # memory now: hand it back, off the loop (it walks every heap: tens of milliseconds).
+        memory.settled()
         await asyncio.to_thread(memory.trim)
 
 
@@ -353,6 +354,7 @@ def run(config_path: str | None, overrides: dict[str, Any]) -> int:
     config = load_config(config_path, overrides)
     setup_logging(config.log_format, config.log_level)
     memory.tune()
+    memory.starting()
     # Every socket kept per sandbox (change monitors, DNS proxies) lives at a descriptor of 1024 or more,
     # above the ones libnftables needs: the soft limit goes up to the hard one (LimitNOFILE= in the unit).
     raise_fd_limit()

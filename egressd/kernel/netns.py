@@ -159,6 +159,14 @@ class _Entry:
     ctx: Any
 
 
+def _free(ctx: Any) -> None:
+    """Let go of a context: closed now if it can be (a raw socket: a reference cycle must not keep its
+    namespace alive until the collector runs), else freed with its last reference (libnftables')."""
+    close = getattr(ctx, "close", None)
+    if callable(close):
+        close()
+
+
 class ContextCache:
     """One object per namespace path, made by `factory` while this thread is inside that namespace.
 
@@ -171,10 +179,15 @@ class ContextCache:
     """
 
     def __init__(
-        self, factory: Callable[[], Any], limit: int = 256, free_lock: threading.Lock | None = None
+        self,
+        factory: Callable[[], Any],
+        limit: int = 256,
+        free_lock: threading.Lock | None = None,
+        graveyard: int = GRAVEYARD_MAX,
     ) -> None:
         self._factory = factory
         self._limit = limit
+        self._graveyard_max = graveyard
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
         # Contexts let go of, with when they may be freed (see CLOSE_GRACE_S). One thread frees them, holding
@@ -228,8 +241,8 @@ class ContextCache:
             return
         self._graveyard.append((time.monotonic() + CLOSE_GRACE_S, entry.ctx))
         entry.ctx = None
-        while len(self._graveyard) > GRAVEYARD_MAX:  # each holds a descriptor below 1024: keep them few
-            self._graveyard.popleft()  # callers hold free_lock when they can get here (see LibnftBackend)
+        while len(self._graveyard) > self._graveyard_max:  # a context's descriptor is below 1024: kept few
+            _free(self._graveyard.popleft()[1])  # callers hold free_lock when they can get here
         if self._reaper is None:
             self._reaper = threading.Thread(target=self._reap_loop, name="egressd-free", daemon=True)
             self._reaper.start()
@@ -247,7 +260,7 @@ class ContextCache:
             with self._free_lock, self._lock:
                 now = time.monotonic()
                 while self._graveyard and self._graveyard[0][0] <= now:
-                    self._graveyard.popleft()
+                    _free(self._graveyard.popleft()[1])
 
     def drop(self, path: str) -> None:
         """Forget path's context so the kernel can free a namespace that is gone."""
@@ -262,7 +275,8 @@ class ContextCache:
             for path in list(self._entries):
                 self._close(path)
             self._closed = True
-            self._graveyard.clear()
+            while self._graveyard:
+                _free(self._graveyard.popleft()[1])
             self._wake.notify()
             if self._home >= 0:
                 os.close(self._home)

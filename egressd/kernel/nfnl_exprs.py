@@ -1,5 +1,7 @@
-"""Rule expressions and set elements as nf_tables netlink attributes, for nfnl_batch.py: what libnftables
-1.0.6 sends for the expressions the host-side tables are made of, and nothing else.
+"""Rule expressions as nf_tables netlink attributes, for nfnl_encode.py: what libnftables 1.0.6 sends for
+the expressions the host-side tables (family netdev) are made of, and nothing else; nfnl_inet.py adds what a
+sandbox's own table (family inet) needs. The values they are made of (attributes, set elements, intervals)
+are in nfnl_values.py.
 
 A rule's JSON statements become expressions the way libnftables linearizes them (src/netlink_linearize.c):
 a match loads its left side into register 1 (meta or payload, with the dependency libnftables inserts before
@@ -16,26 +18,52 @@ checked byte by byte against what `nft -j -f` sends (strace): tests/integration/
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from egressd.kernel.nfnl import attr, nested
+from egressd.kernel.nfnl import attr
 
-NFTA_LIST_ELEM, NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 1, 2
-NFTA_DATA_VALUE, NFTA_DATA_VERDICT, NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 1, 2, 1, 2
-NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_FLAGS, NFTA_SET_ELEM_TIMEOUT, NFTA_SET_ELEM_USERDATA = 1, 3, 4, 6
-NFT_SET_ELEM_INTERVAL_END = 1
+# Values moved to nfnl_values.py, still offered here by their old names (nfnl_listing.py reads some)
+from egressd.kernel.nfnl_values import ELEM_F_INTERVAL_OPEN as ELEM_F_INTERVAL_OPEN
+from egressd.kernel.nfnl_values import NFT_SET_ELEM_INTERVAL_END as NFT_SET_ELEM_INTERVAL_END
+from egressd.kernel.nfnl_values import NFTA_DATA_VALUE as NFTA_DATA_VALUE
+from egressd.kernel.nfnl_values import NFTA_DATA_VERDICT as NFTA_DATA_VERDICT
+from egressd.kernel.nfnl_values import NFTA_EXPR_DATA as NFTA_EXPR_DATA
+from egressd.kernel.nfnl_values import NFTA_EXPR_NAME as NFTA_EXPR_NAME
+from egressd.kernel.nfnl_values import NFTA_LIST_ELEM as NFTA_LIST_ELEM
+from egressd.kernel.nfnl_values import NFTA_SET_ELEM_FLAGS as NFTA_SET_ELEM_FLAGS
+from egressd.kernel.nfnl_values import NFTA_SET_ELEM_KEY as NFTA_SET_ELEM_KEY
+from egressd.kernel.nfnl_values import NFTA_SET_ELEM_TIMEOUT as NFTA_SET_ELEM_TIMEOUT
+from egressd.kernel.nfnl_values import NFTA_SET_ELEM_USERDATA as NFTA_SET_ELEM_USERDATA
+from egressd.kernel.nfnl_values import NFTA_VERDICT_CHAIN as NFTA_VERDICT_CHAIN
+from egressd.kernel.nfnl_values import NFTA_VERDICT_CODE as NFTA_VERDICT_CODE
+from egressd.kernel.nfnl_values import UDATA_ELEM_FLAGS as UDATA_ELEM_FLAGS
+from egressd.kernel.nfnl_values import UDATA_KEY_TYPEOF as UDATA_KEY_TYPEOF
+from egressd.kernel.nfnl_values import UDATA_KEYBYTEORDER as UDATA_KEYBYTEORDER
+from egressd.kernel.nfnl_values import UDATA_MERGE_ELEMENTS as UDATA_MERGE_ELEMENTS
+from egressd.kernel.nfnl_values import (
+    EncodeError,
+    address,
+    data_value,
+    expression,
+    named,
+    strz,
+    u32,
+    udata,
+    verdict_data,
+)
+from egressd.kernel.nfnl_values import address_range as address_range
+from egressd.kernel.nfnl_values import element as element
+from egressd.kernel.nfnl_values import interval_elements as interval_elements
+from egressd.kernel.nfnl_values import set_udata as set_udata
+
 NFT_SET_ANONYMOUS, NFT_SET_CONSTANT, NFT_SET_INTERVAL = 0x1, 0x2, 0x4
 NFT_REG_VERDICT, NFT_REG_1 = 0, 1
 NFT_META_PROTOCOL, NFT_META_MARK, NFT_META_L4PROTO = 1, 3, 16
 NFT_CMP_EQ, NFT_CMP_NEQ, NFT_LOOKUP_F_INV, NFT_OBJECT_COUNTER = 0, 1, 1, 1
 VERDICTS = {"drop": 0, "accept": 1, "continue": -1, "jump": -3, "goto": -4, "return": -5}
-# nftables' set userdata (libnftnl udata.h): key byte order, merge flag, the key's `typeof` expression
-UDATA_KEYBYTEORDER, UDATA_MERGE_ELEMENTS, UDATA_KEY_TYPEOF = 0, 2, 3
-UDATA_ELEM_FLAGS, ELEM_F_INTERVAL_OPEN = 1, 1
 HOST, BIG = 1, 2  # nftables' byteorder enum
 EXPR_PAYLOAD, EXPR_META = 7, 9  # nftables' expression types, in a set's typeof userdata
 TYPE_MARK, TYPE_IPADDR, TYPE_IP6ADDR, TYPE_INTEGER = 19, 7, 8, 4
@@ -51,68 +79,6 @@ ICMP6_TYPES = {
     "router-renumbering": 138, "ind-neighbor-solicit": 141, "ind-neighbor-advert": 142,
     "mld2-listener-report": 143,
 }  # fmt: skip
-
-
-class EncodeError(ValueError):
-    """A command or expression this encoder does not know: nothing was sent."""
-
-
-def u32(kind: int, value: int) -> bytes:
-    return attr(kind, struct.pack("!I", value & 0xFFFFFFFF))
-
-
-def strz(kind: int, value: str) -> bytes:
-    return attr(kind, value.encode() + b"\0")
-
-
-def udata(kind: int, value: bytes) -> bytes:
-    """One libnftnl userdata record: type, length, value (no alignment)."""
-    return bytes((kind, len(value))) + value
-
-
-def data_value(kind: int, value: bytes) -> bytes:
-    return nested(kind, attr(NFTA_DATA_VALUE, value))
-
-
-def verdict_data(kind: int, code: int, chain: str | None = None) -> bytes:
-    body = u32(NFTA_VERDICT_CODE, code) + (strz(NFTA_VERDICT_CHAIN, chain) if chain else b"")
-    return nested(kind, nested(NFTA_DATA_VERDICT, body))
-
-
-def expression(name: str, *attrs: bytes) -> bytes:
-    return nested(NFTA_LIST_ELEM, strz(NFTA_EXPR_NAME, name) + nested(NFTA_EXPR_DATA, b"".join(attrs)))
-
-
-def set_udata(order: int, merge: bool = False, typeof: bytes = b"") -> bytes:
-    out = udata(UDATA_KEYBYTEORDER, struct.pack("=I", order))
-    if merge:
-        out += udata(UDATA_MERGE_ELEMENTS, struct.pack("=I", 1))
-    return out + (udata(UDATA_KEY_TYPEOF, typeof) if typeof else b"")
-
-
-def _named(size: int, names: dict[str, int], order: str = "!") -> Callable[[Any], bytes]:
-    fmt = order + {1: "B", 2: "H", 4: "I"}[size]
-
-    def encode(value: Any) -> bytes:
-        number = names.get(value) if isinstance(value, str) else value
-        if not isinstance(number, int) or isinstance(number, bool):
-            raise EncodeError(f"value {value!r} is not one this field takes")
-        try:
-            return struct.pack(fmt, number)
-        except struct.error:
-            raise EncodeError(f"value {value!r} does not fit the field") from None
-
-    return encode
-
-
-def address(version: int) -> Callable[[Any], bytes]:
-    def encode(value: Any) -> bytes:
-        try:
-            return (ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address)(value).packed
-        except ValueError:
-            raise EncodeError(f"{value!r} is not an IPv{version} address") from None
-
-    return encode
 
 
 @dataclass(frozen=True)
@@ -132,7 +98,7 @@ class Field:
 
 def _meta(key: int, size: int, dtype: int, names: dict[str, int], order: int = HOST) -> Field:
     typeof = udata(0, struct.pack("=I", EXPR_META)) + udata(1, udata(0, struct.pack("=I", key)))
-    encode = _named(size, names, "!" if order == BIG else "=")
+    encode = named(size, names, "!" if order == BIG else "=")
     return Field(("meta", key, 0), size, dtype, order, typeof, encode)
 
 
@@ -143,7 +109,7 @@ def _payload(proto: tuple[int, int], where: tuple[int, int, int], dtype: int, **
         inner += udata(4, struct.pack("=I", 8 * size))
     typeof = udata(0, struct.pack("=I", EXPR_PAYLOAD)) + udata(1, inner)
     version = kw.pop("version", 0)
-    encode = address(version) if version else _named(size, kw.pop("names", {}))
+    encode = address(version) if version else named(size, kw.pop("names", {}))
     return Field(("payload", base, offset), size, dtype, BIG, typeof, encode, version=version, **kw)
 
 
@@ -171,58 +137,6 @@ PAYLOAD = {
 }
 
 
-def address_range(value: Any, version: int) -> tuple[int, int]:
-    """An address, {"prefix": {"addr", "len"}} or {"range": [low, high]} as the first and last address."""
-    cls = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
-    try:
-        if isinstance(value, str) and "/" not in value:  # libnftables JSON writes a prefix as "prefix"
-            return int(cls(value).network_address), int(cls(value).network_address)
-        if isinstance(value, dict) and set(value) == {"prefix"} and set(value["prefix"]) == {"addr", "len"}:
-            net = cls(f"{value['prefix']['addr']}/{value['prefix']['len']}")
-            return int(net.network_address), int(net.broadcast_address)
-        if isinstance(value, dict) and set(value) == {"range"} and len(value["range"]) == 2:
-            low, high = (int(cls(v).network_address) for v in value["range"])
-            if low <= high:
-                return low, high
-    except (TypeError, ValueError):
-        pass
-    raise EncodeError(f"{value!r} is not an IPv{version} address, prefix or range")
-
-
-def element(key: bytes, flags: int = 0, timeout_ms: int | None = None, open_end: bool = False) -> bytes:
-    body = u32(NFTA_SET_ELEM_FLAGS, flags) if flags else b""
-    if timeout_ms is not None:
-        body += attr(NFTA_SET_ELEM_TIMEOUT, struct.pack("!Q", timeout_ms))
-    body += data_value(NFTA_SET_ELEM_KEY, key)
-    if open_end:  # a range up to the last address has no end element: libnftables marks it open
-        body += attr(NFTA_SET_ELEM_USERDATA, udata(UDATA_ELEM_FLAGS, struct.pack("=I", ELEM_F_INTERVAL_OPEN)))
-    return nested(NFTA_LIST_ELEM, body)
-
-
-def interval_elements(
-    ranges: list[tuple[int, int]], size: int, merge: bool, first_zero: bool
-) -> tuple[list[bytes], int]:
-    """Ranges as libnftables sends them to an empty interval set: sorted, each a start and an end one past
-    its last value (flagged INTERVAL_END), after an end element at 0 if first_zero and the first starts
-    above 0. merge (anonymous sets): overlapping and adjacent ranges become one; else overlaps are refused.
-    With the number of elements libnftables declares (an open range's missing end counts)."""
-    merged: list[tuple[int, int]] = []
-    for low, high in sorted(ranges):
-        if merged and low <= merged[-1][1] + (1 if merge else 0):
-            if not merge:
-                raise EncodeError("overlapping intervals in one set")
-            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
-        else:
-            merged.append((low, high))
-    top = (1 << (8 * size)) - 1
-    out = [element(bytes(size), NFT_SET_ELEM_INTERVAL_END)] if merged and merged[0][0] and first_zero else []
-    for low, high in merged:
-        out.append(element(low.to_bytes(size, "big"), open_end=high == top))
-        if high != top:
-            out.append(element((high + 1).to_bytes(size, "big"), NFT_SET_ELEM_INTERVAL_END))
-    return out, len(out) + (merged[-1][1] == top if merged else 0)
-
-
 @dataclass(frozen=True)
 class AnonSet:
     """An anonymous constant set a rule looks up: sent (NEWSET, NEWSETELEM) right before its rule."""
@@ -233,27 +147,27 @@ class AnonSet:
     values: list[Any]  # as the rule gives them: keys, or addresses, prefixes and ranges (NFT_SET_INTERVAL)
 
 
-def _load(f: Field, size: int | None = None) -> bytes:
+def load(f: Field, size: int | None = None) -> bytes:
     kind, key, offset = f.load
-    if kind == "meta":
-        return expression("meta", u32(2, key), u32(1, NFT_REG_1))  # NFTA_META_KEY, NFTA_META_DREG
+    if kind in ("meta", "ct"):  # NFTA_META_KEY, NFTA_META_DREG (NFTA_CT_KEY, NFTA_CT_DREG: the same)
+        return expression(kind, u32(2, key), u32(1, NFT_REG_1))
     # NFTA_PAYLOAD_DREG, _BASE, _OFFSET, _LEN
     return expression("payload", u32(1, NFT_REG_1), u32(2, key), u32(3, offset), u32(4, size or f.size))
 
 
-def _cmp(op: str, value: bytes) -> bytes:
+def cmp(op: str, value: bytes) -> bytes:
     code = NFT_CMP_EQ if op == "==" else NFT_CMP_NEQ  # NFTA_CMP_SREG, _OP, _DATA
     return expression("cmp", u32(1, NFT_REG_1), u32(2, code), data_value(3, value))
 
 
-def _bitwise(mask: bytes, xor: bytes, boolean_op: bool = True) -> bytes:
+def bitwise(mask: bytes, xor: bytes, boolean_op: bool = True) -> bytes:
     """reg 1 = (reg 1 & mask) ^ xor. libnftables names the operation for `&`/`|` and not for a prefix."""
     op = u32(6, 0) if boolean_op else b""  # NFTA_BITWISE_OP: NFT_BITWISE_BOOL
     regs = u32(1, NFT_REG_1) + u32(2, NFT_REG_1) + op + u32(3, len(mask))
     return expression("bitwise", regs, data_value(4, mask), data_value(5, xor))
 
 
-def _verdict(kind: str, chain: str | None = None) -> bytes:
+def verdict(kind: str, chain: str | None = None) -> bytes:
     return expression("immediate", u32(1, NFT_REG_VERDICT), verdict_data(2, VERDICTS[kind], chain))
 
 
@@ -261,7 +175,10 @@ class RuleEncoder:
     """One rule's statements as expressions (`exprs`), and the anonymous sets they need (`anon`).
 
     set_id(name): the set id of a named set made earlier in the same batch (None: one already there);
-    new_set_id(): a fresh id for an anonymous set."""
+    new_set_id(): a fresh id for an anonymous set. For family netdev; nfnl_inet.InetRuleEncoder: inet."""
+
+    FIELDS: dict[tuple[str, str], Field] = {("meta", k): f for k, f in META.items()}  # meta and ct keys
+    NETWORK = META["protocol"]  # what an ip or ip6 header field depends on
 
     def __init__(self, set_id: Callable[[str], int | None], new_set_id: Callable[[], int]) -> None:
         self.exprs: list[bytes] = []
@@ -274,9 +191,9 @@ class RuleEncoder:
     def statement(self, stmt: Any) -> None:
         ((kind, arg),) = stmt.items() if isinstance(stmt, dict) and len(stmt) == 1 else ((None, None),)
         if kind in ("accept", "drop", "continue", "return") and arg is None:
-            self.exprs.append(_verdict(kind))
+            self.exprs.append(verdict(kind))
         elif kind in ("jump", "goto") and isinstance(arg, dict) and [*arg] == ["target"]:
-            self.exprs.append(_verdict(kind, arg["target"]))
+            self.exprs.append(verdict(kind, arg["target"]))
         elif kind == "match" and isinstance(arg, dict) and set(arg) == {"op", "left", "right"}:
             self._match(arg["op"], arg["left"], arg["right"])
         elif kind == "counter" and isinstance(arg, str):  # a named counter: objref
@@ -295,8 +212,9 @@ class RuleEncoder:
             f, mask = self._field(arg[0])
             if mask is None and not f.version:
                 return f, arg[1]
-        elif kind == "meta" and isinstance(arg, dict) and set(arg) == {"key"} and arg["key"] in META:
-            return META[arg["key"]], None
+        elif kind in ("meta", "ct") and isinstance(arg, dict) and [*arg] == ["key"]:
+            if (kind, arg["key"]) in self.FIELDS:
+                return self.FIELDS[kind, arg["key"]], None
         elif kind == "payload" and isinstance(arg, dict) and set(arg) == {"protocol", "field"}:
             found = PAYLOAD.get((arg["protocol"], arg["field"]))
             if found is not None:
@@ -308,12 +226,12 @@ class RuleEncoder:
         if f.network and self._network != f.network:
             if self._network is not None:
                 raise EncodeError(f"conflicting protocols in one rule: {self._network} and {f.network}")
-            self.exprs += [_load(META["protocol"]), _cmp("==", META["protocol"].encode(f.network))]
+            self.exprs += [load(self.NETWORK), cmp("==", self.NETWORK.encode(f.network))]
             self._network = f.network
         if f.l4 is not None and self._l4 != f.l4:
             if self._l4 is not None:
                 raise EncodeError("conflicting transport protocols in one rule")
-            self.exprs += [_load(META["l4proto"]), _cmp("==", bytes((f.l4,)))]
+            self.exprs += [load(META["l4proto"]), cmp("==", bytes((f.l4,)))]
             self._l4 = f.l4
 
     def _match(self, op: Any, left: Any, right: Any) -> None:
@@ -323,21 +241,21 @@ class RuleEncoder:
         self._depend(f)
         if isinstance(right, dict) and set(right) == {"prefix"} and mask is None:
             return self._prefix(f, op, right)
-        self.exprs.append(_load(f))
+        self.exprs.append(load(f))
         if mask is not None:
-            self.exprs.append(_bitwise(f.encode(mask), bytes(f.size)))
+            self.exprs.append(bitwise(f.encode(mask), bytes(f.size)))
         if isinstance(right, str) and right.startswith("@"):
             self._lookup(op, right[1:], self._set_id(right[1:]))
         elif isinstance(right, dict) and set(right) == {"set"} and isinstance(right["set"], list):
             anon = self._anonymous(f, right["set"])
             self._lookup(op, "__set%d", anon.set_id)
         else:
-            self.exprs.append(_cmp(op, f.encode(right)))
+            self.exprs.append(cmp(op, f.encode(right)))
         # What an explicit match requires stands in for the dependency; a set of protocols leaves a
         # transport header ambiguous (libnftables refuses `meta l4proto {tcp, udp} tcp dport 53` too).
         single = op == "==" and mask is None and isinstance(right, (int, str)) and str(right)[:1] != "@"
-        if f is META["protocol"] and single:
-            self._network = next((k for k, v in ETHERTYPES.items() if f.encode(v) == f.encode(right)), "?")
+        if f is self.NETWORK and single:
+            self._network = next((k for k in ("ip", "ip6") if f.encode(k) == f.encode(right)), "?")
         elif f is META["l4proto"]:
             self._l4 = f.encode(right)[0] if single else -1
 
@@ -350,10 +268,10 @@ class RuleEncoder:
         if not bits:
             raise EncodeError(f"a prefix of length 0 matches everything: {right!r}")
         if bits % 8 == 0:  # only the prefix's bytes are loaded and compared
-            self.exprs += [_load(f, bits // 8), _cmp(op, key[: bits // 8])]
+            self.exprs += [load(f, bits // 8), cmp(op, key[: bits // 8])]
         else:
             mask = (((1 << (8 * f.size)) - 1) ^ (high - low)).to_bytes(f.size, "big")
-            self.exprs += [_load(f), _bitwise(mask, bytes(f.size), False), _cmp(op, key)]
+            self.exprs += [load(f), bitwise(mask, bytes(f.size), False), cmp(op, key)]
 
     def _lookup(self, op: str, name: str, set_id: int | None) -> None:
         body = u32(2, NFT_REG_1) + strz(1, name)  # NFTA_LOOKUP_SREG, NFTA_LOOKUP_SET
@@ -386,7 +304,7 @@ class RuleEncoder:
                 raise EncodeError(f"unsupported mark value {value!r}")
             bits, ones = args[1] & 0xFFFFFFFF, 0xFFFFFFFF
             mask, xor = {"|": (ones ^ bits, bits), "&": (bits, 0), "^": (ones, bits)}[op]
-            self.exprs += [_load(mark), _bitwise(mark.encode(mask), mark.encode(xor))]
+            self.exprs += [load(mark), bitwise(mark.encode(mask), mark.encode(xor))]
         else:
             raise EncodeError(f"unsupported mark value {value!r}")
         self.exprs.append(expression("meta", u32(2, NFT_META_MARK), u32(3, NFT_REG_1)))  # KEY, SREG

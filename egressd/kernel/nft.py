@@ -1,23 +1,36 @@
-"""The real backend: libnftables, in the sandbox's namespace. Each change is a transaction (see
-ruleset/transactions.py for which ones, kernel/writer.py for the algorithm that runs them); the old table and
-the new one are swapped so that there is no instant in which neither policy is in force.
+"""The real backend, in the sandbox's namespace. Each change is a transaction (see ruleset/transactions.py
+for which ones, kernel/writer.py for the algorithm that runs them); the old table and the new one are swapped
+so that there is no instant in which neither policy is in force.
+
+Writes go over raw netlink (nfnl_sandbox.py: a socket kept per namespace, no process-wide lock), reads
+through libnftables. A write the encoder does not know is logged (once per kind) and goes through
+libnftables, as every write does with raw=False.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+from egressd.common.logs import log
 from egressd.kernel.backend import ApplyError, listing_of
-from egressd.kernel.netns import ContextCache, libc_setns
-from egressd.kernel.nfnl import NetlinkError, read_chain_comments
+from egressd.kernel.netns import ContextCache, NetnsError, NsId, libc_setns
+from egressd.kernel.nfnl import NetlinkError, read_chain_comments, read_table_present
 from egressd.kernel.nfnl_elements import ElementSocket
+from egressd.kernel.nfnl_encode import EncodeError
+from egressd.kernel.nfnl_sandbox import RAW_SOCKETS, SandboxSockets
 from egressd.kernel.writer import TableWriter
 from egressd.ruleset.dnsrules import LEARNED_SETS
 from egressd.ruleset.exprs import FAMILY, TABLE, Json
 from egressd.ruleset.render import FINGERPRINT_CHAIN, Ruleset
 from egressd.ruleset.transactions import Elements, fingerprint_of, learn_commands, learned_elements
+
+RAW_WRITES = True  # LibnftBackend's default (benchmarks set it False to measure libnftables writes)
+FALLBACK_KINDS = 64  # kinds of fallback logged at most, each once
 
 
 def _make_nft() -> Any:
@@ -30,28 +43,72 @@ def _make_nft() -> Any:
 
 
 class LibnftBackend:
-    """libnftables contexts cached per namespace: one netlink transaction per change, no process spawned."""
+    """One netlink transaction per change, no process spawned: over a raw netlink socket kept per namespace
+    (raw=True; None: RAW_WRITES), else through a libnftables context cached per namespace, which reads
+    use either way."""
 
-    def __init__(self, context_limit: int = 256) -> None:
+    def __init__(
+        self, context_limit: int = 256, raw: bool | None = None, raw_sockets: int = RAW_SOCKETS
+    ) -> None:
         self._nft_lock = threading.Lock()
         self._cache = ContextCache(_make_nft, limit=context_limit, free_lock=self._nft_lock)
         self._home_nft: Any = None  # for the host-side table, in the namespace egressd runs in
         self._setns = libc_setns()
-        self._writer = TableWriter(self, ident=self._cache.ident)
+        raw = RAW_WRITES if raw is None else raw
+        self._sockets = SandboxSockets(raw_sockets) if raw else None
+        self._fallbacks: set[str] = set()  # kinds of fallback to libnftables already logged
+        self._writer = TableWriter(self, ident=self._ident)
+
+    def _ident(self, netns: str) -> NsId | None:
+        """The namespace the last write there went to (a kept socket's, or a context's)."""
+        raw = self._sockets.ident(netns) if self._sockets is not None else None
+        return raw or self._cache.ident(netns)
 
     def _cmd(self, netns: str, cmd: Json) -> tuple[int, Any, str]:
         # One libnftables call at a time in the whole process: 1.0.6 uses strtok() when it prints set types
         # as JSON, and concurrent listings abort the process or return wrong types. The GIL serialises the
         # Python side anyway; the netlink round trips are short.
-        with self._nft_lock:
+        with self._nft_lock, self._letting_go(netns, context=False):  # get() drops a context of a gone path
             nft, _ = self._cache.get(netns)
             return nft.json_cmd(cmd)
 
+    @contextlib.contextmanager
+    def _letting_go(self, netns: str, context: bool = True) -> Iterator[None]:
+        """A path found unusable (a namespace deleted): its kept socket goes at once, and its libnftables
+        context (context=True; not when the lock is held), or either would keep the namespace alive until
+        the next call there through it."""
+        try:
+            yield
+        except NetnsError:
+            if self._sockets is not None:
+                self._sockets.drop(netns)
+            if context:
+                with self._nft_lock:
+                    self._cache.drop(netns)
+            raise
+
     def run(self, netns: str, commands: list[Json], what: str) -> None:
-        """One transaction in netns (the TableWriter's Runner)."""
+        """One transaction in netns (the TableWriter's Runner): over raw netlink, else (raw=False, a command
+        the encoder does not know, no socket to be had) through libnftables. Raises ApplyError (nothing of
+        it applied) or NetnsError."""
+        if self._sockets is not None:
+            try:
+                self._sockets.run(netns, commands, what)
+                return
+            except EncodeError as e:
+                self._fall_back("sandbox_batch_unencodable", str(e))
+            except OSError as e:  # no socket could be made in the namespace: libnftables may still write
+                self._fall_back("sandbox_socket_failed", str(e))
         rc, _, err = self._cmd(netns, {"nftables": commands})
         if rc != 0:
             raise ApplyError(f"nftables refused the {what} for {netns}: {err.strip()}")
+
+    def _fall_back(self, event: str, error: str) -> None:
+        """Logged once per kind: the command and what was not understood, without the values."""
+        kind = event + " " + re.split(r"[{\['\d]", re.sub(r"^command \d+ ", "", error), maxsplit=1)[0]
+        if kind not in self._fallbacks and len(self._fallbacks) < FALLBACK_KINDS:
+            self._fallbacks.add(kind)
+            log(logging.ERROR, event, error=error, detail="written with libnftables (logged once)")
 
     def apply(
         self,
@@ -66,8 +123,8 @@ class LibnftBackend:
         self._writer.update_elements(netns, add, delete, variant)
 
     def learn(self, netns: str, timeouts: dict[str, int], replace: bool = False) -> None:
-        """With libnftables; the DNS proxy writes an answer's addresses over its own netlink socket
-        (kernel/nfnl_elements.py) and comes here for a replacement."""
+        """Through run() (raw netlink, else libnftables); the DNS proxy writes an answer's addresses over
+        its own netlink socket (kernel/nfnl_elements.py) and comes here for a replacement."""
         self.run(netns, learn_commands(timeouts, replace=replace), "learned addresses")
 
     def _list(self, netns: str, what: Json) -> list[Json] | None:
@@ -84,13 +141,24 @@ class LibnftBackend:
         return out
 
     def read(self, netns: str) -> list[Json] | None:
+        """The table as libnftables lists it. A new sandbox has none: with raw writes that is first asked
+        over a socket made for the one question (about 0.1 ms), not with a libnftables context made for it
+        (0.4 ms, and the lock). A table made right after is handled by the replace a None leads to."""
+        if self._sockets is not None:
+            try:
+                with self._letting_go(netns):
+                    if not read_table_present(netns, TABLE, self._setns):
+                        return None
+            except NetlinkError:
+                pass  # the listing says
         return self._list(netns, {"table": {"family": FAMILY, "name": TABLE}})
 
     def set_elements(self, netns: str, names: Iterable[str]) -> dict[str, frozenset[str]] | None:
         """Over a transient raw netlink socket (nfnl_elements.py): no context, no lock, no full listing;
         closing it is quick, as it commits nothing. Raises NetnsError."""
         try:
-            sock = ElementSocket.open(netns, self._setns)
+            with self._letting_go(netns):
+                sock = ElementSocket.open(netns, self._setns)
         except OSError:
             return None
         try:
@@ -105,7 +173,8 @@ class LibnftBackend:
         """Read over a transient raw netlink socket (nfnl.py): no context to make and no lock to wait for,
         which is most of what a restart costs. libnftables is the fallback if that read fails."""
         try:
-            comments = read_chain_comments(netns, TABLE, FINGERPRINT_CHAIN, self._setns)
+            with self._letting_go(netns):
+                comments = read_chain_comments(netns, TABLE, FINGERPRINT_CHAIN, self._setns)
         except NetlinkError:
             chain = {"chain": {"family": FAMILY, "table": TABLE, "name": FINGERPRINT_CHAIN}}
             listing = self._list(netns, chain)
@@ -119,6 +188,14 @@ class LibnftBackend:
         return counter_of(listing, name)
 
     def remove(self, netns: str) -> bool:
+        if self._sockets is not None:
+            try:
+                self.run(netns, [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}], "deletion")
+            except ApplyError as e:
+                if "No such file or directory" in str(e):
+                    return False
+                raise ApplyError(f"cannot delete egressd's table in {netns}: {e}") from None
+            return True
         rc, _, err = self._cmd(
             netns, {"nftables": [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]}
         )
@@ -130,6 +207,8 @@ class LibnftBackend:
 
     def forget(self, netns: str) -> None:
         self._writer.forget(netns)
+        if self._sockets is not None:
+            self._sockets.drop(netns)
         with self._nft_lock:
             self._cache.drop(netns)
 
@@ -141,6 +220,8 @@ class LibnftBackend:
             return self._home_nft.json_cmd(cmd)
 
     def close(self) -> None:
+        if self._sockets is not None:
+            self._sockets.close()
         with self._nft_lock:  # freeing contexts is a libnftables call too
             self._cache.close()
             self._home_nft = None

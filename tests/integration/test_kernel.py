@@ -223,10 +223,11 @@ def test_paths_that_are_not_sandbox_namespaces_are_refused(tmp_path, kind, says,
 
 
 def test_a_path_that_now_names_another_namespace_gets_a_fresh_context(world):
-    """Delete a namespace and make a new one at the same path: the cached context must not be reused."""
+    """Delete a namespace and make a new one at the same path: the cached context must not be reused (the
+    raw writer's sockets: test_nfnl_sandbox.py)."""
     name = f"{world.prefix}re"
     path = f"/run/netns/{name}"
-    backend = LibnftBackend()
+    backend = LibnftBackend(raw=False)
     try:
         subprocess.run(["ip", "netns", "add", name], check=True)
         first = os.stat(path).st_ino
@@ -249,15 +250,17 @@ def test_a_path_that_now_names_another_namespace_gets_a_fresh_context(world):
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_fds(high: bool = False) -> int:
+    """Open descriptors below 1024 (libnftables' own), or at 1024 and above (high=True)."""
+    return sum((int(fd) >= 1024) == high for fd in os.listdir("/proc/self/fd"))
 
 
 def test_contexts_are_bounded_and_hold_no_namespace_descriptor(world):
-    """libnftables 1.0.6 aborts the process on a socket descriptor >= 1024: descriptors must stay few."""
+    """libnftables 1.0.6 aborts the process on a socket descriptor >= 1024: descriptors must stay few.
+    The raw writers' sockets are bounded too, and kept above 1024."""
     names = [f"{world.prefix}c{i}" for i in range(6)]
-    backend = LibnftBackend(context_limit=3)
-    before = _open_fds()
+    backend = LibnftBackend(context_limit=3, raw_sockets=2)
+    before, before_high = _open_fds(), _open_fds(high=True)
     try:
         for n in names:
             subprocess.run(["ip", "netns", "add", n], check=True)
@@ -267,6 +270,7 @@ def test_contexts_are_bounded_and_hold_no_namespace_descriptor(world):
         assert len(backend._cache) == 3
         time.sleep(2 * CLOSE_GRACE_S)  # contexts let go of are freed after the kernel's grace period
         assert _open_fds() - before <= 3  # one netlink socket per cached context, nothing per namespace
+        assert _open_fds(high=True) - before_high == 2  # one per kept raw socket
         assert all(backend.fingerprint(f"/run/netns/{n}") is not None for n in names)
     finally:
         backend.close()
@@ -438,3 +442,20 @@ def test_a_table_an_older_egressd_wrote_gains_the_interception_chains_on_its_nex
     dns_out = nft_json(sb.name, "list", "chain", "inet", "egressd", "dns_out")
     assert [r["rule"]["expr"][-1] for r in dns_out if "rule" in r] == [{"redirect": {"port": 153}}]
     backend.remove(sb.netns_path)
+
+
+def test_a_namespace_without_the_table_is_read_without_a_libnftables_context(world):
+    """A new sandbox's first read finds no table over a socket made for that one question: no context made
+    (0.4 ms and the lock), and the listing once the table is there."""
+    sb = world.sandboxes[0]
+    backend = LibnftBackend(raw=True)
+    try:
+        assert backend.read(sb.netns_path) is None
+        assert len(backend._cache) == 0  # no libnftables context was made for it
+        backend.apply(sb.netns_path, ruleset(allow_out=["192.0.2.1"]))
+        listing = backend.read(sb.netns_path)
+        assert listing is not None and any("table" in i for i in listing)
+        assert len(backend._cache) == 1  # the listing itself is libnftables'
+    finally:
+        backend.remove(sb.netns_path)
+        backend.close()

@@ -81,11 +81,21 @@ def monitor_info(a):
     return a.agent_status()["monitor"]
 
 
-def high_sockets(pid):
+def high_sockets(pid, world=None):
+    """The descriptors at FD_BASE and above that are sockets; with world, only those that hear nftables
+    events in one of its sandboxes: the change monitor's (the raw writer keeps a socket per namespace up
+    there too, which listens to no group)."""
+    listening = set()
+    for sb in world.sandboxes if world is not None else ():
+        for line in world.exec(sb.name, ["cat", "/proc/net/netlink"]).stdout.splitlines()[1:]:
+            f = line.split()  # sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
+            if len(f) >= 10 and f[1] == "12" and int(f[3], 16):
+                listening.add(f"socket:[{f[-1]}]")
     out = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(FileNotFoundError):
-            if int(fd) >= FD_BASE and os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if int(fd) >= FD_BASE and link.startswith("socket:") and (world is None or link in listening):
                 out.append(int(fd))
     return out
 
@@ -186,7 +196,7 @@ def test_with_watch_changes_off_only_the_resync_repairs(world, agent):
     a = agent(resync_interval=HOUR, extra_config="watch_changes = false\n").start()
     a.upsert("s0", sb.netns_path, 1, allow_internet_access=False)
     assert a.wait("s0", 1)
-    assert monitor_info(a) is None and high_sockets(a.proc.pid) == []
+    assert monitor_info(a) is None and high_sockets(a.proc.pid, world) == []
     tenant_nft(world, sb.name, "delete", "table", "inet", "egressd")
     time.sleep(2.0)
     assert not has_table(sb.name) and open_to(sb.name, OK4)
@@ -200,9 +210,9 @@ def test_monitor_sockets_sit_above_the_low_descriptors_and_go_with_their_sandbox
     a.upsert("s0", s0.netns_path, 1, allow_internet_access=False)
     a.upsert("s1", s1.netns_path, 1, allow_internet_access=False)
     assert a.wait("s0", 1) and a.wait("s1", 1)
-    assert eventually(lambda: len(high_sockets(a.proc.pid)) == 2 and monitor_info(a)["watched"] == 2)
+    assert eventually(lambda: len(high_sockets(a.proc.pid, world)) == 2 and monitor_info(a)["watched"] == 2)
     a.send({"type": "delete", "id": "s0"})
-    assert eventually(lambda: len(high_sockets(a.proc.pid)) == 1 and monitor_info(a)["watched"] == 1)
+    assert eventually(lambda: len(high_sockets(a.proc.pid, world)) == 1 and monitor_info(a)["watched"] == 1)
     written = as_written(nft_table(s1.name))
     tenant_nft(world, s1.name, "delete", "table", "inet", "egressd")
     a.wait_log("repaired", sandbox="s1", timeout=REPAIR_BOUND_S)
