@@ -276,6 +276,8 @@ class Phase:
 
 
 def high_fds(pid: int) -> int:
+    """Descriptors at FD_BASE and above: the change monitor's sockets, and the raw writer's (one per namespace
+    written lately)."""
     n = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         if int(fd) >= FD_BASE:

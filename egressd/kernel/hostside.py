@@ -45,6 +45,7 @@ from egressd.kernel.nfnl import NFPROTO_NETDEV, NetlinkError, read_chain_comment
 from egressd.kernel.nfnl_batch import BatchSocket, EncodeError
 from egressd.kernel.nfnl_elements import ElementSocket
 from egressd.kernel.nfnl_listing import ListingSocket
+from egressd.kernel.nfnl_sandbox import PLAIN_SETS
 from egressd.kernel.writer import TableWriter
 from egressd.model.config import Config
 from egressd.ruleset.dnsrules import LEARNED_SETS
@@ -61,14 +62,6 @@ INGRESS_PRIORITY = -500
 # destination is judged, not one a port forward rewrote it to.
 GUARD_PRIORITY = -150
 NEUTRAL_TABLE = "egressd_host_side"  # what listings call every host-side table, so digests compare
-# The sets element commands name without declaring them in the same batch, and their types: nfnl_batch
-# reads nothing from the kernel (what libnftables learns from its cache), and these are all plain sets.
-PLAIN_SETS = {
-    f"{p}{v}_{variant}": "ipv4_addr" if v == "4" else "ipv6_addr"
-    for p in ("allow_dns", "deny_dns")
-    for v in "46"
-    for variant in "ab"
-} | dict(zip(LEARNED_SETS, ("ipv4_addr", "ipv6_addr"), strict=True))
 
 
 class HostCmd(Protocol):

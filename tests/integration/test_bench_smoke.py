@@ -75,8 +75,10 @@ def test_tamper_benchmark_smoke(tmp_path):
     phases = {p["mode"]: p for p in results["phases"]}
     for p in phases.values():  # every tamper repaired, and the repair checked in the kernel, both ways
         assert p["error"] is None and p["verified"] == len(p["tampers"]) > 0
-    assert phases["monitor"]["high_fds"] == phases["monitor"]["monitor"]["watched"] > 0
-    assert phases["resync"]["high_fds"] == 0 and phases["resync"]["monitor"] is None
+    # High descriptors: one per watched sandbox, and the raw writer's sockets (test_monitor.py tells the
+    # monitor's apart, by the nftables events they listen to).
+    assert phases["monitor"]["high_fds"] >= phases["monitor"]["monitor"]["watched"] > 0
+    assert phases["resync"]["monitor"] is None
 
 
 def test_hostside_benchmark_smoke(tmp_path):

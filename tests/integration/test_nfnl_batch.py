@@ -87,8 +87,9 @@ def namespaces():
             sh("ip", "netns", "delete", ns, check=False)
 
 
-def listing(ns: str, table: str = TARGET.table) -> list[dict] | None:
-    out = sh("ip", "netns", "exec", ns, "nft", "-j", "list", "table", "netdev", table, check=False)
+def listing(ns: str, table: str = TARGET.table, family: str = "netdev") -> list[dict] | None:
+    """A table as nft lists it, without what differs between two writes of it (handles, expiries)."""
+    out = sh("ip", "netns", "exec", ns, "nft", "-j", "list", "table", family, table, check=False)
     if out.returncode:
         assert "No such file or directory" in out.stderr, out.stderr
         return None

@@ -34,6 +34,7 @@ from egressd.ruleset.transactions import (
     replace_table,
 )
 from tests.integration.test_nfnl_batch import VERSION, sh, strace_batch
+from tests.integration.test_nfnl_batch import listing as batch_listing
 from tests.integration.test_nfnl_batch import messages as batch_messages
 from tests.unit.test_render import CASES
 
@@ -70,18 +71,7 @@ DROP = config_from_dict({"enforce": {"deny_action": "drop", "uplink": "veth9"}})
 
 
 def listing(ns: str) -> list[dict] | None:
-    out = sh("ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "egressd", check=False)
-    if out.returncode:
-        assert "No such file or directory" in out.stderr, out.stderr
-        return None
-    items = [i for i in json.loads(out.stdout)["nftables"] if "metainfo" not in i]
-    for item in items:
-        for obj in item.values():
-            obj.pop("handle", None)
-            for e in obj.get("elem", ()) if isinstance(obj.get("elem"), list) else ():
-                if isinstance(e, dict) and isinstance(e.get("elem"), dict):
-                    e["elem"].pop("expires", None)  # a countdown: differs by the time between the writes
-    return items
+    return batch_listing(ns, "egressd", "inet")
 
 
 def messages(batch: bytes) -> list:
