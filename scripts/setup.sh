@@ -13,6 +13,7 @@ APT_PACKAGES=(
     nats-server openssl  # tests/integration/test_fleet.py: a real JetStream server, and TLS certificates
     procps  # sysctl (the demo's and the tests' worlds), pgrep
     make  # `make deb`, which tests/integration/test_deb.py runs
+    strace  # tests/integration/test_nfnl_{batch,sandbox}.py: libnftables' own batches, byte for byte
 )
 
 if [ "$(id -u)" != 0 ]; then
