@@ -58,8 +58,7 @@ class ControlApi:
         if not isinstance(timeout, int | float) or not 0 <= timeout <= 3600:
             return {"error": '"timeout" must be a number of seconds between 0 and 3600'}
         ok = await self._reconciler.wait_enforced(sid, revision, float(timeout))
-        row = next((r for r in self._reconciler.report() if r["id"] == sid), None)
-        return {"ok": ok, "sandbox": row}
+        return {"ok": ok, "sandbox": next(iter(self._reconciler.report(sid)), None)}
 
     def dns_info(self) -> dict[str, Any]:
         return {

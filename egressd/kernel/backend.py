@@ -54,6 +54,11 @@ class Backend(Protocol):
     def read(self, netns: str) -> list[Json] | None:
         """egressd's table in netns as a libnftables listing, or None when there is none."""
 
+    def read_marked(self, netns: str) -> tuple[list[Json] | None, int | None]:
+        """read(), and with no table there the namespace's nftables ruleset generation read before it was
+        found missing, when the backend can tell (None otherwise): once the table is written, a generation
+        one higher proves that no one else committed anything there meanwhile."""
+
     def fingerprint(self, netns: str) -> str | None:
         """The fingerprint the table in netns carries, or None when there is no table."""
 

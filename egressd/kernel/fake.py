@@ -295,6 +295,9 @@ class FakeBackend:
         listing = self.kernel.listing(netns)
         return neutral_listing(listing) if listing is not None and self.host_side else listing
 
+    def read_marked(self, netns: str) -> tuple[list[Json] | None, int | None]:
+        return self.read(netns), None  # no generation: a change monitor (real kernels only) checks anyway
+
     def set_elements(self, netns: str, names: Iterable[str]) -> dict[str, frozenset[str]] | None:
         self._check(netns, "read")
         wanted = set(names)

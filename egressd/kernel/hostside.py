@@ -255,6 +255,9 @@ class HostBackend:
             return None
         return {name: frozenset(left) for name, left in got.items()}
 
+    def read_marked(self, where: str) -> tuple[list[Json] | None, int | None]:
+        return self.read(where), None  # host-side tables have no change monitor to spare a check
+
     def read(self, where: str) -> list[Json] | None:
         """The table, listed over raw netlink (nfnl_listing.py; with raw=False, through libnftables), with
         its name made neutral. A raw read that fails is an ApplyError, never a libnftables listing instead:

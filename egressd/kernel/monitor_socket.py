@@ -16,7 +16,7 @@ from collections.abc import Callable
 from egressd.common.fds import FD_BASE, move_high
 from egressd.common.logs import log
 from egressd.kernel.netns import NsId, in_netns
-from egressd.kernel.nfnl import NETLINK_NETFILTER
+from egressd.kernel.nfnl import NETLINK_NETFILTER, TIMEOUT_S, NetlinkError, ruleset_generation
 
 # Netlink constants, checked against linux/netlink.h and linux/netfilter/nfnetlink.h (and against this
 # kernel: see tests/integration/test_monitor.py).
@@ -27,6 +27,7 @@ NFNLGRP_NFTABLES = 7
 
 FD_HEADROOM = 64  # high descriptors left unused, for whatever else needs one once the low ones run out
 RCVBUF = 1 << 20  # per socket; memory is used only while events wait to be read
+GENERATION_SEQ = 0x6567  # the one request a monitor socket sends; events carry their committers' numbers
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -79,7 +80,33 @@ def open_monitor_socket(
     path goes through the same checks as every namespace egressd touches (open_netns: a network namespace,
     never the agent's own). Raises NetnsError, or OSError (EMFILE, EINVAL: no high descriptor is free).
     """
-    low, ident = in_netns(path, lambda: _subscribed_socket(rcvbuf), setns)
+    sock, ident, _ = open_watch(path, fd_base, rcvbuf, setns)
+    return sock, ident
+
+
+def _generation(sock: socket.socket) -> int | None:
+    """The namespace's ruleset generation, asked on the socket that already hears its events (a second
+    socket, closed right after egressd's write there, would wait out an RCU grace period). Events read
+    before the reply are dropped: the generation, read after them, counts their commits. None when it
+    cannot be read (the monitor then checks the table, as without it)."""
+    sock.settimeout(TIMEOUT_S)
+    try:
+        return ruleset_generation(sock, GENERATION_SEQ, strict=False)
+    except (OSError, NetlinkError):
+        return None
+
+
+def open_watch(
+    path: str, fd_base: int = FD_BASE, rcvbuf: int = RCVBUF, setns: Callable[[int, int], int] | None = None
+) -> tuple[socket.socket, NsId, int | None]:
+    """open_monitor_socket(), and the namespace's ruleset generation read once the socket listens: every
+    commit after it is heard, every commit before it is counted in it."""
+
+    def subscribed() -> tuple[socket.socket, int | None]:
+        sock = _subscribed_socket(rcvbuf)
+        return sock, _generation(sock)
+
+    (low, generation), ident = in_netns(path, subscribed, setns)
     sock = move_high(low, fd_base)
     sock.setblocking(False)
-    return sock, ident
+    return sock, ident, generation

@@ -42,6 +42,8 @@ NLA_F_NESTED = 0x8000
 NFNETLINK_V0 = 0
 NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE = 0, 1
 NFT_MSG_NEWRULE = 6
+NFT_MSG_NEWGEN, NFT_MSG_GETGEN = 15, 16
+NFTA_GEN_ID = 1
 NFT_MSG_GETRULE = 7
 NFTA_RULE_TABLE = NFTA_TABLE_NAME = 1
 NFTA_RULE_CHAIN = 2
@@ -144,10 +146,12 @@ class DumpReader:
     kind = -1
     strict = True
 
-    def __init__(self, seq: int) -> None:
+    def __init__(self, seq: int, strict: bool | None = None) -> None:
         self.seq = seq
         self.done = False
         self.missing = False
+        if strict is not None:
+            self.strict = strict
 
     def message(self, body: memoryview) -> None:
         """One object message, its nfgenmsg header off; ValueError when malformed."""
@@ -271,12 +275,43 @@ class _Present(DumpReader):
         self.done = True
 
 
-def read_table_present(
-    path: str, table: str, setns: Callable[[int, int], int] | None = None, family: int = NFPROTO_INET
-) -> bool:
-    """Whether `family table` is in the namespace at path: what a new sandbox's first read learns, at a
-    fraction of a libnftables context's cost. Raises NetnsError or NetlinkError."""
-    payload = NFGENMSG.pack(family, NFNETLINK_V0, 0) + attr(NFTA_TABLE_NAME, table.encode() + b"\0")
-    head = (NLMSGHDR.size + len(payload), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE, NLM_F_REQUEST)
-    with _read_socket(path, setns) as sock:
-        return not exchange(sock, NLMSGHDR.pack(*head, 1, 0) + payload, _Present(1)).missing
+class _Generation(DumpReader):
+    """The reply to GETGEN: the namespace's ruleset generation, which every committed transaction bumps."""
+
+    kind = NFT_MSG_NEWGEN
+
+    def __init__(self, seq: int, strict: bool | None = None) -> None:
+        super().__init__(seq, strict)
+        self.generation = -1
+
+    def message(self, body: memoryview) -> None:
+        value = attributes(body, (NFTA_GEN_ID,)).get(NFTA_GEN_ID)
+        if value is None or len(value) != 4:
+            raise ValueError("NEWGEN without a generation id")
+        self.generation = struct.unpack("!I", value)[0]
+        self.done = True
+
+
+def _get(kind: int, family: int, seq: int, attrs: bytes = b"") -> bytes:
+    payload = NFGENMSG.pack(family, NFNETLINK_V0, 0) + attrs
+    return (
+        NLMSGHDR.pack(NLMSGHDR.size + len(payload), (NFNL_SUBSYS_NFTABLES << 8) | kind, NLM_F_REQUEST, seq, 0)
+        + payload
+    )
+
+
+def ruleset_generation(sock: socket.socket, seq: int = 1, strict: bool = True) -> int:
+    """The ruleset generation of the namespace sock was made in. strict=False: messages of other sequence
+    numbers are skipped (a kept socket, or one that hears events). Raises NetlinkError."""
+    return exchange(sock, _get(NFT_MSG_GETGEN, 0, seq), _Generation(seq, strict)).generation
+
+
+def table_presence(
+    sock: socket.socket, table: str, seq: int, family: int = NFPROTO_INET, strict: bool = True
+) -> tuple[bool, int]:
+    """(whether `family table` is in sock's namespace, the namespace's ruleset generation read just before),
+    with sequence numbers seq and seq + 1. The generation lets the change monitor tell, once it listens,
+    whether any commit but egressd's next one happened since. Raises NetlinkError."""
+    generation = ruleset_generation(sock, seq, strict)
+    request = _get(NFT_MSG_GETTABLE, family, seq + 1, attr(NFTA_TABLE_NAME, table.encode() + b"\0"))
+    return not exchange(sock, request, _Present(seq + 1, strict)).missing, generation

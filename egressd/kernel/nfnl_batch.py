@@ -18,7 +18,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from egressd.kernel import nfnl
 from egressd.kernel.backend import ApplyError
@@ -29,6 +29,7 @@ from egressd.kernel.nfnl_encode import Batch, EncodeError, describe, encode_batc
 
 __all__ = ["Batch", "BatchSocket", "EncodeError", "encode_batch"]
 
+T = TypeVar("T")
 SOL_NETLINK, NETLINK_CAP_ACK, SO_SNDBUFFORCE, SO_RCVBUFFORCE = 270, 10, 32, 33
 ACK_TRUESIZE = 2048  # what one acknowledgement may cost in the receive buffer (an skb), generously
 
@@ -110,6 +111,18 @@ class BatchSocket:
             i = batch.origin.get(seq)
             at = "" if i is None else f" (command {i}: {describe(commands[i])})"
             raise ApplyError(f"the kernel refused the {what} in {self._where}: {os.strerror(code)}{at}")
+
+    def ask(self, question: Callable[[socket.socket, int], T], seqs: int = 1) -> T:
+        """question(the socket, its first sequence number) between batches, with `seqs` sequence numbers
+        of its own; replies to anything else must be skipped (a refused batch may leave some queued).
+        Raises NetlinkError."""
+        with self._lock:
+            first = self._seq = 1 if self._seq > 0x7F000000 else self._seq + 1
+            self._seq += seqs - 1
+            try:
+                return question(self._sock, first)
+            except OSError as e:
+                raise nfnl.NetlinkError(f"a read in {self._where} failed: {e}") from None
 
     def _recv(self, queued_only: bool) -> bytes | None:
         """The next datagram of answers. The kernel processes a batch within sendmsg and queues every

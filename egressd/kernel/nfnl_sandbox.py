@@ -23,10 +23,10 @@ from typing import Any
 
 from egressd.common.fds import move_high
 from egressd.kernel.netns import ContextCache, NsId
-from egressd.kernel.nfnl import netfilter_socket
+from egressd.kernel.nfnl import netfilter_socket, table_presence
 from egressd.kernel.nfnl_batch import BatchSocket
 from egressd.ruleset.dnsrules import LEARNED_SETS
-from egressd.ruleset.exprs import Json
+from egressd.ruleset.exprs import TABLE, Json
 from egressd.ruleset.render import VARIANTS
 
 RAW_SOCKETS = 256  # kept at most: one descriptor each; making one again costs about 0.1 ms
@@ -61,6 +61,13 @@ class SandboxSockets:
         made there), EncodeError (nothing was sent) or ApplyError (refused, naming the command)."""
         sock, _ = self._cache.get(netns)
         sock.run(commands, f"{what} for {netns}", PLAIN_SETS)
+
+    def present(self, netns: str) -> tuple[bool, int]:
+        """(whether egressd's table is in netns, the ruleset generation read just before): a new sandbox's
+        first read, on the socket its table is then written through. Raises NetnsError, OSError or
+        NetlinkError."""
+        sock, _ = self._cache.get(netns)
+        return sock.ask(lambda s, seq: table_presence(s, TABLE, seq, strict=False), seqs=2)
 
     def ident(self, netns: str) -> NsId | None:
         """The identity of the namespace netns's socket was made in, if one is kept."""

@@ -19,7 +19,7 @@ from typing import Any
 from egressd.common.logs import log
 from egressd.kernel.backend import ApplyError, listing_of
 from egressd.kernel.netns import ContextCache, NetnsError, NsId, libc_setns
-from egressd.kernel.nfnl import NetlinkError, read_chain_comments, read_table_present
+from egressd.kernel.nfnl import NetlinkError, read_chain_comments
 from egressd.kernel.nfnl_elements import ElementSocket
 from egressd.kernel.nfnl_encode import EncodeError
 from egressd.kernel.nfnl_sandbox import RAW_SOCKETS, SandboxSockets
@@ -141,17 +141,23 @@ class LibnftBackend:
         return out
 
     def read(self, netns: str) -> list[Json] | None:
-        """The table as libnftables lists it. A new sandbox has none: with raw writes that is first asked
-        over a socket made for the one question (about 0.1 ms), not with a libnftables context made for it
-        (0.4 ms, and the lock). A table made right after is handled by the replace a None leads to."""
+        """The table as libnftables lists it."""
+        return self.read_marked(netns)[0]
+
+    def read_marked(self, netns: str) -> tuple[list[Json] | None, int | None]:
+        """read(), and when there is no table the namespace's ruleset generation read before learning so.
+        A new sandbox has none: with raw writes that is first asked over the socket its table is then
+        written through, not with a libnftables context made for it (0.4 ms, and the lock). A table made
+        right after is handled by the replace a None leads to."""
         if self._sockets is not None:
             try:
                 with self._letting_go(netns):
-                    if not read_table_present(netns, TABLE, self._setns):
-                        return None
-            except NetlinkError:
+                    present, generation = self._sockets.present(netns)
+                if not present:
+                    return None, generation
+            except (NetlinkError, OSError):
                 pass  # the listing says
-        return self._list(netns, {"table": {"family": FAMILY, "name": TABLE}})
+        return self._list(netns, {"table": {"family": FAMILY, "name": TABLE}}), None
 
     def set_elements(self, netns: str, names: Iterable[str]) -> dict[str, frozenset[str]] | None:
         """Over a transient raw netlink socket (nfnl_elements.py): no context, no lock, no full listing;

@@ -31,10 +31,15 @@ def ident_of(path: str | None) -> NsId | None:
         return None
 
 
+# Told where a sandbox's table now lives (or None: it has none), and, when the write that made it is known
+# to be the only commit there since a ruleset generation, (the namespace, that generation): OnTable.
+Since = tuple[NsId, int]
+OnTable = Callable[[str, str | None, Since | None], None]
+
+
 class NetnsPass:
-    """Namespace-table work for the reconciler. on_table is told where a sandbox's table now lives, or
-    None when it has none (the daemon points its change monitor at it); owns_netns says whether another
-    sandbox now claims a path."""
+    """Namespace-table work for the reconciler. on_table follows where each sandbox's table lives (the
+    daemon points its change monitor at it); owns_netns says whether another sandbox now claims a path."""
 
     def __init__(
         self,
@@ -42,7 +47,7 @@ class NetnsPass:
         sync: TableSync,
         held: HeldTable,
         run: RunBlocking,
-        on_table: Callable[[str, str | None], None] | None,
+        on_table: OnTable | None,
         owns_netns: Callable[[str], bool],
     ) -> None:
         self.backend = backend
@@ -93,7 +98,8 @@ class NetnsPass:
         shape's digest is new."""
         h = self._held.get(sid)
         if self._on_table is not None and (h.netns != netns or h.ident is None):
-            self._on_table(sid, netns)  # a new path, or a new namespace at the same path
+            since = None if ident is None or result.before is None else (ident, result.before)
+            self._on_table(sid, netns, since)  # a new path, or a new namespace at the same path
         written = (netns, result.fingerprint)
         self._held.put(sid, replace(h, netns=netns, written=written, ident=ident or h.ident, attempts=0))
         return self._sync.learned(result)  # on the loop thread: workers only read the maps
@@ -119,13 +125,13 @@ class NetnsPass:
         path = self._held.get(sid).netns
         self._held.hold(sid, netns=None, written=None)
         if path is not None and self._on_table is not None:
-            self._on_table(sid, None)  # (the backend drops its context when it finds the path gone)
+            self._on_table(sid, None, None)  # (the backend drops its context when it finds the path gone)
 
     async def release(self, sid: str, path: str) -> None:
         """The sandbox left path (deleted, or moved to another namespace): take our table out of it."""
         self._held.hold(sid, netns=None)
         if self._on_table is not None:
-            self._on_table(sid, None)
+            self._on_table(sid, None, None)
         if self._owns_netns(path):
             return  # another sandbox now owns that namespace; its worker rewrites the table
         backend = self.backend

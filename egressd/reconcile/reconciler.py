@@ -34,7 +34,7 @@ from egressd.model.events import Event, Snapshot
 from egressd.model.sandbox import PolicyError, Sandbox
 from egressd.reconcile.held import HeldTable
 from egressd.reconcile.hostpass import HostPass
-from egressd.reconcile.netnspass import NetnsPass, ident_of
+from egressd.reconcile.netnspass import NetnsPass, OnTable, ident_of
 from egressd.reconcile.queue import KeyedQueue
 from egressd.reconcile.status import Status, StatusBoard
 from egressd.reconcile.sync import SyncResult, TableSync
@@ -59,7 +59,7 @@ class Reconciler:
         rng: random.Random | None = None,
         host_backend: Backend | None = None,
         idle: Callable[[], None] | None = None,
-        on_table: Callable[[str, str | None], None] | None = None,
+        on_table: OnTable | None = None,
         observe: Callable[[str, float], None] | None = None,
         dns_proxy: bool = False,
     ) -> None:
@@ -84,11 +84,9 @@ class Reconciler:
         # for one table sync in a worker thread (the daemon feeds its metrics with it; see metrics.py).
         self.observe = observe
         # on_table: told where each sandbox's table now lives, or None (the daemon's change monitor follows).
-        self.netns = NetnsPass(
-            backend, self.sync, self.held, self.run_blocking, on_table, self.store.owns_netns
-        )
-        # host_backend: the host-side tables (hostside.py), keyed by the interface a sandbox names.
         run, held = self.run_blocking, self.held
+        self.netns = NetnsPass(backend, self.sync, held, run, on_table, self.store.owns_netns)
+        # host_backend: the host-side tables (hostside.py), keyed by the interface a sandbox names.
         self.host = HostPass(host_backend, self.sync, held, self.counters, run, self._observe)
         # DNS interception (intercept/): only an agent serves it (dns_proxy); without it nothing listens.
         self.proxy = Interceptor(config, backend, host_backend, run, serving=dns_proxy, observe=self._observe)
@@ -337,10 +335,13 @@ class Reconciler:
             lambda: self.queue.idle() and all(sid in status for sid in self.desired), timeout
         )
 
-    def report(self) -> list[dict[str, Any]]:
+    def report(self, sid: str | None = None) -> list[dict[str, Any]]:
+        """Every sandbox's status row; with sid, its row alone (none when neither side knows it)."""
         cache = self._dns_cache()
         view = cache.view if cache is not None else None
-        return self.board.rows(self.desired, view)
+        if sid is None or not self.board.knows(sid, self.desired):
+            return self.board.rows(self.desired, view) if sid is None else []
+        return [self.board.row(sid, self.desired.get(sid), view)]
 
     def state_counts(self) -> dict[str, int]:
         return self.board.counts(self.desired)

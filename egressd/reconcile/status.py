@@ -92,28 +92,34 @@ class StatusBoard:
         self, desired: Mapping[str, Desired], view: Callable[[str], dict[str, object]] | None
     ) -> list[dict[str, Any]]:
         """`egressd status`: a row per sandbox known to either side; view shows a host name's cache entry."""
-        out = []
-        for sid in sorted(set(desired) | set(self.status)):
-            d = desired.get(sid)
-            st = self.status.get(sid)
-            if st is None:
-                row = {"id": sid, "netns": d.netns if d else None, "state": "pending", "revision": None,
-                       "error": "not reconciled yet", "since": None, "writes": 0}  # fmt: skip
-            else:
-                row = st.as_dict(sid)
-            row["desired_revision"] = d.revision if d else None
-            row["host_interface"] = d.host_interface if d else None
-            if d is not None and view is not None:
-                row["hostnames"] = [
-                    {"list": lst, **view(h)}
-                    for lst, hosts in (
-                        ("allow_out", d.policy.allow_out.hostnames),
-                        ("deny_out", d.policy.deny_out.hostnames),
-                    )
-                    for h in hosts
-                ]
-            out.append(row)
-        return out
+        return [self.row(sid, desired.get(sid), view) for sid in sorted(set(desired) | set(self.status))]
+
+    def knows(self, sid: str, desired: Mapping[str, Desired]) -> bool:
+        return sid in desired or sid in self.status
+
+    def row(
+        self, sid: str, d: Desired | None, view: Callable[[str], dict[str, object]] | None
+    ) -> dict[str, Any]:
+        """One sandbox's row (what `wait` answers with: building every row per answer made a burst of waits
+        quadratic)."""
+        st = self.status.get(sid)
+        if st is None:
+            row = {"id": sid, "netns": d.netns if d else None, "state": "pending", "revision": None,
+                   "error": "not reconciled yet", "since": None, "writes": 0}  # fmt: skip
+        else:
+            row = st.as_dict(sid)
+        row["desired_revision"] = d.revision if d else None
+        row["host_interface"] = d.host_interface if d else None
+        if d is not None and view is not None:
+            row["hostnames"] = [
+                {"list": lst, **view(h)}
+                for lst, hosts in (
+                    ("allow_out", d.policy.allow_out.hostnames),
+                    ("deny_out", d.policy.deny_out.hostnames),
+                )
+                for h in hosts
+            ]
+        return row
 
     def counts(self, desired: Mapping[str, Desired]) -> dict[str, int]:
         """As rows() would count them, without building them: status asks for this on every call, and a

@@ -44,6 +44,10 @@ class SyncResult:
     digest: str
     writes: int
     detail: str | None = None
+    # The namespace's ruleset generation just before this sync found no table there and wrote one: the
+    # change monitor, once it listens, skips its first check if the generation is one higher (nothing but
+    # that write was committed). None: no such proof; the monitor checks.
+    before: int | None = None
 
 
 def describe_change(add: dict[str, frozenset[str]], delete: dict[str, frozenset[str]]) -> str:
@@ -297,7 +301,7 @@ class TableSync:
             and (not ruleset.dns_sets or dns_sets_hold(backend, netns, ruleset, elements))
         ):
             return SyncResult("adopted", ruleset.fingerprint, shape, known, 0)
-        listing = backend.read(netns)
+        listing, before = backend.read_marked(netns)
         detail = None
         if listing is None:
             if last_fp is not None:
@@ -324,4 +328,5 @@ class TableSync:
             # The first table of this shape: learn from the kernel how it lists it. Every later table of the
             # shape is taken as committed, without a read back (1-1.5 ms each, most of a cold start).
             known = listing_digest(backend.read(netns) or [])
-        return SyncResult("repaired" if detail else "applied", ruleset.fingerprint, shape, known, 1, detail)
+        outcome = "repaired" if detail else "applied"
+        return SyncResult(outcome, ruleset.fingerprint, shape, known, 1, detail, before)

@@ -30,6 +30,14 @@ def test_agent_benchmark_smoke(tmp_path):
     assert results["restart"]["zero_writes"] is True and results["restart"]["handles_unchanged"] is True
 
 
+def test_onboard_benchmark_smoke(tmp_path):
+    _, results = run_smoke(tmp_path, 180, "bench.onboard", "--smoke")
+    (rep,) = results["repeats"]
+    assert results["verified"] is True and rep["writes"] == 20 and rep["agent_s"] > 0 and rep["baseline_s"] > 0
+    # every new sandbox's first check was spared by the ruleset generation, and nothing triggered one
+    assert rep["checks_spared"] == 20 and rep["triggers"] == 0
+
+
 def test_dns_benchmark_smoke(tmp_path):
     _, results = run_smoke(tmp_path, 300, "bench.dns", "--smoke")
     assert results["cold_start_all_enforced_s"] > 0  # the agent enforced every sandbox

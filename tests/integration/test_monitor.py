@@ -18,7 +18,8 @@ import time
 import pytest
 
 from egressd.kernel.monitor import ChangeMonitor
-from egressd.kernel.monitor_socket import FD_BASE, open_monitor_socket, raise_fd_limit
+from egressd.kernel.monitor_socket import FD_BASE, open_monitor_socket, open_watch, raise_fd_limit
+from egressd.kernel.netns import netns_id
 from egressd.model.sandbox import parse_sandbox
 from egressd.ruleset.render import render
 from netns_fixtures._nsutil import netns_socket
@@ -159,17 +160,15 @@ def test_the_agents_own_writes_cause_no_extra_reconciles(world, agent):
     a = agent(resync_interval=HOUR).start()
     a.upsert("s0", sb.netns_path, 1, allow_internet_access=False)
     assert a.wait("s0", 1)
-    # One check once the socket listens (a change made before it could not be heard): that is all.
-    assert eventually(
-        lambda: monitor_info(a)["triggers"] == 1 and a.agent_status()["reconciles"]["unchanged"] == 1
-    )
+    # No check once the socket listens: the generation proves the agent's write the only commit since.
+    assert eventually(lambda: monitor_info(a)["checks_spared"] == 1)
     for rev in range(2, 8):
         a.upsert("s0", sb.netns_path, rev, allow_internet_access=rev % 2 == 0, deny_out=[f"203.0.113.{rev}"])
         assert a.wait("s0", rev)
     time.sleep(0.5)  # events of the last write have long arrived by now
     reconciles = a.agent_status()["reconciles"]
-    assert (reconciles["applied"], reconciles["unchanged"], reconciles["repaired"]) == (7, 1, 0)
-    assert monitor_info(a)["triggers"] == 1 and monitor_info(a)["overflows"] == 0
+    assert (reconciles["applied"], reconciles["unchanged"], reconciles["repaired"]) == (7, 0, 0)
+    assert monitor_info(a)["triggers"] == 0 and monitor_info(a)["overflows"] == 0
     assert a.status()["s0"]["writes"] == 7
     assert not a.events("table_changed") and not a.events("repaired")
 
@@ -179,14 +178,14 @@ def test_changes_to_other_tables_of_the_sandbox_are_not_ours(world, agent):
     a = agent(resync_interval=HOUR).start()
     a.upsert("s0", sb.netns_path, 1, allow_internet_access=False)
     assert a.wait("s0", 1)
-    assert eventually(lambda: monitor_info(a)["triggers"] == 1)
+    assert eventually(lambda: monitor_info(a)["checks_spared"] == 1)
     try:
         tenant_nft(world, sb.name, "add", "table", "inet", "tenant")
         tenant_nft(world, sb.name, "add", "chain", "inet", "tenant", "c")
         tenant_nft(world, sb.name, "add", "rule", "inet", "tenant", "c", "counter")
         time.sleep(0.5)
-        assert monitor_info(a)["triggers"] == 1
-        assert a.agent_status()["reconciles"]["unchanged"] == 1
+        assert monitor_info(a)["triggers"] == 0
+        assert a.agent_status()["reconciles"]["unchanged"] == 0
     finally:
         world.exec(sb.name, ["nft", "delete", "table", "inet", "tenant"], check=False)
 
@@ -374,7 +373,7 @@ def test_lost_events_make_the_sandbox_be_checked(world, backend, enforce):
     """A receive buffer too small for one big transaction: the kernel drops events (ENOBUFS). Even though
     the transaction was our own, the monitor cannot know that any more, so it reports the sandbox."""
     sb = world.sandboxes[0]
-    tiny = lambda path: open_monitor_socket(path, FD_BASE, rcvbuf=4096)  # noqa: E731
+    tiny = lambda path: open_watch(path, FD_BASE, rcvbuf=4096)  # noqa: E731
     many = [f"198.18.{i // 250}.{i % 250}" for i in range(0, 4000, 2)]
 
     async def scenario(m, calls):
@@ -420,6 +419,36 @@ def test_a_new_watch_checks_once_for_changes_made_before_it_listened(world):
         assert calls == ["s"] and m.info()["watched"] == 1
 
     run_monitor(scenario, check_on_watch=True)
+
+
+def test_a_new_watch_spares_its_check_only_when_the_one_commit_since_was_egressds(world, backend):
+    """The agent's first write to a new namespace and the watch that follows: the check covering the gap
+    is left out when the ruleset generation, read once the socket listens, is one above the generation
+    read before the write; any other commit in between (here a tenant's table) and it is made."""
+    sb = world.sandboxes[0]
+    path = sb.netns_path
+
+    async def scenario(m, calls):
+        for sid, tenant in (("quiet", False), ("busy", True)):
+            backend.remove(path)
+            listing, before = backend.read_marked(path)
+            assert listing is None and before is not None
+            await asyncio.to_thread(apply_in_this_process, backend, sb, allow_internet_access=False)
+            if tenant:
+                tenant_nft(world, sb.name, "add", "table", "inet", "tenant")
+            m.watch(sid, path, (netns_id(path), before))
+            assert await until(lambda: m._watches[sid].sock is not None)
+            await asyncio.sleep(0.2)
+        return m.info()
+
+    try:
+        calls = []
+        info = run_monitor(scenario, check_on_watch=True, calls=calls)
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            tenant_nft(world, sb.name, "delete", "table", "inet", "tenant")
+        backend.remove(path)
+    assert calls == ["busy"] and info["checks_spared"] == 1
 
 
 def test_the_agents_own_namespace_is_never_watched(world):

@@ -242,7 +242,7 @@ def test_while_paused_watches_are_recorded_and_made_on_resume():
         opened.append(path)
         a, b = socket_.socketpair()
         b.close()
-        return a, None
+        return a, None, None
 
     async def main():
         m = ChangeMonitor(lambda sid: None, capacity=10, is_own=lambda tid: False, opener=opener)
@@ -260,6 +260,46 @@ def test_while_paused_watches_are_recorded_and_made_on_resume():
 
     info = asyncio.run(main())
     assert sorted(opened) == ["/run/netns/a", "/run/netns/b"] and info["watched"] == 2
+
+
+@pytest.mark.parametrize(
+    ("since", "found", "checked"),
+    [
+        (("ns-a", 41), ("ns-a", 42), False),  # one generation on, same namespace: only egressd's write
+        (("ns-a", 0xFFFFFFFF), ("ns-a", 0), False),  # the 32-bit generation wraps
+        (("ns-a", 41), ("ns-a", 43), True),  # another commit besides egressd's
+        (("ns-a", 41), ("ns-a", 41), True),  # not even egressd's write: someone deleted, re-made, ...
+        (("ns-a", 41), ("ns-b", 42), True),  # another namespace at the path now
+        (("ns-a", 41), ("ns-a", None), True),  # the generation could not be read
+        (None, ("ns-a", 42), True),  # no proof given
+    ],
+)
+def test_the_first_check_of_a_watch_is_spared_only_when_the_generation_proves_no_other_commit(
+    since, found, checked
+):
+    """A new sandbox's watch starts after its table was written: the check that covers that gap is left
+    out only when the namespace is the one written to and exactly one commit (egressd's) happened since."""
+    import socket as socket_
+
+    triggered = []
+
+    def opener(path):
+        a, b = socket_.socketpair()
+        b.close()
+        return a, found[0], found[1]
+
+    async def main():
+        m = ChangeMonitor(triggered.append, capacity=10, is_own=lambda tid: False, opener=opener, min_gap=0)
+        m.watch("a", "/run/netns/a", since)
+        assert await m.settled(5)
+        await asyncio.sleep(0.05)
+        info = m.info()
+        m.close()
+        return info
+
+    info = asyncio.run(main())
+    assert triggered == (["a"] if checked else [])
+    assert info["checks_spared"] == (0 if checked else 1) and info["watched"] == 1
 
 
 def test_kept_sockets_move_above_the_descriptors_libnftables_needs():
