@@ -10,12 +10,24 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from egressd.common.sockets import SocketPathError, bind_unix, unlink_if_ours
 
 MAX_REQUEST = 64 * 1024
+SEND_CHUNK = 256 * 1024  # a streamed answer waits for the reader whenever this much is buffered
+
+
+class Streamed:
+    """A list in an answer, encoded and sent one item at a time: `status` of 1,000 sandboxes naming 10,000
+    host names took over 100 MiB when built whole, and the agent kept that memory after. The items are made
+    as they are taken (each must be complete in itself: the agent goes on working while the answer is sent).
+    """
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self.items = items
+
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -73,8 +85,26 @@ class ControlServer:
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, doc: dict[str, Any]) -> None:
-        writer.write(json.dumps(doc, separators=(",", ":"), default=str).encode() + b"\n")
+        """One line of JSON; the Streamed lists in it are written item by item, the line the same."""
+        plain = {k: v for k, v in doc.items() if not isinstance(v, Streamed)}
+        writer.write(_dumps(plain)[:-1])  # the object open, for the streamed keys to follow
+        comma = bool(plain)
+        for key, value in doc.items():
+            if not isinstance(value, Streamed):
+                continue
+            writer.write(b"," * comma + _dumps(key) + b":[")
+            comma = True
+            for i, item in enumerate(value.items):
+                writer.write(b"," * bool(i) + _dumps(item))
+                if writer.transport.get_write_buffer_size() >= SEND_CHUNK:
+                    await writer.drain()
+            writer.write(b"]")
+        writer.write(b"}\n")
         await writer.drain()
+
+
+def _dumps(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), default=str).encode()
 
 
 def request(path: str, doc: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:

@@ -4,10 +4,11 @@ and one out. Every field of a request is checked; a bad one gets an error that s
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from ipaddress import ip_address
 from typing import Any
 
+from egressd.agent.control import Streamed
 from egressd.desired.dnscache import RDTYPES, Answer, join_errors
 from egressd.desired.resolve import DnsService, resolve_all
 from egressd.model.config import Config
@@ -35,21 +36,23 @@ class ControlApi:
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
         if cmd == "status":
-            rows = self._reconciler.report()
-            for row in rows:
-                row["dns_proxy"] = self._reconciler.proxy.view(row["id"])
-            return {"agent": self._agent_info(), "sandboxes": rows}
+            return {"agent": self._agent_info(), "sandboxes": Streamed(self._rows())}
         if cmd == "dns":
             cache = self._dns.cache
             proxy = self._reconciler.proxy
             learned = {sid: proxy.view(sid, limit=200) for sid in sorted(proxy.sandboxes)}
-            names = [cache.view(n) for n in sorted(cache.names)]
+            names = Streamed(cache.view(n) for n in sorted(cache.names))
             return {"names": names, "dns": self.dns_info(), "learned": learned}
         if cmd == "wait":
             return await self.wait(req)
         if cmd == "explain":
             return await self.explain(req)
         return {"error": f"unknown command {cmd!r}; expected status, dns, wait or explain"}
+
+    def _rows(self) -> Iterator[dict[str, Any]]:
+        for row in self._reconciler.report():
+            row["dns_proxy"] = self._reconciler.proxy.view(row["id"])
+            yield row
 
     async def wait(self, req: dict[str, Any]) -> dict[str, Any]:
         sid, revision, timeout = req.get("id"), req.get("revision"), req.get("timeout", 30)

@@ -36,12 +36,12 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
 from egressd.common.logs import log
 from egressd.kernel.backend import ApplyError, listing_of
-from egressd.kernel.nfnl import NFPROTO_NETDEV, NetlinkError, read_chain_comments
+from egressd.kernel.nfnl import NFPROTO_NETDEV, NetlinkError
 from egressd.kernel.nfnl_batch import BatchSocket, EncodeError
 from egressd.kernel.nfnl_elements import ElementSocket
 from egressd.kernel.nfnl_listing import ListingSocket
@@ -53,6 +53,8 @@ from egressd.ruleset.exprs import Json
 from egressd.ruleset.render import FINGERPRINT_CHAIN, ND_TYPES, Ruleset
 from egressd.ruleset.transactions import Elements, fingerprint_of, learn_commands
 from egressd.ruleset.variants import Target
+
+T = TypeVar("T")
 
 GUARD_TABLE = "egressd_host"
 TABLE_PREFIX = "egressd_"
@@ -266,19 +268,29 @@ class HostBackend:
         if not self._raw:
             listing = self._list({"table": {"family": FAMILY, "name": table_name(where)}})
             return None if listing is None else neutral_listing(listing)
-        with self._listers_lock:
-            lister = self._listers.pop() if self._listers else None
         chains = [c["name"] for c in target_for(where).base] + [FINGERPRINT_CHAIN]
         try:
+            listing = self._listed(lambda lister: lister.read(table_name(where), FAMILY, chains))
+        except NetlinkError as e:
+            raise ApplyError(f"cannot read the host-side table for {where} over raw netlink: {e}") from None
+        return None if listing is None else neutral_listing(listing)
+
+    def _listed(self, question: Callable[[ListingSocket], T]) -> T:
+        """question(an idle kept ListingSocket), made if none is idle. Closing a netfilter socket in the
+        agent's namespace waits for the kernel's commit lock (about 20 ms while other workers write): the
+        sockets are kept. Raises NetlinkError."""
+        with self._listers_lock:
+            lister = self._listers.pop() if self._listers else None
+        try:
             lister = lister or ListingSocket.open()
-            listing = lister.read(table_name(where), FAMILY, chains)
+            answer = question(lister)
         except (OSError, NetlinkError) as e:
             if lister is not None:
                 lister.close()  # it may hold part of an answer
-            raise ApplyError(f"cannot read the host-side table for {where} over raw netlink: {e}") from None
+            raise NetlinkError(str(e)) from None
         with self._listers_lock:
             self._listers.append(lister)
-        return None if listing is None else neutral_listing(listing)
+        return answer
 
     def fingerprint(self, where: str) -> str | None:
         """Over raw netlink (nfnl.py): libnftables' listing of one chain costs about 10 ms at 1,000
@@ -287,7 +299,9 @@ class HostBackend:
         try:
             if not self._raw:
                 raise NetlinkError("raw netlink is off")
-            comments = read_chain_comments(None, table_name(where), FINGERPRINT_CHAIN, family=NFPROTO_NETDEV)
+            comments = self._listed(
+                lambda ls: ls.comments(table_name(where), FINGERPRINT_CHAIN, NFPROTO_NETDEV)
+            )
         except NetlinkError:
             chain = {"family": FAMILY, "table": table_name(where), "name": FINGERPRINT_CHAIN}
             listing = self._list({"chain": chain})
@@ -312,8 +326,15 @@ class HostBackend:
         """Delete host-side tables of interfaces no sandbox names any more (sandboxes deleted while no agent
         ran); returns the table names."""
         wanted = {table_name(i) for i in keep}
-        listing = self._list({"tables": {"family": FAMILY}}) or []
-        names = [t["table"]["name"] for t in listing if "table" in t]
+        if self._raw:  # libnftables' `list tables` loads every table: 77 s at 1,000 host-side tables
+            try:
+                names = self._listed(lambda lister: lister.table_names(FAMILY))
+            except NetlinkError as e:
+                raise ApplyError(f"cannot list the host-side tables over raw netlink: {e}") from None
+        else:
+            names = [
+                t["table"]["name"] for t in self._list({"tables": {"family": FAMILY}}) or [] if "table" in t
+            ]
         gone = sorted(n for n in names if n.startswith(TABLE_PREFIX) and n not in wanted)
         if gone:
             self.run("", [{"delete": {"table": {"family": FAMILY, "name": n}}} for n in gone], "cleanup")

@@ -1,14 +1,13 @@
-"""One nf_tables table listed over raw netlink, without libnftables (issue 19), for the host-side tables'
-drift checks and verification pass: libnftables 1.0.6 loads every table of the namespace to list one (about
-10 ms a table at 1,000 host-side tables, under the lock all its calls share).
+"""Host-side tables read over raw netlink (issue 19): libnftables 1.0.6 loads every table of the namespace
+to list one (10 ms at 1,000 host-side tables, under its lock; `list tables`: 77 s).
 
-What the kernel filters by table (6.1 and 6.18 alike; tests/integration/test_nfnl_listing.py checks this
-kernel): rule, set and object dumps (NFTA_*_TABLE); element dumps are per set. Table and chain
-dumps are not. So the table is asked for by name (a plain GET), and its chains one by one: those its rules
-are in or jump to, and those the caller names. A chain no rule is in and nothing jumps to shows in the
-table's use count (NFTA_TABLE_USE: chains, named sets, objects, flowtables; not a bound anonymous set); only
-then are all chains of the family dumped, O(tables). The ruleset's generation is read before and after: a
-read during a change is done again (as libnftables does), so a listing is one state of the table.
+What the kernel filters by table (6.1 and 6.18 alike; tests/integration/test_nfnl_listing.py checks): rule,
+set and object dumps (NFTA_*_TABLE); element dumps are per set; table and chain dumps are not. So the table
+is asked for by name (a plain GET), and its chains one by one: those its rules are in or jump to, and those
+the caller names. A chain no rule is in and nothing jumps to shows in the table's use count (NFTA_TABLE_USE:
+chains, named sets, objects, flowtables; not a bound anonymous set); only then are all chains of the family
+dumped, O(tables). The ruleset's generation is read before and after: a read during a change is done
+again (as libnftables does), so a listing is one state of the table.
 
 The listing has libnftables JSON's outline ({"table"}, {"set"}, {"counter"}, {"chain"}, {"rule"}, in a fixed
 order) and its forms for what reconcile/sync.py and ruleset/transactions.py read: rule comments, jumps and
@@ -321,8 +320,8 @@ class ListingSocket:
 
     def ask(self, kind: int, request: Callable[[int], bytes], dump: bool = True) -> list[memoryview] | None:
         """The bodies (after nfgenmsg) of the reply to one GET `kind`; None when the kernel says ENOENT."""
-        self._seq = self._seq % 0x7FFF0000 + 1
-        reader = nfnl.exchange(self._sock, request(self._seq), _Reply(self._seq, kind - 1, dump))
+        seq = self._seq = self._seq % 0x7FFF0000 + 1
+        reader = nfnl.exchange(self._sock, request(seq), _Reply(seq, kind - 1, dump))
         return None if reader.missing else reader.bodies
 
     def get(self, kind: int, family: str, body: bytes = b"", dump: bool = True) -> list[memoryview] | None:
@@ -345,6 +344,17 @@ class ListingSocket:
                 if self.generation() == before:
                     return listing
         raise NetlinkError(f"the ruleset changed during each of {ATTEMPTS} reads of {table}")
+
+    def table_names(self, family: str) -> list[str]:
+        """Every table of the family, in one dump. Raises NetlinkError."""
+        with self._lock:
+            return [_str(attributes(b, (NAMED,))[NAMED]) for b in self.get(GETTABLE, family) or ()]
+
+    def comments(self, table: str, chain: str, family: int) -> list[str | None] | None:
+        """nfnl.chain_comments() on this kept socket. Raises NetlinkError."""
+        with self._lock:
+            seq = self._seq = self._seq % 0x7FFF0000 + 1
+            return nfnl.chain_comments(self._sock, table, chain, seq, family)
 
     def close(self) -> None:
         with self._lock:

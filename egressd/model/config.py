@@ -104,7 +104,7 @@ class Config:
     retry_initial: float = 0.2
     retry_max: float = 30.0
     watch_changes: bool = True
-    cached_contexts: int = 32
+    cached_contexts: int = 4
     control_socket: str = "/run/egressd/control.sock"
     log_format: str = "json"
     log_level: str = "info"

@@ -155,7 +155,7 @@ class _Reconcile(_Strict):
     watch_changes: bool = Field(default=True, strict=True)
     # libnftables contexts kept open (one per namespace, the most recently used): each holds about 0.7 MiB
     # once it has written, and making one again costs about 0.4 ms.
-    cached_contexts: int = Field(default=32, ge=1, le=800, strict=True)
+    cached_contexts: int = Field(default=4, ge=1, le=800, strict=True)
 
 
 class _Control(_Strict):

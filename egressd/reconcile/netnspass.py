@@ -79,12 +79,8 @@ class NetnsPass:
         one version still gets its tables rewritten. None: take the ordinary path."""
         hint = self._sync.hint_for(sid, d.generation)
         policy = d.policy
-        if (
-            hint is None
-            or d.host_interface is not None
-            or policy.allow_out.hostnames
-            or policy.deny_out.hostnames
-        ):
+        # A sandbox naming host_interface too: its host-side table is the host pass's, rendered there.
+        if hint is None or policy.allow_out.hostnames or policy.deny_out.hostnames:
             return None
         fingerprint, shape = hint
         found = await self._run(self.backend.fingerprint, netns)

@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -335,13 +335,13 @@ class Reconciler:
             lambda: self.queue.idle() and all(sid in status for sid in self.desired), timeout
         )
 
-    def report(self, sid: str | None = None) -> list[dict[str, Any]]:
-        """Every sandbox's status row; with sid, its row alone (none when neither side knows it)."""
+    def report(self, sid: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every sandbox's status row, each made as it is taken; with sid, its row alone (if known)."""
         cache = self._dns_cache()
         view = cache.view if cache is not None else None
         if sid is None or not self.board.knows(sid, self.desired):
-            return self.board.rows(self.desired, view) if sid is None else []
-        return [self.board.row(sid, self.desired.get(sid), view)]
+            return self.board.rows(self.desired, view) if sid is None else iter(())
+        return iter([self.board.row(sid, self.desired.get(sid), view)])
 
     def state_counts(self) -> dict[str, int]:
         return self.board.counts(self.desired)

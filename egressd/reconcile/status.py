@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,9 +90,12 @@ class StatusBoard:
 
     def rows(
         self, desired: Mapping[str, Desired], view: Callable[[str], dict[str, object]] | None
-    ) -> list[dict[str, Any]]:
-        """`egressd status`: a row per sandbox known to either side; view shows a host name's cache entry."""
-        return [self.row(sid, desired.get(sid), view) for sid in sorted(set(desired) | set(self.status))]
+    ) -> Iterator[dict[str, Any]]:
+        """`egressd status`: a row per sandbox known to either side, made as it is sent (1,000 rows with
+        10,000 host names took over 100 MiB built whole); view shows a host name's cache entry."""
+        for sid in sorted(set(desired) | set(self.status)):
+            if self.knows(sid, desired):  # not gone while the answer was being sent
+                yield self.row(sid, desired.get(sid), view)
 
     def knows(self, sid: str, desired: Mapping[str, Desired]) -> bool:
         return sid in desired or sid in self.status

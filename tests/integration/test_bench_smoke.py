@@ -33,7 +33,9 @@ def test_agent_benchmark_smoke(tmp_path):
 def test_onboard_benchmark_smoke(tmp_path):
     _, results = run_smoke(tmp_path, 180, "bench.onboard", "--smoke")
     (rep,) = results["repeats"]
-    assert results["verified"] is True and rep["writes"] == 20 and rep["agent_s"] > 0 and rep["baseline_s"] > 0
+    assert (
+        results["verified"] is True and rep["writes"] == 20 and rep["agent_s"] > 0 and rep["baseline_s"] > 0
+    )
     # every new sandbox's first check was spared by the ruleset generation, and nothing triggered one
     assert rep["checks_spared"] == 20 and rep["triggers"] == 0
 

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from egressd.kernel.monitor import ChangeMonitor
-from egressd.kernel.monitor_socket import FD_BASE, open_monitor_socket, open_watch, raise_fd_limit
+from egressd.kernel.monitor_socket import FD_BASE, open_watch, raise_fd_limit
 from egressd.kernel.netns import netns_id
 from egressd.model.sandbox import parse_sandbox
 from egressd.ruleset.render import render
@@ -437,7 +437,7 @@ def test_a_new_watch_spares_its_check_only_when_the_one_commit_since_was_egressd
             if tenant:
                 tenant_nft(world, sb.name, "add", "table", "inet", "tenant")
             m.watch(sid, path, (netns_id(path), before))
-            assert await until(lambda: m._watches[sid].sock is not None)
+            assert await until(lambda s=sid: m._watches[s].sock is not None)
             await asyncio.sleep(0.2)
         return m.info()
 

@@ -279,4 +279,4 @@ def test_suite_command_lines() -> None:
     assert full[-4:] == ["--repeats", "2", "--max-seconds", "600"]
     smoke = suite.command_for(by["hostside"], out, True, None, {"--repeats", "--smoke"})
     assert smoke[1:] == ["-m", "bench.hostside", "--json", "/tmp/x.json", "--smoke"]
-    assert sum(b.seconds for b in suite.BENCHES) <= 60 * 60  # the full suite is bounded to about 60 minutes
+    assert sum(b.seconds for b in suite.BENCHES) <= 70 * 60  # the full suite is bounded to about 70 minutes
