@@ -229,7 +229,8 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    answer = request(args.socket or config.control_socket, {"cmd": "dns" if args.dns else "status"})
+    req = {"cmd": "dns"} if args.dns else {"cmd": "status", "id": args.sandbox}
+    answer = request(args.socket or config.control_socket, req)
     if args.json:
         json.dump(answer, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -283,6 +284,50 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
     return 0 if all(r["action"] == "accept" for r in results) else 1
 
 
+def cmd_denials(args: argparse.Namespace, config: Config) -> int:
+    from egressd.agent.denialview import denials
+
+    return denials(args.socket or config.control_socket, args.sandbox, args.since, args.follow, args.json)
+
+
+def _agent_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The commands that ask the running agent, over its control socket."""
+    st = sub.add_parser("status", parents=[common], help="what the running agent enforces, per sandbox")
+    st.add_argument("sandbox", nargs="?", help="one sandbox, with its last denials")
+    st.add_argument("--json", action="store_true", help="machine-readable")
+    st.add_argument("--dns", action="store_true", help="the whole DNS cache instead of the sandboxes")
+    st.add_argument("--socket", metavar="PATH", help="the control socket (default: from the config)")
+    st.set_defaults(func=cmd_status)
+
+    w = sub.add_parser("wait", parents=[common], help="exit 0 once SANDBOX is enforced (at REVISION)")
+    w.add_argument("sandbox")
+    w.add_argument("--revision", type=int, help="at least this revision")
+    w.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds (default 30); exit 1 when it runs out"
+    )
+    w.add_argument("--socket", metavar="PATH", help="the control socket (default: from the config)")
+    w.set_defaults(func=cmd_wait)
+
+    e = sub.add_parser(
+        "explain",
+        parents=[common],
+        help="why SANDBOX can or cannot reach DEST; exit 0 accepted, 1 denied, 2 no answer",
+    )
+    e.add_argument("sandbox")
+    e.add_argument("dest", help="an IPv4 or IPv6 address, or a host name (resolved by the agent)")
+    e.add_argument("--json", action="store_true", help="machine-readable")
+    e.add_argument("--socket", metavar="PATH", help="the control socket (default: from the config)")
+    e.set_defaults(func=cmd_explain)
+
+    d = sub.add_parser("denials", parents=[common], help="what the sandboxes were denied, and by which rule")
+    d.add_argument("sandbox", nargs="?", help="one sandbox (default: all)")
+    d.add_argument("--since", type=float, metavar="SECONDS", help="only events of the last SECONDS")
+    d.add_argument("--follow", action="store_true", help="then print new events as they come")
+    d.add_argument("--json", action="store_true", help="one JSON object per line")
+    d.add_argument("--socket", metavar="PATH", help="the control socket (default: from the config)")
+    d.set_defaults(func=cmd_denials)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="TOML config file (default: built-in defaults)")
@@ -315,31 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.set_defaults(func=cmd_run)
 
-    st = sub.add_parser("status", parents=[common], help="what the running agent enforces, per sandbox")
-    st.add_argument("--json", action="store_true", help="machine-readable")
-    st.add_argument("--dns", action="store_true", help="the whole DNS cache instead of the sandboxes")
-    st.add_argument("--socket", metavar="PATH", help="the control socket (default: from the config)")
-    st.set_defaults(func=cmd_status)
-
-    w = sub.add_parser("wait", parents=[common], help="exit 0 once SANDBOX is enforced (at REVISION)")
-    w.add_argument("sandbox")
-    w.add_argument("--revision", type=int, help="at least this revision")
-    w.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds (default 30); exit 1 when it runs out"
-    )
-    w.add_argument("--socket", metavar="PATH", help="the control socket (default: from the config)")
-    w.set_defaults(func=cmd_wait)
-
-    e = sub.add_parser(
-        "explain",
-        parents=[common],
-        help="why SANDBOX can or cannot reach DEST; exit 0 accepted, 1 denied, 2 no answer",
-    )
-    e.add_argument("sandbox")
-    e.add_argument("dest", help="an IPv4 or IPv6 address, or a host name (resolved by the agent)")
-    e.add_argument("--json", action="store_true", help="machine-readable")
-    e.add_argument("--socket", metavar="PATH", help="the control socket (default: from the config)")
-    e.set_defaults(func=cmd_explain)
+    _agent_parsers(sub, common)
     return p
 
 

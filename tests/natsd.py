@@ -295,6 +295,21 @@ class KvClient:
             raise RuntimeError("KvClient is closed")
         return self._kv
 
+    def subscribe(self, subject: str) -> list[bytes]:
+        """Every message on subject from now on, appended as it comes (read the list from the test)."""
+        got: list[bytes] = []
+
+        async def on(msg: Any) -> None:
+            got.append(msg.data)
+
+        async def sub() -> None:
+            assert self._nc is not None
+            await self._nc.subscribe(subject, cb=on)
+            await self._nc.flush()
+
+        self._run(sub())
+        return got
+
     def put(self, key: str, value: bytes | str | dict[str, Any]) -> int:
         """Store `value` (dicts as JSON); returns the new KV revision."""
         if isinstance(value, dict):

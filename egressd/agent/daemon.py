@@ -14,11 +14,14 @@ import random
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from egressd import __version__
 from egressd.agent import memory
 from egressd.agent.control import ControlError, ControlServer
+from egressd.agent.denials import for_agent
+from egressd.agent.hostdenials import run_denials
 from egressd.agent.intake import FeedIntake
 from egressd.agent.metrics import DeniedCounters, Metrics, MetricsError, on_loop, snapshot
 from egressd.agent.persister import Persister
@@ -60,6 +63,33 @@ def sd_notify(message: str) -> bool:
     return True
 
 
+def make_monitor(
+    config: Config, on_change: Callable[[str], None], packets: Callable[[str, list[Any], int], None]
+) -> ChangeMonitor | None:
+    """Tables changed inside a sandbox are repaired when nftables reports it, not at the next resync; the
+    same sockets hear the packets the tables log (denials)."""
+    if not config.watch_changes:
+        return None
+    soft, hard = raise_fd_limit()  # one descriptor per watched sandbox, above the ones libnftables needs
+    group = config.denials.group if config.denials.log else None
+    monitor = ChangeMonitor(on_change, packets=packets, log_group=group)
+    detail = None
+    if monitor.capacity == 0:
+        detail = "RLIMIT_NOFILE too low: repair waits for the resync"
+    elif not monitor.own_filter:
+        detail = "not in the initial pid namespace: each of our own writes costs one extra table read"
+    log(
+        logging.INFO if detail is None else logging.WARNING,
+        "monitor_started",
+        capacity=monitor.capacity,
+        fd_limit=soft,
+        fd_hard_limit=hard,
+        own_filter=monitor.own_filter,
+        detail=detail,
+    )
+    return monitor
+
+
 class Agent:
     def __init__(
         self, config: Config, config_path: str | None, overrides: dict[str, Any], backend: Backend
@@ -76,7 +106,9 @@ class Agent:
         self.dns = DnsService(cache, resolver, on_change=lambda names: self.reconciler.names_changed(names))
         host = HostBackend(backend, config) if isinstance(backend, LibnftBackend) else None
         self.metrics: Metrics | None = None
-        self.monitor = self._make_monitor(config)
+        self.monitor = make_monitor(
+            config, lambda sid: self.reconciler.queue.add(sid, urgent=True), self._on_packets
+        )
         self.reconciler = Reconciler(
             backend,
             config,
@@ -95,8 +127,9 @@ class Agent:
             nats=config.nats,
             max_entries=config.max_entries,
         )
+        self.denials = for_agent(self.reconciler, cache, config, self.source)
         self.intake = FeedIntake(self.reconciler, lambda: self.config.max_entries)
-        self.api = ControlApi(self.reconciler, self.dns, lambda: self.config, self.agent_info)
+        self.api = ControlApi(self.reconciler, self.dns, lambda: self.config, self.agent_info, self.denials)
         self.control = ControlServer(config.control_socket, self.api.handle)
         self.started = time.time()
         self._stop = asyncio.Event()
@@ -114,7 +147,8 @@ class Agent:
 
         def read() -> Any:
             intake = self.intake
-            return snapshot(self.reconciler, intake.lines, intake.rejected, self.denied, self.source.health())
+            health = self.source.health()
+            return snapshot(self.reconciler, intake.lines, intake.rejected, self.denied, health, self.denials)
 
         self.metrics = Metrics(on_loop(asyncio.get_running_loop(), read))
         try:
@@ -123,27 +157,9 @@ class Agent:
             self.metrics_error = str(e)
             log(logging.ERROR, "metrics_failed", error=str(e), detail="enforcement goes on without metrics")
 
-    def _make_monitor(self, config: Config) -> ChangeMonitor | None:
-        """Tables changed inside a sandbox are repaired when nftables reports it, not at the next resync."""
-        if not config.watch_changes:
-            return None
-        soft, hard = raise_fd_limit()  # one descriptor per watched sandbox, above the ones libnftables needs
-        monitor = ChangeMonitor(lambda sid: self.reconciler.queue.add(sid, urgent=True))
-        detail = None
-        if monitor.capacity == 0:
-            detail = "RLIMIT_NOFILE too low: repair waits for the resync"
-        elif not monitor.own_filter:
-            detail = "not in the initial pid namespace: each of our own writes costs one extra table read"
-        log(
-            logging.INFO if detail is None else logging.WARNING,
-            "monitor_started",
-            capacity=monitor.capacity,
-            fd_limit=soft,
-            fd_hard_limit=hard,
-            own_filter=monitor.own_filter,
-            detail=detail,
-        )
-        return monitor
+    def _on_packets(self, sid: str, packets: list[Any], malformed: int) -> None:
+        if self.denials is not None:
+            self.denials.packets(sid, packets, malformed)
 
     def _persisted(self, generation: int) -> None:
         self.reconciler.persisted(generation)
@@ -167,6 +183,7 @@ class Agent:
             "counts": self.reconciler.state_counts(),
             "reconciles": dict(self.reconciler.counters),
             "monitor": self.monitor.info() if self.monitor is not None else None,
+            "denials": self.denials.info() if self.denials is not None else None,
             "metrics": {"listen": self.config.metrics_listen or None, "error": self.metrics_error},
         }
 
@@ -197,6 +214,8 @@ class Agent:
             "cached_contexts", "metrics_listen",
         }  # fmt: skip
         changed = sorted(k for k in fixed if getattr(config, k) != getattr(self.config, k))
+        old, new = self.config.denials, config.denials
+        changed += [f"denials.{k}" for k in ("log", "group", "keep") if getattr(old, k) != getattr(new, k)]
         if changed:
             log(logging.WARNING, "reload_needs_restart", keys=changed)
         self.config = config
@@ -295,6 +314,9 @@ class Agent:
         self._restore()
         self._start_metrics()
         self._tasks.append(asyncio.create_task(self.dns.run(), name="dns"))
+        if self.denials is not None:
+            denials = run_denials(self.denials, self.reconciler, self.dns.cache, self.config.denials.group)
+            self._tasks.append(asyncio.create_task(denials, name="denials"))
         feed = asyncio.create_task(self.source.run(self.intake.on_line), name="feed")
         feed.add_done_callback(self._feed_ended)
         self._tasks.append(feed)

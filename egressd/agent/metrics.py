@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from egressd.agent.denials import DenialBook
 from egressd.common.logs import log
 from egressd.kernel.backend import ApplyError
 from egressd.kernel.netns import NetnsError
@@ -69,6 +70,8 @@ class Snapshot:
     proxy_queries: dict[str, int] = field(default_factory=dict)  # DNS proxy answers, by outcome
     proxy_sandboxes: int = 0  # sandboxes whose DNS the proxy answers
     proxy_learned: int = 0  # addresses in force from their answers
+    denial_packets: dict[tuple[str, str], int] = field(default_factory=dict)  # (step, kind) -> packets
+    denial_dropped: dict[str, int] = field(default_factory=dict)  # why -> packets not made events
 
 
 def snapshot(
@@ -77,6 +80,7 @@ def snapshot(
     feed_rejected: int,
     denied: DeniedCounters | None,
     feed: dict[str, object] | None = None,
+    denials: DenialBook | None = None,
 ) -> Snapshot:
     """The agent's live state, as the collector reports it. Call on the event loop."""
     states = dict.fromkeys(STATES, 0)
@@ -102,6 +106,8 @@ def snapshot(
         proxy_queries=dict(reconciler.proxy.counts),
         proxy_sandboxes=len(reconciler.proxy.sandboxes),
         proxy_learned=reconciler.proxy.learned_total(),
+        denial_packets=dict(denials.packets_by) if denials is not None else {},
+        denial_dropped=dict(denials.dropped) if denials is not None else {},
     )
 
 
@@ -167,7 +173,29 @@ class AgentCollector(Collector):
                 value=s.feed_revision,
             )
         yield from _denied_metrics(s)
+        yield from _denial_event_metrics(s)
         yield from _proxy_metrics(s)
+
+
+def _denial_event_metrics(s: Snapshot) -> tuple[Metric, Metric]:
+    """The packets the tables logged as denied, host-wide (docs/denials.md), and what was lost."""
+    total = CounterMetricFamily(
+        "egressd_denials",
+        "Denied packets (and DNS queries) reported as events, by the step that denied them",
+        labels=["step", "kind"],
+    )
+    for (step, kind), n in sorted(s.denial_packets.items()):
+        total.add_metric([step, kind], n)
+    dropped = CounterMetricFamily(
+        "egressd_denial_events_dropped",
+        "Logged denials not made events: agent (its bounds), foreign (a log prefix egressd never writes), "
+        "malformed (unreadable log messages), unknown (a host-side drop on no sandbox's interface), "
+        "nats (events not published: no session up)",
+        labels=["reason"],
+    )
+    for reason in ("agent", "foreign", "malformed", "unknown", "nats"):
+        dropped.add_metric([reason], s.denial_dropped.get(reason, 0))
+    return total, dropped
 
 
 def _denied_metrics(s: Snapshot) -> tuple[Metric, Metric]:

@@ -1,5 +1,6 @@
-"""What the control socket answers: `status`, `dns`, `wait` and `explain` requests, each a JSON document in
-and one out. Every field of a request is checked; a bad one gets an error that says what was expected."""
+"""What the control socket answers: `status`, `dns`, `wait`, `explain` and `denials` requests, each a JSON
+document in and one out. Every field of a request is checked; a bad one gets an error that says what was
+expected."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from ipaddress import ip_address
 from typing import Any
 
 from egressd.agent.control import Streamed
+from egressd.agent.denials import DenialBook
 from egressd.desired.dnscache import RDTYPES, Answer, join_errors
 from egressd.desired.resolve import DnsService, resolve_all
 from egressd.model.config import Config
@@ -27,15 +29,20 @@ class ControlApi:
         dns: DnsService,
         config: Callable[[], Config],
         agent_info: Callable[[], dict[str, Any]],
+        denials: DenialBook | None = None,
     ) -> None:
         self._reconciler = reconciler
         self._dns = dns
         self._config = config
         self._agent_info = agent_info
+        self._denials = denials
 
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
         if cmd == "status":
+            sid = req.get("id")
+            if sid is not None:
+                return self._one(sid)
             return {"agent": self._agent_info(), "sandboxes": Streamed(self._rows())}
         if cmd == "dns":
             cache = self._dns.cache
@@ -47,7 +54,45 @@ class ControlApi:
             return await self.wait(req)
         if cmd == "explain":
             return await self.explain(req)
-        return {"error": f"unknown command {cmd!r}; expected status, dns, wait or explain"}
+        if cmd == "denials":
+            return await self.denials(req)
+        return {"error": f"unknown command {cmd!r}; expected status, dns, wait, explain or denials"}
+
+    def _one(self, sid: Any) -> dict[str, Any]:
+        """`status SANDBOX`: its row, and its last few denials."""
+        row = next(iter(self._reconciler.report(sid)), None) if isinstance(sid, str) else None
+        if row is None:
+            return {"error": f"no sandbox {sid!r} is known to the agent; `egressd status` lists them"}
+        row["dns_proxy"] = self._reconciler.proxy.view(sid)
+        recent = self._denials.recent(sid) if self._denials is not None else []
+        return {"agent": self._agent_info(), "sandboxes": [row], "denials": recent}
+
+    async def denials(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The kept denial events, of one sandbox or all: newer than `since` seconds, after the event
+        `after`; with `wait`, a long poll: the answer comes once there is one (`denials --follow`)."""
+        sid, since, after, wait = req.get("id"), req.get("since"), req.get("after", 0), req.get("wait", 0)
+        if sid is not None and not isinstance(sid, str):
+            return {"error": '"id" must be a sandbox id (string), or absent for every sandbox'}
+        if since is not None and (not isinstance(since, int | float) or not 0 <= since <= 7 * 86400):
+            return {"error": '"since" must be a number of seconds between 0 and 604800'}
+        if (
+            not isinstance(after, int)
+            or after < 0
+            or not isinstance(wait, int | float)
+            or not 0 <= wait <= 60
+        ):
+            return {"error": '"after" must be an event number (>= 0), "wait" seconds between 0 and 60'}
+        if self._denials is None:
+            return {
+                "error": "denials are not logged on this agent: set [denials] log = true (docs/denials.md)"
+            }
+        if sid is not None and self._reconciler.desired.get(sid) is None:
+            return {"error": f"no sandbox {sid!r} is known to the agent; `egressd status` lists them"}
+        book = self._denials
+        last = book.last_seq
+        events = await book.wait_after(sid, after, float(wait)) if wait else book.events(sid, since, after)
+        last = max([last, *(e.seq for e in events)])
+        return {"events": Streamed(e.doc() for e in events), "last": last}
 
     def _rows(self) -> Iterator[dict[str, Any]]:
         for row in self._reconciler.report():

@@ -112,3 +112,10 @@ def print_status(answer: dict[str, Any]) -> None:
             detail = f"refresh in {h.get('refresh_in', 0):g}s" + (f"; {h['error']}" if h.get("error") else "")
             rows.append((f"  {h['list']} {h['name']}", h.get("state", "?"), "", "", addresses(h), detail))
     print_table(rows)
+    denials = answer.get("denials")
+    if denials is not None:  # `status SANDBOX`
+        from egressd.agent.denialview import line
+
+        print("\nlast denials:" if denials else "\nno denials kept")
+        for event in denials:
+            print("  " + line(event))

@@ -60,6 +60,11 @@ class DesiredStore:
         """Whether some sandbox names this namespace path now."""
         return netns in self._by_netns
 
+    def naming_interface(self, iface: str) -> str | None:
+        """The sandbox whose host_interface this is (the first, should an old state file hold two)."""
+        sids = self._by_iface.get(iface)
+        return next(iter(sids), None) if sids else None
+
     def _next_generation(self) -> int:
         self._generation += 1
         return self._generation

@@ -93,6 +93,24 @@ class NatsSource:
         self._cause: Exception | None = None
         self._watching = False  # the current session's watch is made: client errors now end the session
         self._run_session = session or self._session
+        self._nc: Any = None  # the session's connection, while there is one (publish)
+        self._sending: set[asyncio.Task[Any]] = set()
+
+    def publish(self, subject: str, payload: bytes) -> bool:
+        """One message out on the session's connection (denial events, docs/denials.md); False when no
+        session is up: the caller counts it as dropped. Never waits: the client buffers it."""
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            return False
+        task = asyncio.get_running_loop().create_task(nc.publish(subject, payload))
+        self._sending.add(task)
+        task.add_done_callback(self._sent)
+        return True
+
+    def _sent(self, task: asyncio.Task[Any]) -> None:
+        self._sending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log(logging.DEBUG, "feed_publish_failed", error=repr(task.exception()))
 
     async def run(self, on_line: OnLine) -> None:
         """Sessions until cancelled; a failed or lost one is retried with backoff, never raised."""
@@ -177,6 +195,7 @@ class NatsSource:
         self._cause, self._watching = None, False
         nc = await self._connect(lost)
         tasks: list[asyncio.Task[Any]] = []
+        self._nc = nc
         try:
             js = nc.jetstream(timeout=max(self.settings.connect_timeout, REQUEST_TIMEOUT))
             kv = await js.key_value(self.settings.bucket)
@@ -194,6 +213,7 @@ class NatsSource:
             for t in done:
                 t.result()  # the watch or the check ended: raise why
         finally:
+            self._nc = None
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -41,7 +41,7 @@ from egressd.model.entries import within
 from egressd.model.sandbox import Policy
 from egressd.ruleset.dnsrules import LEARNED_SETS
 from egressd.ruleset.exprs import FAMILY, TABLE
-from egressd.ruleset.names import FORWARD, NXDOMAIN, judge_chain, judge_name
+from egressd.ruleset.names import FORWARD, NXDOMAIN, NameVerdict, judge_chain, judge_name
 
 OUTCOMES = ("forwarded", "refused", "nxdomain", "servfail", "rate_limited")
 REFUSED_LOG_INTERVAL = 1.0  # at most one dns_refused line per sandbox per second
@@ -97,6 +97,8 @@ class Interceptor:
         self.sandboxes: dict[str, Sandbox] = {}
         self.counts: Counter[str] = Counter(dict.fromkeys(OUTCOMES, 0))
         self._observe = observe  # told ("dns_answer", seconds) for each answer (metrics)
+        # told (sandbox, query name, step, entry) of every query refused or answered NXDOMAIN (denials)
+        self.on_refused: Callable[[str, str, str, str | None], None] | None = None
 
     def set_config(self, config: Config) -> None:
         self.config = config
@@ -224,14 +226,14 @@ class Interceptor:
     async def _decide(self, sid: str, sb: Sandbox, query: FastQuery | Query, wire: bytes, size: int) -> bytes:
         verdict = judge_name(sb.policy, query.name)
         if verdict.action != FORWARD:
-            return self._refuse(sid, sb, query, verdict.action, str(verdict), size)
+            return self._refuse(sid, sb, query, verdict, str(verdict), size)
         read = await self._ask(query, wire)
         if read is None:
             return self._empty(query, dns.rcode.SERVFAIL, size, "servfail")
         query, answer, found = read
         verdict = judge_chain(sb.policy, found.chain)
         if verdict.action == NXDOMAIN:
-            return self._refuse(sid, sb, query, NXDOMAIN, f"{verdict} (on the CNAME chain)", size)
+            return self._refuse(sid, sb, query, verdict, f"{verdict} (on the CNAME chain)", size)
         blocked = self.config.guard.deny
         usable = {a: t for a, t in found.addresses.items() if not within(a, blocked)}
         if verdict.learn and usable and not await self._learn(sid, sb, usable, query.name):
@@ -273,13 +275,15 @@ class Interceptor:
         return to_wire(reply(query.message, rcode), size)
 
     def _refuse(
-        self, sid: str, sb: Sandbox, query: FastQuery | Query, action: str, why: str, size: int
+        self, sid: str, sb: Sandbox, query: FastQuery | Query, verdict: NameVerdict, why: str, size: int
     ) -> bytes:
         now = time.monotonic()
         if now - sb.logged_at >= REFUSED_LOG_INTERVAL:
             sb.logged_at = now
             log(logging.INFO, "dns_refused", sandbox=sid, name=query.name, type=query.rdtype, detail=why)
-        if action == NXDOMAIN:
+        if self.on_refused is not None:
+            self.on_refused(sid, query.name, verdict.step, verdict.entry)
+        if verdict.action == NXDOMAIN:
             return self._empty(query, dns.rcode.NXDOMAIN, size, "nxdomain")
         return self._empty(query, dns.rcode.REFUSED, size, "refused")
 

@@ -47,7 +47,7 @@ from egressd.kernel.nfnl_elements import ElementSocket
 from egressd.kernel.nfnl_listing import ListingSocket
 from egressd.kernel.nfnl_sandbox import PLAIN_SETS
 from egressd.kernel.writer import TableWriter
-from egressd.model.config import Config
+from egressd.model.config import Config, Denials
 from egressd.ruleset.dnsrules import LEARNED_SETS
 from egressd.ruleset.exprs import Json
 from egressd.ruleset.render import FINGERPRINT_CHAIN, ND_TYPES, Ruleset
@@ -82,8 +82,11 @@ def target_for(iface: str) -> Target:
     return Target(FAMILY, table_name(iface), (chain,))
 
 
-def guard_commands(mark: int) -> list[Json]:
-    """The static table that turns marks into drops: replace it whole, in one transaction."""
+def guard_commands(mark: int, denials: Denials | None = None) -> list[Json]:
+    """The static table that turns marks into drops: replace it whole, in one transaction. With denials,
+    what it drops is logged first (prefix "host"), at most `rate` a second per interface (a meter: one
+    token bucket per sandbox's interface, in a dynamic set): only here is a reply told apart from a denial.
+    The step is not known here; the agent finds it (ruleset/decide.py) for the sandbox of the interface."""
     t = {"family": "inet", "table": GUARD_TABLE}
     meta_mark = {"meta": {"key": "mark"}}
 
@@ -105,6 +108,17 @@ def guard_commands(mark: int) -> list[Json]:
         return {"add": {"rule": {**body, "comment": comment} if comment else body}}
 
     table = {"family": "inet", "name": GUARD_TABLE}
+    logged: list[Json] = []
+    comment = f"egressd/1 guard mark {mark:#x}"
+    if denials is not None:
+        meter = {"type": "iface_index", "flags": ["timeout"], "timeout": 60, "size": 65535}
+        limit = {"limit": {"rate": denials.rate, "burst": denials.burst, "per": "second"}}
+        per_iface = {
+            "set": {"op": "update", "elem": {"meta": {"key": "iif"}}, "set": "@denials", "stmt": [limit]}
+        }
+        log_it = {"log": {"prefix": "host", "group": denials.group}}
+        logged = [{"add": {"set": {**t, "name": "denials", **meter}}}, rule(marked, per_iface, log_it)]
+        comment += f" log {denials.group} {denials.rate}/{denials.burst}"
     return [
         {"add": {"table": table}},
         {"delete": {"table": table}},
@@ -113,7 +127,8 @@ def guard_commands(mark: int) -> list[Json]:
         rule(eq({"&": [meta_mark, mark]}, 0), {"accept": None}),
         rule(marked, eq({"ct": {"key": "direction"}}, "reply"), clear, {"accept": None}),
         rule(marked, *nd, clear, {"accept": None}),
-        rule(marked, {"counter": None}, {"drop": None}, comment=f"egressd/1 guard mark {mark:#x}"),
+        *logged,
+        rule(marked, {"counter": None}, {"drop": None}, comment=comment),
     ]
 
 
@@ -142,6 +157,7 @@ class HostBackend:
         self._nft = nft
         self._raw = raw
         self._mark = config.host_mark
+        self._denials = config.denials if config.denials.log else None
         self._guard_checked = False
         self._guard_written = False  # this backend has put the guard in force once
         self._lock = threading.Lock()
@@ -157,8 +173,9 @@ class HostBackend:
 
     def set_config(self, config: Config) -> None:
         with self._lock:
-            if config.host_mark != self._mark:
-                self._mark = config.host_mark
+            denials = config.denials if config.denials.log else None
+            if config.host_mark != self._mark or denials != self._denials:
+                self._mark, self._denials = config.host_mark, denials
                 self._guard_checked = False
 
     def invalidate(self) -> None:
@@ -203,7 +220,7 @@ class HostBackend:
             if self._guard_checked:
                 return False
             listing = self._list({"table": {"family": "inet", "name": GUARD_TABLE}})
-            want = guard_commands(self._mark)
+            want = guard_commands(self._mark, self._denials)
             found = [i["rule"].get("comment") for i in listing or () if "rule" in i]
             rules = [c["add"]["rule"] for c in want if "rule" in c.get("add", {})]
             have = [i["rule"] for i in listing or () if "rule" in i]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import resource
@@ -35,12 +36,14 @@ import socket
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from egressd.common.logs import log
 from egressd.kernel.monitor_events import TransactionParser, own_thread_check
 from egressd.kernel.monitor_socket import FD_BASE, fd_capacity, open_watch
 from egressd.kernel.netns import CLOSE_GRACE_S, NetnsError, NsId, libc_setns, netns_id
+from egressd.kernel.nflog import LoggedPacket, is_log_datagram, parse_packets
 
 RECV_BUFFER = 1 << 16  # larger than any notification datagram (the kernel batches them up to a page or so)
 DATAGRAMS_PER_WAKE = 64  # then other sockets get their turn; a socket with more stays readable
@@ -92,6 +95,8 @@ class ChangeMonitor:
         is_own: Callable[[int], bool] | None = None,
         min_gap: float = MIN_GAP,
         opener: Callable[[str], tuple[socket.socket, NsId, int | None]] | None = None,
+        packets: Callable[[str, list[LoggedPacket], int], None] | None = None,
+        log_group: int | None = None,
     ) -> None:
         self._callback = callback
         self._fd_base = fd_base
@@ -102,7 +107,8 @@ class ChangeMonitor:
         self.own_filter = self._is_own is not None
         self._min_gap = min_gap
         setns = libc_setns()  # one libc handle, not one per socket
-        self._opener = opener or (lambda path: open_watch(path, self._fd_base, setns=setns))
+        self._opener = opener or partial(open_watch, fd_base=fd_base, setns=setns, log_group=log_group)
+        self._packets = packets  # what the namespace's table logged (denials): (sid, packets, malformed)
         self._watches: dict[str, _Watch] = {}
         self._starved: dict[str, None] = {}  # sandboxes waiting for a descriptor, oldest first
         self._in_use = 0  # sockets open or being opened
@@ -311,7 +317,12 @@ class ChangeMonitor:
                 w.parser.reset()
                 reason = reason or f"event of {n} bytes truncated"
                 continue
-            found = w.parser.feed(memoryview(buf)[:n])  # always: the parser's state must follow
+            view = memoryview(buf)[:n]
+            if is_log_datagram(view):  # a logged packet (denials), not an nftables event
+                if self._packets is not None:
+                    self._packets(sid, *parse_packets(view))
+                continue
+            found = w.parser.feed(view)  # always: the parser's state must follow
             reason = reason or found
         if reason is not None:
             w.reason = w.reason or reason
@@ -348,11 +359,7 @@ class ChangeMonitor:
             "waiting_for_descriptors": len(self._starved),
             "capacity": self.capacity,
             "own_filter": self.own_filter,
-            "triggers": self.stats.triggers,
-            "overflows": self.stats.overflows,
-            "open_failures": self.stats.open_failures,
-            "spoofed": self.stats.spoofed,
-            "checks_spared": self.stats.checks_spared,
+            **dataclasses.asdict(self.stats),  # triggers, overflows, open_failures, spoofed, checks_spared
         }
 
     def close(self) -> None:

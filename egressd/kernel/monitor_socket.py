@@ -16,13 +16,13 @@ from collections.abc import Callable
 from egressd.common.fds import FD_BASE, move_high
 from egressd.common.logs import log
 from egressd.kernel.netns import NsId, in_netns
-from egressd.kernel.nfnl import NETLINK_NETFILTER, TIMEOUT_S, NetlinkError, ruleset_generation
+from egressd.kernel.nflog import bind_log_group
+from egressd.kernel.nfnl import TIMEOUT_S, NetlinkError, listening_socket, ruleset_generation
 
 # Netlink constants, checked against linux/netlink.h and linux/netfilter/nfnetlink.h (and against this
 # kernel: see tests/integration/test_monitor.py).
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
-SO_RCVBUFFORCE = 33  # socket.h; needs CAP_NET_ADMIN, falls back to SO_RCVBUF (capped by rmem_max)
 NFNLGRP_NFTABLES = 7
 
 FD_HEADROOM = 64  # high descriptors left unused, for whatever else needs one once the low ones run out
@@ -52,15 +52,8 @@ def fd_capacity(soft_limit: int, fd_base: int = FD_BASE) -> int:
 
 def _subscribed_socket(rcvbuf: int) -> socket.socket:
     """Run inside the target namespace: a netfilter netlink socket in the nftables event group."""
-    sock = socket.socket(
-        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
-    )
+    sock = listening_socket(rcvbuf)
     try:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.bind((0, 0))
         sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
     except OSError:
         sock.close()
@@ -96,14 +89,37 @@ def _generation(sock: socket.socket) -> int | None:
         return None
 
 
+def _bind_log(sock: socket.socket, group: int, path: str) -> None:
+    """The same socket hears the packets the namespace's table logs (kernel/nflog.py: denials). Without
+    them the watch still works: said once, never fatal."""
+    try:
+        bind_log_group(sock, group)
+    except (OSError, NetlinkError) as e:
+        log(
+            logging.WARNING,
+            "denial_log_unavailable",
+            netns=path,
+            group=group,
+            error=str(e),
+            detail="denials of this sandbox are not reported; enforcement is unchanged",
+        )
+
+
 def open_watch(
-    path: str, fd_base: int = FD_BASE, rcvbuf: int = RCVBUF, setns: Callable[[int, int], int] | None = None
+    path: str,
+    fd_base: int = FD_BASE,
+    rcvbuf: int = RCVBUF,
+    setns: Callable[[int, int], int] | None = None,
+    log_group: int | None = None,
 ) -> tuple[socket.socket, NsId, int | None]:
     """open_monitor_socket(), and the namespace's ruleset generation read once the socket listens: every
-    commit after it is heard, every commit before it is counted in it."""
+    commit after it is heard, every commit before it is counted in it. log_group: also bound to that
+    NFLOG group (before the generation is read: events skipped meanwhile are counted in it)."""
 
     def subscribed() -> tuple[socket.socket, int | None]:
         sock = _subscribed_socket(rcvbuf)
+        if log_group is not None:
+            _bind_log(sock, log_group, path)
         return sock, _generation(sock)
 
     (low, generation), ident = in_netns(path, subscribed, setns)

@@ -315,3 +315,24 @@ def table_presence(
     generation = ruleset_generation(sock, seq, strict)
     request = _get(NFT_MSG_GETTABLE, family, seq + 1, attr(NFTA_TABLE_NAME, table.encode() + b"\0"))
     return not exchange(sock, request, _Present(seq + 1, strict)).missing, generation
+
+
+SO_RCVBUFFORCE = 33  # socket.h; needs CAP_NET_ADMIN, falls back to SO_RCVBUF (capped by rmem_max)
+
+
+def listening_socket(rcvbuf: int) -> socket.socket:
+    """A bound, non-blocking NETLINK_NETFILTER socket in the calling thread's namespace, with a receive
+    buffer of rcvbuf (what the kernel sends it waits there): the change monitor's and the denials' log."""
+    sock = socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
+    )
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((0, 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock

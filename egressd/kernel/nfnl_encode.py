@@ -12,8 +12,8 @@ It is a pure function of the commands: it reads nothing from the kernel. What li
 its cache must therefore be in the batch or be said: a set's type and flags come from its declaration in
 the same batch, or from `plain_sets` for sets already in the kernel, which must be plain (not interval)
 sets; interval elements are only written into a set made empty in the same batch. Any command, object key
-or expression it does not know raises EncodeError before anything is sent (nfnl_exprs.py and nfnl_inet.py
-have the expressions).
+or expression it does not know raises EncodeError before anything is sent (nfnl_exprs.py, nfnl_inet.py and
+nfnl_stmts.py have the expressions).
 """
 
 from __future__ import annotations

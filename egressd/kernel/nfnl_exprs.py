@@ -9,8 +9,8 @@ a network or transport header: `meta protocol` for ip/ip6 in netdev, `meta l4pro
 then compares it (cmp), looks it up in a set (lookup; an anonymous constant set is emitted before the rule,
 bound by its set id), or masks it first (bitwise, for a prefix that does not end on a byte, and for `&`). A
 byte-aligned prefix loads only its bytes. Verdicts are immediates; `counter "name"` is an objref; `meta mark
-set` is meta + bitwise + meta. Every value is encoded in the byte order of its field. Anything else raises
-EncodeError: the batch is never sent.
+set` is meta + bitwise + meta; `limit` and `log` (one expression each) are nfnl_stmts.py's. Every value is
+encoded in the byte order of its field. Anything else raises EncodeError: the batch is never sent.
 
 Field ids, datatypes and set userdata are nftables 1.0.6's (src/proto.c, src/datatype.c, include/proto.h),
 checked byte by byte against what `nft -j -f` sends (strace): tests/integration/test_nfnl_batch.py.
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from egressd.kernel.nfnl import attr
+from egressd.kernel.nfnl_stmts import STATEMENTS
 
 # Values moved to nfnl_values.py, still offered here by their old names (nfnl_listing.py reads some)
 from egressd.kernel.nfnl_values import ELEM_F_INTERVAL_OPEN as ELEM_F_INTERVAL_OPEN
@@ -202,6 +203,8 @@ class RuleEncoder:
             self.exprs.append(expression("counter"))
         elif kind == "mangle" and isinstance(arg, dict) and set(arg) == {"key", "value"}:
             self._mangle(arg["key"], arg["value"])
+        elif kind in STATEMENTS:  # limit, log
+            self.exprs.append(STATEMENTS[kind](arg))
         else:
             raise EncodeError(f"unsupported statement {stmt!r}")
 

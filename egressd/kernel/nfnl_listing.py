@@ -11,10 +11,10 @@ again (as libnftables does), so a listing is one state of the table.
 
 The listing has libnftables JSON's outline ({"table"}, {"set"}, {"counter"}, {"chain"}, {"rule"}, in a fixed
 order) and its forms for what reconcile/sync.py and ruleset/transactions.py read: rule comments, jumps and
-verdicts ({"jump": {"target": "decide_a"}}, {"accept": null}), set names, set elements (addresses,
-{"prefix"}, {"range"}), "handle", "packets", "bytes". Other expressions are {name: {attribute: value}}, with
-an anonymous set inline where a rule looks it up (its kernel name differs from table to table); anything
-not decoded is kept in hex, so a change to it still changes the listing.
+verdicts ({"jump": {"target": "decide_a"}}, {"accept": null}), limit and log (nfnl_stmts.py), set names,
+set elements (addresses, {"prefix"}, {"range"}), "handle", "packets", "bytes". Other expressions are
+{name: {attribute: value}}, with an anonymous set inline where a rule looks it up (its kernel name differs
+from table to table); anything not decoded is kept in hex, so a change to it still changes the listing.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from egressd.kernel import nfnl
+from egressd.kernel import nfnl, nfnl_stmts
 from egressd.kernel import nfnl_exprs as nx
 from egressd.kernel.nfnl import DumpReader, NetlinkError, attr, attributes, each_attribute
 from egressd.kernel.nfnl_elements import FAMILIES, NFTA_SET_ELEM_LIST_ELEMENTS, getsetelem_request
@@ -114,14 +114,14 @@ EXPRS: dict[str, Spec] = {  # linux/netfilter/nf_tables.h, NFTA_<EXPRESSION>_*
 
 
 def expression(v: memoryview) -> Json:
-    """One expression: {name: {attribute: value}}; a verdict (an immediate into the verdict register) as
-    libnftables lists it."""
+    """One expression: {name: {attribute: value}}; a verdict (an immediate into the verdict register), a
+    limit and a log as libnftables lists them."""
     a = attributes(v, (nx.NFTA_EXPR_NAME, nx.NFTA_EXPR_DATA))
-    name = _str(a[nx.NFTA_EXPR_NAME])
-    args = _decode(a.get(nx.NFTA_EXPR_DATA, memoryview(b"")), EXPRS.get(name, {}))
+    name, data = _str(a[nx.NFTA_EXPR_NAME]), a.get(nx.NFTA_EXPR_DATA, memoryview(b""))
+    args = _decode(data, EXPRS.get(name, {}))
     if name == "immediate" and args.get("dreg") == 0 and isinstance(args.get("data"), dict):
         return dict(args["data"])
-    return {name: args}
+    return nfnl_stmts.listed(name, data) or {name: args}
 
 
 def expressions(v: memoryview) -> list[Json]:

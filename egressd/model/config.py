@@ -75,9 +75,23 @@ class Intercept:
 
 
 @dataclass(frozen=True)
+class Denials:
+    """[denials]: how denied packets are logged by the kernel and kept by the agent (docs/denials.md)."""
+
+    log: bool = True
+    group: int = 2
+    rate: int = 50
+    burst: int = 100
+    keep: int = 100
+    publish: bool = True  # [events] publish: on the NATS feed's connection, when the feed is nats://
+    subject: str = "egressd.denials"  # [events] subject, followed by .<host_id>
+
+
+@dataclass(frozen=True)
 class Config:
-    """Everything the agent reads from its config file, flat. Only guard, deny_action, uplink and
-    sandbox_resolvers shape the rendered table; the rest is how the agent runs."""
+    """Everything the agent reads from its config file, flat. Only guard, deny_action, uplink,
+    sandbox_resolvers, the intercept settings and denials (but keep) shape the rendered table; the rest is
+    how the agent runs."""
 
     guard: Guard = field(
         default_factory=lambda: Guard(
@@ -106,6 +120,7 @@ class Config:
     watch_changes: bool = True
     cached_contexts: int = 4
     control_socket: str = "/run/egressd/control.sock"
+    denials: Denials = field(default_factory=Denials)
     log_format: str = "json"
     log_level: str = "info"
     metrics_listen: str = "127.0.0.1:9469"  # "" turns metrics off; see parse_listen
@@ -166,6 +181,7 @@ def _to_config(m: ConfigFile) -> Config:
         watch_changes=m.reconcile.watch_changes,
         cached_contexts=m.reconcile.cached_contexts,
         control_socket=m.control.socket,
+        denials=Denials(**m.denials.model_dump(), **m.events.model_dump()),
         log_format=m.log.format,
         log_level=m.log.level,
         metrics_listen=m.metrics.listen,

@@ -158,6 +158,27 @@ class _Reconcile(_Strict):
     cached_contexts: int = Field(default=4, ge=1, le=800, strict=True)
 
 
+class _Denials(_Strict):
+    # Log every denied packet to NFLOG (docs/denials.md): a chain per deny step in each sandbox's table.
+    log: bool = Field(default=True, strict=True)
+    group: int = Field(
+        default=2, ge=0, le=65535, strict=True
+    )  # the NFLOG group, in every sandbox's namespace
+    rate: int = Field(
+        default=50, ge=1, le=100_000, strict=True
+    )  # packets logged per second, per sandbox and step
+    burst: int = Field(default=100, ge=1, le=100_000, strict=True)
+    keep: int = Field(default=100, ge=1, le=10_000, strict=True)  # events the agent keeps per sandbox
+
+
+class _Events(_Strict):
+    # With a nats:// feed, denial events are also published on SUBJECT.<host_id> (docs/denials.md).
+    publish: bool = Field(default=True, strict=True)
+    subject: str = Field(
+        default="egressd.denials", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length=200
+    )
+
+
 class _Control(_Strict):
     socket: str = Field(default="/run/egressd/control.sock", min_length=1)
 
@@ -223,5 +244,7 @@ class ConfigFile(_Strict):
     dns: _Dns = Field(default_factory=_Dns)
     reconcile: _Reconcile = Field(default_factory=_Reconcile)
     control: _Control = Field(default_factory=_Control)
+    denials: _Denials = Field(default_factory=_Denials)
+    events: _Events = Field(default_factory=_Events)
     log: _Log = Field(default_factory=_Log)
     metrics: _Metrics = Field(default_factory=_Metrics)

@@ -107,3 +107,32 @@ def decide(
                 if entry is not None:
                     return Verdict("accept", step, entry, host=True, via=via)
     return Verdict("accept" if policy.allow_internet_access else "deny", "internet")
+
+
+def attribute(
+    step: str,
+    dst: str | IPAddress,
+    policy: Policy,
+    config: Config,
+    resolved: Callable[[str], Collection[str]] = _no_addresses,
+) -> tuple[str | None, str | None]:
+    """(the list entry, the host name) behind a denial the kernel logged under `step` (a log prefix,
+    render.STEP_CHAINS): the first entry of that step's list holding dst, as decide() finds it, and the
+    name dst stands for among the policy's host names (resolved as for decide), when one does. The step
+    comes from the kernel, not from here: a DNS answer that changed since cannot move a denial to
+    another step, at most leave its entry unknown."""
+    addr = ipaddress.ip_address(dst) if isinstance(dst, str) else dst
+    lists: dict[str, Iterable[IPNetwork]] = {
+        "embedded-ipv4": EMBEDDED_IPV4,
+        "guard.deny": config.guard.deny,
+        "deny_out": _targets(policy.deny_out),
+        "guard.private": config.guard.private,
+    }
+    hit = _first_match(addr, lists.get(step, ()))
+    entry = str(hit) if hit is not None else None
+    host = None
+    if step == "deny_out" and entry is None:
+        entry = host = _first_host(addr, policy.deny_out.hostnames, resolved)
+    if host is None:
+        host = _first_host(addr, (*policy.allow_out.hostnames, *policy.deny_out.hostnames), resolved)
+    return entry, host

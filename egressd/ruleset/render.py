@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from egressd.model.config import Config
+from egressd.model.config import Config, Denials
 from egressd.model.entries import IPNetwork, within
 from egressd.model.sandbox import Policy
 from egressd.ruleset.dnsrules import LEARNED_SETS, dns_l4, intercept_hooks, intercepting
@@ -36,6 +36,16 @@ FINGERPRINT_CHAIN = "fingerprint"
 VARIANTS = ("a", "b")
 VARIANT_SUFFIXES = ("_a", "_b")
 
+# The deny steps, and the chain each goes through to log what it denies (docs/denials.md): the log prefix
+# names the step, as `explain` does.
+STEP_CHAINS = {
+    "dns": "log_dns",  # a query around DNS interception
+    "embedded-ipv4": "log_embedded",
+    "guard.deny": "log_guard_deny",
+    "deny_out": "log_deny_out",
+    "guard.private": "log_private",
+    "internet": "log_internet",
+}
 # ICMPv6 neighbour and router discovery: without these the sandbox cannot reach even its gateway over IPv6.
 ND_TYPES = ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]
 # Multicast listener reports for link-local groups: a snooping bridge needs them to deliver neighbour
@@ -66,6 +76,7 @@ class Ruleset:
     # addresses) lists the same way but for the elements, so one read of the kernel's listing per shape
     # teaches the reconciler what all of them look like (see reconcile.listing_digest).
     shape: str = ""
+    chains: frozenset[str] = frozenset()  # the per-variant objects that are chains (the rest are sets)
     intercept: bool = False  # the sandbox's DNS queries are answered by egressd, which fills LEARNED_SETS
     generation: int = 0  # in the conntrack mark of the connections it accepts (generation.py); 0: none
 
@@ -100,11 +111,34 @@ def _split(nets: Iterable[IPNetwork]) -> tuple[list[IPNetwork], list[IPNetwork]]
 class _Builder:
     """Collects sets first and rules after, so every set and chain exists before anything refers to it."""
 
-    def __init__(self, marks: Marks | None) -> None:
+    def __init__(self, marks: Marks | None, denials: Denials | None) -> None:
         self.sets: list[Json] = []
         self.rules: list[Json] = []
         # How a destination step accepts: marking the connection with the generation where there is one.
         self.accept: tuple[Json, ...] = marks.accept if marks is not None else (ACCEPT,)
+        self._denials = denials
+
+    def deny(self, step: str) -> tuple[Json, ...]:
+        """How a step denies: through its logging chain when denials are logged, else straight to `deny`."""
+        if self._denials is None:
+            return (DENY,)
+        return ({"jump": {"target": STEP_CHAINS[step]}},)
+
+    def step_chains(self) -> list[Json]:
+        """One chain per deny step used: log the packet (within the kernel's rate limit), then deny. The
+        limit only ever skips the log: the packet goes on to `deny` either way. Only the steps a rule
+        jumps to (an empty list has no rule)."""
+        d = self._denials
+        used = {e["jump"]["target"] for r in self.rules for e in r["add"]["rule"]["expr"] if "jump" in e}
+        out: list[Json] = []
+        for step, chain in STEP_CHAINS.items() if d is not None else ():
+            if chain not in used:
+                continue
+            limit = {"limit": {"rate": d.rate, "burst": d.burst, "per": "second"}}
+            out.append({"add": {"chain": {**T, "name": chain}}})
+            out.append(rule(chain, limit, {"log": {"prefix": step, "group": d.group}}))
+            out.append(rule(chain, DENY))
+        return out
 
     def set_rules(
         self, name: str, nets: Iterable[IPNetwork], verdict: tuple[Json, ...], extra: Iterable[Json] = ()
@@ -172,7 +206,7 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
     # Every accept marks the connection with the policy's generation, and a connection of the current
     # generation is let through first (generation.py). Not on the host side: its hook runs before conntrack.
     marks = None if host else Marks(config.intercept.conn_mark_mask)
-    variant, hooks, dns_sets, names = _build(policy, config, host, intercept, marks)
+    variant, hooks, dns_sets, names, chains = _build(policy, config, host, intercept, marks)
     digest, shape = _digests(variant, hooks, "host" if host else config.uplink)
     value = 0
     if marks is not None:
@@ -182,18 +216,21 @@ def render(policy: Policy, config: Config, host: bool = False) -> Ruleset:
         marks.set(value)
         digest = hashlib.sha256(f"{digest} {value:#x}".encode()).hexdigest()
     fingerprint = f"{SCHEMA} sha256:{digest}"
-    return Ruleset(variant, hooks, fingerprint, tuple(dns_sets), names, shape, intercept, value)
+    return Ruleset(variant, hooks, fingerprint, tuple(dns_sets), names, shape, chains, intercept, value)
 
 
 def _build(
     policy: Policy, config: Config, host: bool, intercept: bool, marks: Marks | None
-) -> tuple[list[Json], list[Json], list[str], frozenset[str]]:
-    """The variant, the hooks, the DNS set names and the per-variant names."""
-    b = _Builder(marks)
+) -> tuple[list[Json], list[Json], list[str], frozenset[str], frozenset[str]]:
+    """The variant, the hooks, the DNS set names, the per-variant names and which of them are chains.
+    The host side logs nothing itself: its deny only marks, and a reply is told apart only later."""
+    b = _Builder(marks, config.denials if config.denials.log and not host else None)
     _link_rules(b, host, config.intercept.port if intercept else None)
     dns_sets = _destination_rules(b, policy, config, intercept)
     # 7. everything else: the public internet.
-    b.rules.append(rule("decide", *b.accept) if policy.allow_internet_access else rule("decide", DENY))
+    internet = b.accept if policy.allow_internet_access else b.deny("internet")
+    b.rules.append(rule("decide", *internet))
+    steps = b.step_chains()
 
     variant: list[Json] = [
         *b.sets,
@@ -201,13 +238,14 @@ def _build(
         *(marks.admit() if marks is not None else []),
         {"add": {"chain": {**T, "name": "decide"}}},
         *_deny_chain(config.deny_action, config.host_mark if host else None),
+        *steps,
         *b.rules,
     ]
     hooks = _hooks(config, marks) + (intercept_hooks(config) if intercept and not host else [])
-    names = frozenset(
-        [c["add"]["set"]["name"] for c in b.sets] + ["deny", "decide"] + ([ADMIT] if marks else [])
-    )  # the objects that exist twice during an update: name_a and name_b
-    return variant, hooks, dns_sets, names
+    chains = frozenset(["deny", "decide", *(c["add"]["chain"]["name"] for c in steps if "chain" in c["add"])])
+    chains |= {ADMIT} if marks else set()
+    names = chains | {c["add"]["set"]["name"] for c in b.sets}  # what exists twice in an update: _a, _b
+    return variant, hooks, dns_sets, names, chains
 
 
 def _link_rules(b: _Builder, host: bool, proxy_port: int | None = None) -> None:
@@ -216,7 +254,7 @@ def _link_rules(b: _Builder, host: bool, proxy_port: int | None = None) -> None:
     if proxy_port is not None and host:
         # The sandbox's own table sends every query to its proxy: port 53 on the wire is a packet socket
         # going around it (CAP_NET_RAW), a channel out of the host.
-        b.rules.append(rule("decide", *dns_l4(53), DENY))
+        b.rules.append(rule("decide", *dns_l4(53), *b.deny("dns")))
     elif proxy_port is not None:
         for version, local in ((4, "127.0.0.1"), (6, "::1")):
             daddr = payload("ip" if version == 4 else "ip6", "daddr")
@@ -240,15 +278,15 @@ def _link_rules(b: _Builder, host: bool, proxy_port: int | None = None) -> None:
     if proxy_port is not None and not host:
         # Every query was redirected to the proxy's port before this chain sees it: what still goes to port 53
         # is a flow conntrack had set up before the redirect was in force (NAT is decided once per flow).
-        b.rules.append(rule("decide", *dns_l4(53), DENY))
+        b.rules.append(rule("decide", *dns_l4(53), *b.deny("dns")))
 
 
 def _destination_rules(b: _Builder, policy: Policy, config: Config, intercept: bool = False) -> list[str]:
     """Steps 2-6 of `decide`, by destination; returns the names of the DNS sets, in table order."""
     # 2-6. operator deny, operator allow, tenant allow, tenant deny, private ranges. IPv6 destinations that
     # embed an IPv4 address go first: on the wire they would slip past every IPv4 rule (to a translator).
-    b.set_rules("embedded", EMBEDDED_IPV4, (DENY,))
-    b.set_rules("guard_deny", config.guard.deny, (DENY,))
+    b.set_rules("embedded", EMBEDDED_IPV4, b.deny("embedded-ipv4"))
+    b.set_rules("guard_deny", config.guard.deny, b.deny("guard.deny"))
     closed_names = not policy.allow_internet_access and policy.allow_out.hostnames
     if closed_names and config.sandbox_resolvers and not intercept:
         # A closed sandbox that names hosts needs DNS to use them: port 53 of the operator's resolvers only.
@@ -260,9 +298,10 @@ def _destination_rules(b: _Builder, policy: Policy, config: Config, intercept: b
     if intercept and policy.allow_out.names:
         for version, name in zip((4, 6), LEARNED_SETS, strict=True):
             b.rules.append(rule("decide", match_daddr(version, name), *b.accept))
-    b.set_rules("deny", (*policy.deny_out.nets4, *policy.deny_out.nets6), (DENY,))
-    dns_sets += b.dns_sets("deny_dns", (DENY,)) if policy.deny_out.hostnames else []
-    b.set_rules("private", config.guard.private, (DENY,))
+    b.set_rules("deny", (*policy.deny_out.nets4, *policy.deny_out.nets6), b.deny("deny_out"))
+    if policy.deny_out.hostnames:
+        dns_sets += b.dns_sets("deny_dns", b.deny("deny_out"))
+    b.set_rules("private", config.guard.private, b.deny("guard.private"))
     return dns_sets
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 from egressd.ruleset.dnsrules import LEARNED_SETS
 from egressd.ruleset.exprs import Json
-from egressd.ruleset.generation import ADMIT
 from egressd.ruleset.render import FINGERPRINT_CHAIN, VARIANT_SUFFIXES, VARIANTS, Ruleset
 from egressd.ruleset.variants import (
     NETNS,
@@ -33,7 +32,6 @@ from egressd.ruleset.variants import (
 )
 
 Elements = Mapping[str, Iterable[str]]
-VARIANT_CHAINS = ("decide", "deny", ADMIT)  # the per-variant chains; every other per-variant object is a set
 
 
 @dataclass(frozen=True)
@@ -120,17 +118,15 @@ def set_elements(listing: list[Json], names: Iterable[str]) -> dict[str, frozens
 
 
 def retire_commands(listing: list[Json], variant: str, target: Target = NETNS) -> list[Json]:
-    """Delete every per-variant object of `variant` found in listing: chains (emptied first), then sets."""
+    """Delete every per-variant object of `variant` found in listing: chains (all emptied first: decide
+    jumps to the logging chains, they to deny), then sets."""
     chains = [
         i["chain"]["name"] for i in listing if "chain" in i and i["chain"]["name"].endswith("_" + variant)
     ]
     sets = [i["set"]["name"] for i in listing if "set" in i and i["set"]["name"].endswith("_" + variant)]
-    chains.sort(key=lambda n: not n.startswith("decide"))  # decide jumps to deny: it goes first
     where = {"family": target.family, "table": target.table}
-    out: list[Json] = []
-    for name in chains:
-        out.append({"flush": {"chain": {**where, "name": name}}})
-        out.append({"delete": {"chain": {**where, "name": name}}})
+    out: list[Json] = [{"flush": {"chain": {**where, "name": name}}} for name in chains]
+    out += [{"delete": {"chain": {**where, "name": name}}} for name in chains]
     out += [{"delete": {"set": {**where, "name": n}}} for n in sets]
     return out
 
@@ -167,10 +163,8 @@ def other_variant(variant: str) -> str:
 
 def _own_objects(ruleset: Ruleset, variant: str) -> list[Json]:
     """A listing-shaped list of the per-variant objects a ruleset creates under `variant`."""
-    chains = [{"chain": {"name": variant_name(n, variant)}} for n in VARIANT_CHAINS if n in ruleset.names]
-    sets = [
-        {"set": {"name": variant_name(n, variant)}} for n in sorted(ruleset.names) if n not in VARIANT_CHAINS
-    ]
+    chains = [{"chain": {"name": variant_name(n, variant)}} for n in sorted(ruleset.chains)]
+    sets = [{"set": {"name": variant_name(n, variant)}} for n in sorted(ruleset.names - ruleset.chains)]
     return chains + sets
 
 

@@ -389,3 +389,25 @@ def test_tls_with_a_client_certificate(world, agent, tmp_path):
             assert feed_health(no_cert)["connected"] == 0 and feed_health(no_cert)["snapshots"] == 0
     finally:
         server.stop()
+
+
+def test_denials_are_published_on_the_hosts_subject(world, agent, kv, nats):
+    """docs/denials.md: with the fleet feed each denial event also goes to egressd.denials.<host_id>."""
+    sb = world.sandboxes[0]
+    got = kv.subscribe("egressd.denials.hosta")
+    a = fleet_agent(agent, nats.url).start()
+    r = kv.put("hosta.s0", record(sb, internet=True, deny=[BAD4]))
+    assert a.wait("s0", r)
+    assert eventually(lambda: a.agent_status()["monitor"]["watched"] == 1)
+    assert open_to(sb.name, OK4)  # the control: accepted, never published
+    assert closed_to(sb.name, BAD4)
+
+    def published():
+        return [json.loads(m) for m in list(got)]
+
+    assert eventually(lambda: {e["proto"] for e in published()} >= {"tcp", "udp", "icmp"})
+    assert all(e["sandbox"] == "s0" and e["dst"] == BAD4 and e["step"] == "deny_out" for e in published())
+    assert all(e["entry"] == f"{BAD4}/32" for e in published())
+    kept = json.loads(a.cli("denials", "s0", "--json").stdout.splitlines()[0])
+    assert kept in published()  # the same event, kept and published
+    assert a.agent_status()["denials"]["dropped"] == {}

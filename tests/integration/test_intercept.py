@@ -14,7 +14,7 @@ import pytest
 
 from netns_fixtures.pool_dns import PoolDnsServer
 from netns_fixtures.probe import tcp_connect
-from tests.integration.test_agent import closed_to, open_to
+from tests.integration.test_agent import closed_to, eventually, open_to
 from tests.loopback import free_port, scrape
 
 pytestmark = pytest.mark.root
@@ -197,6 +197,23 @@ def test_patterns_at_any_depth_never_the_apex_and_deny_through_a_cname(world, up
     meta = ask(sb.name, "meta.example.test")  # rebinding to the metadata address: stripped
     assert meta["rcode"] == "NOERROR" and "169.254.169.254" not in json.dumps(meta["answer"])
     assert "198.51.100.77" in json.dumps(meta["answer"])
+    # every refusal is a denial event, with the query name, the step and the entry (docs/denials.md)
+    want = [
+        {"kind": "dns", "name": "wild.test", "step": "internet"},
+        {"kind": "dns", "name": "x.evil.test", "step": "deny_out", "entry": "*.evil.test"},
+        {"kind": "dns", "name": "sneaky.example.test", "step": "deny_out", "entry": "*.evil.test"},
+        {"kind": "packet", "dst": "203.0.113.66", "step": "internet", "proto": "tcp"},
+    ]
+
+    def events():
+        out = a.cli("denials", "s0", "--json")
+        return [json.loads(line) for line in out.stdout.splitlines()]
+
+    def shown(w):
+        return any(all(e.get(k) == v for k, v in w.items()) for e in events())
+
+    assert all(eventually(lambda w=w: shown(w), timeout=5.0) for w in want), events()
+    assert not any(e.get("name") in ("api.wild.test", "deep.api.wild.test") for e in events())  # allowed
 
 
 def test_a_sandbox_without_host_names_is_not_intercepted(world, upstream, intercepting):

@@ -76,6 +76,13 @@ def test_a_refused_transaction_leaves_the_old_table_in_force(world, backend):
         "admit",
         "decide",
         "deny",
+        *(c for c in good.chains if c.startswith("log_")),  # the deny steps' logging chains
+    }
+    assert {c for c in good.chains if c.startswith("log_")} == {
+        "log_embedded",
+        "log_guard_deny",
+        "log_private",
+        "log_internet",
     }
     backend.remove(sb.netns_path)
 
@@ -139,7 +146,8 @@ def test_an_update_stages_the_new_policy_then_switches(world, backend):
     backend.apply(sb.netns_path, second)
     assert live_name(sb.name, "decide") == "decide_b" and live_name(sb.name, "deny4") == "deny4_b"
     assert sorted(chain_names(sb.name)) == [
-        "admit_b", "decide_b", "deny_b", "dns_in", "dns_out", "fingerprint", "forward", "input", "output"
+        "admit_b", "decide_b", "deny_b", "dns_in", "dns_out", "fingerprint", "forward", "input",
+        "log_deny_out_b", "log_embedded_b", "log_guard_deny_b", "log_private_b", "output"
     ]  # fmt: skip
     assert [
         i["table"]["handle"] for i in nft_json(sb.name, "list", "tables") if i["table"]["name"] == "egressd"
@@ -336,7 +344,7 @@ def test_what_the_backend_remembers_never_outweighs_the_kernel(world, backend):
         for i in nft_json(sb.name, "list", "chain", "inet", "egressd", "decide_b")
         if "rule" in i
     ]
-    assert decide[0] != [{"accept": None}] and decide[-1] == [{"jump": {"target": "deny_b"}}]
+    assert decide[0] != [{"accept": None}] and decide[-1] == [{"jump": {"target": "log_internet_b"}}]
     # someone deletes the table: the remembered variant is wrong, the apply still lands
     world.exec(sb.name, ["nft", "delete", "table", "inet", "egressd"])
     backend.apply(sb.netns_path, first)
@@ -425,6 +433,9 @@ def test_a_table_an_older_egressd_wrote_gains_the_interception_chains_on_its_nex
         "deny_a",
         "fingerprint",
         "forward",
+        "log_embedded_a",
+        "log_guard_deny_a",
+        "log_private_a",
         "output",
     ]
     sandbox = parse_sandbox({"id": "x", "network_policy": {"allow_out": ["api.example.com"]}})

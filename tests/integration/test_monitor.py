@@ -55,12 +55,14 @@ def has_table(ns):
 
 
 def as_written(listing):
-    """A table's listing without what changes when no one edits it (handles, counter values) or when egressd
-    writes the same policy again (which of variant a or b holds it): equal to the listing egressd wrote."""
+    """A table's listing without what changes when no one edits it (handles, counter values, the guard's
+    meter of denials, whose elements come and go with traffic) or when egressd writes the same policy again
+    (which of variant a or b holds it): equal to the listing egressd wrote."""
 
     def norm(v):
         if isinstance(v, dict):
-            return {k: 0 if k in ("packets", "bytes") else norm(x) for k, x in v.items() if k != "handle"}
+            skip = ("handle", "elem") if v.get("name") == "denials" else ("handle",)
+            return {k: 0 if k in ("packets", "bytes") else norm(x) for k, x in v.items() if k not in skip}
         if isinstance(v, list):
             return [norm(x) for x in v]
         return re.sub(r"_[ab]$", "", v) if isinstance(v, str) else v

@@ -228,6 +228,38 @@ def test_stage_switch_updates_elements_and_learned_addresses_list_the_same(write
     assert [e["elem"]["val"] for e in learned["elem"]] == ["198.51.100.2"]
 
 
+LOG_CHAIN = "log_probe_a"  # no chain the renderer makes
+
+
+def logging_commands(t: dict, deny: str) -> list[dict]:
+    """A step's logging chain as the renderer writes one (limit, log, goto deny), and the other forms of
+    limit and log the encoder writes: no burst, burst 0 (libnftables sends 5), each period, a log with a
+    prefix only, with a group and its options, and with nothing."""
+    rules = [
+        [{"limit": {"rate": 50, "burst": 100, "per": "second"}}, {"log": {"prefix": "deny_out", "group": 2}},
+         {"goto": {"target": deny}}],
+        [{"limit": {"rate": 7, "per": "minute"}}, {"log": {"prefix": "guard.private"}}],
+        [{"limit": {"rate": 7, "per": "hour", "burst": 0, "rate_unit": "packets"}},
+         {"log": {"group": 65535, "snaplen": 64, "queue-threshold": 10}}],
+        [{"limit": {"rate": 2**40, "per": "day", "burst": 2**32 - 1}}, {"log": None}, {"jump": {"target": deny}}],
+    ]  # fmt: skip
+    chain = {"add": {"chain": {**t, "name": LOG_CHAIN}}}
+    return [chain, *({"add": {"rule": {**t, "chain": LOG_CHAIN, "expr": expr}}} for expr in rules)]
+
+
+def test_a_logging_chain_is_sent_and_lists_as_libnftables_writes_it(writers):
+    commands = plan_replace(render(CLOSED, Config(), host=True), None, TARGET).steps[0].commands
+    writers.run(commands + logging_commands({"family": "netdev", "table": TARGET.table}, "deny_a"))
+    rules = [i["rule"]["expr"] for i in listing(writers.raw) if i.get("rule", {}).get("chain") == LOG_CHAIN]
+    assert rules[0] == [
+        {"limit": {"rate": 50, "burst": 100, "per": "second"}},
+        {"log": {"prefix": "deny_out", "group": 2}},
+        {"goto": {"target": "deny_a"}},
+    ]
+    assert [r[0]["limit"]["burst"] for r in rules] == [100, 5, 5, 2**32 - 1]
+    assert writers.compared == (1 if BYTES else 0)
+
+
 def test_a_delete_leaves_nothing_either_way(writers):
     writers.run(plan_replace(render(CLOSED, Config(), host=True), None, TARGET).steps[0].commands)
     writers.run([{"delete": {"table": {"family": "netdev", "name": TARGET.table}}}])

@@ -9,6 +9,7 @@ or b, and must change with every edit of a rule, chain, set or object, never wit
 
 import json
 import os
+import shlex
 import subprocess
 import time
 
@@ -17,6 +18,7 @@ import pytest
 from egressd.kernel.hostside import HostBackend, table_name, target_for
 from egressd.kernel.netns import in_netns
 from egressd.kernel.nfnl import attr, attributes
+from egressd.kernel.nfnl_batch import BatchSocket
 from egressd.kernel.nfnl_listing import GETCHAIN, GETOBJ, GETRULE, GETSET, GETTABLE, NAMED, ListingSocket
 from egressd.kernel.nft import LibnftBackend, counter_of
 from egressd.model.config import Config
@@ -29,7 +31,7 @@ from egressd.ruleset.transactions import (
     retire_commands,
     set_elements,
 )
-from tests.integration.test_nfnl_batch import CLOSED, GUARDED, NAMES, OPEN, RESOLVERS, policy, sh
+from tests.integration.test_nfnl_batch import CLOSED, GUARDED, LOG_CHAIN, NAMES, OPEN, RESOLVERS, policy, sh
 
 pytestmark = pytest.mark.root
 
@@ -130,7 +132,9 @@ def test_a_raw_listing_answers_as_the_libnftables_listing_does(host, pol, config
         for v in "ab":
             ours, theirs = retire_commands(raw, v, target), retire_commands(lib, v, target)
             assert sorted(map(json.dumps, ours)) == sorted(map(json.dumps, theirs))
-            assert ours[:1] == theirs[:1]  # decide goes first: it jumps to deny
+            # every chain is emptied before any is deleted: decide jumps to the logging chains, they to deny
+            kinds = [next(iter(c)) for c in ours]
+            assert kinds == sorted(kinds, key=["flush", "delete"].index)
         assert [i for i in raw if "uncounted" in i] == []
         digests.append(listing_digest(raw))
     assert digests[0] == digests[1]
@@ -217,6 +221,75 @@ def test_counter_values_do_not_change_the_digest(host):
     assert after != before and listing_digest(after) == listing_digest(before)
     host.nft_cmd("reset", "counters", "table", "netdev", table_name(IFACES[0]))
     assert listing_digest(host.reads(IFACES[0])[0]) == listing_digest(before)
+
+
+def log_rule(host: Host) -> tuple[dict, dict]:
+    """The logging chain's rule as read raw and by libnftables."""
+    raw, lib = host.reads(IFACES[0])
+
+    def rule(listing: list[dict]) -> dict:
+        return next(i["rule"] for i in listing if i.get("rule", {}).get("chain") == LOG_CHAIN)
+
+    return rule(raw), rule(lib)
+
+
+def test_a_logging_chain_reads_raw_as_libnftables_lists_it_and_only_an_edit_changes_its_digest(host):
+    """A step's logging chain (limit, log, goto deny), written raw, that every packet goes through first:
+    its rule reads raw as libnftables lists it; packets (the limit's tokens taken, some logged) leave the
+    digest as it was; a changed rate, burst, prefix or group changes it."""
+    ruleset = render(OTHER, Config(), host=True)
+    host.apply(IFACES[0], ruleset)
+    table = table_name(IFACES[0])
+    t = {"family": "netdev", "table": table}
+    stmts = [
+        {"limit": {"rate": 1, "burst": 2, "per": "second"}},
+        {"log": {"prefix": "deny_out", "group": 2}},
+        {"goto": {"target": "deny_a"}},
+    ]
+    sock = BatchSocket.open(host.path)
+    try:
+        sock.run([{"add": {"chain": {**t, "name": LOG_CHAIN}}},
+                  {"add": {"rule": {**t, "chain": LOG_CHAIN, "expr": stmts}}}], "logging chain")  # fmt: skip
+    finally:
+        sock.close()
+    host.nft_cmd("insert", "rule", "netdev", table, "ingress", "goto", LOG_CHAIN)
+    raw, lib = log_rule(host)
+    assert raw["expr"] == lib["expr"] == stmts
+    before = host.reads(IFACES[0])[0]
+    assert fingerprint_of(before) == ruleset.fingerprint
+    for argv in (
+        ["link", "set", "egl-h0", "up"],
+        ["link", "set", "egl-p0", "up"],
+        ["addr", "add", "192.0.2.2/24", "dev", "egl-p0"],
+        ["neigh", "add", "192.0.2.1", "lladdr", "02:00:00:00:00:01", "dev", "egl-p0", "nud", "permanent"],
+    ):
+        sh("ip", "-n", host.ns, *argv)
+    sent = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    sent += "for _ in range(5): s.sendto(b'x', ('192.0.2.1', 9))\n"
+    sh("ip", "netns", "exec", host.ns, "python3", "-c", sent)
+    deadline = time.monotonic() + 5
+    while (counter_of(host.reads(IFACES[0])[1], "denied") or (0, 0))[0] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    after, lib = host.reads(IFACES[0])
+    # Under the limit a packet is logged and goes to deny (counted); over it, on to the ingress's next rule.
+    assert (counter_of(lib, "denied") or (0, 0))[0] >= 1, "the packets must have gone through the chain"
+    assert listing_digest(after) == listing_digest(before)
+    digests = {listing_digest(before)}
+    for edit in (
+        "limit rate 2/second burst 2 packets log prefix deny_out group 2 goto deny_a",
+        "limit rate 2/second burst 3 packets log prefix deny_out group 2 goto deny_a",
+        'limit rate 2/second burst 3 packets log prefix "guard.deny" group 2 goto deny_a',
+        'limit rate 2/second burst 3 packets log prefix "guard.deny" group 3 goto deny_a',
+    ):
+        handle = rule_handle(host, table, LOG_CHAIN, 0)
+        host.nft_cmd("replace", "rule", "netdev", table, LOG_CHAIN, "handle", handle, *shlex.split(edit))
+        raw, lib = log_rule(host)
+        assert raw["expr"] == lib["expr"]
+        listing = host.reads(IFACES[0])[0]
+        assert fingerprint_of(listing) == ruleset.fingerprint  # only the digest can tell
+        digests.add(listing_digest(listing))
+    assert len(digests) == 5
 
 
 def test_learned_addresses_and_a_table_that_is_gone(host):

@@ -33,7 +33,7 @@ from egressd.ruleset.transactions import (
     plan_replace,
     replace_table,
 )
-from tests.integration.test_nfnl_batch import VERSION, sh, strace_batch
+from tests.integration.test_nfnl_batch import LOG_CHAIN, VERSION, logging_commands, sh, strace_batch
 from tests.integration.test_nfnl_batch import listing as batch_listing
 from tests.integration.test_nfnl_batch import messages as batch_messages
 from tests.unit.test_render import CASES
@@ -201,6 +201,17 @@ def _large(w: Writers) -> None:
     w.run(plan_elements({}, {"allow_dns4": names[:2900]}, plan.written.variant).commands)
 
 
+def _logging(w: Writers) -> None:
+    """A step's logging chain (limit, log, goto deny) and the other forms of limit and log, in inet."""
+    commands = plan_replace(render(CLOSED, Config()), None).steps[0].commands
+    w.run(commands + logging_commands({"family": "inet", "table": "egressd"}, "deny_a"))
+    rules = [i["rule"]["expr"] for i in listing(w.raw) if i.get("rule", {}).get("chain") == LOG_CHAIN]
+    assert rules[0][:2] == [
+        {"limit": {"rate": 50, "burst": 100, "per": "second"}},
+        {"log": {"prefix": "deny_out", "group": 2}},
+    ]
+
+
 def _delete(w: Writers) -> None:
     w.run(plan_replace(render(CLOSED, Config()), None).steps[0].commands)
     w.run([{"delete": {"table": {"family": "inet", "name": "egressd"}}}])
@@ -217,6 +228,7 @@ SCENARIOS = {
     "update-stage-switch-retire": _update,
     "element-updates-and-learned-addresses": _elements_and_learned,
     "delete-table": _delete,
+    "limit-log-goto": _logging,
     "large-sets": _large,
 }
 
@@ -256,7 +268,7 @@ def test_the_backend_writes_raw_and_falls_back_to_libnftables_for_what_it_cannot
         assert len(backend._sockets) == 1 and len(backend._cache) == 0
         assert backend.fingerprint(path) == ruleset.fingerprint
         odd = [{"add": {"rule": {"family": "inet", "table": "egressd", "chain": "input",
-                                 "expr": [{"log": {"prefix": "x"}}]}}}]  # fmt: skip
+                                 "expr": [{"log": {"prefix": "x", "level": "info"}}]}}}]  # fmt: skip
         for _ in range(2):
             backend.run(path, odd, "odd rule")
         assert len(backend._cache) == 1  # libnftables wrote it

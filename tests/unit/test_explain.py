@@ -260,7 +260,7 @@ def test_request_errors_say_what_to_do(tmp_path):
         "destination 'no.example.com': cannot resolve it: NXDOMAIN: no such name; give an address instead"
     )
     assert '"dest"' in answers[3]["error"]
-    assert "expected status, dns, wait or explain" in answers[4]["error"]
+    assert "expected status, dns, wait, explain or denials" in answers[4]["error"]
     assert asked == [("no.example.com", "A"), ("no.example.com", "AAAA")]
 
 

@@ -39,7 +39,9 @@ def test_the_host_ruleset_is_the_same_decision_judged_at_ingress():
         {"add": {"rule": {"family": "inet", "table": "egressd", "chain": "ingress",
                           "expr": [{"jump": {"target": "decide"}}]}}}
     ]  # fmt: skip
-    assert host.fingerprint != netns.fingerprint and host.names == netns.names - {"admit"}  # no marks
+    # no marks, no logging chains (the host side only marks what it denies)
+    logging = {n for n in netns.chains if n.startswith("log_")}
+    assert host.fingerprint != netns.fingerprint and host.names == netns.names - {"admit"} - logging
     marked = host_ruleset(config_from_dict({"enforce": {"host_mark": 0x40}}))
     assert "64" in str(marked.variant) and marked.fingerprint != host.fingerprint
 
@@ -288,3 +290,18 @@ def test_a_restarted_agent_that_adopts_host_tables_knows_their_guard_should_be_t
         adopted = GuardHost()
         assert HostBackend(adopted, Config(), raw=False).ensure_guard(expected=True) and adopted.runs == 1
         assert [r.getMessage() for r in caplog.records].count("host_guard_repaired") == 1
+
+
+def test_the_guard_logs_what_it_drops_per_interface_within_the_rate_and_says_so_in_its_comment():
+    from egressd.model.config import Denials
+
+    plain, logged = guard_commands(0x100000), guard_commands(0x100000, Denials(group=7, rate=5, burst=9))
+    rules = [c["add"]["rule"] for c in logged if "rule" in c.get("add", {})]
+    log_rule = rules[-2]["expr"]
+    assert log_rule[-1] == {"log": {"prefix": "host", "group": 7}}
+    meter = log_rule[1]["set"]
+    assert meter["elem"] == {"meta": {"key": "iif"}} and meter["set"] == "@denials"
+    assert meter["stmt"] == [{"limit": {"rate": 5, "burst": 9, "per": "second"}}]  # per interface
+    assert rules[-1]["expr"][-1] == {"drop": None}  # after the log, whatever the limit said
+    assert "log 7 5/9" in rules[-1]["comment"] and "log" not in plain[-1]["add"]["rule"]["comment"]
+    assert len(plain) == len(logged) - 2  # the meter's set and the log rule

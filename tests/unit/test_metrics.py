@@ -223,3 +223,28 @@ def test_feed_health_from_a_real_nats_source_and_its_text_exposition():
     assert "# TYPE egressd_feed_connected gauge" in text and "egressd_feed_connected 1.0" in text
     assert "egressd_feed_disconnects_total 1.0" in text
     assert "# TYPE egressd_feed_revision gauge" in text and "egressd_feed_revision 77.0" in text
+
+
+def test_denials_are_counted_host_wide_by_step_and_kind_and_what_was_lost_by_reason():
+    from egressd.agent.denials import DenialBook
+    from egressd.kernel.nflog import LoggedPacket
+
+    def logged(prefix, dst="198.51.100.7"):
+        return LoggedPacket(4, prefix, 6, "10.0.0.2", dst, 443, None, None, 2, 60)
+
+    async def main():
+        r = Reconciler(FakeBackend(), CONFIG, rng=random.Random(1))
+        book = DenialBook(10, lambda sid, step, dst: (None, None))
+        book.packets(
+            "a", [logged("deny_out"), logged("deny_out"), logged("internet"), logged("x")], malformed=1
+        )
+        book.packets("b", [logged("deny_out", "198.51.100.8")])
+        book.flush(everything=True)
+        got = samples(Metrics(lambda: snapshot(r, 0, 0, None, denials=book)).registry)
+        assert got[("egressd_denials_total", (("kind", "packet"), ("step", "deny_out")))] == 3
+        assert got[("egressd_denials_total", (("kind", "packet"), ("step", "internet")))] == 1
+        dropped = {k[1][0][1]: v for k, v in got.items() if k[0] == "egressd_denial_events_dropped_total"}
+        assert dropped == {"agent": 0, "foreign": 1, "malformed": 1, "unknown": 0, "nats": 0}
+        assert not any("sandbox" in dict(k[1]) for k in got if k[0].startswith("egressd_denial"))
+
+    asyncio.run(main())

@@ -71,7 +71,9 @@ def test_a_deny_pattern_without_interception_holds_the_sandbox_closed():
     off, on = config_from_dict({"dns": {"intercept": False}}), config_from_dict({"dns": {"intercept": True}})
     ruleset, _, note = plan(p, off, None)
     assert note == "closed because deny_out patterns need [dns] intercept on: *.evil.test"
-    assert ruleset.variant[-1]["add"]["rule"]["expr"] == [{"jump": {"target": "deny"}}]  # internet: deny
+    assert ruleset.variant[-1]["add"]["rule"]["expr"] == [
+        {"jump": {"target": "log_internet"}}
+    ]  # internet: deny
     out = explain_addresses(p, off, None, [parse_dest("203.0.113.5")])
     assert out["results"][0]["action"] == "deny" and out["held_closed"].startswith("held closed because")
     ruleset, _, note = plan(p, on, None)

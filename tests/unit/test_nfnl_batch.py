@@ -3,6 +3,7 @@ the bytes: no root, no kernel (tests/integration/test_nfnl_batch.py runs them ag
 
 import errno
 import ipaddress
+import re
 import struct
 
 import pytest
@@ -133,6 +134,113 @@ def test_a_prefix_on_a_byte_boundary_loads_only_its_bytes_and_one_off_the_bounda
     assert get(aligned[2][1], 4) == b"\0\0\0\x02" and get(aligned[3][1], 3, 1) == b"\xff\x02"
     assert [n for n, _ in masked] == [b"meta\0", b"cmp\0", b"payload\0", b"bitwise\0", b"cmp\0"]
     assert get(masked[3][1], 4, 1) == b"\xff\xfe" + bytes(14)
+
+
+LIMIT_LOG = (
+    {"limit": {"rate": 50, "burst": 100, "per": "second"}},
+    {"log": {"prefix": "deny_out", "group": 2}},
+    {"goto": {"target": "deny_a"}},
+)
+# The limit and the log of that rule as nft -j -f (libnftables 1.0.6) sent them, captured with strace:
+# limit RATE, UNIT (u64), BURST, TYPE (pkts), FLAGS (u32); log PREFIX (NUL-terminated), GROUP (be16).
+LIMIT_LOG_BYTES = bytes.fromhex(
+    "440001800a0001006c696d6974000000340002800c00010000000000000000320c000200000000000000000108000300"
+    "000000640800040000000000080005000000000028000180080001006c6f67001c0002800d00020064656e795f6f7574"
+    "000000000600010000020000"
+)
+
+
+def rule_exprs(*stmts) -> list[tuple[bytes, list]]:
+    """(name, attributes) of each expression of one rule of family netdev."""
+    msgs = messages(encode_batch([{"add": {"table": TABLE}}, rule(*stmts)]).data)
+    return [(get(e, 1), get(e, 2)) for _, _, e in get(msgs[-2][4], 4)]
+
+
+def test_limit_and_log_are_sent_as_libnftables_sends_them():
+    data = encode_batch([{"add": {"table": TABLE}}, rule(*LIMIT_LOG)]).data
+    assert LIMIT_LOG_BYTES in data
+    got = rule_exprs(*LIMIT_LOG)
+    assert [n for n, _ in got] == [b"limit\0", b"log\0", b"immediate\0"]  # no dependency, no extra
+    assert got[0][1] == [
+        (1, False, (50).to_bytes(8, "big")),  # NFTA_LIMIT_RATE
+        (2, False, (1).to_bytes(8, "big")),  # NFTA_LIMIT_UNIT: seconds
+        (3, False, (100).to_bytes(4, "big")),  # NFTA_LIMIT_BURST
+        (4, False, bytes(4)),  # NFTA_LIMIT_TYPE: NFT_LIMIT_PKTS
+        (5, False, bytes(4)),  # NFTA_LIMIT_FLAGS
+    ]
+    assert got[1][1] == [(2, False, b"deny_out\0"), (1, False, b"\x00\x02")]  # PREFIX first, then GROUP
+
+
+@pytest.mark.parametrize(
+    ("limit", "unit", "burst"),
+    [
+        ({"rate": 7, "per": "minute"}, 60, 5),  # no burst: libnftables sends 5
+        ({"rate": 7, "per": "hour", "burst": 0}, 3600, 5),  # burst 0 too
+        ({"rate": 7, "per": "day", "burst": 1, "rate_unit": "packets"}, 86400, 1),
+        ({"rate": 2**64 - 1, "per": "second", "burst": 2**32 - 1, "unit": "packets"}, 1, 2**32 - 1),
+    ],
+)
+def test_a_limit_per_period_and_its_default_burst(limit, unit, burst):
+    ((name, got),) = rule_exprs({"limit": limit})
+    assert name == b"limit\0" and [k for k, _, _ in got] == [1, 2, 3, 4, 5]
+    assert get(got, 1) == limit["rate"].to_bytes(8, "big") and get(got, 2) == unit.to_bytes(8, "big")
+    assert get(got, 3) == burst.to_bytes(4, "big") and get(got, 4) == get(got, 5) == bytes(4)
+
+
+@pytest.mark.parametrize(
+    ("log", "attributes"),
+    [
+        ({"prefix": "x"}, [(2, False, b"x\0")]),  # no level: the kernel's default
+        ({"prefix": ""}, [(2, False, b"\0")]),
+        ({"prefix": "é" * 63 + "a"}, [(2, False, ("é" * 63 + "a").encode() + b"\0")]),  # 127 bytes
+        ({"group": 0}, [(1, False, b"\0\0")]),
+        ({"group": 65535, "snaplen": 64, "queue-threshold": 10, "prefix": "p"},
+         [(2, False, b"p\0"), (1, False, b"\xff\xff"), (3, False, b"\0\0\0\x40"), (4, False, b"\0\x0a")]),
+        ({"group": 3, "snaplen": 0, "queue-threshold": 0},
+         [(1, False, b"\0\x03"), (3, False, bytes(4)), (4, False, bytes(2))]),
+        ({}, []),
+        (None, []),
+    ],
+)  # fmt: skip
+def test_a_log_sends_what_it_is_given_in_libnftables_order(log, attributes):
+    assert rule_exprs({"log": log}) == [(b"log\0", attributes)]
+
+
+@pytest.mark.parametrize(
+    ("stmt", "error"),
+    [
+        ({"limit": {"rate": 5, "per": "second", "rate_unit": "bytes"}}, "anything but packets"),
+        ({"limit": {"rate": 5, "per": "second", "rate_unit": "kbytes"}}, "anything but packets"),
+        ({"limit": {"rate": 5, "per": "second", "unit": "bytes"}}, "anything but packets"),
+        ({"limit": {"rate": 5, "per": "week"}}, "a limit per 'week'"),
+        ({"limit": {"rate": 5, "per": ["second"]}}, "a limit per ['second']"),
+        ({"limit": {"rate": 5, "per": "second", "inv": True}}, "unsupported limit"),
+        ({"limit": {"rate": 5, "per": "second", "burst_unit": "bytes"}}, "unsupported limit"),
+        ({"limit": {"rate": 5}}, "unsupported limit"),
+        ({"limit": "rate 5/second"}, "unsupported limit"),
+        ({"limit": {"rate": 0, "per": "second"}}, "limit rate 0"),
+        ({"limit": {"rate": 2**64, "per": "second"}}, "limit rate"),
+        ({"limit": {"rate": True, "per": "second"}}, "limit rate True"),
+        ({"limit": {"rate": 5, "per": "second", "burst": -1}}, "limit burst -1"),
+        ({"limit": {"rate": 5, "per": "second", "burst": 2**32}}, "limit burst"),
+        ({"log": {"prefix": "a" * 128}}, "at most 127 bytes"),
+        ({"log": {"prefix": "é" * 64}}, "at most 127 bytes"),
+        ({"log": {"prefix": "a\0b"}}, "log prefix"),
+        ({"log": {"prefix": 7}}, "log prefix"),
+        ({"log": {"group": 65536}}, "log group 65536"),
+        ({"log": {"group": -1}}, "log group -1"),
+        ({"log": {"group": "2"}}, "log group '2'"),
+        ({"log": {"group": 2, "snaplen": 2**32}}, "log snaplen"),
+        ({"log": {"group": 2, "queue-threshold": 65536}}, "log queue-threshold"),
+        ({"log": {"prefix": "x", "snaplen": 64}}, "without a group"),
+        ({"log": {"prefix": "x", "level": "info"}}, "unsupported log"),
+        ({"log": {"flags": "all"}}, "unsupported log"),
+        ({"log": "x"}, "unsupported log"),
+    ],
+)
+def test_a_limit_or_log_the_encoder_does_not_know_is_an_error(stmt, error):
+    with pytest.raises(EncodeError, match=re.escape(error)):
+        encode_batch([{"add": {"table": TABLE}}, rule(stmt)])
 
 
 def test_open_and_adjacent_ranges_are_sent_as_libnftables_sends_them():

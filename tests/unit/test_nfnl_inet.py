@@ -15,7 +15,7 @@ from egressd.model.config import config_from_dict
 from egressd.model.sandbox import parse_sandbox
 from egressd.ruleset.render import render
 from egressd.ruleset.transactions import learn_commands, plan_after, plan_elements, plan_replace
-from tests.unit.test_nfnl_batch import get, messages
+from tests.unit.test_nfnl_batch import LIMIT_LOG, LIMIT_LOG_BYTES, get, messages
 from tests.unit.test_render import CASES
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
@@ -150,10 +150,22 @@ def test_inet_base_chains_have_no_device_and_nat_is_a_type():
     assert [k for k, _, _ in hook] == [1, 2] and get(msgs[2][4], 7) == b"nat\0"
 
 
+def test_limit_and_log_are_sent_in_inet_as_in_netdev():
+    """A step's logging chain in a sandbox's own table: what libnftables sends (test_nfnl_batch's bytes),
+    with no dependency of its own after a match."""
+    data = encode_batch([{"add": {"table": {"family": "inet", "name": "egressd"}}}, rule(*LIMIT_LOG)]).data
+    assert LIMIT_LOG_BYTES in data
+    got = exprs(match({"meta": {"key": "l4proto"}}, "tcp"), *LIMIT_LOG)
+    assert [n for n, _ in got] == [b"meta\0", b"cmp\0", b"limit\0", b"log\0", b"immediate\0"]
+    assert get(got[4][1], 2, 2, 1) == struct.pack("!i", -4)  # goto
+    assert get(got[4][1], 2, 2, 2) == b"deny_a\0"
+
+
 @pytest.mark.parametrize(
     ("stmts", "error"),
     [
-        ([{"log": {"prefix": "x"}}], "unsupported statement"),
+        ([{"log": {"prefix": "x", "level": "info"}}], "unsupported log"),
+        ([{"limit": {"rate": 5, "per": "second", "rate_unit": "bytes"}}], "anything but packets"),
         ([{"reject": {"type": "tcp reset"}}], "explicit `meta l4proto tcp`"),
         ([{"reject": None}], "unsupported statement"),
         ([{"redirect": {"port": 153}}], "transport protocol match"),

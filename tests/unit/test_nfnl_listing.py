@@ -28,6 +28,7 @@ from egressd.reconcile.sync import elements_differ, listing_digest
 from egressd.ruleset.render import render
 from egressd.ruleset.transactions import active_variant, fingerprint_of, retire_commands, set_elements
 from egressd.ruleset.variants import Target
+from tests.unit.test_nfnl_batch import LIMIT_LOG
 
 u32, strz, element = nx.u32, nx.strz, nx.element
 TABLE = "egressd_i0123456789ab"
@@ -90,6 +91,46 @@ def test_a_set_id_is_left_out_a_counter_keeps_its_values_and_an_unknown_expressi
     assert out[0] == {"lookup": {"set": "allow_dns4_b", "sreg": 1, "flags": 0}}  # no set id (a batch's own)
     assert out[1] == {"counter": {"bytes": 1500, "packets": 3}}
     assert out[2] == {"quota": {"attr1": "000000000000000a", "attr2": "00000001"}}
+
+
+def test_limit_and_log_are_listed_as_libnftables_lists_them():
+    """As written, and as the kernel dumps them back: a log with no group gets the default level (warn),
+    which libnftables does not list."""
+    body = rule_exprs(*LIMIT_LOG, {"limit": {"rate": 7, "per": "day"}}, {"log": None})
+    body += rule_exprs({"log": {"group": 0, "snaplen": 64, "queue-threshold": 10, "prefix": ""}})
+    body += nx.expression("limit", u64(1, 3), u64(2, 60), u32(3, 5), u32(4, 0), u32(5, 1), attr(6, b""))
+    body += nx.expression("log", strz(2, "x"), u32(5, 4)) + nx.expression("log", u32(5, 4))
+    assert decoded(body) == [
+        *LIMIT_LOG,
+        {"limit": {"rate": 7, "burst": 5, "per": "day"}},  # the burst libnftables sent
+        {"log": None},
+        {"log": {"prefix": "", "group": 0, "snaplen": 64, "queue-threshold": 10}},
+        {"limit": {"rate": 3, "burst": 5, "per": "minute", "inv": True}},  # `over`; 6: padding
+        {"log": {"prefix": "x"}},
+        {"log": None},
+    ]
+
+
+def test_a_limit_or_log_of_another_form_keeps_its_bytes():
+    limit = (u64(1, 10240), u64(2, 1), u32(3, 0), u32(4, 1), u32(5, 0))  # bytes
+    odd = [
+        nx.expression("limit", *limit),
+        nx.expression("limit", u64(1, 3), u64(2, 604800), u32(3, 5), u32(4, 0), u32(5, 0)),  # per week
+        nx.expression("limit", u64(1, 3), u64(2, 1), u32(4, 0), u32(5, 0)),  # no burst
+        nx.expression("log", u32(5, 7), u32(6, 0x2F)),  # level debug, flags all
+        nx.expression("log", u32(5, 4), u32(6, 1)),  # flags
+        nx.expression("log", attr(2, b"\xff\0"), attr(1, b"\0\x02")),  # not UTF-8
+        nx.expression("log", attr(1, b"\0\x02"), u32(5, 4)),  # a group and a level
+        nx.expression("log", attr(1, b"\0\x02\0")),  # a group of 3 bytes
+    ]
+    got = decoded(b"".join(odd))
+    assert got[0] == {
+        "limit": {"attr1": "0000000000002800", "attr2": "0000000000000001", "attr3": "00000000",
+                  "attr4": "00000001", "attr5": "00000000"}
+    }  # fmt: skip
+    assert got[3] == {"log": {"attr5": "00000007", "attr6": "0000002f"}}
+    assert [next(iter(e)) for e in got] == ["limit"] * 3 + ["log"] * 5
+    assert all(set(next(iter(e.values()))) <= {f"attr{i}" for i in range(1, 7)} for e in got), got
 
 
 def elements_body(*elems: bytes, name: str = "s") -> memoryview:
@@ -339,8 +380,8 @@ def test_a_table_reads_whole_with_the_answers_libnftables_would_give():
     target = Target("netdev", TABLE, ())
     assert retire_commands(listing, "a", target) == [
         {"flush": {"chain": {"family": "netdev", "table": TABLE, "name": "decide_a"}}},
-        {"delete": {"chain": {"family": "netdev", "table": TABLE, "name": "decide_a"}}},
         {"flush": {"chain": {"family": "netdev", "table": TABLE, "name": "deny_a"}}},
+        {"delete": {"chain": {"family": "netdev", "table": TABLE, "name": "decide_a"}}},
         {"delete": {"chain": {"family": "netdev", "table": TABLE, "name": "deny_a"}}},
         {"delete": {"set": {"family": "netdev", "table": TABLE, "name": "allow4_a"}}},
         {"delete": {"set": {"family": "netdev", "table": TABLE, "name": "allow_dns4_a"}}},
@@ -355,6 +396,35 @@ def test_two_tables_of_one_policy_digest_alike_whatever_the_interface_variant_an
     first, second = neutral_listing(read(k)), neutral_listing(read(k, "egressd_iother"))
     assert first != second and listing_digest(first) == listing_digest(second)
     assert active_variant(second) == "b"
+
+
+def log_chain(k: FakeKernel, table: str = TABLE, variant: str = "a", **change) -> None:
+    """A step's logging chain in the table (limit, log, goto deny), as the raw writer writes it."""
+    chain, limit, log = f"log_deny_out_{variant}", dict(LIMIT_LOG[0]["limit"]), dict(LIMIT_LOG[1]["log"])
+    limit.update({k: v for k, v in change.items() if k in limit})
+    log.update({k: v for k, v in change.items() if k in log})
+    stmts = ({"limit": limit}, {"log": log}, {"goto": {"target": f"deny_{variant}"}})
+    k.chains.append((table, chain, chain_body(chain, table, handle=32)))
+    k.rules.append((table, strz(1, table) + strz(2, chain) + u64(3, 70) + nested(4, rule_exprs(*stmts))))
+    k.tables[table] += 1
+
+
+@pytest.mark.parametrize(
+    "change", [{"rate": 51}, {"burst": 101}, {"per": "minute"}, {"prefix": "deny_oux"}, {"group": 3}]
+)
+def test_a_table_with_a_logging_chain_digests_alike_and_a_change_to_it_does_not(change):
+    k = FakeKernel()
+    for table, variant, dev in ((TABLE, "a", "veth-a"), ("egressd_iother", "b", "veth-b")):
+        host_table(k, table, variant, dev)
+        log_chain(k, table, variant)
+    host_table(k, "egressd_ichanged", dev="veth-c")
+    log_chain(k, "egressd_ichanged", **change)
+    first, second = neutral_listing(read(k)), neutral_listing(read(k, "egressd_iother"))
+    rules = [i["rule"]["expr"] for i in first if i.get("rule", {}).get("chain") == "log_deny_out_a"]
+    assert rules == [list(LIMIT_LOG)]
+    assert listing_digest(first) == listing_digest(second)  # adopted: the same policy, variant a or b
+    changed = neutral_listing(read(k, "egressd_ichanged"))
+    assert fingerprint_of(changed) == FP and listing_digest(changed) != listing_digest(first)
 
 
 def test_an_empty_chain_nothing_jumps_to_is_found_by_the_use_count():

@@ -7,7 +7,7 @@ import pytest
 
 from egressd.model.config import Config, config_from_dict
 from egressd.model.sandbox import parse_sandbox
-from egressd.ruleset.render import FINGERPRINT_CHAIN, render
+from egressd.ruleset.render import FINGERPRINT_CHAIN, STEP_CHAINS, render
 from egressd.ruleset.transactions import fingerprint_of, replace_table
 from egressd.ruleset.variants import create_commands
 
@@ -94,9 +94,49 @@ def test_internet_off_ends_in_deny_and_both_families_are_covered():
     )
     rs = render(sb.policy, Config())
     # The last rule has no family match: it denies IPv6 even though the policy only named IPv4.
-    assert rules(rs, "decide")[-1] == [{"jump": {"target": "deny"}}]
+    assert rules(rs, "decide")[-1] == [{"jump": {"target": "log_internet"}}]
+    assert rules(rs, "log_internet")[-1] == [{"jump": {"target": "deny"}}]
     assert rules(rs, "output")[-1] == [{"jump": {"target": "decide"}}]
     assert rules(rs, "forward")[-1] == [{"jump": {"target": "decide"}}]
+    quiet = render(sb.policy, config_from_dict({"denials": {"log": False}}))
+    assert rules(quiet, "decide")[-1] == [{"jump": {"target": "deny"}}]
+
+
+def test_every_deny_step_logs_under_its_own_name_within_the_rate_limit_then_denies():
+    """Each deny path goes through a chain that logs the packet with the step as prefix (the kernel's rate
+    limit only ever skips the log line) and then jumps to `deny`: nothing in between can accept."""
+    policy = parse_sandbox(
+        {
+            "id": "a",
+            "network_policy": {
+                "deny_out": ["198.51.100.0/24", "bad.example.com"],
+                "allow_out": ["x.example.org"],
+            },
+        }
+    ).policy
+    config = config_from_dict({"denials": {"group": 7, "rate": 5, "burst": 9}})
+    rs = render(policy, config)
+    steps = {"dns", "embedded-ipv4", "guard.deny", "deny_out", "guard.private"}  # internet: allowed here
+    assert {c for c in rs.chains if c.startswith("log_")} == {STEP_CHAINS[s] for s in steps}
+    for step in steps:
+        chain = STEP_CHAINS[step]
+        limit = {"limit": {"rate": 5, "burst": 9, "per": "second"}}
+        assert rules(rs, chain) == [
+            [limit, {"log": {"prefix": step, "group": 7}}],
+            [{"jump": {"target": "deny"}}],
+        ]
+    # every deny of decide goes through a logging chain: the CIDR and the host-name sets of deny_out alike
+    targets = [r[-1]["jump"]["target"] for r in rules(rs, "decide") if "jump" in r[-1]]
+    assert "deny" not in targets and targets.count("log_deny_out") == 3  # deny4, deny_dns4, deny_dns6
+    assert rs.chains <= rs.names and not any(n.startswith("log_") for n in rs.names - rs.chains)
+    # the host side only marks; what it denies is logged where the drop happens (not here)
+    host = render(policy, config, host=True)
+    assert not any(c.startswith("log_") for c in host.chains)
+    # the rate, the burst and the group shape the table: a change rewrites it
+    assert (
+        render(policy, config_from_dict({"denials": {"rate": 6}})).fingerprint
+        != render(policy, Config()).fingerprint
+    )
 
 
 def test_reject_mode_resets_tcp_and_answers_icmp_admin_prohibited():
@@ -273,3 +313,27 @@ def test_the_host_side_of_an_intercepted_sandbox_accepts_learned_addresses_and_r
     )
     ruleset, _, note = sync.target(denies, None, host=True)
     assert ruleset.intercept and note is None
+
+
+def test_logging_leaves_every_accepting_path_as_it_was():
+    """The logging chains sit only on deny paths: with [denials] log on or off, `decide` has the same rules
+    in the same order, the base chains are the same, and only the target of a deny differs."""
+    policy = parse_sandbox(
+        {
+            "id": "a",
+            "network_policy": {
+                "allow_out": ["198.51.100.7", "api.example.com"],
+                "deny_out": ["203.0.113.0/24"],
+            },
+        }
+    ).policy
+    on, off = render(policy, Config()), render(policy, config_from_dict({"denials": {"log": False}}))
+    as_deny = json.loads(json.dumps(rules(on, "decide")).replace('"log_', '"x_'))
+    for r in as_deny:
+        if "jump" in r[-1] and r[-1]["jump"]["target"].startswith("x_"):
+            r[-1] = {"jump": {"target": "deny"}}
+    assert as_deny == rules(off, "decide")
+    def hooks(rs):  # each policy's own generation aside (the tables differ, so do their generations)
+        return json.dumps(rs.hooks).replace(str(rs.generation), "GENERATION")
+
+    assert hooks(on) == hooks(off) and rules(on, "deny") == rules(off, "deny")
