@@ -1,10 +1,10 @@
 """The benchmark suite: every bench module in turn, one table, one results file.
 
 `python -m bench` (or `make bench`) runs bench.apply, bench.agent, bench.dns, bench.tamper, bench.hostside,
-bench.hostside_agent, bench.onboard, bench.fleet, bench.natsscale, bench.intercept, bench.intercept_scale and
-bench.datapath (when it exists) one after another, each as its own process with `--json`, each bounded in
-time, then reads every result, asks the module's `summary()` for its headline figures (egressd against the
-baseline measured in the same run) and prints them as one table.
+bench.hostside_agent, bench.onboard, bench.denials, bench.fleet, bench.natsscale, bench.intercept,
+bench.intercept_scale and bench.datapath (when it exists) one after another, each as its own process with
+`--json`, each bounded in time, then reads every result, asks the module's `summary()` for its headline
+figures (egressd against the baseline measured in the same run) and prints them as one table.
 Everything goes to bench/results.json. Run as root from the project root; see bench/README.md.
 """
 
@@ -48,7 +48,7 @@ class Bench:
     optional: bool = False  # skipped, not failed, when its file does not exist
 
 
-# Sum of the bounds: 4,020 s, so a full run ends within about 67 minutes even if every bench hits its bound
+# Sum of the bounds: 4,200 s, so a full run ends within about 70 minutes even if every bench hits its bound
 # (plus the modules' own clean-up after an abort). A typical full run is much shorter.
 BENCHES: tuple[Bench, ...] = (
     Bench("apply", ("--namespaces", "50", "--entries", "10", "1000", "--single", "10000"), 240.0),
@@ -60,6 +60,7 @@ BENCHES: tuple[Bench, ...] = (
     Bench("hostside", ("--sandboxes", "200"), 480.0),
     Bench("hostside_agent", ("--sandboxes", "1000"), 300.0),  # about 95 s
     Bench("onboard", ("--existing", "1000", "--burst", "300"), 180.0),  # about 50 s
+    Bench("denials", ("--sandboxes", "200", "--seconds", "10"), 180.0),  # about 140 s, mostly fixed floods
     Bench("fleet", ("--updates", "200", "--sandboxes", "1000"), 180.0),  # about 65 s
     # H=300, not 1,000: a fleet start of 1,000 hosts x 100 keys takes about 80 s on nats-server 2.9.10 and the
     # whole module about 270 s (docs/fleet.md); 300 shows the same growth in about 35 s.

@@ -40,6 +40,21 @@ def test_onboard_benchmark_smoke(tmp_path):
     assert rep["checks_spared"] == 20 and rep["triggers"] == 0
 
 
+def test_denials_benchmark_smoke(tmp_path):
+    _, results = run_smoke(tmp_path, 180, "bench.denials", "--smoke")
+    assert results["verified"] is True and not results["errors"]
+    runs = {r["mode"]: r for r in results["runs"]}
+    assert set(runs) == {"log", "nolog"}
+    for run in runs.values():  # every datagram sent was denied by the sandbox's table, in both floods
+        for flood in (run["flood"], run["status_flood"]):
+            assert flood["sent"] > 0 and flood["eperm"] == flood["sent"], flood
+        assert run["status_ms"] and run["status_errors"] == 0 and run["flood_cpu_s"] is not None
+    # the logging agent reported denials, within the kernel's bound; the other had none to report
+    log = results["modes"]["log"]
+    assert runs["log"]["denials"]["events"] > 0 and log["within_bound"] is True
+    assert runs["nolog"]["denials"] is None and "events" not in results["modes"]["nolog"]
+
+
 def test_dns_benchmark_smoke(tmp_path):
     _, results = run_smoke(tmp_path, 300, "bench.dns", "--smoke")
     assert results["cold_start_all_enforced_s"] > 0  # the agent enforced every sandbox

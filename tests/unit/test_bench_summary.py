@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 import bench.__main__ as suite
-from bench import agent, apply, dns, hostside, tamper
+from bench import agent, apply, denials, denials_figures, dns, hostside, tamper
 from bench.figures import Figure
+from egressd.model.config import Config
 
 
 def _by_name(figures: list[Figure]) -> dict[str, Figure]:
@@ -216,6 +217,79 @@ def test_tamper_summary() -> None:
     assert p99.egressd == 14.87 and p99.baseline == 1622.5
     assert math.isclose(rss.egressd or 0, 52408 * 1024 / 1e6) and rss.ratio is not None and rss.ratio < 1
     assert tamper.summary({"phases": []})[0].egressd is None
+
+
+def _denials_results(cores: float, logged: int, bound: float) -> dict[str, Any]:
+    common = {"idle_cores": 0.0, "status_p99_ms": 4.04, "status_max_ms": 6.1, "rss_mib": 50.0}
+    return {
+        "sandboxes": 5,
+        "seconds": 2.0,
+        "modes": {
+            "log": {
+                **common,
+                "flood_cores": cores,
+                "sent_per_s": 499.95,
+                "sender_us_per_packet": 62.6,
+                "denied": 1000,
+                "events": logged - 300,
+                "logged_packets": logged,
+                "dropped_packets": 300,
+                "dropped": [{"agent": 300}],
+                "bound": bound,
+                "within_bound": logged <= bound,
+            },
+            "nolog": {**common, "flood_cores": 0.005, "rss_mib": 53.1, "sender_us_per_packet": 84.7},
+        },
+        "agent_us_per_event": 30.15,
+        "agent_us_per_logged_packet": 21.0,
+        "runs": [],
+    }
+
+
+def test_denials_summary() -> None:
+    figs = _by_name(denials.summary(_denials_results(0.02, 995, 1000.05)))
+    cpu = figs["agent CPU, 5 sandboxes flooding denied packets, cores"]
+    assert cpu.egressd == 0.02 and cpu.baseline == 0.005 and cpu.unit == "cores"
+    assert cpu.baseline_name == "the same agent and flood, [denials] log = false"
+    assert cpu.goal == "<= 0.1 core at N=200" and cpu.met is True and math.isclose(cpu.ratio or 0, 0.25)
+    logged = figs["denied packets the kernel logged to the agent"]
+    assert logged.egressd == 995 and logged.baseline == 1000.05 and logged.met is True
+    dropped = figs["logged packets the agent dropped (not made events)"]
+    assert dropped.egressd == 300 and dropped.goal is None and "695 events made" in (dropped.note or "")
+    per = figs["agent CPU per logged packet (log minus no log), us"]
+    assert per.egressd == 21.0 and "30.15" in (per.note or "")
+    assert figs["status during the flood, max, ms"].egressd == 6.1
+    assert figs["agent RSS after the flood, MiB"].baseline == 53.1
+    over = _by_name(denials.summary(_denials_results(0.45, 1200, 1000.05)))
+    assert over["agent CPU, 5 sandboxes flooding denied packets, cores"].met is False
+    assert over["denied packets the kernel logged to the agent"].met is False
+    empty = denials.summary({"modes": {}})  # nothing measured: every figure there, none met
+    assert all(f.egressd is None and f.met is None for f in empty)
+
+
+def test_denials_mode_figures_count_drops_as_logged_and_bound_both_floods() -> None:
+    flood = {"sent": 1000, "eperm": 1000, "seconds": 2.0, "utime": 0.1, "stime": 0.1}
+    run = denials_figures.Run(
+        "log",
+        0,
+        idle_s=1.0,
+        idle_cpu_s=0.01,
+        flood=flood,
+        flood_cpu_s=0.2,
+        denials={"events": 600, "packets": 700, "open": 0, "dropped": {"agent": 290, "nats": 5}},
+        status_flood={**flood, "seconds": 1.0},
+        status_denials={"events": 10, "packets": 10, "open": 0, "dropped": {}},
+        status_ms=[1.0, 2.0, 9.0],
+    )
+    out = denials_figures.mode_figures([run], 5, Config())  # bound 5 x (100 + 50 x 2) = 1,000
+    assert out["logged_packets"] == 990 and out["dropped_packets"] == 290 and out["events"] == 600
+    assert out["bound"] == 1000 and out["within_bound"] is True
+    assert out["flood_cores"] == 0.1 and out["status_max_ms"] == 9.0 and out["sender_us_per_packet"] == 200
+    run.status_denials = {"events": 751, "packets": 751, "open": 0, "dropped": {}}  # over 5 x (100 + 50)
+    assert denials_figures.mode_figures([run], 5, Config())["within_bound"] is False
+    assert "events" not in denials_figures.mode_figures(
+        [denials_figures.Run("nolog", 0, flood=flood)], 5, Config()
+    )
 
 
 # --- the suite's table ---------------------------------------------------------------------------------

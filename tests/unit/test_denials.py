@@ -240,3 +240,27 @@ def test_the_events_subject_is_checked():
     for bad in ("a..b", "a.*", "a.>", "", "with space"):
         with pytest.raises(ConfigError, match=r"events\.subject"):
             config_from_dict({"events": {"subject": bad}})
+
+
+def test_a_flood_of_closed_windows_is_published_in_slices_with_the_loop_free_between(monkeypatch):
+    monkeypatch.setattr(dn, "FLUSH_SLICE", 10)
+    clock = Clock()
+
+    async def scenario():
+        b, _ = book(clock)
+        b.packets("sb1", [packet(f"198.51.100.{i}") for i in range(35)])
+        clock.now += 2
+        seen = []
+
+        async def other():  # another task of the loop (a `status` answer, say)
+            for _ in range(10):
+                seen.append(b.info()["events"])
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(b.run(interval=0))
+        await other()
+        task.cancel()
+        assert b.info()["events"] == 35
+        assert any(0 < n < 35 for n in seen)  # it ran while the windows were being published
+
+    asyncio.run(scenario())

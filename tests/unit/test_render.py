@@ -333,6 +333,7 @@ def test_logging_leaves_every_accepting_path_as_it_was():
         if "jump" in r[-1] and r[-1]["jump"]["target"].startswith("x_"):
             r[-1] = {"jump": {"target": "deny"}}
     assert as_deny == rules(off, "decide")
+
     def hooks(rs):  # each policy's own generation aside (the tables differ, so do their generations)
         return json.dumps(rs.hooks).replace(str(rs.generation), "GENERATION")
 
