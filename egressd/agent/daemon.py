@@ -20,7 +20,7 @@ from typing import Any
 from egressd import __version__
 from egressd.agent import memory
 from egressd.agent.control import ControlError, ControlServer
-from egressd.agent.denials import for_agent
+from egressd.agent.denials import for_agent, pin_denials
 from egressd.agent.hostdenials import run_denials
 from egressd.agent.intake import FeedIntake
 from egressd.agent.metrics import DeniedCounters, Metrics, MetricsError, on_loop, snapshot
@@ -214,8 +214,8 @@ class Agent:
             "cached_contexts", "metrics_listen",
         }  # fmt: skip
         changed = sorted(k for k in fixed if getattr(config, k) != getattr(self.config, k))
-        old, new = self.config.denials, config.denials
-        changed += [f"denials.{k}" for k in ("log", "group", "keep") if getattr(old, k) != getattr(new, k)]
+        config, pinned = pin_denials(self.config, config)
+        changed += pinned
         if changed:
             log(logging.WARNING, "reload_needs_restart", keys=changed)
         self.config = config

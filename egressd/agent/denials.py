@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import json
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from egressd.common.logs import log
@@ -36,7 +35,9 @@ from egressd.ruleset.render import STEP_CHAINS
 WINDOW = 1.0  # seconds: identical events within it are one, with a count
 PRUNE_EVERY = 10.0  # seconds between drops of the events of sandboxes the agent no longer knows
 MAX_OPEN = 10_000  # windows open at once, all sandboxes together
+RECENT = 10_000  # the last events of all sandboxes together, for `egressd denials` without a sandbox
 FLUSH_SLICE = 200  # events published before the event loop gets its turn
+ATTRIBUTION_BUDGET = 0.05  # seconds of each second that finding entries and host names may take
 PROTOCOLS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 STEPS = frozenset(STEP_CHAINS)
 
@@ -61,6 +62,7 @@ class Denial:
     host: str | None
     name: str | None = None  # the query name of a "dns" event
     count: int = 1
+    opened: float = 0.0  # monotonic: when its window opened (a wall clock stepped back never holds it open)
     where: str | None = None  # "host": dropped by the host-side table's guard (host_interface)
     seq: int = 0  # the order of publication, agent-wide; `egressd denials --follow` asks for what follows
 
@@ -103,14 +105,17 @@ class DenialBook:
         publish: Iterable[Callable[[Denial], None]] = (),
         wall: Callable[[], float] = time.time,
         known: Callable[[str], bool] = lambda sid: True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.keep = keep
         self._describe = describe
         self._known = known
         self._publish = list(publish)
         self._wall = wall
+        self._clock = clock
         self._open: dict[Key, Denial] = {}
         self._kept: dict[str, deque[Denial]] = {}
+        self._recent: deque[Denial] = deque(maxlen=RECENT)  # every sandbox's, for the queries of all
         self._seq = 0
         self._changed = asyncio.Condition()
         self.packets_by: Counter[tuple[str, str]] = Counter()  # (step, kind) -> packets
@@ -164,7 +169,19 @@ class DenialBook:
             entry, host = self._describe(sid, step, dst)
         now = self._wall()
         self._open[key] = Denial(
-            now, sid, kind, family, proto, dst, dport, step, entry, host, name, where=where
+            now,
+            sid,
+            kind,
+            family,
+            proto,
+            dst,
+            dport,
+            step,
+            entry,
+            host,
+            name,
+            opened=self._clock(),
+            where=where,
         )
 
     # --- out ------------------------------------------------------------------------------------------
@@ -172,8 +189,8 @@ class DenialBook:
     def flush(self, everything: bool = False, limit: int | None = None) -> int:
         """Publish the events whose window has closed (all of them: at shutdown), at most limit (the
         oldest first); how many."""
-        end = self._wall() - WINDOW
-        done = [k for k, e in self._open.items() if everything or e.ts <= end][:limit]
+        end = self._clock() - WINDOW
+        done = [k for k, e in self._open.items() if everything or e.opened <= end][:limit]
         for key in done:
             self._publish_one(self._open.pop(key))
         if done:
@@ -188,9 +205,14 @@ class DenialBook:
         if kept is None:
             kept = self._kept[event.sandbox] = deque(maxlen=self.keep)
         kept.append(event)
+        self._recent.append(event)
         log(logging.INFO, "denied", **{k: v for k, v in event.doc().items() if k not in ("seq", "ts")})
         for publish in self._publish:
-            publish(event)
+            try:
+                publish(event)
+            except Exception as e:  # noqa: BLE001 - one way out failing never stops the others
+                self.dropped["publish"] += 1
+                log(logging.ERROR, "denials_failed", sandbox=event.sandbox, error=repr(e))
 
     def publish_to(self, send: Callable[[str, bytes], bool], subject: str) -> None:
         """Also send every event, as JSON, on subject (the NATS feed's connection): an event that cannot
@@ -232,13 +254,14 @@ class DenialBook:
     def events(self, sid: str | None = None, since: float | None = None, after: int = 0) -> list[Denial]:
         """The kept events of one sandbox or of all, oldest first: newer than `since` seconds ago and
         published after `after` (a seq)."""
-        if sid is not None:
-            sources: list[Iterable[Denial]] = [self._kept.get(sid, ())]
-        else:
-            sources = list(self._kept.values())
+        source: Iterable[Denial] = self._kept.get(sid, ()) if sid is not None else self._recent
         start = self._wall() - since if since is not None else float("-inf")
-        merged: Iterator[Denial] = heapq.merge(*sources, key=lambda e: e.seq)
-        return [e for e in merged if e.seq > after and e.ts >= start]
+        newer: list[Denial] = []
+        for e in reversed(source):  # in seq order: from the newest back to the first too old
+            if e.seq <= after or e.ts < start:
+                break
+            newer.append(e)
+        return [e for e in reversed(newer) if e.sandbox in self._kept]
 
     async def wait_after(self, sid: str | None, after: int, timeout: float) -> list[Denial]:
         """Events after `after`, waiting up to timeout seconds for the first (a follower's long poll)."""
@@ -272,19 +295,44 @@ class DenialBook:
         }
 
 
+class Budget:
+    """At most `share` of each second spent attributing: a policy may name 4,000 host names, and a flood
+    of distinct denials must not take the event loop (beyond it, events go without entry and host)."""
+
+    def __init__(self, share: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.share, self._clock = share, clock
+        self._second, self._spent, self.skipped = -1, 0.0, 0
+
+    def allows(self) -> bool:
+        second = int(self._clock())
+        if second != self._second:
+            self._second, self._spent = second, 0.0
+        if self._spent < self.share:
+            return True
+        self.skipped += 1
+        return False
+
+    def spend(self, seconds: float) -> None:
+        self._spent += seconds
+
+
 def for_agent(reconciler: Reconciler, cache: DnsCache, config: Config, source: object) -> DenialBook | None:
     """The book of a running agent (None: [denials] log = false): entries from the sandbox's policy and the
     DNS cache, host names from there or from the sandbox's own DNS answers (interception); events kept
     while the sandbox is known; published on the feed's connection when it has one (NATS)."""
 
+    budget = Budget(ATTRIBUTION_BUDGET)
+
     def describe(sid: str, step: str, dst: str) -> tuple[str | None, str | None]:
         d = reconciler.desired.get(sid)
-        if d is None:
+        if d is None or not budget.allows():
             return None, None
-        entry, host = attribute(step, dst, d.policy, reconciler.config, cache.addresses)
+        t0 = time.perf_counter()
+        entry, host = attribute(step, dst, d.policy, reconciler.config, cache.holding)
         seen = reconciler.proxy.learned(sid, dst) if host is None else None
         if seen is not None and seen[0]:
             host = seen[0][0]
+        budget.spend(time.perf_counter() - t0)
         return entry, host
 
     if not config.denials.log:
@@ -297,3 +345,12 @@ def for_agent(reconciler: Reconciler, cache: DnsCache, config: Config, source: o
     if send is not None and config.denials.publish:
         book.publish_to(send, f"{config.denials.subject}.{config.nats.host_id}")
     return book
+
+
+def pin_denials(running: Config, loaded: Config) -> tuple[Config, list[str]]:
+    """A reloaded config, with what the agent's sockets and book were made for at start kept as it was
+    (until a restart: only rate and burst apply now), and the keys that would need that restart."""
+    old, new = running.denials, loaded.denials
+    fixed = ("log", "group", "keep", "publish", "subject")
+    changed = [f"denials.{k}" for k in fixed if getattr(old, k) != getattr(new, k)]
+    return replace(loaded, denials=replace(new, **{k: getattr(old, k) for k in fixed})), changed

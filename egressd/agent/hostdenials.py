@@ -12,16 +12,20 @@ know which step of the host-side table marked the packet.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
+import time
 
-from egressd.agent.denials import DenialBook
+from egressd.agent.denials import ATTRIBUTION_BUDGET, Budget, DenialBook
 from egressd.common.logs import log
 from egressd.desired.dnscache import DnsCache
 from egressd.kernel.nflog import LoggedPacket, is_log_datagram, open_log_socket, parse_packets
 from egressd.kernel.nfnl import NetlinkError
+from egressd.model.sandbox import Policy
 from egressd.reconcile.reconciler import Reconciler
 from egressd.ruleset.decide import decide
+from egressd.ruleset.render import EMBEDDED_IPV4
 
 RECV_BUFFER = 1 << 16
 DATAGRAMS_PER_WAKE = 64
@@ -37,6 +41,7 @@ class HostDenials:
         self._group = group
         self._sock: socket.socket | None = None
         self._buffer = bytearray(RECV_BUFFER)
+        self._budget = Budget(ATTRIBUTION_BUDGET)
 
     def start(self) -> bool:
         """Listen, from the event loop; False (logged) when the group cannot be had: no host-side denials."""
@@ -95,22 +100,39 @@ class HostDenials:
         if sid is None or d is None:
             self._book.dropped["unknown"] += 1  # the interface is gone, or no longer a sandbox's
             return
+        if not self._budget.allows():  # a flood of distinct drops: reported without step and entry
+            self._book.host_packet(sid, p, "host", None, None)
+            return
+        t0 = time.perf_counter()
+        self._attribute(sid, d.policy, p)
+        self._budget.spend(time.perf_counter() - t0)
+
+    def _attribute(self, sid: str, policy: Policy, p: LoggedPacket) -> None:
+        """The step, entry and host of a drop, by the reference decision for the sandbox's policy."""
         proxy = self._reconciler.proxy
 
         def learned(address: str) -> list[str]:
             seen = proxy.learned(sid, address)
             return seen[0] if seen is not None else []
 
-        v = decide(d.policy, self._reconciler.config, p.dst, self._cache.addresses, learned)
-        self._book.host_packet(sid, p, v.step, v.entry, v.via or (v.entry if v.host else None))
+        v = decide(policy, self._reconciler.config, p.dst, self._cache.holding, learned)
+        if v.action == "deny":
+            self._book.host_packet(sid, p, v.step, v.entry, v.via or (v.entry if v.host else None))
+            return
+        # Denied by what decide() does not judge: DNS around interception, or an IPv4-mapped destination
+        # (a socket sends it as IPv4; on the wire it only ever goes around the IPv4 rules).
+        mapped = p.family == 6 and ipaddress.ip_address(p.dst) in EMBEDDED_IPV4[0]
+        step = "embedded-ipv4" if mapped else "dns" if p.dport == 53 else "host"
+        self._book.host_packet(sid, p, step, str(EMBEDDED_IPV4[0]) if mapped else None, None)
 
 
 async def run_denials(book: DenialBook, reconciler: Reconciler, cache: DnsCache, group: int) -> None:
     """The agent's denial task: the host-side guard's log heard, the book's windows closed, until
-    cancelled."""
+    cancelled (then the windows still open are published: a stop loses no event already seen)."""
     host = HostDenials(book, reconciler, cache, group)
     host.start()
     try:
         await book.run()
     finally:
         host.close()
+        book.flush(everything=True)

@@ -64,7 +64,7 @@ class ControlApi:
         if row is None:
             return {"error": f"no sandbox {sid!r} is known to the agent; `egressd status` lists them"}
         row["dns_proxy"] = self._reconciler.proxy.view(sid)
-        recent = self._denials.recent(sid) if self._denials is not None else []
+        recent = self._denials.recent(sid) if self._denials is not None else None  # None: not logged
         return {"agent": self._agent_info(), "sandboxes": [row], "denials": recent}
 
     async def denials(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import ipaddress
 import random
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,6 +223,17 @@ class DnsCache:
             return frozenset()
         return frozenset().union(*(frozenset(t.seen) | t.current for t in st.types.values()))
 
+    def holds(self, name: str, addr: str) -> bool:
+        """addr in addresses(name), without building that set (a denial's attribution asks it of every
+        host name of a policy: 4,000 of them at the limit)."""
+        st = self.names.get(name)
+        t = st.types.get(rdtype_of(addr)) if st is not None else None
+        return t is not None and (addr in t.seen or addr in t.current)
+
+    def holding(self, name: str) -> Container[str]:
+        """addresses(name), for `in` alone (holds)."""
+        return _Holding(self, name)
+
     def held_since(self, name: str, addr: str) -> tuple[float, bool] | None:
         """How long ago an answer last held addr for name, and whether the latest answer still does (else
         it is only retained); None when the name does not stand for addr."""
@@ -364,3 +375,13 @@ def join_errors(errors: dict[str, str]) -> str | None:
     if len(errors) == len(RDTYPES) and len(set(errors.values())) == 1:
         return next(iter(errors.values()))
     return "; ".join(f"{t}: {e}" for t, e in errors.items()) or None
+
+
+class _Holding:
+    """One name's addresses as a container: `addr in it` asks the cache (DnsCache.holding)."""
+
+    def __init__(self, cache: DnsCache, name: str) -> None:
+        self._cache, self._name = cache, name
+
+    def __contains__(self, addr: object) -> bool:
+        return isinstance(addr, str) and self._cache.holds(self._name, addr)

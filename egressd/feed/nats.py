@@ -95,16 +95,41 @@ class NatsSource:
         self._run_session = session or self._session
         self._nc: Any = None  # the session's connection, while there is one (publish)
         self._sending: set[asyncio.Task[Any]] = set()
+        self._subjects: set[str] = set()  # what publish() sent on
+        self._refused: set[str] = set()  # what the server refused: not sent again
 
     def publish(self, subject: str, payload: bytes) -> bool:
         """One message out on the session's connection (denial events, docs/denials.md); False when no
-        session is up: the caller counts it as dropped. Never waits: the client buffers it."""
+        session is up or the server refused this subject: the caller counts it as dropped. Never waits:
+        the client buffers it."""
         nc = self._nc
-        if nc is None or not nc.is_connected:
+        if nc is None or not nc.is_connected or subject in self._refused:
             return False
+        self._subjects.add(subject)
         task = asyncio.get_running_loop().create_task(nc.publish(subject, payload))
         self._sending.add(task)
         task.add_done_callback(self._sent)
+        return True
+
+    def _refused_publish(self, e: Exception) -> bool:
+        """Whether e is the server refusing a publish to one of our events' subjects (the host's
+        credentials may only read the bucket): publishing stops, said once; the feed is not affected. Any
+        other refusal (a JetStream request is a publish too) still ends the session."""
+        text = str(e)
+        marker = "permissions violation for publish to "
+        at = text.lower().find(marker)
+        subject = text[at + len(marker) :].strip().strip("'\"") if at >= 0 else ""
+        if subject not in self._subjects:
+            return False
+        if subject not in self._refused:
+            self._refused.add(subject)
+            log(
+                logging.WARNING,
+                "events_publish_refused",
+                subject=subject,
+                detail="the NATS server refused this host's denial events: grant the host's credentials "
+                "publish on this subject, or set [events] publish = false",
+            )
         return True
 
     def _sent(self, task: asyncio.Task[Any]) -> None:
@@ -166,6 +191,8 @@ class NatsSource:
             lost.set()
 
         async def error(e: Exception) -> None:
+            if self._refused_publish(e):
+                return  # our own events only: the feed is whole, the session goes on
             self._cause = e  # what NoServersError hides; reported once per retry by run()
             if self._watching:
                 # Once the watch is on, any error the client reports (a message dropped as a slow consumer,

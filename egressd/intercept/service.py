@@ -282,7 +282,10 @@ class Interceptor:
             sb.logged_at = now
             log(logging.INFO, "dns_refused", sandbox=sid, name=query.name, type=query.rdtype, detail=why)
         if self.on_refused is not None:
-            self.on_refused(sid, query.name, verdict.step, verdict.entry)
+            try:
+                self.on_refused(sid, query.name, verdict.step, verdict.entry)
+            except Exception as e:  # noqa: BLE001 - a report must never cost the sandbox its answer
+                log(logging.ERROR, "denials_failed", sandbox=sid, error=repr(e))
         if verdict.action == NXDOMAIN:
             return self._empty(query, dns.rcode.NXDOMAIN, size, "nxdomain")
         return self._empty(query, dns.rcode.REFUSED, size, "refused")

@@ -19,9 +19,8 @@ rest are left to the resync (logged as `monitor_full`); they are watched when de
 
 When unsure, trigger: a spurious trigger costs one table read and compare; a missed one leaves a sandbox
 open until the next resync. Lost events (ENOBUFS), truncated or malformed messages, and message kinds the
-decoder (monitor_events.py) does not know all trigger.
-
-The decoding of the events is in monitor_events.py, the making of the sockets in monitor_socket.py.
+decoder (monitor_events.py) does not know all trigger. The sockets are made by monitor_socket.py; the
+same sockets hear what the tables log (denials, nflog.py), handed over by _hand_over.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ import errno
 import logging
 import resource
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,6 +48,7 @@ from egressd.kernel.nflog import LoggedPacket, is_log_datagram, parse_packets
 RECV_BUFFER = 1 << 16  # larger than any notification datagram (the kernel batches them up to a page or so)
 DATAGRAMS_PER_WAKE = 64  # then other sockets get their turn; a socket with more stays readable
 MIN_GAP = 0.1  # seconds between two triggers of one sandbox: a tenant looping deletes cannot spin us
+LOG_DATAGRAMS_PER_S = 50  # egressd's rules make about 10 (one each 0.1 s, nflog.py); a tenant's, any number
 
 
 @dataclass
@@ -62,6 +63,29 @@ class _Watch:
     reason: str | None = None  # why the pending trigger fires, for the log; None: a routine check
     failures: int = 0
     since: tuple[NsId, int] | None = None  # (namespace, generation) before egressd's write, if known
+    logs: tuple[int, int] = (0, 0)  # (the second, log datagrams read in it)
+
+
+def _hand_over(
+    packets: Callable[[str, list[LoggedPacket], int], None] | None,
+    sid: str,
+    w: _Watch,
+    view: memoryview,
+    stats: MonitorStats,
+) -> None:
+    """What a table logged, to the denials, at most LOG_DATAGRAMS_PER_S a second per sandbox (egressd's
+    own rules are rate-limited; a tenant's own rules logging to the group are not, and each packet costs
+    parsing); whatever the denials do, tamper repair goes on."""
+    second = int(time.monotonic())
+    count = w.logs[1] + 1 if w.logs[0] == second else 1
+    w.logs = (second, count)
+    if packets is None or count > LOG_DATAGRAMS_PER_S:
+        stats.logs_dropped += count > LOG_DATAGRAMS_PER_S
+        return
+    try:
+        packets(sid, *parse_packets(view))
+    except Exception as e:  # noqa: BLE001 - a report must never cost a repair
+        log(logging.ERROR, "denials_failed", sandbox=sid, error=repr(e))
 
 
 @dataclass
@@ -71,6 +95,7 @@ class MonitorStats:
     open_failures: int = 0
     spoofed: int = 0
     checks_spared: int = 0  # first checks left out: the generation proved egressd's write the only commit
+    logs_dropped: int = 0  # log datagrams over a sandbox's LOG_DATAGRAMS_PER_S, not read
 
 
 class ChangeMonitor:
@@ -319,8 +344,7 @@ class ChangeMonitor:
                 continue
             view = memoryview(buf)[:n]
             if is_log_datagram(view):  # a logged packet (denials), not an nftables event
-                if self._packets is not None:
-                    self._packets(sid, *parse_packets(view))
+                _hand_over(self._packets, sid, w, view, self.stats)
                 continue
             found = w.parser.feed(view)  # always: the parser's state must follow
             reason = reason or found

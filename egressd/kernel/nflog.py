@@ -73,7 +73,8 @@ _SEQ = itertools.count(0x6C670000)  # CONFIG requests' sequence numbers: a late 
 
 # The kernel queues log messages for up to FLUSH_CS hundredths of a second (its default is 100), or QTHRESH of
 # them, in one datagram of at most NLMSG_GOODSIZE (one page) unless one message is bigger: with copy_range at
-# most COPY_RANGE_MAX, every datagram fits the reader's 64 KiB buffer. A tenth of a second: an event's time
+# most COPY_RANGE_MAX, every datagram of egressd's rules fits the reader's 64 KiB buffer (a tenant's own rule
+# with a larger snaplen may not: read as truncated, and checked). A tenth of a second: an event's time
 # is within it of its packet's, and a flood wakes the agent at most ten times a second per namespace.
 FLUSH_CS = 10
 QTHRESH = 100

@@ -7,7 +7,7 @@ differential tests send real packets and compare what the kernel did with what t
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Container, Iterable
 from dataclasses import dataclass
 
 from egressd.model.config import Config
@@ -52,7 +52,7 @@ def _targets(t: Targets) -> tuple[IPNetwork, ...]:
 
 
 def _first_host(
-    addr: IPAddress, names: Iterable[str], resolved: Callable[[str], Collection[str]]
+    addr: IPAddress, names: Iterable[str], resolved: Callable[[str], Container[str]]
 ) -> str | None:
     """The first host name whose resolved addresses hold addr: the kernel's allow_dns/deny_dns sets."""
     text = str(addr)
@@ -70,7 +70,7 @@ def decide(
     policy: Policy,
     config: Config,
     dst: str | IPAddress,
-    resolved: Callable[[str], Collection[str]] = _no_addresses,
+    resolved: Callable[[str], Container[str]] = _no_addresses,
     learned: Callable[[str], Collection[str]] = _no_addresses,
 ) -> Verdict:
     """The verdict for an original-direction packet from the sandbox to dst (not loopback, not ND).
@@ -114,7 +114,7 @@ def attribute(
     dst: str | IPAddress,
     policy: Policy,
     config: Config,
-    resolved: Callable[[str], Collection[str]] = _no_addresses,
+    resolved: Callable[[str], Container[str]] = _no_addresses,
 ) -> tuple[str | None, str | None]:
     """(the list entry, the host name) behind a denial the kernel logged under `step` (a log prefix,
     render.STEP_CHAINS): the first entry of that step's list holding dst, as decide() finds it, and the

@@ -201,7 +201,9 @@ def plan_apply(
     if listing is None or active is None:
         return plan_replace(ruleset, elements, target)
     clear = retire_commands(listing, other_variant(active), target)
+    # Every chain emptied before any is deleted: a chain someone added may jump into the retired variant.
     retire = retire_commands(listing, active, target) + foreign_commands(listing, target)
+    retire = [c for c in retire if "flush" in c] + [c for c in retire if "flush" not in c]
     return plan_update(ruleset, elements, active, clear, retire, target)
 
 

@@ -15,6 +15,7 @@ import time
 import nkeys
 import pytest
 
+from netns_fixtures.probe import ping
 from tests.integration.conftest import nft_table
 from tests.integration.test_agent import (
     BAD4,
@@ -411,3 +412,33 @@ def test_denials_are_published_on_the_hosts_subject(world, agent, kv, nats):
     kept = json.loads(a.cli("denials", "s0", "--json").stdout.splitlines()[0])
     assert kept in published()  # the same event, kept and published
     assert a.agent_status()["denials"]["dropped"] == {}
+
+
+def test_a_host_that_may_not_publish_its_events_keeps_its_feed(world, agent, tmp_path):
+    """Credentials that may read the bucket and nothing more (docs/fleet.md): the server refuses the
+    events; the session goes on (a refusal of any other publish would end it), events are counted dropped."""
+    sb = world.sandboxes[0]
+    agent_seed, admin_seed = tmp_path / "agent.nk", tmp_path / "admin.nk"
+    agent_key, admin_key = _user_nkey(agent_seed), _user_nkey(admin_seed)
+    conf = (
+        f'authorization {{ users = [ {{ nkey: "{agent_key}", permissions: '
+        f'{{ publish: {{ deny: ["egressd.denials.>"] }} }} }}, {{ nkey: "{admin_key}" }} ] }}\n'
+    )
+    options = {"nkeys_seed": str(admin_seed)}
+    server = NatsServer(tmp_path / "nats", config=conf, client_options=options).start()
+    try:
+        with KvClient(server.url, options=options) as kv:
+            a = fleet_agent(agent, server.url, extra=f'nkey = "{agent_seed}"\n').start()
+            r1 = kv.put("hosta.s0", record(sb, internet=True, deny=[BAD4]))
+            assert a.wait("s0", r1)
+            assert eventually(lambda: a.agent_status()["monitor"]["watched"] == 1)
+            assert closed_to(sb.name, BAD4)
+            a.wait_log("events_publish_refused", timeout=10)
+            assert not ping(sb.name, BAD4)  # denied again after the refusal: not sent, counted
+            assert eventually(lambda: a.agent_status()["denials"]["dropped"].get("nats", 0) >= 1)
+            r2 = kv.put("hosta.s0", record(sb, internet=True, deny=[BAD4, OK4]))
+            assert a.wait("s0", r2)  # the feed goes on
+            assert closed_to(sb.name, OK4)
+            assert feed_health(a)["disconnects"] == 0 and feed_health(a)["connected"] == 1
+    finally:
+        server.stop()

@@ -31,9 +31,8 @@ def book(clock, keep=100, published=None, known=lambda sid: True):
         calls.append((sid, step, dst))
         return ("198.51.100.0/24", "api.example.com") if step == "deny_out" else (None, None)
 
-    b = DenialBook(
-        keep, describe, [published.append] if published is not None else [], wall=clock, known=known
-    )
+    publish = [published.append] if published is not None else []
+    b = DenialBook(keep, describe, publish, wall=clock, known=known, clock=clock)
     return b, calls
 
 
@@ -264,3 +263,50 @@ def test_a_flood_of_closed_windows_is_published_in_slices_with_the_loop_free_bet
         assert any(0 < n < 35 for n in seen)  # it ran while the windows were being published
 
     asyncio.run(scenario())
+
+
+def test_windows_close_on_the_monotonic_clock_whatever_the_wall_clock_does():
+    wall, mono = Clock(), Clock()
+    b = DenialBook(10, lambda sid, step, dst: (None, None), wall=wall, clock=mono)
+    b.packets("sb1", [packet()])
+    wall.now -= 3600  # the wall clock stepped back an hour
+    mono.now += 1.1
+    assert b.flush() == 1 and b.events("sb1")[0].ts == 1_000_000.0  # ts: the wall time it was seen
+
+
+def test_a_reload_keeps_what_the_sockets_listen_for_and_names_what_needs_a_restart():
+    from egressd.agent.denials import pin_denials
+    from egressd.model.config import config_from_dict
+
+    running = config_from_dict({})
+    loaded = config_from_dict(
+        {"denials": {"group": 9, "rate": 7, "log": False}, "events": {"subject": "x.y"}}
+    )
+    config, changed = pin_denials(running, loaded)
+    assert sorted(changed) == ["denials.group", "denials.log", "denials.subject"]
+    d = config.denials
+    assert (d.group, d.log, d.subject, d.rate) == (2, True, "egressd.denials", 7)  # rate applies now
+
+
+def test_attribution_takes_at_most_its_share_of_each_second():
+    from egressd.agent.denials import Budget
+
+    now = [100.0]
+    b = Budget(0.05, clock=lambda: now[0])
+    assert b.allows()
+    b.spend(0.06)  # one slow attribution (a policy of 4,000 host names)
+    assert not b.allows() and not b.allows() and b.skipped == 2
+    now[0] += 1.0  # the next second
+    assert b.allows()
+
+
+def test_the_dns_cache_answers_membership_without_building_the_set():
+    from egressd.desired.dnscache import Answer, DnsCache
+
+    cache = DnsCache(5, 300, 600, clock=lambda: 0.0)
+    cache.record("a.example", "A", Answer("ok", ("198.51.100.7",), ttl=60))
+    cache.record("a.example", "AAAA", Answer("ok", ("2001:db8::7",), ttl=60))
+    holding = cache.holding("a.example")
+    for addr in ("198.51.100.7", "2001:db8::7", "198.51.100.8", "2001:db8::8"):
+        assert (addr in holding) == (addr in cache.addresses("a.example"))
+    assert "198.51.100.7" not in cache.holding("b.example")

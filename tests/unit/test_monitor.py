@@ -320,3 +320,76 @@ def test_kept_sockets_move_above_the_descriptors_libnftables_needs():
     other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with move_high(other, soft + 10) as same:
         assert same is other and same.fileno() < soft
+
+
+def test_logged_packets_go_to_the_denials_and_a_failing_report_never_costs_a_repair():
+    """The watch's socket hears the log group too: a log datagram goes to `packets`, never to the
+    transaction parser; if `packets` raises, a tamper event read in the same wake still triggers."""
+    import os
+
+    from tests.unit.test_nflog import ipv4, log_msg, udp
+
+    triggered, handed = [], []
+    rfd, wfd = os.pipe()
+
+    class FakeNetlink:  # what the kernel would have queued on the watch's socket
+        def __init__(self):
+            self.queue = []
+
+        def fileno(self):
+            return rfd
+
+        def setblocking(self, flag):
+            pass
+
+        def recvfrom_into(self, buf, size, flags):
+            if not self.queue:
+                raise BlockingIOError
+            data = self.queue.pop(0)
+            buf[: len(data)] = data
+            return len(data), (0, 0)  # port 0: from the kernel
+
+        def close(self):
+            pass
+
+    sock = FakeNetlink()
+
+    def packets(sid, got, malformed):
+        handed.append((sid, [p.prefix for p in got]))
+        raise RuntimeError("the denials are broken")
+
+    async def main():
+        m = ChangeMonitor(triggered.append, capacity=10, is_own=lambda tid: False, min_gap=0,
+                          opener=lambda path: (sock, ("dev", 1), None), packets=packets)  # fmt: skip
+        m.check_on_watch = False
+        m.watch("a", "/run/netns/a")
+        assert await m.settled(5)
+        sock.queue = [log_msg(ipv4(17, udp(53))), table_msg(DELTABLE) + newgen(OTHER_TID)]
+        os.write(wfd, b"x")  # readable
+        await asyncio.sleep(0.1)
+        m.close()
+
+    asyncio.run(main())
+    os.close(rfd)
+    os.close(wfd)
+    assert handed == [("a", ["deny_out"])]
+    assert triggered == ["a"]  # the deletion after it was still seen
+
+
+def test_log_datagrams_beyond_a_sandboxs_budget_are_not_read(monkeypatch):
+    """A tenant's own logging rules are not rate-limited: past LOG_DATAGRAMS_PER_S a second the datagrams
+    are dropped unparsed and counted."""
+    from egressd.kernel import monitor as mon
+    from egressd.kernel.monitor import MonitorStats, _hand_over, _Watch
+    from tests.unit.test_nflog import ipv4, log_msg, udp
+
+    monkeypatch.setattr(mon.time, "monotonic", lambda: 5.0)  # all within one second
+    handed, stats = [], MonitorStats()
+    w = _Watch("/run/netns/a", parser())
+    view = memoryview(log_msg(ipv4(17, udp(53))))
+    for _ in range(mon.LOG_DATAGRAMS_PER_S + 7):
+        _hand_over(lambda sid, got, bad: handed.append(len(got)), "a", w, view, stats)
+    assert len(handed) == mon.LOG_DATAGRAMS_PER_S and stats.logs_dropped == 7
+    monkeypatch.setattr(mon.time, "monotonic", lambda: 6.0)  # the next second: read again
+    _hand_over(lambda sid, got, bad: handed.append(len(got)), "a", w, view, stats)
+    assert len(handed) == mon.LOG_DATAGRAMS_PER_S + 1

@@ -685,6 +685,29 @@ def test_objects_planted_in_a_table_go_with_its_repair_which_is_done_once():
     run(scenario)
 
 
+def test_a_planted_chain_jumping_into_the_variant_in_force_cannot_freeze_the_policy():
+    """A tenant's chain that jumps to one of the variant's chains (a logging chain, say) would make the
+    retirement of that variant fail if it were deleted before the tenant's chain was emptied: every chain
+    is emptied first, so the update (a tightening) goes through."""
+
+    async def scenario(r, fb):
+        r.upsert(sandbox(allow_internet_access=False, allow_out=["192.0.2.1"]))
+        await settle(r)
+        t = {"family": "inet", "table": "egressd"}
+        jump = {"jump": {"target": "log_internet_a"}}
+        fb.tables["/run/netns/a"] += [
+            {"add": {"chain": {**t, "name": "evil"}}},
+            {"add": {"rule": {**t, "chain": "evil", "expr": [jump]}}},
+        ]
+        r.upsert(sandbox(rev=2, allow_internet_access=False, allow_out=["192.0.2.2"]))
+        await settle(r)
+        assert await r.wait_enforced("a", 2, 5)
+        names = {body.get("name") for c in fb.tables["/run/netns/a"] for body in c["add"].values()}
+        assert "evil" not in names and "log_internet_b" in names
+
+    run(scenario)
+
+
 def test_digests_of_another_listing_form_are_learned_again_not_compared():
     """A state file from before the host side was listed over raw netlink holds digests of another form:
     compared, every table would look altered."""
