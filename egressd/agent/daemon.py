@@ -143,7 +143,8 @@ class Agent:
         """[metrics] listen: the endpoint, the reconciler's timing hook, the denied-counter cache."""
         if not self.config.metrics_listen:
             return
-        self.denied = DeniedCounters(self.reconciler, self.backend)  # type: ignore[arg-type]
+        counted = self.denials.counted if self.denials is not None else None  # the kernel's skipped logs
+        self.denied = DeniedCounters(self.reconciler, self.backend, on_read=counted)  # type: ignore[arg-type]
 
         def read() -> Any:
             intake = self.intake

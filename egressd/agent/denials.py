@@ -115,6 +115,10 @@ class DenialBook:
         self._clock = clock
         self._open: dict[Key, Denial] = {}
         self._kept: dict[str, deque[Denial]] = {}
+        self._logged: Counter[str] = (
+            Counter()
+        )  # packets each sandbox's table logged, since its counter was read
+        self._counted: dict[str, int] = {}  # each table's `denied` counter, as last read
         self._recent: deque[Denial] = deque(maxlen=RECENT)  # every sandbox's, for the queries of all
         self._seq = 0
         self._changed = asyncio.Condition()
@@ -132,6 +136,7 @@ class DenialBook:
             if p.prefix not in STEPS:
                 self.dropped["foreign"] += 1
                 continue
+            self._logged[sid] += 1
             self._add(sid, "packet", p.family, _proto(p.proto), p.dst, _port(p), p.prefix, None)
 
     def host_packet(self, sid: str, p: LoggedPacket, step: str, entry: str | None, host: str | None) -> None:
@@ -213,6 +218,18 @@ class DenialBook:
             except Exception as e:  # noqa: BLE001 - one way out failing never stops the others
                 self.dropped["publish"] += 1
                 log(logging.ERROR, "denials_failed", sandbox=event.sandbox, error=repr(e))
+
+    def counted(self, denied: dict[str, int]) -> None:
+        """The tables' `denied` counters as read (metrics, every counters_interval): what a table counted
+        beyond the packets it logged since the last read, its kernel rate limit skipped (`kernel`). An
+        estimate: the counter and the log are not read at one instant; a rebuilt table starts again."""
+        for sid, packets in denied.items():
+            before, logged = self._counted.get(sid), self._logged.pop(sid, 0)
+            self._counted[sid] = packets
+            if before is not None and packets >= before:
+                self.dropped["kernel"] += max(0, packets - before - logged)
+        for sid in [s for s in self._counted if s not in denied]:
+            del self._counted[sid]
 
     def publish_to(self, send: Callable[[str, bytes], bool], subject: str) -> None:
         """Also send every event, as JSON, on subject (the NATS feed's connection): an event that cannot

@@ -188,12 +188,13 @@ def _denial_event_metrics(s: Snapshot) -> tuple[Metric, Metric]:
         total.add_metric([step, kind], n)
     dropped = CounterMetricFamily(
         "egressd_denial_events_dropped",
-        "Logged denials not made events: agent (its bounds), foreign (a log prefix egressd never writes), "
+        "Denials not made events: kernel (over the table's log rate limit, from its denied counter), "
+        "agent (its bounds), foreign (a log prefix egressd never writes), "
         "malformed (unreadable log messages), unknown (a host-side drop on no sandbox's interface), "
         "nats (events not published: no session up)",
         labels=["reason"],
     )
-    for reason in ("agent", "foreign", "malformed", "unknown", "nats"):
+    for reason in ("kernel", "agent", "foreign", "malformed", "unknown", "nats", "publish"):
         dropped.add_metric([reason], s.denial_dropped.get(reason, 0))
     return total, dropped
 
@@ -219,10 +220,17 @@ def _denied_metrics(s: Snapshot) -> tuple[Metric, Metric]:
 class DeniedCounters:
     """The last `denied` counter values read from each sandbox's table, refreshed in the background."""
 
-    def __init__(self, reconciler: Reconciler, backend: CounterBackend, batch: int = COUNTER_BATCH) -> None:
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        backend: CounterBackend,
+        batch: int = COUNTER_BATCH,
+        on_read: Callable[[dict[str, int]], None] | None = None,
+    ) -> None:
         self.reconciler = reconciler
         self.backend = backend
         self.batch = batch
+        self.on_read = on_read  # told every pass's packet counts (denials: what the kernel's limit skipped)
         self.values: dict[str, tuple[int, int]] = {}
         self.refreshes = 0
         self.last_duration = 0.0
@@ -247,6 +255,8 @@ class DeniedCounters:
                 if value is not None:
                     fresh[sid] = value
         self.values = fresh  # sandboxes deleted since the last pass drop out of the series
+        if self.on_read is not None:
+            self.on_read({sid: packets for sid, (packets, _) in fresh.items()})
         self.refreshes += 1
         self.last_duration = time.monotonic() - t0
 

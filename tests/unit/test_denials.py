@@ -310,3 +310,15 @@ def test_the_dns_cache_answers_membership_without_building_the_set():
     for addr in ("198.51.100.7", "2001:db8::7", "198.51.100.8", "2001:db8::8"):
         assert (addr in holding) == (addr in cache.addresses("a.example"))
     assert "198.51.100.7" not in cache.holding("b.example")
+
+
+def test_what_the_kernel_limit_skipped_is_the_counter_beyond_the_packets_logged():
+    b, _ = book(Clock())
+    b.counted({"sb1": 100})  # the first read: a baseline, nothing known before it
+    b.packets("sb1", [packet(f"198.51.100.{i}") for i in range(30)])
+    b.counted({"sb1": 160})  # 60 denied since, 30 of them logged
+    assert b.dropped["kernel"] == 30
+    b.counted({"sb1": 5})  # the table was rebuilt: its counter starts again, nothing is inferred
+    b.packets("sb1", [packet("198.51.100.99")])
+    b.counted({"sb1": 6})  # all of it logged
+    assert b.dropped["kernel"] == 30

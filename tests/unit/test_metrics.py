@@ -244,7 +244,15 @@ def test_denials_are_counted_host_wide_by_step_and_kind_and_what_was_lost_by_rea
         assert got[("egressd_denials_total", (("kind", "packet"), ("step", "deny_out")))] == 3
         assert got[("egressd_denials_total", (("kind", "packet"), ("step", "internet")))] == 1
         dropped = {k[1][0][1]: v for k, v in got.items() if k[0] == "egressd_denial_events_dropped_total"}
-        assert dropped == {"agent": 0, "foreign": 1, "malformed": 1, "unknown": 0, "nats": 0}
+        assert dropped == {
+            "kernel": 0,
+            "agent": 0,
+            "foreign": 1,
+            "malformed": 1,
+            "unknown": 0,
+            "nats": 0,
+            "publish": 0,
+        }
         assert not any("sandbox" in dict(k[1]) for k in got if k[0].startswith("egressd_denial"))
 
     asyncio.run(main())
