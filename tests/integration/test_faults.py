@@ -8,7 +8,8 @@ round (a veth pair with one end in a witness namespace: the kernel deletes that 
 dies) and tested on its own in test_a_deleted_namespace_is_let_go.
 
 How we know a deletion landed in the middle of an apply: the agent runs with a tracer (a sitecustomize
-module, TRACER below, put on its PYTHONPATH; it observes, changes nothing, and never raises into the agent)
+module, TRACER below, put on its PYTHONPATH; it observes, never raises into the agent, and changes no result:
+it only holds a worker for STAGE_PAUSE between a staged policy and its switch, so aimed deletions land there)
 that records, for every TableSync.sync (one sandbox made equal to its desired state: read the table,
 stage transaction, switch transaction, read back), its start and end, its outcome or exception, and each
 nftables write on the way (LibnftBackend.run: "staged policy", "switch" or "table", with its start, end
@@ -55,6 +56,7 @@ MIN_ROUNDS, MAX_ROUNDS, MIN_CUT = 4, 12, 2
 STORM_GAP = (0.1, 0.5)  # seconds between two upserts of the victim (parsing one line takes ~0.3 s)
 DELETE_AFTER = (0.3, 2.5)  # even rounds: the deletion lands this long after the storm starts
 AIM = (0.0, 0.002)  # odd rounds: this long after the agent committed a staged policy of the victim
+STAGE_PAUSE = 0.02  # the tracer holds the worker this long after a staged policy, before its switch
 STORM_AFTER_DELETE = (0.5, 1.5)  # and the storm goes on this long after the deletion
 SETTLE = 60.0  # bound of every wait for the agent to catch up with the feed
 LIMITS = f"[limits]\nmax_entries = {2 * ENTRIES}\n"
@@ -124,6 +126,11 @@ TRACER = textwrap.dedent(
                 if writes is not None:
                     writes.append([what, t0, t, "ok"])
                 _emit({"netns": _arg(run_sig, "netns", args, kwargs), "wrote": what, "t": t})
+                if what == "staged policy":
+                    # The one thing the tracer does besides observing: it holds the worker between a
+                    # committed staged policy and its switch for a moment, so an aimed deletion can land
+                    # there (raw writes made that gap a fraction of a millisecond). No result changes.
+                    time.sleep(float(os.environ.get("EGRESSD_TEST_STAGE_PAUSE", "0")))
                 return out
 
             nft.LibnftBackend.run = traced_run
@@ -306,7 +313,11 @@ def traced_agent(bulk, tmp_path):
         tmp_path / "agent",
         wrap=bulk.wrap(),
         extra_config=LIMITS,
-        env={"PYTHONPATH": str(tracer_dir), "EGRESSD_TEST_TRACE": str(trace_path)},
+        env={
+            "PYTHONPATH": str(tracer_dir),
+            "EGRESSD_TEST_TRACE": str(trace_path),
+            "EGRESSD_TEST_STAGE_PAUSE": str(STAGE_PAUSE),
+        },
     )
     yield a, trace_path
     a.stop()
