@@ -44,6 +44,7 @@ SANDBOXES = 200
 DST4, DST6 = "198.51.100.10", "2001:db8:1::10"  # the probed destination, in the world's internet
 STORM_SECONDS = 40.0  # at most: the writer stops AFTER_KILLS seconds after the last restart
 AFTER_KILLS = 2.0
+STORM_REVISIONS = 2000  # and not before this many revisions were written in the storm (the test asks it)
 KILLS = (5, 8)  # how many SIGKILLs
 KILLS_DONE_BY = STORM_SECONDS - AFTER_KILLS - 1.0
 ANY_MOMENT = (0.2, 2.5)  # a kill at any moment: this long after the restart
@@ -226,14 +227,16 @@ class Storm:
     def writer(self) -> None:
         rng = self.writer_rng
         now = time.monotonic()
-        deadline, burst = now + STORM_SECONDS, True
+        deadline, burst, written = now + STORM_SECONDS, True, 0
         while now < deadline:
-            if self.kills_done.is_set():
+            if self.kills_done.is_set() and written > STORM_REVISIONS:
                 deadline = min(deadline, now + AFTER_KILLS)
             batch, pause = (BURST_BATCH, BURST_PAUSE) if burst else (CALM_BATCH, CALM_PAUSE)
             spell_end = min(deadline, now + rng.uniform(*SPELL))
             while now < spell_end:
-                self.write(rng.sample(self.sandboxes, rng.randint(*batch)))
+                chosen = rng.sample(self.sandboxes, rng.randint(*batch))
+                self.write(chosen)
+                written += len(chosen)
                 time.sleep(rng.uniform(*pause))
                 now = time.monotonic()
             burst = not burst
@@ -587,7 +590,7 @@ def test_sigkill_storm_never_opens_a_closed_sandbox_and_converges(storm_world, t
     # Not vacuous: the storm, the kills and the probes all happened, with both outcomes, inside closed
     # windows too, also while the agent was dead or starting.
     assert len(storm.incarnations) - 1 >= KILLS[0] and storm.incarnations[-1].ready, summary
-    assert revisions - SANDBOXES > 2000, summary
+    assert revisions - SANDBOXES > STORM_REVISIONS, summary
     assert len(storm.probes) > 2000 and opened > 200 and closed > 200, summary
     assert sum(verdict.checked.values()) > 300, summary
     assert verdict.checked["down"] + verdict.checked["starting"] > 20, summary
