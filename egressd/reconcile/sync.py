@@ -33,7 +33,7 @@ from egressd.ruleset.variants import neutral_name, variant_name
 DNS_SET_SUFFIXES = ("_dns4", "_dns6")
 # Rendered tables kept (about 40 KB each as Python objects): enough for the sandboxes whose DNS answers or
 # events keep them busy; a resync of thousands re-renders most of them (0.3 ms each) instead of holding all.
-RENDER_CACHE = 256
+RENDER_CACHE = 64
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ Three plans cover every write:
 from __future__ import annotations
 
 import ipaddress
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -42,13 +43,21 @@ class Step:
     commands: list[Json]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Written:
-    """What a plan leaves in force once every step ran: the variant the hooks use, and the commands that
-    would retire it (the next update can then skip reading the table)."""
+    """What a plan leaves in force once every step ran: the variant the hooks use, and the per-variant
+    objects it made, whose retire commands the next update runs without reading the table. The agent keeps
+    one per table, so it holds names, not commands (at 1,000 sandboxes the commands as JSON were about a
+    third of the agent's dicts)."""
 
     variant: str
-    retire: list[Json]
+    chains: tuple[str, ...]  # the variant's chain names, in the kernel
+    sets: tuple[str, ...]  # and its set names
+    target: Target = NETNS
+
+    @property
+    def retire(self) -> list[Json]:
+        return retire_names(self.chains, self.sets, self.target)
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,11 @@ def retire_commands(listing: list[Json], variant: str, target: Target = NETNS) -
         i["chain"]["name"] for i in listing if "chain" in i and i["chain"]["name"].endswith("_" + variant)
     ]
     sets = [i["set"]["name"] for i in listing if "set" in i and i["set"]["name"].endswith("_" + variant)]
+    return retire_names(chains, sets, target)
+
+
+def retire_names(chains: Iterable[str], sets: Iterable[str], target: Target = NETNS) -> list[Json]:
+    """Empty every chain, then delete the chains, then the sets (by their names in the kernel)."""
     where = {"family": target.family, "table": target.table}
     out: list[Json] = [{"flush": {"chain": {**where, "name": name}}} for name in chains]
     out += [{"delete": {"chain": {**where, "name": name}}} for name in chains]
@@ -161,15 +175,12 @@ def other_variant(variant: str) -> str:
     return VARIANTS[1] if variant == VARIANTS[0] else VARIANTS[0]
 
 
-def _own_objects(ruleset: Ruleset, variant: str) -> list[Json]:
-    """A listing-shaped list of the per-variant objects a ruleset creates under `variant`."""
-    chains = [{"chain": {"name": variant_name(n, variant)}} for n in sorted(ruleset.chains)]
-    sets = [{"set": {"name": variant_name(n, variant)}} for n in sorted(ruleset.names - ruleset.chains)]
-    return chains + sets
-
-
 def _written(ruleset: Ruleset, variant: str, target: Target) -> Written:
-    return Written(variant, retire_commands(_own_objects(ruleset, variant), variant, target))
+    """The per-variant objects a ruleset creates under `variant`, by their names in the kernel (interned:
+    every table of one shape shares them)."""
+    chains = tuple(sys.intern(variant_name(n, variant)) for n in sorted(ruleset.chains))
+    sets = tuple(sys.intern(variant_name(n, variant)) for n in sorted(ruleset.names - ruleset.chains))
+    return Written(variant, chains, sets, target)
 
 
 def plan_replace(ruleset: Ruleset, elements: Elements | None, target: Target = NETNS) -> Plan:
