@@ -202,7 +202,10 @@ class ContextCache:
         self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
     def get(self, path: str) -> tuple[Any, bool]:
-        """The context for path, and whether it was (re)made now rather than reused."""
+        """The context for path, and whether it was (re)made now rather than reused. A context is made
+        outside the lock (entering the namespace and making its socket: about 1 ms), so the workers make
+        theirs side by side and nobody waits on them for a lookup; were two made for one path at once, the
+        first one in stays and the other is let go of."""
         with self._lock:
             entry = self._entries.get(path)
             if entry is not None:
@@ -216,11 +219,19 @@ class ContextCache:
                     self._entries.move_to_end(path)
                     return entry.ctx, False
                 self._close(path)
-            fd, ident = open_netns(path)
-            try:
-                ctx = enter_and_call(fd, self._factory, self._setns, self._home)
-            finally:
-                os.close(fd)
+        fd, ident = open_netns(path)
+        try:
+            ctx = enter_and_call(fd, self._factory, self._setns, self._home)
+        finally:
+            os.close(fd)
+        with self._lock:
+            entry = self._entries.get(path)
+            if entry is not None and entry.ident == ident:
+                self._bury(ctx)
+                self._entries.move_to_end(path)
+                return entry.ctx, False
+            if entry is not None:
+                self._close(path)
             self._entries[path] = _Entry(ident, ctx)
             while len(self._entries) > self._limit:
                 self._close(next(iter(self._entries)))
@@ -239,8 +250,12 @@ class ContextCache:
         entry = self._entries.pop(path, None)
         if entry is None:
             return
-        self._graveyard.append((time.monotonic() + CLOSE_GRACE_S, entry.ctx))
+        self._bury(entry.ctx)
         entry.ctx = None
+
+    def _bury(self, ctx: Any) -> None:
+        """Free ctx CLOSE_GRACE_S from now, by the reaper thread (see _close). Called holding self._lock."""
+        self._graveyard.append((time.monotonic() + CLOSE_GRACE_S, ctx))
         while len(self._graveyard) > self._graveyard_max:  # a context's descriptor is below 1024: kept few
             _free(self._graveyard.popleft()[1])  # callers hold free_lock when they can get here
         if self._reaper is None:

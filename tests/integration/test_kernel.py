@@ -414,6 +414,59 @@ def test_contexts_let_go_of_are_freed_after_the_grace_period_and_never_pile_up(w
     assert all(r() is None for r in made)
 
 
+def _get_into(cache, path: str, got: dict, i: int, errors: list) -> None:
+    try:
+        got[i] = cache.get(path)[0]
+    except BaseException as e:  # noqa: BLE001 - reported by the test
+        errors.append(e)
+
+
+def test_contexts_are_made_side_by_side_and_one_path_keeps_one(world):
+    """Making a context (entering the namespace, making its socket) holds no lock: two workers make theirs at
+    once (each factory waits for the other at a barrier, which a serialised get() would never reach), and
+    two made for one path at once leave one in the cache, the same for both callers, the other let go of."""
+    import threading
+    import weakref
+
+    from egressd.kernel.netns import ContextCache
+
+    class Ctx:
+        pass
+
+    made: list[weakref.ref] = []
+    barrier = threading.Barrier(2, timeout=5.0)
+
+    def factory() -> Ctx:
+        barrier.wait()
+        ctx = Ctx()
+        made.append(weakref.ref(ctx))
+        return ctx
+
+    a, b = (sb.netns_path for sb in world.sandboxes[:2])
+    for paths in ((a, b), (a, a)):
+        cache = ContextCache(factory)
+        got: dict[int, object] = {}
+        errors: list[BaseException] = []
+        threads = [
+            threading.Thread(target=_get_into, args=(cache, p, got, i, errors)) for i, p in enumerate(paths)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        try:
+            assert errors == [] and len(got) == 2, (paths, errors)
+            if paths[0] == paths[1]:
+                assert got[0] is got[1]  # one context for the path, both callers use it
+                assert cache.get(a)[0] is got[0]
+            else:
+                assert got[0] is not got[1]
+        finally:
+            cache.close()
+        barrier.reset()
+    assert len(made) == 4 and all(r() is None for r in made)
+
+
 def test_a_table_an_older_egressd_wrote_gains_the_interception_chains_on_its_next_update(world, backend):
     """egressd/1 tables had no DNS redirect chains and no learned sets: the update stages them with `add`
     (which leaves what is there alone) before its switch fills them."""
