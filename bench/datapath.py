@@ -38,7 +38,7 @@ from bench.apply import (
 )
 from bench.figures import Figure
 from egressd.kernel.nft import LibnftBackend
-from egressd.model.config import Config
+from egressd.model.config import Config, Denials
 from egressd.model.entries import IPNetwork
 from egressd.model.sandbox import Policy, Targets
 from egressd.ruleset.render import render
@@ -86,12 +86,14 @@ class Setup:
     kind: str  # none | conntrack | egressd | iptables
     tool: str = ""  # iptables-nft | iptables-legacy
     established: bool = False
+    log: bool = True  # egressd: [denials] log (the logging chains sit on deny paths only)
 
 
 SETUPS = (
     Setup("none", "no ruleset", "none"),
     Setup("conntrack", "conntrack only (reference, no filter)", "conntrack"),
     Setup("egressd", "egressd table (sets)", "egressd"),
+    Setup("egressd-nolog", "egressd table, [denials] log = false", "egressd", log=False),
     Setup("nft-linear", "iptables-nft, linear chain", "iptables", "iptables-nft"),
     Setup("legacy-linear", "iptables-legacy, linear chain", "iptables", "iptables-legacy"),
     Setup("nft-linear-est", "iptables-nft, ESTABLISHED first", "iptables", "iptables-nft", True),
@@ -267,13 +269,15 @@ def load_conntrack(ns: str, deadline: Deadline) -> dict[str, Any]:
     return {"table": "inet ed_ct"}
 
 
-def load_egressd(ns: str, nets: dict[str, list[IPNetwork]], deadline: Deadline) -> dict[str, Any]:
+def load_egressd(
+    ns: str, nets: dict[str, list[IPNetwork]], deadline: Deadline, log: bool = True
+) -> dict[str, Any]:
     """Render the policy and apply it the way the agent does; check it is in force in that namespace."""
     policy = Policy(allow_internet_access=False, allow_out=Targets.from_entries([*nets["v4"], *nets["v6"]]))
     expect = len(nets["v4"]) + len(nets["v6"])
     if (got := len(policy.allow_out.nets4) + len(policy.allow_out.nets6)) != expect:
         raise RuntimeError(f"{expect} allow entries collapsed to {got}")
-    ruleset = render(policy, Config())
+    ruleset = render(policy, Config(denials=Denials(log=log)))
     path = str(NETNS_DIR / ns)
     backend = LibnftBackend()
     try:
@@ -614,7 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             deadline.check("load")
             ns = sandboxes[s.key]
             if s.kind == "egressd":
-                loaded[s.key] = load_egressd(ns, nets, deadline)
+                loaded[s.key] = load_egressd(ns, nets, deadline, log=s.log)
             elif s.kind == "conntrack":
                 loaded[s.key] = load_conntrack(ns, deadline)
             elif s.kind == "iptables":
