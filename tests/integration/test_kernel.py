@@ -463,6 +463,7 @@ def test_contexts_are_made_side_by_side_and_one_path_keeps_one(world):
                 assert got[0] is not got[1]
         finally:
             cache.close()
+        got.clear()  # the test's own references: only the cache's may be left, and it is closed
         barrier.reset()
     assert len(made) == 4 and all(r() is None for r in made)
 
