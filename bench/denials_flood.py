@@ -21,7 +21,6 @@ status.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
 import os
@@ -41,6 +40,7 @@ from bench.agent import _check_alive
 from bench.apply import NETNS_DIR, Deadline, run
 from egressd.agent.control import ControlError, request
 from egressd.kernel.netns import in_netns
+from netns_fixtures._nsutil import close_helper
 from tests.integration.agent import AgentProcess
 
 NET = "203.0.113."  # the only destinations this sender ever uses
@@ -151,14 +151,7 @@ class Flooder:
         return dict(json.loads(line))
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        close_helper(self.proc)
 
 
 class StatusPinger(threading.Thread):

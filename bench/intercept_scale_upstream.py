@@ -20,7 +20,6 @@ per name (JSON), "reset" sets them to zero; end of input stops it.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import select
@@ -35,7 +34,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
-from netns_fixtures._nsutil import PACKAGE_PARENT, set_parent_death_signal
+from netns_fixtures._nsutil import PACKAGE_PARENT, close_helper, set_parent_death_signal
 from netns_fixtures.pool_dns import PoolDnsServer, ZoneEntry
 
 FRESH_NAME = "fresh.bench.test"
@@ -130,17 +129,7 @@ class Upstream:
         return json.loads(line)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                assert self.proc.stdin is not None
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        close_helper(self.proc)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
@@ -126,6 +127,22 @@ def kill_pids(pids: Sequence[int], *, grace: float = 1.0) -> None:
     for pid in alive:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def close_helper(proc: subprocess.Popen[Any]) -> None:
+    """End a helper process that takes its commands on stdin: close its stdin (its cue to exit), wait, and
+    kill it after 5 s; then close its stdout."""
+    if proc.poll() is None:
+        with contextlib.suppress(OSError):
+            assert proc.stdin is not None
+            proc.stdin.close()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def _pid_alive(pid: int) -> bool:
