@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from egressd import __version__
-from egressd.agent import memory
+from egressd.agent import memory, signals
 from egressd.agent.control import ControlError, ControlServer
 from egressd.agent.denials import for_agent, pin_denials
 from egressd.agent.hostdenials import run_denials
@@ -286,10 +286,11 @@ class Agent:
         return f"{counts['enforced']} enforced, {counts['pending']} pending, {counts['error']} error"
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        stop = self._stop.set
+        signals.install(
+            asyncio.get_running_loop(),
+            {signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: self.reload},
+        )
         await self.control.start()
         try:
             await self._start()
