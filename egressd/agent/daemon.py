@@ -199,6 +199,7 @@ class Agent:
             return
         if doc is None:
             log(logging.INFO, "state_empty", path=str(self.state.path))
+            self.reconciler.disk.read(frozenset())  # no record anywhere: a new sandbox waits for no write
             return
         for problem in restore_state(self.reconciler, doc):
             log(logging.ERROR, "state_entry_skipped", error=problem)

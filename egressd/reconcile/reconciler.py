@@ -35,6 +35,7 @@ from egressd.model.sandbox import PolicyError, Sandbox
 from egressd.reconcile.held import HeldTable
 from egressd.reconcile.hostpass import HostPass
 from egressd.reconcile.netnspass import NetnsPass, OnTable, ident_of
+from egressd.reconcile.ondisk import DiskRecords
 from egressd.reconcile.queue import KeyedQueue
 from egressd.reconcile.status import Status, StatusBoard
 from egressd.reconcile.sync import SyncResult, TableSync
@@ -72,7 +73,7 @@ class Reconciler:
         self._persist = persist
         self._flush = flush
         self._idle = idle  # told when the queue has just run empty
-        self.persisted_generation = 0  # desired state up to this generation is on disk (set by the persister)
+        self.disk = DiskRecords()  # what the state file may hold (told by the persister and the restore)
         self.dns = dns
         self._rng = rng or random.Random()
         self.held = HeldTable()  # what the kernel holds for each sandbox, as far as we know
@@ -92,8 +93,8 @@ class Reconciler:
         self.proxy = Interceptor(config, backend, host_backend, run, serving=dns_proxy, observe=self._observe)
 
     def persisted(self, generation: int) -> None:
-        """The persister wrote desired state up to this generation."""
-        self.persisted_generation = max(self.persisted_generation, generation)
+        """The persister wrote desired state up to this generation (the one it exported last)."""
+        self.disk.written(generation)
 
     @property
     def desired(self) -> dict[str, Desired]:
@@ -228,7 +229,7 @@ class Reconciler:
         if old_path is not None and old_path != d.netns:
             await self.netns.release(sid, old_path)
             await self.proxy.release(sid)
-        if self._flush is not None and d.generation > self.persisted_generation:
+        if self._flush is not None and self.disk.must_wait(sid, d.generation):
             await self._flush()  # desired state on disk before the kernel changes: a restart never goes back
         # The host side first: it needs no namespace, so a sandbox is judged there even before its own
         # namespace exists.

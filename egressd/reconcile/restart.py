@@ -22,6 +22,7 @@ def export_state(r: Reconciler) -> tuple[dict[str, Any], int]:
                          host_interface=d.host_interface)  # fmt: skip
             d.record = {"record": sandbox_to_record(sb), "problem": d.problem}
         sandboxes.append(d.record)
+    r.disk.exporting(frozenset(r.desired))
     in_force = {}
     for sid, st in r.status.items():
         d = r.desired.get(sid)
@@ -79,4 +80,17 @@ def restore_state(r: Reconciler, doc: dict[str, Any]) -> list[str]:
         r.sync.digests.update({k: v for k, v in digests.items() if isinstance(k, str) and isinstance(v, str)})
     if r.dns is not None:
         r.dns.cache.restore(doc.get("dns"))
+    r.disk.read(frozenset(r.desired) | _ids_in(doc))
     return problems
+
+
+def _ids_in(doc: dict[str, Any]) -> frozenset[str]:
+    """Every sandbox id the file names, restored or not (a record this agent could not read may be read by
+    the next): each one's first table waits for a write, as a known sandbox's does."""
+    ids = set()
+    for item in doc.get("sandboxes", []):
+        record = item.get("record") if isinstance(item, dict) else None
+        sid = record.get("id") if isinstance(record, dict) else None
+        if isinstance(sid, str):
+            ids.add(sid)
+    return frozenset(ids)

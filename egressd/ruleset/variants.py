@@ -114,6 +114,34 @@ def _rename(obj: Any, variant: str, names: frozenset[str]) -> Any:
     return out
 
 
+class _ExprMemo:
+    """Rule expressions already renamed, by their text: most of a table's rules are the same in every table
+    (the link rules, the logging chains, the set lookups), and walking them was half of the Python a new
+    table cost. Bounded like the encoder's rule cache; the renamed lists are shared, so nothing may change
+    them (nothing does: they are only encoded or handed to libnftables as JSON)."""
+
+    LIMIT = 2048
+
+    def __init__(self) -> None:
+        self._done: dict[tuple[str, str, frozenset[str]], Any] = {}
+
+    def get(self, expr: Any, variant: str, names: frozenset[str]) -> Any:
+        key = (repr(expr), variant, names)
+        done = self._done.get(key)
+        if done is None:
+            if len(self._done) >= self.LIMIT:
+                self._done.clear()
+            done = self._done[key] = _rename(expr, variant, names)
+        return done
+
+
+_EXPRS = _ExprMemo()
+
+
+def _renamed_expr(expr: Any, variant: str, names: frozenset[str]) -> Any:
+    return _EXPRS.get(expr, variant, names)
+
+
 def _rename_commands(cmds: list[Json], variant: str, names: frozenset[str]) -> list[Json]:
     """_rename for the shapes render makes ({"add": {"set"|"chain"|"rule": ...}}): a set or chain only
     needs its name changed and a rule its chain and expressions, so the rest (a set's elements above all)
@@ -129,7 +157,7 @@ def _rename_commands(cmds: list[Json], variant: str, names: frozenset[str]) -> l
             out.append({"add": {kind: {**body, "name": renamed}}})
         elif kind == "rule" and isinstance(body, dict):
             chain = body.get("chain")
-            rule = {**body, "expr": _rename(body.get("expr", []), variant, names)}
+            rule = {**body, "expr": _renamed_expr(body.get("expr", []), variant, names)}
             if chain in names:
                 rule["chain"] = variant_name(chain, variant)
             out.append({"add": {"rule": rule}})

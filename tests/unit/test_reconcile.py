@@ -344,6 +344,119 @@ def test_desired_state_is_written_before_applying_but_once_per_burst():
     assert len(flushes) == 1 and len(backend.writes) == 100
 
 
+def _flush_recorder(order, flushed_at=None):
+    """A flush as the daemon's persister does it: export (which notes the sandboxes being written), then
+    the write is reported; each step is recorded in `order` beside the backend's writes."""
+    holder = []
+    flushed_at = [] if flushed_at is None else flushed_at  # how many tables the backend had written then
+
+    async def flush():
+        r = holder[0]
+        _, generation = export_state(r)
+        await asyncio.sleep(0.01)  # the write itself, on another thread in the agent
+        order.append(("flush", generation))
+        flushed_at.append(len(r.backend.writes))
+        r.persisted(generation)
+
+    return holder, flush
+
+
+def test_a_sandbox_no_state_file_holds_is_applied_without_waiting_for_a_write():
+    """New sandboxes have no older record on disk a restart could go back to: no write before their table.
+    The control: a sandbox the state file read at start holds waits for a write, as before."""
+    order = []
+    backend = FakeBackend(namespaces={f"/run/netns/n{i}" for i in range(20)})
+
+    async def main():
+        holder, flush = _flush_recorder(order)
+        r = Reconciler(backend, CONFIG, flush=flush, rng=random.Random(1))
+        holder.append(r)
+        r.disk.read(frozenset({"n0"}))  # what the daemon learns from the state file it read
+        r.start()
+        try:
+            for i in range(1, 20):
+                r.upsert(sandbox(f"n{i}"))
+            assert await r.wait_idle(5)
+            assert order == [] and len(backend.writes) == 19  # nineteen tables, no write waited for
+            r.upsert(sandbox("n0"))
+            assert await r.wait_enforced("n0", None, 5)
+            assert order and order[0][0] == "flush" and r.disk.generation >= r.desired["n0"].generation
+        finally:
+            await r.stop()
+
+    asyncio.run(main())
+
+
+def test_a_sandbox_in_the_state_file_or_in_a_write_under_way_waits_for_its_record():
+    """Once written, a sandbox's next revision is on disk before its table changes; and while a write that
+    holds its older record is under way (it could land after the table changed), it waits for one too."""
+    order, flushed_at = [], []
+    backend = FakeBackend(namespaces={"/run/netns/a", "/run/netns/b"})
+
+    async def main():
+        holder, flush = _flush_recorder(order, flushed_at)
+        r = Reconciler(backend, CONFIG, flush=flush, rng=random.Random(1))
+        holder.append(r)
+        r.disk.read(frozenset())
+        r.start()
+        try:
+            r.upsert(sandbox("a", rev=1))
+            assert await r.wait_enforced("a", 1, 5)
+            assert order == []
+            await flush()  # the persister's eventual write: "a" is on disk now
+            order.clear()
+            r.upsert(sandbox("a", rev=2, deny_out=["192.0.2.1"]))
+            assert await r.wait_enforced("a", 2, 5)
+            assert order[:1] == [("flush", r.desired["a"].generation)]
+            writes = len(backend.writes)
+            r.disk.exporting(
+                frozenset({"b"})
+            )  # a write holding b's record is under way, b's table not yet in
+            r.upsert(sandbox("b", rev=1))
+            assert await r.wait_enforced("b", 1, 5)
+            # b's table went in only after a write that holds b's record
+            assert order[-1] == ("flush", r.desired["b"].generation)
+            assert backend.writes[writes:] == [("apply", "/run/netns/b")] and flushed_at[-1] == writes
+        finally:
+            await r.stop()
+
+    asyncio.run(main())
+
+
+def test_unknown_disk_contents_make_every_sandbox_wait_for_a_write():
+    """A state file that could not be read may still hold records: until the first write, every sandbox
+    waits for one (the daemon says on_disk() only for a file it read, or when there was none)."""
+    order = []
+    backend = FakeBackend(namespaces={"/run/netns/a"})
+
+    async def main():
+        holder, flush = _flush_recorder(order)
+        r = Reconciler(backend, CONFIG, flush=flush, rng=random.Random(1))
+        holder.append(r)
+        r.start()
+        try:
+            r.upsert(sandbox("a"))
+            assert await r.wait_enforced("a", None, 5)
+            assert order == [("flush", r.desired["a"].generation)]
+        finally:
+            await r.stop()
+
+    asyncio.run(main())
+
+
+def test_restore_names_every_sandbox_of_the_file_as_on_disk():
+    r = Reconciler(FakeBackend(), CONFIG)
+    r.upsert(sandbox("a"))
+    doc, _ = export_state(r)
+    doc["sandboxes"].append({"record": {"id": "broken", "network_policy": {"allow_out": [7]}}})
+    r2 = Reconciler(FakeBackend(), CONFIG, flush=lambda: None)
+    restore_state(r2, doc)
+    r2.upsert(sandbox("c"))
+    assert r2.disk.must_wait("a", r2.desired["a"].generation)
+    assert r2.disk.must_wait("broken", r2.desired["c"].generation)  # unreadable, still named
+    assert not r2.disk.must_wait("c", r2.desired["c"].generation)
+
+
 def test_a_full_disk_never_stops_enforcement(tmp_path, monkeypatch):
     """The persister reports the failed write and retries; the reconciler applies all the same."""
     from egressd.agent.persister import Persister
