@@ -83,8 +83,13 @@ class _Rule:
 # Rules as encoded, by family and text (repr), shared by every batch: a sandbox's table is mostly rules
 # that every table of its shape has (its own addresses are in its sets), and encoding one costs 10-20 times
 # more than finding it. Bounded: emptied when full.
-RULES: dict[tuple[str, str], _Rule] = {}
+RULES: dict[tuple[str, str], tuple[_Rule, ...]] = {}
 RULES_MAX = 2048
+RULE_FORMS = 4  # encodings kept per rule text: where the set ids it uses differ (tables of other shapes)
+# Sets declared with their elements, the same way: the guard's sets (private ranges, guard deny, the
+# embedded-IPv4 prefixes) are in every table, and their interval elements were most of what a new table's
+# sets cost to encode. By family, verb, text, the set's id in the batch and whether it starts empty.
+SETS: dict[tuple[str, str, str, int, bool], tuple[tuple[int, int, bytes], ...]] = {}
 
 
 @dataclass
@@ -230,11 +235,26 @@ class _Encoder:
         fresh = verb == "create" or self.table_key(o["table"]) in self.emptied
         s = _Set(self.last_set_id, version, bool(flags & nx.NFT_SET_INTERVAL), fresh, verb == "create")
         self.sets[self.table_key(o["table"]), o["name"]] = s
-        body = strz(1, o["table"]) + strz(2, o["name"]) + u32(3, flags) + u32(4, dtype) + u32(5, size)
-        body += u32(10, s.set_id) + attr(13, nx.set_udata(nx.BIG))  # NFTA_SET_ID, NFTA_SET_USERDATA
-        self.message(NEWSET, NLM_F_CREATE | (NLM_F_EXCL if verb == "create" else 0), body)
-        if o.get("elem"):
-            self.add_elements(o["table"], o["name"], s, o["elem"], 0)
+        key = (self.family, verb, repr(o), s.set_id, fresh) if o.get("elem") else None
+        done = SETS.get(key) if key is not None else None
+        if done is not None:
+            for message in done:
+                self.message(*message)
+            s.fresh = s.fresh and not s.interval  # as add_elements leaves it
+            return
+        self.recording = [] if key is not None else None
+        try:
+            body = strz(1, o["table"]) + strz(2, o["name"]) + u32(3, flags) + u32(4, dtype) + u32(5, size)
+            body += u32(10, s.set_id) + attr(13, nx.set_udata(nx.BIG))  # NFTA_SET_ID, NFTA_SET_USERDATA
+            self.message(NEWSET, NLM_F_CREATE | (NLM_F_EXCL if verb == "create" else 0), body)
+            if o.get("elem"):
+                self.add_elements(o["table"], o["name"], s, o["elem"], 0)
+            if key is not None:
+                if len(SETS) >= RULES_MAX:
+                    SETS.clear()
+                SETS[key] = tuple(self.recording or ())
+        finally:
+            self.recording = None
 
     def element(self, verb: str, obj: Any) -> None:
         o = _fields(obj, {"family", "table", "name", "elem"})
@@ -292,13 +312,14 @@ class _Encoder:
         is never the same twice, and is not kept."""
         o = _fields(obj, {"family", "table", "chain", "expr"}, frozenset({"comment"}))
         key, table = (self.family, repr(o)), self.table_key(o["table"])
-        done = RULES.get(key)
-        fits = done is not None and done.first_id in (None, self.last_set_id)
-        if done is not None and fits and all(self.set_id(table, n) == i for n, i in done.lookups):
-            for message in done.messages:
-                self.message(*message)
-            self.last_set_id += done.ids
-            return
+        forms = RULES.get(key, ())
+        for done in forms:
+            fits = done.first_id in (None, self.last_set_id)
+            if fits and all(self.set_id(table, n) == i for n, i in done.lookups):
+                for message in done.messages:
+                    self.message(*message)
+                self.last_set_id += done.ids
+                return
         first, lookups = self.last_set_id, []
 
         def set_id(name: str) -> int | None:
@@ -315,7 +336,8 @@ class _Encoder:
             if len(RULES) >= RULES_MAX:
                 RULES.clear()
             ids = self.last_set_id - first
-            RULES[key] = _Rule(messages, tuple(lookups), first if anonymous else None, ids)
+            form = _Rule(messages, tuple(lookups), first if anonymous else None, ids)
+            RULES[key] = (form, *forms[: RULE_FORMS - 1])
 
     def set_id(self, table: str, name: str) -> int | None:
         return getattr(self.sets.get((table, name)), "set_id", None)

@@ -323,19 +323,26 @@ def _hooks(config: Config, marks: Marks | None) -> list[Json]:
     ]
 
 
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
 def _digests(variant: list[Json], hooks: list[Json], where: str) -> tuple[str, str]:
-    """Digests of the whole table and of its shape (the table without its set elements, see Ruleset)."""
-    canonical = json.dumps([variant, hooks, where], sort_keys=True, separators=(",", ":"))
-    digest = hashlib.sha256(canonical.encode()).hexdigest()
-    bare = [
-        {"add": {"set": {k: v for k, v in c["add"]["set"].items() if k != "elem"}}}
-        if "set" in c["add"]
-        else c
-        for c in variant
-    ]
-    shape = hashlib.sha256(
-        json.dumps([bare, hooks, where], sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()
+    """Digests of the whole table and of its shape (the table without its set elements, see Ruleset): the
+    sha256 of the canonical JSON of [variant, hooks, where], and of the same with the sets bare. Each
+    command is serialised once and the two texts are joined from the pieces (the JSON of a list is its
+    items' joined by commas), so only a set with elements is serialised twice, without them the second time.
+    Byte for byte the text json.dumps gives for the whole list (tests/unit/test_render.py)."""
+    full, bare = [], []
+    for c in variant:
+        text = _canonical(c)
+        full.append(text)
+        if "set" in c["add"] and "elem" in c["add"]["set"]:
+            text = _canonical({"add": {"set": {k: v for k, v in c["add"]["set"].items() if k != "elem"}}})
+        bare.append(text)
+    tail = "]," + _canonical(hooks) + "," + _canonical(where) + "]"
+    digest = hashlib.sha256(("[[" + ",".join(full) + tail).encode()).hexdigest()
+    shape = hashlib.sha256(("[[" + ",".join(bare) + tail).encode()).hexdigest()
     return digest, shape
 
 

@@ -44,15 +44,21 @@ def exprs(*stmts) -> list[tuple[bytes, list]]:
 def test_every_golden_table_encodes_the_same_from_the_rule_cache_as_afresh(name):
     doc = json.loads((GOLDEN / f"{name}.json").read_text())["nftables"]
     nfnl_encode.RULES.clear()
+    nfnl_encode.SETS.clear()
     fresh = encode_batch(doc, 7, PLAIN_SETS)
     again = encode_batch(doc, 7, PLAIN_SETS)
     assert again == fresh
     rules = [c["add"]["rule"] for c in doc if "rule" in c.get("add", {})]
     assert 0 < len(nfnl_encode.RULES) <= sum("comment" not in r for r in rules)  # not the fingerprint's
+    filled = [c for c in doc if c.get("add", {}).get("set", {}).get("elem")]
+    assert len(nfnl_encode.SETS) == len(filled)  # sets with elements are kept too
     # The same rules after one more set in the batch: other set ids, so nothing cached is used for them.
     extra = [doc[0], {"add": {"set": {**T, "name": "extra", "type": "ipv4_addr"}}}, *doc[1:]]
     shifted = encode_batch(extra, 7, PLAIN_SETS)
+    assert encode_batch(doc, 7, PLAIN_SETS) == fresh  # both forms of a rule are kept, each still right
+    assert encode_batch(extra, 7, PLAIN_SETS) == shifted
     nfnl_encode.RULES.clear()
+    nfnl_encode.SETS.clear()
     assert encode_batch(extra, 7, PLAIN_SETS) == shifted
 
 

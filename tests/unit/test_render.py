@@ -338,3 +338,34 @@ def test_logging_leaves_every_accepting_path_as_it_was():
         return json.dumps(rs.hooks).replace(str(rs.generation), "GENERATION")
 
     assert hooks(on) == hooks(off) and rules(on, "deny") == rules(off, "deny")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_digests_are_those_of_the_whole_canonical_text(name):
+    """The digests are joined from each command's text; they must be those of json.dumps of the whole list,
+    else every table an older egressd wrote would look changed and be written again."""
+    import hashlib
+
+    from egressd.ruleset import render as render_module
+
+    policy, config = CASES[name]
+    cfg = config_from_dict(config)
+    sb = parse_sandbox({"id": "a", "netns": "/run/netns/a", "network_policy": policy})
+    variant, hooks, *_ = render_module._build(sb.policy, cfg, False, False, None)
+    variant.append({"add": {"set": {"family": "inet", "table": "egressd", "name": "e", "type": "ipv4_addr"}}})
+    for where in ("eth0", "host"):
+
+        def sha(obj):
+            return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+        bare = [
+            {"add": {"set": {k: v for k, v in c["add"]["set"].items() if k != "elem"}}}
+            if "set" in c["add"]
+            else c
+            for c in variant
+        ]
+        assert render_module._digests(variant, hooks, where) == (
+            sha([variant, hooks, where]),
+            sha([bare, hooks, where]),
+        )
+        assert render_module._digests([], hooks, where) == (sha([[], hooks, where]), sha([[], hooks, where]))
