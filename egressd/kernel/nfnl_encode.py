@@ -90,6 +90,7 @@ RULE_FORMS = 4  # encodings kept per rule text: where the set ids it uses differ
 # embedded-IPv4 prefixes) are in every table, and their interval elements were most of what a new table's
 # sets cost to encode. By family, verb, text, the set's id in the batch and whether it starts empty.
 SETS: dict[tuple[str, str, str, int, bool], tuple[tuple[int, int, bytes], ...]] = {}
+SETS_MAX = 256  # the guard's sets are a handful; a policy's own (its allow and deny sets) fill the rest
 
 
 @dataclass
@@ -250,7 +251,7 @@ class _Encoder:
             if o.get("elem"):
                 self.add_elements(o["table"], o["name"], s, o["elem"], 0)
             if key is not None:
-                if len(SETS) >= RULES_MAX:
+                if len(SETS) >= SETS_MAX:
                     SETS.clear()
                 SETS[key] = tuple(self.recording or ())
         finally:

@@ -120,7 +120,7 @@ class _ExprMemo:
     table cost. Bounded like the encoder's rule cache; the renamed lists are shared, so nothing may change
     them (nothing does: they are only encoded or handed to libnftables as JSON)."""
 
-    LIMIT = 2048
+    LIMIT = 512  # the common rules are a few dozen; a table's own (its generation's marks) fill the rest
 
     def __init__(self) -> None:
         self._done: dict[tuple[str, str, frozenset[str]], Any] = {}

@@ -370,8 +370,10 @@ def test_a_corrupt_state_file_is_reported_and_rebuilt_from_the_feed(world, agent
     a.start()
     a.upsert("s0", sb.netns_path, 1, allow_internet_access=False)
     assert a.wait("s0", 1)
-    a.kill()
     state = a.dir / "state" / "state.json"
+    # A new sandbox's table does not wait for the state write; the write follows within moments.
+    assert eventually(lambda: state.exists() and b'"s0"' in state.read_bytes())
+    a.kill()
     state.write_bytes(state.read_bytes()[: len(state.read_bytes()) // 2])  # torn, as by a bad disk
     a.start()
     assert "corrupt" in a.events("state_unreadable")[0]["error"]
