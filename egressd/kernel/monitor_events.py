@@ -16,9 +16,9 @@ from egressd.kernel.nfnl import (
     NFNL_SUBSYS_NFTABLES,
     NLMSG_MIN_TYPE,
     NLMSG_NOOP,
-    NLMSGHDR,
-    align,
+    Unframed,
     attributes,
+    frames,
 )
 
 # nf_tables constants, checked against linux/netfilter/nfnetlink.h and linux/netfilter/nf_tables.h (and
@@ -60,34 +60,29 @@ class TransactionParser:
 
     def feed(self, data: bytes | bytearray | memoryview) -> str | None:
         """Consume one datagram; return why the sandbox must be checked, or None when it need not be."""
-        view = memoryview(data)
         reason: str | None = None
-        unpack = NLMSGHDR.unpack_from
-        header = NLMSGHDR.size
-        off = 0
-        end = len(view)
-        while off < end:
-            if end - off < header:
+        messages = frames(data)
+        while True:
+            try:
+                kind, _, _, body = next(messages)
+            except StopIteration:
+                return reason
+            except Unframed as e:
                 self.reset()
-                return reason or "malformed event: truncated netlink header"
-            length, kind, _, _, _ = unpack(view, off)
-            if length < header or off + length > end:
-                self.reset()
-                return reason or f"malformed event: netlink length {length}"
-            start, off = off, off + align(length)
+                return reason or f"malformed event: {e}"
             if kind == NLMSG_NOOP:
                 continue
             if kind < NLMSG_MIN_TYPE or kind >> 8 != NFNL_SUBSYS_NFTABLES:
                 self.reset()
                 reason = reason or f"unexpected netlink message type {kind:#x}"
                 continue
-            if length < header + NFGENMSG.size:
+            if len(body) < NFGENMSG.size:
                 self.reset()
                 return reason or "malformed event: no nfgenmsg header"
             msg = kind & 0xFF
             if msg != NFT_MSG_NEWGEN and (self.touched or msg in (NFT_MSG_GETGEN, NFT_MSG_TRACE)):
                 continue  # the common case, cheap: the transaction already matters (or this changes nothing)
-            attrs_view = view[start + header + NFGENMSG.size : start + length]
+            attrs_view = body[NFGENMSG.size :]
             if msg == NFT_MSG_NEWGEN:
                 try:
                     attrs = attributes(attrs_view, (NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME))
@@ -113,7 +108,6 @@ class TransactionParser:
                 return reason or f"malformed event: {e}"
             if table is None or bytes(table).rstrip(b"\0") == self._table:
                 self.touched = True
-        return reason
 
 
 def _be32(value: memoryview | None) -> int | None:

@@ -50,9 +50,10 @@ from egressd.kernel.nfnl import (
     RECV_BUFFER,
     TIMEOUT_S,
     NetlinkError,
-    align,
+    Unframed,
     attr,
     attributes,
+    frames,
     listening_socket,
 )
 
@@ -142,18 +143,14 @@ def config_request(
 def ack_code(data: bytes, seq: int) -> int | None:
     """The errno of the ack to our CONFIG request with seq in a datagram (0: done), or None when the datagram
     holds none (an nftables event, a log datagram, anything malformed)."""
-    view = memoryview(data)
-    off = 0
-    while off + NLMSGHDR.size <= len(view):
-        length, kind, _, mseq, _ = NLMSGHDR.unpack_from(view, off)
-        if length < NLMSGHDR.size or off + length > len(view):
-            return None
-        end = off + length
-        if kind == NLMSG_ERROR and mseq == seq and length >= NLMSGHDR.size + 4 + NLMSGHDR.size:
-            code = -struct.unpack_from("=i", view, off + NLMSGHDR.size)[0]
-            if NLMSGHDR.unpack_from(view, off + NLMSGHDR.size + 4)[1] == CONFIG_TYPE and code >= 0:
-                return code
-        off = align(end)
+    try:
+        for kind, _, mseq, body in frames(data):
+            if kind == NLMSG_ERROR and mseq == seq and len(body) >= 4 + NLMSGHDR.size:
+                code = -struct.unpack_from("=i", body)[0]
+                if NLMSGHDR.unpack_from(body, 4)[1] == CONFIG_TYPE and code >= 0:
+                    return code
+    except Unframed:
+        return None
     return None
 
 
@@ -239,24 +236,20 @@ def parse_packets(buf: memoryview | bytes) -> tuple[list[LoggedPacket], int]:
     """The packets of a log datagram, and how many messages were skipped: malformed, not a packet message,
     not an IPv4 or IPv6 packet. Control messages (the NLMSG_DONE ending a batch) are not counted. Never
     raises; the work is linear in len(buf)."""
-    view = memoryview(buf).cast("B")
     packets: list[LoggedPacket] = []
-    skipped = off = 0
-    while off < len(view):
-        if len(view) - off < NLMSGHDR.size:
-            return packets, skipped + 1
-        length, kind = struct.unpack_from("=IH", view, off)
-        if length < NLMSGHDR.size or length > len(view) - off:
-            return packets, skipped + 1  # the rest cannot be framed
-        if kind == PACKET_TYPE:
-            packet = _packet(view[off + NLMSGHDR.size : off + length])
-            if packet is None:
+    skipped = 0
+    try:
+        for kind, _, _, body in frames(buf):
+            if kind == PACKET_TYPE:
+                packet = _packet(body)
+                if packet is None:
+                    skipped += 1
+                else:
+                    packets.append(packet)
+            elif kind >= 0x10:  # not NLMSG_NOOP/ERROR/DONE/OVERRUN
                 skipped += 1
-            else:
-                packets.append(packet)
-        elif kind >= 0x10:  # not NLMSG_NOOP/ERROR/DONE/OVERRUN
-            skipped += 1
-        off += align(length)
+    except Unframed:
+        skipped += 1  # the rest cannot be framed
     return packets, skipped
 
 

@@ -66,6 +66,27 @@ def align(n: int) -> int:
     return (n + 3) & ~3
 
 
+class Unframed(ValueError):
+    """The next netlink message of a datagram cannot be framed: what follows it cannot be read either."""
+
+
+def frames(data: bytes | bytearray | memoryview) -> Iterator[tuple[int, int, int, memoryview]]:
+    """Each netlink message of one datagram, in order: (type, flags, sequence number, body after the
+    header). Raises Unframed at the first one that cannot be framed (a truncated header, a length below the
+    header's or beyond the datagram), after yielding those before it. The one walk every reader of netlink
+    replies, events and log datagrams shares; each keeps its own policy for what cannot be framed."""
+    view = memoryview(data).cast("B")
+    off, end, size = 0, len(view), NLMSGHDR.size
+    while off < end:
+        if end - off < size:
+            raise Unframed("truncated netlink header")
+        length, kind, flags, seq, _ = NLMSGHDR.unpack_from(view, off)
+        if length < size or length > end - off:
+            raise Unframed(f"netlink length {length}")
+        yield kind, flags, seq, view[off + size : off + length]
+        off += align(length)
+
+
 def attributes(data: memoryview, wanted: tuple[int, ...]) -> dict[int, memoryview]:
     """The wanted top-level attributes of a netlink message body; ValueError when the body is malformed."""
     out: dict[int, memoryview] = {}
@@ -159,14 +180,14 @@ class DumpReader:
 
     def feed(self, data: bytes) -> None:
         """One datagram of the reply; NetlinkError for anything this reader does not expect."""
-        view = memoryview(data)
-        off = 0
-        while off + NLMSGHDR.size <= len(view) and not self.done:
-            length, kind, _, seq, _ = NLMSGHDR.unpack_from(view, off)
-            if length < NLMSGHDR.size or off + length > len(view):
-                raise NetlinkError(f"malformed reply: netlink length {length}")
-            body = view[off + NLMSGHDR.size : off + length]
-            off += align(length)
+        messages = frames(data)
+        while not self.done:
+            try:
+                kind, _, seq, body = next(messages)
+            except StopIteration:
+                return
+            except Unframed as e:
+                raise NetlinkError(f"malformed reply: {e}") from None
             if seq != self.seq:
                 if self.strict:
                     raise NetlinkError(f"reply to another request (sequence {seq}, expected {self.seq})")
@@ -188,8 +209,6 @@ class DumpReader:
                     raise NetlinkError(f"malformed object in reply: {e}") from None
             else:
                 raise NetlinkError(f"unexpected message type {kind:#x} in reply")
-        if off < len(view) and not self.done:
-            raise NetlinkError("malformed reply: truncated netlink header")
 
 
 class DumpParser(DumpReader):

@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 from egressd.kernel import nfnl
 from egressd.kernel.backend import ApplyError
 from egressd.kernel.netns import in_netns
-from egressd.kernel.nfnl import NLMSGHDR
 from egressd.kernel.nfnl_elements import AckReader
 from egressd.kernel.nfnl_encode import Batch, EncodeError, describe, encode_batch
 
@@ -37,14 +36,13 @@ ACK_TRUESIZE = 2048  # what one acknowledgement may cost in the receive buffer (
 def _refusals(data: bytes) -> list[tuple[int, int]]:
     """(sequence number, errno) of every refusal in one datagram of answers (AckReader keeps only the
     first errno; this says which message it was, for the error)."""
-    out, view, off = [], memoryview(data), 0
-    while off + NLMSGHDR.size <= len(view):
-        length, kind, _, seq, _ = NLMSGHDR.unpack_from(view, off)
-        if kind == nfnl.NLMSG_ERROR and length >= NLMSGHDR.size + 4:
-            code = -struct.unpack_from("=i", view, off + NLMSGHDR.size)[0]
-            if code:
-                out.append((seq, code))
-        off += max(nfnl.align(length), NLMSGHDR.size)
+    out: list[tuple[int, int]] = []
+    with contextlib.suppress(nfnl.Unframed):  # what cannot be framed, AckReader reports
+        for kind, _, seq, body in nfnl.frames(data):
+            if kind == nfnl.NLMSG_ERROR and len(body) >= 4:
+                code = -struct.unpack_from("=i", body)[0]
+                if code:
+                    out.append((seq, code))
     return out
 
 

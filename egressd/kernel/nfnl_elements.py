@@ -42,11 +42,12 @@ from egressd.kernel.nfnl import (
     RECV_BUFFER,
     DumpReader,
     NetlinkError,
-    align,
+    Unframed,
     attr,
     attributes,
     batch_marker,
     each_attribute,
+    frames,
     nested,
     netfilter_socket,
 )
@@ -129,14 +130,11 @@ class AckReader:
         return not self.pending
 
     def feed(self, data: bytes) -> None:
-        view = memoryview(data)
-        off = 0
-        while off + NLMSGHDR.size <= len(view):
-            length, kind, _, seq, _ = NLMSGHDR.unpack_from(view, off)
-            if length < NLMSGHDR.size or off + length > len(view):
-                raise ValueError(f"malformed reply: netlink length {length}")
-            body = view[off + NLMSGHDR.size : off + length]
-            off += align(length)
+        try:
+            messages = list(frames(data))
+        except Unframed as e:
+            raise ValueError(f"malformed reply: {e}") from None
+        for kind, _, seq, body in messages:
             if kind != NLMSG_ERROR or len(body) < 4:
                 continue  # nothing else is asked for; a stray message is not an answer
             code = -struct.unpack_from("=i", body)[0]

@@ -19,8 +19,10 @@ from egressd.kernel.nfnl import (
     NLMSGHDR,
     DumpParser,
     NetlinkError,
+    Unframed,
     attr,
     attributes,
+    frames,
     getrule_dump_request,
     rule_comment,
 )
@@ -87,3 +89,26 @@ def test_a_truncated_comment_record_is_malformed():
     with pytest.raises(ValueError):
         rule_comment(memoryview(bytes([0, 10]) + b"abc"))
     assert rule_comment(memoryview(bytes([1, 1, 9]))) is None
+
+
+def test_frames_walks_every_message_with_its_padding():
+    data = msg(0x0A10, b"abc", seq=1) + msg(NLMSG_DONE, b"", seq=2) + msg(0x0A0F, b"\1\2\3\4", seq=3)
+    got = [(kind, seq, bytes(body)) for kind, _, seq, body in frames(memoryview(bytearray(data)))]
+    assert got == [(0x0A10, 1, b"abc"), (NLMSG_DONE, 2, b""), (0x0A0F, 3, b"\1\2\3\4")]
+    assert list(frames(b"")) == []
+
+
+@pytest.mark.parametrize(
+    "tail, problem",
+    [
+        (b"\x10\x00\x00", "truncated"),  # not even a header
+        (NLMSGHDR.pack(8, NLMSG_DONE, 0, 9, 0), "length 8"),  # below the header's own size
+        (NLMSGHDR.pack(64, NLMSG_DONE, 0, 9, 0) + b"\0" * 8, "length 64"),  # beyond the datagram
+    ],
+)
+def test_frames_yields_what_it_can_frame_then_says_why_it_stopped(tail, problem):
+    """Every reader keeps its own policy for the rest (an error, None, a count): the walk only frames."""
+    messages = frames(msg(NLMSG_DONE, b"", seq=1) + tail)
+    assert next(messages)[2] == 1
+    with pytest.raises(Unframed, match=problem):
+        next(messages)
