@@ -327,6 +327,21 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+GIL_HELD_BYTES = 2047  # hashlib gives the GIL up while it hashes 2,048 bytes or more at once
+
+
+def _sha256(parts: Iterable[str]) -> str:
+    """The sha256 of the parts joined, fed in pieces too short for hashlib to give the GIL up. Rendering runs
+    on the event loop: giving the GIL up for the microseconds a table's text takes to hash made the loop
+    wait for it behind the workers, up to the interpreter's switch interval (5 ms), twice per table."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = memoryview(part.encode())
+        for i in range(0, len(data), GIL_HELD_BYTES):
+            h.update(data[i : i + GIL_HELD_BYTES])
+    return h.hexdigest()
+
+
 def _digests(variant: list[Json], hooks: list[Json], where: str) -> tuple[str, str]:
     """Digests of the whole table and of its shape (the table without its set elements, see Ruleset): the
     sha256 of the canonical JSON of [variant, hooks, where], and of the same with the sets bare. Each
@@ -341,8 +356,8 @@ def _digests(variant: list[Json], hooks: list[Json], where: str) -> tuple[str, s
             text = _canonical({"add": {"set": {k: v for k, v in c["add"]["set"].items() if k != "elem"}}})
         bare.append(text)
     tail = "]," + _canonical(hooks) + "," + _canonical(where) + "]"
-    digest = hashlib.sha256(("[[" + ",".join(full) + tail).encode()).hexdigest()
-    shape = hashlib.sha256(("[[" + ",".join(bare) + tail).encode()).hexdigest()
+    digest = _sha256(("[[", ",".join(full), tail))
+    shape = _sha256(("[[", ",".join(bare), tail))
     return digest, shape
 
 
