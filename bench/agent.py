@@ -19,7 +19,6 @@ import pstats
 import queue
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import struct
@@ -41,8 +40,8 @@ from bench.apply import (
     Namespaces,
     Row,
     _fmt,
-    _terminate,
     baseline_apply,
+    began,
     entries,
     machine_info,
     run,
@@ -1293,10 +1292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["--profile-agent"] and len(argv) > 2:
         return profile_agent(Path(argv[1]), argv[2:])
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.agent: needs root (it creates network namespaces)", file=sys.stderr)
+    if not began("agent"):
         return 2
-    signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
     deadline = Deadline(started + args.max_seconds)
     info = machine_info()

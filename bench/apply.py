@@ -642,13 +642,21 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def began(name: str) -> bool:
+    """What every benchmark does first: it runs only as root (it creates network namespaces), and SIGTERM
+    unwinds it like an interrupt, so its namespaces are still deleted. False, said on stderr: not root."""
+    if os.geteuid() != 0:
+        print(f"bench.{name}: needs root (it creates network namespaces)", file=sys.stderr)
+        return False
+    signal.signal(signal.SIGTERM, _terminate)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """0 when the run completed (goals are reported, not enforced); 2 when it could not run or was aborted."""
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.apply: needs root (it creates network namespaces)", file=sys.stderr)
+    if not began("apply"):
         return 2
-    signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
     deadline = Deadline(started + args.max_seconds)
     sizes = [(args.namespaces, k) for k in args.entries]

@@ -15,7 +15,6 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from bench.apply import (
@@ -31,6 +29,7 @@ from bench.apply import (
     Aborted,
     Deadline,
     Namespaces,
+    began,
     cli_fingerprint,
     machine_info,
     run,
@@ -567,11 +566,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM unwinds like an interrupt, so the finally block still stops servers and deletes namespaces."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def available(setup: Setup) -> str | None:
     """Why a configuration cannot run here, or None."""
     if setup.kind == "iptables":
@@ -586,13 +580,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """0: complete and every enforcement check held (goals are reported, not enforced); 1: a check or a run
     failed; 2: could not run, or aborted."""
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.datapath: needs root (it creates network namespaces)", file=sys.stderr)
+    if not began("datapath"):
         return 2
     if shutil.which("iperf3") is None:
         print("bench.datapath: needs iperf3 (scripts/setup.sh installs it)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
     deadline = Deadline(started + args.max_seconds)
     runs = [r for r in RUNS if not (r == "v6" and args.no_v6) and not (r == "udp4" and args.no_udp)]

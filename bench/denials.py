@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from bench.agent import (
     start_agent,
     write_feed,
 )
-from bench.apply import Aborted, Deadline, _terminate, machine_info
+from bench.apply import Aborted, Deadline, began, machine_info
 from bench.denials_figures import Run, mode_figures, report
 from bench.denials_flood import (
     Flooder,
@@ -283,10 +282,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """0: complete (the goal is reported, not enforced); 1: a check failed; 2: could not run or aborted."""
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.denials: needs root (it creates network namespaces)", file=sys.stderr)
+    if not began("denials"):
         return 2
-    signal.signal(signal.SIGTERM, _terminate)
     deadline = Deadline(time.monotonic() + args.max_seconds)
     ensure_fd_limit(args.sandboxes)
     ns, runs, errors, aborted = BatchNamespaces(), list[Run](), list[str](), None

@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.apply import Aborted, Deadline, _terminate, machine_info
+from bench.apply import Aborted, Deadline, began, machine_info
 from bench.figures import Figure
 from egressd.agent.control import ControlError
 from egressd.desired.query import ENGINE_ENV
@@ -320,10 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """0 when the run completed, 1 when the changed answer never reached every sandbox, 2 when it could not
     run or was aborted (SIGTERM, --max-seconds): the figures measured until then are still written."""
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.dns: needs root (it creates network namespaces)", file=sys.stderr)
+    if not began("dns"):
         return 2
-    signal.signal(signal.SIGTERM, _terminate)
     t0 = time.monotonic()
     partial: dict[str, Any] = {"settings": vars(args).copy()}
     try:

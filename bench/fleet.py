@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -57,7 +56,7 @@ from bench.agent import (
     workdir_fs,
     write_feed,
 )
-from bench.apply import NETNS_DIR, Aborted, Deadline, Row, _terminate, machine_info
+from bench.apply import NETNS_DIR, Aborted, Deadline, Row, began, machine_info
 from bench.figures import Figure
 from egressd.agent.control import ControlError, request
 from egressd.model.config import Config, load_config
@@ -540,10 +539,8 @@ def phase_errors(errors: list[str], phase: str) -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """0 when the run completed; 1 when a phase failed a check; 2 when it could not run or was aborted."""
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.fleet: needs root (it creates network namespaces)", file=sys.stderr)
+    if not began("fleet"):
         return 2
-    signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
     deadline = Deadline(started + args.max_seconds)
     info = machine_info()

@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
-import signal
 import struct
 import sys
 import tempfile
@@ -27,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import agent as ba
-from bench.apply import NETNS_DIR, Aborted, Deadline, Row, _terminate, machine_info, run
+from bench.apply import NETNS_DIR, Aborted, Deadline, Row, began, machine_info, run
 from bench.figures import Figure
 from egressd.agent.control import ControlError
 from egressd.feed.lines import DEFAULT_MAX_LINE
@@ -450,10 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """0 when the run completed (goals are reported, not enforced); 1 when a check failed; 2 when it could
     not run or was aborted."""
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.hostside_agent: needs root (it creates network namespaces)", file=sys.stderr)
+    if not began("hostside_agent"):
         return 2
-    signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
     deadline = Deadline(started + args.max_seconds)
     info = machine_info()

@@ -20,7 +20,6 @@ import argparse
 import bisect
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.agent import percentile
-from bench.apply import Aborted, Deadline, _terminate, machine_info
+from bench.apply import Aborted, Deadline, began, machine_info
 from bench.figures import Figure
 from bench.intercept_client import Client, CommitWatcher
 from bench.intercept_dnsmasq import LISTEN, SETS, TABLE, Dnsmasq, nftset_support
@@ -430,10 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     1 % of the queries got none; 2 when it could not run or was aborted (SIGTERM, --max-seconds): what was
     measured until then is still written. The goal is reported, never enforced."""
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.intercept: needs root (it creates network namespaces)", file=sys.stderr)
+    if not began("intercept"):
         return 2
-    signal.signal(signal.SIGTERM, _terminate)
     t0 = time.monotonic()
     partial: dict[str, Any] = {"settings": vars(args).copy()}
     try:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -53,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.agent import BatchNamespaces, ensure_fd_limit, proc_figures, sandbox_doc
-from bench.apply import Deadline, _terminate, machine_info
+from bench.apply import Deadline, began, machine_info
 from bench.figures import Figure
 from bench.intercept_scale_load import (
     GOAL_P99_MS,
@@ -374,10 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     was aborted (SIGTERM, --max-seconds): what was measured until then is still written. The goal is
     reported, never enforced."""
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.intercept_scale: needs root (it creates network namespaces)", file=sys.stderr)
+    if not began("intercept_scale"):
         return 2
-    signal.signal(signal.SIGTERM, _terminate)
     t0 = time.monotonic()
     results: dict[str, Any] = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -41,7 +39,7 @@ from bench.agent import (
     start_agent,
     top_functions,
 )
-from bench.apply import Aborted, Deadline, _terminate, machine_info
+from bench.apply import Aborted, Deadline, began, machine_info
 from bench.figures import Figure
 from egressd.agent.control import ControlError, request
 from egressd.model.config import load_config
@@ -255,10 +253,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """0: complete (the goal is reported, not enforced); 1: a check failed; 2: could not run or aborted."""
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.onboard: needs root (it creates network namespaces)", file=sys.stderr)
+    if not began("onboard"):
         return 2
-    signal.signal(signal.SIGTERM, _terminate)
     deadline = Deadline(time.monotonic() + args.max_seconds)
     ensure_fd_limit(args.existing + args.burst * args.repeats)
     ns, errors, aborted = BatchNamespaces(), [], None

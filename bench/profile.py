@@ -31,7 +31,7 @@ from bench.agent import (
     start_agent,
     write_feed,
 )
-from bench.apply import Aborted, Deadline, _terminate, machine_info
+from bench.apply import Aborted, Deadline, began, machine_info
 from egressd.agent.control import ControlError
 from egressd.model.config import load_config
 from tests.integration.agent import AgentProcess
@@ -350,13 +350,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """0 when every phase asked for was profiled; 1 when one failed; 2 when it could not run or aborted."""
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.profile: needs root (it creates network namespaces)", file=sys.stderr)
+    if not began("profile"):
         return 2
     if not PY_SPY.exists():
         print(f"bench.profile: {PY_SPY} not found; install it with `bash scripts/setup.sh`", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
     deadline = Deadline(started + args.max_seconds)
     args.out = args.out or Path(tempfile.mkdtemp(prefix="egressd-profile-"))

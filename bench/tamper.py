@@ -19,7 +19,6 @@ import json
 import os
 import selectors
 import shutil
-import signal
 import socket
 import struct
 import sys
@@ -44,7 +43,7 @@ from bench.agent import (
     status_rows,
     write_feed,
 )
-from bench.apply import Aborted, Deadline, _terminate, machine_info
+from bench.apply import Aborted, Deadline, began, machine_info
 from bench.figures import Figure
 from egressd.agent.control import ControlError
 from egressd.kernel.monitor import ChangeMonitor
@@ -571,10 +570,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """0 when every tamper was repaired and verified in both phases; 1 when not; 2 when aborted."""
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.tamper: needs root (it creates network namespaces)", file=sys.stderr)
+    if not began("tamper"):
         return 2
-    signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
     deadline = Deadline(started + args.max_seconds)
     raise_fd_limit()  # the agents inherit it; this process needs high descriptors for its clocks too
