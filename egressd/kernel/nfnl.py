@@ -180,35 +180,38 @@ class DumpReader:
 
     def feed(self, data: bytes) -> None:
         """One datagram of the reply; NetlinkError for anything this reader does not expect."""
-        messages = frames(data)
-        while not self.done:
-            try:
-                kind, _, seq, body = next(messages)
-            except StopIteration:
-                return
-            except Unframed as e:
+        try:
+            for kind, _, seq, body in frames(data):
+                if self.done:
+                    return
+                self._one(kind, seq, body)
+        except Unframed as e:
+            if not self.done:
                 raise NetlinkError(f"malformed reply: {e}") from None
-            if seq != self.seq:
-                if self.strict:
-                    raise NetlinkError(f"reply to another request (sequence {seq}, expected {self.seq})")
-                continue
-            if kind == NLMSG_DONE:
-                self.done = True
-            elif kind == NLMSG_ERROR:
-                code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else -1
-                if code == errno.ENOENT:
-                    self.missing = self.done = True
-                elif code != 0:
-                    raise NetlinkError(f"kernel refused the dump: {os.strerror(code)}")
-            elif kind == NLMSG_NOOP:
-                continue
-            elif kind == (NFNL_SUBSYS_NFTABLES << 8) | self.kind:
-                try:
-                    self.message(body[NFGENMSG.size :])
-                except ValueError as e:
-                    raise NetlinkError(f"malformed object in reply: {e}") from None
-            else:
-                raise NetlinkError(f"unexpected message type {kind:#x} in reply")
+
+    def _one(self, kind: int, seq: int, body: memoryview) -> None:
+        """One message of the reply."""
+        if seq != self.seq:
+            if self.strict:
+                raise NetlinkError(f"reply to another request (sequence {seq}, expected {self.seq})")
+            return
+        if kind == NLMSG_DONE:
+            self.done = True
+        elif kind == NLMSG_ERROR:
+            code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else -1
+            if code == errno.ENOENT:
+                self.missing = self.done = True
+            elif code != 0:
+                raise NetlinkError(f"kernel refused the dump: {os.strerror(code)}")
+        elif kind == NLMSG_NOOP:
+            return
+        elif kind == (NFNL_SUBSYS_NFTABLES << 8) | self.kind:
+            try:
+                self.message(body[NFGENMSG.size :])
+            except ValueError as e:
+                raise NetlinkError(f"malformed object in reply: {e}") from None
+        else:
+            raise NetlinkError(f"unexpected message type {kind:#x} in reply")
 
 
 class DumpParser(DumpReader):

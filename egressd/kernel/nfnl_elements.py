@@ -131,19 +131,21 @@ class AckReader:
 
     def feed(self, data: bytes) -> None:
         try:
-            messages = list(frames(data))
+            for kind, _, seq, body in frames(data):
+                self._one(kind, seq, body)
         except Unframed as e:
             raise ValueError(f"malformed reply: {e}") from None
-        for kind, _, seq, body in messages:
-            if kind != NLMSG_ERROR or len(body) < 4:
-                continue  # nothing else is asked for; a stray message is not an answer
-            code = -struct.unpack_from("=i", body)[0]
-            if seq == self.begin and code:
-                self.error = self.error or code
-                self.pending.clear()  # the batch as a whole was refused: no more answers come
-            elif seq in self.pending:
-                self.pending.discard(seq)
-                self.error = self.error or code
+
+    def _one(self, kind: int, seq: int, body: memoryview) -> None:
+        if kind != NLMSG_ERROR or len(body) < 4:
+            return  # nothing else is asked for; a stray message is not an answer
+        code = -struct.unpack_from("=i", body)[0]
+        if seq == self.begin and code:
+            self.error = self.error or code
+            self.pending.clear()  # the batch as a whole was refused: no more answers come
+        elif seq in self.pending:
+            self.pending.discard(seq)
+            self.error = self.error or code
 
 
 def getsetelem_request(family: str, table: str, name: str, seq: int) -> bytes:

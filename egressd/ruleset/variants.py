@@ -138,10 +138,6 @@ class _ExprMemo:
 _EXPRS = _ExprMemo()
 
 
-def _renamed_expr(expr: Any, variant: str, names: frozenset[str]) -> Any:
-    return _EXPRS.get(expr, variant, names)
-
-
 def _rename_commands(cmds: list[Json], variant: str, names: frozenset[str]) -> list[Json]:
     """_rename for the shapes render makes ({"add": {"set"|"chain"|"rule": ...}}): a set or chain only
     needs its name changed and a rule its chain and expressions, so the rest (a set's elements above all)
@@ -157,7 +153,7 @@ def _rename_commands(cmds: list[Json], variant: str, names: frozenset[str]) -> l
             out.append({"add": {kind: {**body, "name": renamed}}})
         elif kind == "rule" and isinstance(body, dict):
             chain = body.get("chain")
-            rule = {**body, "expr": _renamed_expr(body.get("expr", []), variant, names)}
+            rule = {**body, "expr": _EXPRS.get(body.get("expr", []), variant, names)}
             if chain in names:
                 rule["chain"] = variant_name(chain, variant)
             out.append({"add": {"rule": rule}})
