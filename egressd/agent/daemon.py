@@ -12,7 +12,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +25,7 @@ from egressd.agent.intake import FeedIntake
 from egressd.agent.metrics import DeniedCounters, Metrics, MetricsError, on_loop, snapshot
 from egressd.agent.persister import Persister
 from egressd.agent.requests import ControlApi
+from egressd.agent.systemd import sd_notify
 from egressd.common.logs import log, setup_logging
 from egressd.desired.dnscache import DnsCache
 from egressd.desired.resolve import DnsService, Resolver
@@ -44,23 +44,6 @@ from egressd.reconcile.restart import export_state, restore_state
 READY_TIMEOUT = 120.0
 VERIFY_TIMEOUT = 600.0  # the verification pass after READY: every table read whole (10,000 in seconds)
 NAMESPACE_CHECK_INTERVAL = 1.0
-
-
-def sd_notify(message: str) -> bool:
-    """Tell systemd (Type=notify) how we are; a no-op when not run by systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return False
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(addr)
-            s.sendall(message.encode())
-    except OSError as e:
-        log(logging.WARNING, "sd_notify_failed", error=str(e))
-        return False
-    return True
 
 
 def make_monitor(
@@ -101,6 +84,7 @@ class Agent:
         self.state = StateFile(config.state_dir)
         self.verified = False  # the verification pass after READY is done (status: agent.verified)
         self.persister = Persister(self.state, lambda: export_state(self.reconciler), self._persisted)
+        self.collector = memory.Collector(time.monotonic)
         cache = DnsCache(config.dns_min_ttl, config.dns_max_ttl, config.dns_retention)
         resolver = Resolver(config.dns_nameservers, config.dns_timeout)
         self.dns = DnsService(cache, resolver, on_change=lambda names: self.reconciler.names_changed(names))
@@ -113,7 +97,7 @@ class Agent:
             backend,
             config,
             persist=self.persister.mark,
-            idle=self.persister.settle,
+            idle=self._idle,
             flush=self.persister.flush,
             dns=self.dns,
             host_backend=host,
@@ -164,6 +148,11 @@ class Agent:
 
     def _persisted(self, generation: int) -> None:
         self.reconciler.persisted(generation)
+
+    def _idle(self) -> None:
+        """The reconciler ran out of work: what is pending goes to disk, what lives is frozen (memory.py)."""
+        self.persister.settle()
+        self.collector.idle()
 
     def _observe(self, kind: str, seconds: float) -> None:
         """The reconciler's timings, into the metrics once they serve."""
@@ -370,7 +359,7 @@ class Agent:
             log(logging.WARNING, "verification_slow", detail=f"not done after {VERIFY_TIMEOUT:g} s")
         # The start's churn (the backlog parsed, a libnftables context made and freed per sandbox) is free
         # memory now: hand it back, off the loop (it walks every heap: tens of milliseconds).
-        memory.settled()
+        self.collector.settled()
         await asyncio.to_thread(memory.trim)
 
 

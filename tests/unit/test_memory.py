@@ -1,5 +1,9 @@
 """glibc malloc tuning (memory.py): it must take effect on glibc and never fail the agent elsewhere."""
 
+import gc
+import time
+import weakref
+
 from egressd.agent import memory
 
 
@@ -13,17 +17,72 @@ def test_without_glibc_nothing_breaks():
     memory.trim(load=lambda: None)
 
 
-def test_full_collections_wait_during_the_start_and_come_back_after():
-    import gc
+class _Cycle:
+    """An object in a reference cycle: only the cyclic collector can free it."""
 
-    usual = gc.get_threshold()
+    def __init__(self) -> None:
+        self.me = self
+
+
+def _clock(now: list[float]):
+    return lambda: now[0]
+
+
+def test_full_collections_wait_during_the_start_and_come_back_after():
+    python_default = gc.get_threshold()
     try:
         memory.starting()
-        assert gc.get_threshold() == (usual[0], usual[1], usual[2] * 100)
-        memory.settled()
-        assert gc.get_threshold() == usual
+        young, middle, full = memory.GC_USUAL
+        assert young >= memory.GC_YOUNG and (middle, full) == python_default[1:]
+        assert gc.get_threshold() == (young, middle, full * 100)
+        memory.Collector(time.monotonic).settled()
+        assert gc.get_threshold() == memory.GC_USUAL
+        assert gc.get_freeze_count() > 0  # what the start left is frozen once settled
     finally:
-        gc.set_threshold(*usual)
+        gc.set_threshold(*python_default)
+        gc.unfreeze()
+
+
+def test_idle_freezes_what_lives_and_collections_no_longer_walk_it():
+    """Frozen objects are out of every collection: a cycle dropped after the freeze outlives gc.collect()
+    (its control: the same cycle not frozen is collected)."""
+    now = [0.0]
+    collector = memory.Collector(_clock(now), full_pass_s=600)
+    try:
+        frozen, loose = _Cycle(), None
+        collector.idle()
+        loose = _Cycle()
+        frozen_ref, loose_ref = weakref.ref(frozen), weakref.ref(loose)
+        del frozen, loose
+        gc.collect()
+        assert frozen_ref() is not None
+        assert loose_ref() is None
+        assert collector.full_passes == 0
+    finally:
+        gc.unfreeze()
+        gc.collect()
+
+
+def test_a_full_pass_when_due_collects_frozen_cycles_too():
+    now = [0.0]
+    collector = memory.Collector(_clock(now), full_pass_s=600)
+    try:
+        cycle = _Cycle()
+        collector.idle()
+        ref = weakref.ref(cycle)
+        del cycle
+        now[0] = 599.0
+        collector.idle()  # not due yet: frozen again, not walked
+        gc.collect()
+        assert ref() is not None and collector.full_passes == 0
+        now[0] = 600.0
+        collector.idle()
+        assert ref() is None
+        assert collector.full_passes == 1
+        assert gc.get_freeze_count() > 0  # and what lives is frozen again
+    finally:
+        gc.unfreeze()
+        gc.collect()
 
 
 def test_tune_pins_both_thresholds() -> None:
