@@ -4,11 +4,13 @@ the source that cuts what it reads into lines with feed.lines and never stops on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 import time
 from typing import Literal, NamedTuple
 
+from egressd.feed.dirwatch import DirWatch
 from egressd.feed.lines import CHUNK_SIZE, DEFAULT_MAX_LINE, FeedStats, LineSplitter, OnLine, deliver
 
 TRUNCATED_DROPPED = "file truncated in the middle of a line; partial line dropped"
@@ -107,7 +109,7 @@ class _Tail:
 
 
 class FileSource:
-    """file:PATH, followed like `tail -F`, by polling (no inotify dependency)."""
+    """file:PATH, followed like `tail -F`: told of changes by inotify (dirwatch.py), and polled as well."""
 
     def __init__(
         self,
@@ -115,8 +117,10 @@ class FileSource:
         poll_interval: float = 0.1,
         max_line: int = DEFAULT_MAX_LINE,
         chunk_size: int = CHUNK_SIZE,
+        inotify: bool = True,
     ) -> None:
         self.path = os.fspath(path)
+        self.inotify = inotify  # False: the poll alone
         self.name = f"file:{self.path}"
         self.poll_interval = poll_interval
         self.max_line = max_line
@@ -132,14 +136,42 @@ class FileSource:
         self._tail = _Tail(self.path, self._tail.chunk_size)
         self._splitter = LineSplitter(self.name, self.max_line)
         self._stats.since = time.time()
+        changed = asyncio.Event()
+        watch = self._watch(changed)
         try:
             while True:
+                changed.clear()  # before the step: a change during it wakes the wait below at once
                 busy = self._step(on_line)
                 self.caught_up = self.caught_up or not busy
                 # Yield even when busy, so that a large backlog does not starve the rest of the daemon.
-                await asyncio.sleep(0 if busy else self.poll_interval)
+                if busy:
+                    await asyncio.sleep(0)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), self.poll_interval)
         finally:
             self._tail.close()
+            if watch is not None:
+                asyncio.get_running_loop().remove_reader(watch.fd)
+                watch.close()
+
+    def _watch(self, changed: asyncio.Event) -> DirWatch | None:
+        """inotify on the file's directory (and its target's, for a symlink), setting `changed`; None: the
+        poll alone (said once in the feed's notes)."""
+        if not self.inotify:
+            return None
+        where = os.path.abspath(self.path)
+        watch, why = DirWatch.open([os.path.dirname(where), os.path.dirname(os.path.realpath(where))])
+        if watch is None:
+            self._stats.note(f"{self.path}: {why}; polling every {self.poll_interval:g} s")
+            return None
+
+        def readable() -> None:
+            if watch.drain():
+                changed.set()
+
+        asyncio.get_running_loop().add_reader(watch.fd, readable)
+        return watch
 
     def health(self) -> dict[str, object]:
         h = self._stats.as_dict()

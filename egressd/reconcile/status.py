@@ -77,6 +77,8 @@ class StatusBoard:
 
     async def wait_for(self, done: Callable[[], bool], timeout: float) -> bool:
         """Until done() holds after some status changed (or at once); False when the timeout runs out."""
+        if done():
+            return True  # no task, timer or lock for a sandbox already there (`wait` right after a burst)
 
         async def until() -> None:
             async with self._changed:

@@ -10,6 +10,7 @@ import tempfile
 
 import pytest
 
+from egressd.feed.dirwatch import DirWatch
 from egressd.feed.file import TRUNCATED_DROPPED, FileSource
 from egressd.feed.lines import PARTIAL_DROPPED, FeedError, Line, LineSplitter
 from egressd.feed.sources import parse_source
@@ -182,6 +183,66 @@ async def test_file_follows_appends_and_waits_for_the_rest_of_a_line(tmp_path):
             w.flush()
             await until(lambda: len(lines) == 3)
         assert texts(lines) == [(1, '{"n":1}'), (2, '{"n":2}'), (3, '{"n":3}')]
+
+
+async def _appended_seen_within(src: FileSource, f, seconds: float) -> bool:
+    """Whether a line appended to f after the first is read within `seconds`."""
+    async with running(src) as lines:
+        await until(lambda: len(lines) == 1)
+        with f.open("ab") as w:
+            w.write(b'{"n":2}\n')
+        with contextlib.suppress(TimeoutError):
+            await until(lambda: len(lines) == 2, timeout=seconds)
+        return len(lines) == 2
+
+
+@bounded
+async def test_file_sees_an_append_at_once_not_at_the_next_poll(tmp_path):
+    """inotify on the directory wakes the reader: an append is read long before a 30 s poll would come.
+    The control, the poll alone, has not read it by then."""
+    f = tmp_path / "events.ndjson"
+    f.write_bytes(b'{"n":1}\n')
+    assert await _appended_seen_within(FileSource(f, poll_interval=30), f, 1.0)
+    f.write_bytes(b'{"n":1}\n')
+    assert not await _appended_seen_within(FileSource(f, poll_interval=30, inotify=False), f, 0.5)
+
+
+@bounded
+async def test_file_through_a_symlink_and_across_rotation_is_seen_at_once(tmp_path):
+    """The target's directory is watched too, and a rotation (a new file under the path) wakes the reader."""
+    real_dir, link_dir = tmp_path / "real", tmp_path / "link"
+    real_dir.mkdir()
+    link_dir.mkdir()
+    target = real_dir / "events.ndjson"
+    target.write_bytes(b'{"n":1}\n')
+    link = link_dir / "events.ndjson"
+    link.symlink_to(target)
+    assert await _appended_seen_within(FileSource(link, poll_interval=30), target, 1.0)
+    f = tmp_path / "events.ndjson"
+    f.write_bytes(b'{"n":1}\n')
+    async with running(FileSource(f, poll_interval=30)) as lines:
+        await until(lambda: len(lines) == 1)
+        os.rename(f, tmp_path / "events.ndjson.1")
+        f.write_bytes(b'{"new":1}\n')
+        await until(lambda: len(lines) == 2, timeout=1.0)
+        assert texts(lines)[-1] == (1, '{"new":1}')
+
+
+def test_dirwatch_says_why_it_cannot_watch(tmp_path):
+    class NoInotify:
+        pass
+
+    assert DirWatch.open([str(tmp_path)], libc=NoInotify()) == (None, "no inotify in this libc")
+    watch, why = DirWatch.open([str(tmp_path / "missing")])
+    assert watch is None and why.startswith(f"cannot watch {tmp_path / 'missing'}: ")
+    watch, why = DirWatch.open([str(tmp_path)])
+    assert watch is not None and why == ""
+    try:
+        assert not watch.drain()  # nothing happened yet
+        (tmp_path / "x").write_bytes(b"1")
+        assert watch.drain() and not watch.drain()
+    finally:
+        watch.close()
 
 
 @bounded
