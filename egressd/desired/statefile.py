@@ -18,6 +18,29 @@ STATE_FILE = "state.json"
 FORMAT_VERSION = 1
 
 
+class Encoded(list[Any]):
+    """A list whose items' JSON texts are already known: save() writes the texts, joined, instead of
+    encoding the items again. A sandbox's record is encoded once per change (export_state), not at every
+    write: encoding 1,300 records whole took 6-9 ms of each write, holding the interpreter throughout."""
+
+    def __init__(self, items: list[Any], texts: list[str]) -> None:
+        super().__init__(items)
+        self.texts = texts
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    """The document as compact JSON, its Encoded lists from their texts: the bytes json.dumps gives when
+    the texts are the items' own compact JSON."""
+    parts = []
+    for key, value in doc.items():
+        if isinstance(value, Encoded):
+            text = "[" + ",".join(value.texts) + "]"
+        else:
+            text = json.dumps(value, separators=(",", ":"))
+        parts.append(json.dumps(key) + ":" + text)
+    return ("{" + ",".join(parts) + "}").encode()
+
+
 class StateError(Exception):
     """The state directory or file cannot be used; the message says what to fix."""
 
@@ -72,7 +95,7 @@ class StateFile:
     def save(self, doc: dict[str, Any]) -> None:
         """Replace the file atomically. Raises OSError (e.g. ENOSPC); the old file then stays intact."""
         ensure_private_dir(self.dir)
-        data = json.dumps({**doc, "version": FORMAT_VERSION}, separators=(",", ":")).encode()
+        data = encode({**doc, "version": FORMAT_VERSION})
         tmp = self.dir / f".{STATE_FILE}.{os.getpid()}.tmp"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -35,6 +35,7 @@ class Desired:
     problem: str | None = None  # why the latest record was rejected
     generation: int = 0
     record: dict[str, Any] | None = None  # its state-file form, made once (see export_state)
+    record_json: str = ""  # and that form's JSON text
     host_interface: str | None = None
 
 

@@ -4,8 +4,10 @@ DNS cache (so it enforces the same addresses at once)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from egressd.desired.statefile import Encoded
 from egressd.desired.store import Desired
 from egressd.model.sandbox import PolicyError, Sandbox, parse_sandbox, sandbox_to_record
 from egressd.reconcile.reconciler import Reconciler
@@ -15,13 +17,15 @@ from egressd.reconcile.sync import LISTING_FORM
 def export_state(r: Reconciler) -> tuple[dict[str, Any], int]:
     """What must survive a restart (desired state, tombstones, the digests used to adopt tables, the DNS
     cache), and the desired generation it includes. Records are serialised once per generation."""
-    sandboxes = []
+    sandboxes, texts = [], []
     for d in r.desired.values():
         if d.record is None:
             sb = Sandbox(id=d.id, netns=d.netns, policy=d.policy, status=d.status, revision=d.revision,
                          host_interface=d.host_interface)  # fmt: skip
             d.record = {"record": sandbox_to_record(sb), "problem": d.problem}
+            d.record_json = json.dumps(d.record, separators=(",", ":"))
         sandboxes.append(d.record)
+        texts.append(d.record_json)
     r.disk.exporting(frozenset(r.desired))
     in_force = {}
     for sid, st in r.status.items():
@@ -35,7 +39,7 @@ def export_state(r: Reconciler) -> tuple[dict[str, Any], int]:
         ):
             in_force[sid] = [st.fingerprint, shape]
     doc = {
-        "sandboxes": sandboxes,
+        "sandboxes": Encoded(sandboxes, texts),
         "tombstones": [[sid, rev] for sid, rev in r.tombstones.items()],
         "digests": dict(r.sync.digests),
         "digest_form": LISTING_FORM,
