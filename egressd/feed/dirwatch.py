@@ -11,9 +11,10 @@ filesystem that never reports (NFS), the polling alone goes on as before.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
+import struct
 from collections.abc import Iterable
+from typing import Any
 
 IN_MODIFY = 0x002
 IN_ATTRIB = 0x004
@@ -32,26 +33,27 @@ MASK = (
     IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
     | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
 )  # fmt: skip
+IN_Q_OVERFLOW = 0x4000
 READ_SIZE = 64 * 1024
+EVENT = struct.Struct("=iIII")  # wd, mask, cookie, len (of the name that follows)
 
 
 class DirWatch:
-    """One inotify descriptor watching some directories; readable when something changed in them. What
-    changed is not told apart: the reader looks at its file again, as a poll would."""
+    """One inotify descriptor watching some directories for what happens to files of some names (other
+    files there, such as a log the agent itself writes next to its feed, wake nobody)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, names: Iterable[str] = ()) -> None:
         self.fd = fd
+        self.names = frozenset(os.fsencode(n) for n in names)
 
     @classmethod
-    def open(cls, dirs: Iterable[str], libc: ctypes.CDLL | None = None) -> tuple[DirWatch | None, str]:
-        """Watches on every directory, or (None, why not)."""
+    def open(
+        cls, dirs: Iterable[str], names: Iterable[str] = (), libc: Any = None
+    ) -> tuple[DirWatch | None, str]:
+        """Watches on every directory, for the files named `names` in them, or (None, why not)."""
         if libc is None:
-            name = ctypes.util.find_library("c")
-            try:
-                libc = ctypes.CDLL(name, use_errno=True) if name else None
-            except OSError:
-                libc = None
-        if libc is None or not hasattr(libc, "inotify_init1"):
+            libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols, libc's among them
+        if not hasattr(libc, "inotify_init1"):
             return None, "no inotify in this libc"
         fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
@@ -61,10 +63,11 @@ class DirWatch:
                 err = os.strerror(ctypes.get_errno())
                 os.close(fd)
                 return None, f"cannot watch {d}: {err}"
-        return cls(fd), ""
+        return cls(fd, names), ""
 
     def drain(self) -> bool:
-        """Read every pending event (only that there were some matters); True when there were."""
+        """Read every pending event; True when one concerns a watched name, a directory itself, or events
+        were lost (the queue overflowed): then the file must be looked at again."""
         seen = False
         while True:
             try:
@@ -73,7 +76,19 @@ class DirWatch:
                 return seen
             if not data:
                 return seen
-            seen = True
+            seen = self._concerns(data) or seen
+
+    def _concerns(self, data: bytes) -> bool:
+        """Whether a read's events (struct inotify_event, each followed by its NUL-padded name) name a
+        watched file, or none at all."""
+        offset = 0
+        while offset + EVENT.size <= len(data):
+            _, mask, _, length = EVENT.unpack_from(data, offset)
+            name = data[offset + EVENT.size : offset + EVENT.size + length].rstrip(b"\0")
+            offset += EVENT.size + length
+            if mask & IN_Q_OVERFLOW or not name or name in self.names:
+                return True
+        return False
 
     def close(self) -> None:
         if self.fd >= 0:

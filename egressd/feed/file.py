@@ -161,7 +161,9 @@ class FileSource:
         if not self.inotify:
             return None
         where = os.path.abspath(self.path)
-        watch, why = DirWatch.open([os.path.dirname(where), os.path.dirname(os.path.realpath(where))])
+        real = os.path.realpath(where)
+        dirs = [os.path.dirname(where), os.path.dirname(real)]
+        watch, why = DirWatch.open(dirs, [os.path.basename(where), os.path.basename(real)])
         if watch is None:
             self._stats.note(f"{self.path}: {why}; polling every {self.poll_interval:g} s")
             return None

@@ -235,11 +235,13 @@ def test_dirwatch_says_why_it_cannot_watch(tmp_path):
     assert DirWatch.open([str(tmp_path)], libc=NoInotify()) == (None, "no inotify in this libc")
     watch, why = DirWatch.open([str(tmp_path / "missing")])
     assert watch is None and why.startswith(f"cannot watch {tmp_path / 'missing'}: ")
-    watch, why = DirWatch.open([str(tmp_path)])
+    watch, why = DirWatch.open([str(tmp_path)], ["events.ndjson"])
     assert watch is not None and why == ""
     try:
         assert not watch.drain()  # nothing happened yet
-        (tmp_path / "x").write_bytes(b"1")
+        (tmp_path / "agent.log").write_bytes(b"1")  # another file in the directory wakes nobody
+        assert not watch.drain()
+        (tmp_path / "events.ndjson").write_bytes(b"1")
         assert watch.drain() and not watch.drain()
     finally:
         watch.close()

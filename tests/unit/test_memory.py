@@ -85,6 +85,26 @@ def test_a_full_pass_when_due_collects_frozen_cycles_too():
         gc.collect()
 
 
+def test_no_full_pass_while_what_is_frozen_has_not_grown_by_a_quarter():
+    """A steady host is not paused for a full pass that would find little: it waits, as Python's own full
+    collection does, until the frozen objects grew by a quarter; then it comes at the next due time."""
+    now = [0.0]
+    collector = memory.Collector(_clock(now), full_pass_s=600)
+    try:
+        collector.full_pass()
+        assert collector.full_passes == 1
+        now[0] = 1200.0
+        collector.idle()
+        assert collector.full_passes == 1  # due by time, but nothing grew
+        grown = [[] for _ in range(gc.get_freeze_count() // 4 + 1000)]
+        collector.idle()
+        assert collector.full_passes == 2
+        del grown
+    finally:
+        gc.unfreeze()
+        gc.collect()
+
+
 def test_tune_pins_both_thresholds() -> None:
     """The trim threshold and the mmap threshold: a big block the worker threads free is unmapped, not kept
     in their heaps (bench.dns: 133 MiB against 153 with the mmap threshold left to float)."""
