@@ -98,6 +98,9 @@ def test_no_full_pass_while_what_is_frozen_has_not_grown_by_a_quarter():
         assert collector.full_passes == 1  # due by time, but nothing grew
         grown = [[] for _ in range(gc.get_freeze_count() // 4 + 1000)]
         collector.idle()
+        assert collector.full_passes == 1  # grown, but looked at 1200: the next look is at 1800
+        now[0] = 1800.0
+        collector.idle()
         assert collector.full_passes == 2
         del grown
     finally:
