@@ -76,14 +76,18 @@ class NameState:
     settled: bool = False  # the fail-closed wait for this name is over; once over, it stays over
 
     def settle(self) -> None:
-        """Over when the name stands for an address (whichever type gave it), is known not to exist, or
-        every type has answered or failed for good. An empty answer of one type while the other fails is not
-        enough: the failing type may still give the addresses that matter."""
+        """Over when the name is known not to exist, when every type has answered or failed for good, or
+        when it stands for an address (whichever type gave it) and every type has come back at least once,
+        answered or failed. So a refused AAAA query never holds back a good A answer, yet the first A
+        answer does not end the wait while the AAAA query is still under way: its addresses would come a
+        moment after `wait` had answered (or after a deny_out name had let the sandbox open). An empty
+        answer of one type while the other fails is not enough: the failing type may still give the
+        addresses that matter."""
         ts = self.types.values()
         self.settled = self.settled or (
-            any(t.current for t in ts)
-            or any(t.nxdomain for t in ts)
+            any(t.nxdomain for t in ts)
             or all(t.answered or t.gave_up for t in ts)
+            or (any(t.current for t in ts) and all(t.answered or t.failures for t in ts))
         )
 
     @property

@@ -122,11 +122,12 @@ def test_a_name_settles_when_it_resolves_or_fails_for_good():
 def test_one_type_refused_never_throws_away_the_other_types_answer():
     c, clock = cache(retention=10)
     c.subscribe("a", ["v4.test", "v6.test"])
-    # the A answer is used the moment it comes, whatever the AAAA query does
+    # the A answer is used the moment it comes; the name settles once the AAAA query has come back at
+    # all, refused or not (a wait that ended on the A answer alone would let AAAA's addresses come late)
     assert c.record("v4.test", "A", Answer("ok", ("198.51.100.1",), 30))
+    assert c.addresses("v4.test") == {"198.51.100.1"} and not c.settled("v4.test")
+    assert c.record("v4.test", "AAAA", Answer("error", error=REFUSED))  # True: it just settled
     assert c.addresses("v4.test") == {"198.51.100.1"} and c.settled("v4.test")
-    assert not c.record("v4.test", "AAAA", Answer("error", error=REFUSED))
-    assert c.addresses("v4.test") == {"198.51.100.1"}
     v = c.view("v4.test")
     assert v["state"] == "failing" and v["error"] == f"AAAA: {REFUSED}"
     assert v["types"]["A"] | {"refresh_in": 0} == {
@@ -174,6 +175,21 @@ def test_an_empty_answer_beside_a_failing_type_waits_for_that_type():
     assert c.settled("x.test")
 
 
+def test_the_first_answer_waits_for_the_other_type_to_come_back():
+    """An allow_out name's `wait`, and a deny_out name's hold, end only once both types have come back:
+    either order, addresses or not."""
+    c, _ = cache()
+    c.subscribe("a", ["x.test", "y.test"])
+    assert c.record("x.test", "AAAA", Answer("ok", ("2001:db8::1",), 30))
+    assert not c.settled("x.test")
+    assert c.record("x.test", "A", Answer("ok", ("198.51.100.1",), 30))
+    assert c.settled("x.test") and c.addresses("x.test") == {"198.51.100.1", "2001:db8::1"}
+    c.record("y.test", "A", Answer("ok", ("198.51.100.2",), 30))
+    assert not c.settled("y.test")
+    assert c.record("y.test", "AAAA", Answer("ok"))  # no AAAA records: settled, nothing more
+    assert c.settled("y.test") and c.addresses("y.test") == {"198.51.100.2"}
+
+
 def test_nxdomain_of_one_type_settles_the_name():
     c, _ = cache()
     c.subscribe("a", ["x.test"])
@@ -192,7 +208,8 @@ def test_export_and_restore_keep_addresses_and_schedule():
     fresh.subscribe("a", ["x.test", "half.test"])
     fresh.restore(doc)
     assert fresh.addresses("x.test") == {"198.51.100.1", "2001:db8::1"} and fresh.settled("x.test")
-    assert fresh.addresses("half.test") == {"198.51.100.3"} and fresh.settled("half.test")
+    # its AAAA query had not come back: the addresses are kept, the wait is not over
+    assert fresh.addresses("half.test") == {"198.51.100.3"} and not fresh.settled("half.test")
     assert "gone.test" not in fresh.names
     assert fresh.due() == [("half.test", "AAAA")]  # never answered: asked at once
 
