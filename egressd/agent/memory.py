@@ -14,13 +14,12 @@ libnftables call (a fresh mapping, zeroed pages, per call); the writes are raw n
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import logging
 from collections.abc import Callable
 from typing import Any
 
+from egressd.common.libc import libc
 from egressd.common.logs import log
 
 M_TRIM_THRESHOLD = -1
@@ -42,9 +41,8 @@ FULL_PASS_S = 600.0  # full passes at most this often (see Collector)
 
 
 def load_libc() -> Any | None:
-    name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name) if name else None
+        return libc()
     except OSError:
         return None
 

@@ -16,6 +16,8 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
+from egressd.common.libc import libc as process_libc
+
 IN_MODIFY = 0x002
 IN_ATTRIB = 0x004
 IN_CLOSE_WRITE = 0x008
@@ -52,7 +54,7 @@ class DirWatch:
     ) -> tuple[DirWatch | None, str]:
         """Watches on every directory, for the files named `names` in them, or (None, why not)."""
         if libc is None:
-            libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols, libc's among them
+            libc = process_libc()
         if not hasattr(libc, "inotify_init1"):
             return None, "no inotify in this libc"
         fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)

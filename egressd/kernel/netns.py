@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from egressd.common.libc import libc
+
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 CLOSE_GRACE_S = 0.1  # see ContextCache._close
@@ -47,8 +49,7 @@ class NsId:
 
 def libc_setns() -> Callable[[int, int], int]:
     """setns(2) from libc (os.setns only exists from Python 3.12); the backends and the monitor share it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = libc.setns
+    fn = libc().setns
     fn.argtypes = [ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn

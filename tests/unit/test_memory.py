@@ -5,11 +5,19 @@ import time
 import weakref
 
 from egressd.agent import memory
+from egressd.common.libc import libc
 
 
 def test_tune_and_trim_work_on_this_glibc():
     assert memory.tune() is True
     memory.trim()
+
+
+def test_one_libc_handle_serves_malloc_setns_and_inotify():
+    handle = libc()
+    assert memory.load_libc() is handle and libc() is handle
+    for fn in ("mallopt", "malloc_trim", "setns", "inotify_init1", "inotify_add_watch"):
+        assert hasattr(handle, fn), fn
 
 
 def test_without_glibc_nothing_breaks():
