@@ -130,6 +130,7 @@ class FileSource:
         # True once all the file held at the start has been delivered: the daemon waits for it before
         # applying anything, so replaying old lines never puts an old policy in force, not even briefly.
         self.caught_up = False
+        self._watched: str | None = None  # the real path the watch was made for
 
     async def run(self, on_line: OnLine) -> None:
         """Follow the file until cancelled; each call starts again from the beginning of the file."""
@@ -138,10 +139,14 @@ class FileSource:
         self._stats.since = time.time()
         changed = asyncio.Event()
         watch = self._watch(changed)
+        opens = 0
         try:
             while True:
                 changed.clear()  # before the step: a change during it wakes the wait below at once
                 busy = self._step(on_line)
+                if self._tail.opens != opens:  # a file opened under the path: it may be somewhere else now
+                    opens = self._tail.opens
+                    watch = self._rewatch(watch, changed)
                 self.caught_up = self.caught_up or not busy
                 # Yield even when busy, so that a large backlog does not starve the rest of the daemon.
                 if busy:
@@ -151,9 +156,7 @@ class FileSource:
                         await asyncio.wait_for(changed.wait(), self.poll_interval)
         finally:
             self._tail.close()
-            if watch is not None:
-                asyncio.get_running_loop().remove_reader(watch.fd)
-                watch.close()
+            self._unwatch(watch)
 
     def _watch(self, changed: asyncio.Event) -> DirWatch | None:
         """inotify on the file's directory (and its target's, for a symlink), setting `changed`; None: the
@@ -161,7 +164,7 @@ class FileSource:
         if not self.inotify:
             return None
         where = os.path.abspath(self.path)
-        real = os.path.realpath(where)
+        real = self._watched = os.path.realpath(where)
         dirs = [os.path.dirname(where), os.path.dirname(real)]
         watch, why = DirWatch.open(dirs, [os.path.basename(where), os.path.basename(real)])
         if watch is None:
@@ -174,6 +177,20 @@ class FileSource:
 
         asyncio.get_running_loop().add_reader(watch.fd, readable)
         return watch
+
+    def _rewatch(self, watch: DirWatch | None, changed: asyncio.Event) -> DirWatch | None:
+        """A symlinked feed pointed at a file in another directory: watch that directory instead, or its
+        appends would only be polled."""
+        if not self.inotify or os.path.realpath(self.path) == self._watched:
+            return watch
+        self._unwatch(watch)
+        return self._watch(changed)
+
+    @staticmethod
+    def _unwatch(watch: DirWatch | None) -> None:
+        if watch is not None:
+            asyncio.get_running_loop().remove_reader(watch.fd)
+            watch.close()
 
     def health(self) -> dict[str, object]:
         h = self._stats.as_dict()

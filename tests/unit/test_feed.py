@@ -228,6 +228,29 @@ async def test_file_through_a_symlink_and_across_rotation_is_seen_at_once(tmp_pa
         assert texts(lines)[-1] == (1, '{"new":1}')
 
 
+@bounded
+async def test_a_symlink_pointed_at_another_directory_is_watched_there(tmp_path):
+    """The link re-pointed (a new link renamed over it) to a file elsewhere: once that file is opened, its
+    directory is watched, so an append there is seen at once, not at the next poll."""
+    old_dir, new_dir, link_dir = tmp_path / "old", tmp_path / "new", tmp_path / "link"
+    for d in (old_dir, new_dir, link_dir):
+        d.mkdir()
+    (old_dir / "a.ndjson").write_bytes(b'{"n":1}\n')
+    (new_dir / "b.ndjson").write_bytes(b'{"n":2}\n')
+    link = link_dir / "events.ndjson"
+    link.symlink_to(old_dir / "a.ndjson")
+    async with running(FileSource(link, poll_interval=30)) as lines:
+        await until(lambda: len(lines) == 1)
+        (link_dir / "next").symlink_to(new_dir / "b.ndjson")
+        os.rename(link_dir / "next", link)  # the link's directory is watched: this wakes the reader
+        await until(lambda: len(lines) == 2, timeout=1.0)
+        await asyncio.sleep(0.05)  # the reader is waiting again, on its new watch (or on the 30 s poll)
+        with open(new_dir / "b.ndjson", "ab") as f:
+            f.write(b'{"n":3}\n')
+        await until(lambda: len(lines) == 3, timeout=1.0)
+        assert [t for _, t in texts(lines)] == ['{"n":1}', '{"n":2}', '{"n":3}']
+
+
 def test_dirwatch_says_why_it_cannot_watch(tmp_path):
     class NoInotify:
         pass
