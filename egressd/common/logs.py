@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any, TextIO
 
 LOGGER_NAME = "egressd"
@@ -20,36 +21,67 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return fields if isinstance(fields, dict) else {}
 
 
+def _msecs(created: float) -> int:
+    return int((created - int(created)) * 1000)  # as logging.LogRecord computes msecs
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        exc = self.formatException(record.exc_info) if record.exc_info else None
+        return self.line(record.created, record.levelname, record.getMessage(), _fields(record), exc)
+
+    @staticmethod
+    def line(created: float, level: str, event: str, fields: dict[str, Any], exc: str | None = None) -> str:
         doc: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "event": record.getMessage(),
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{_msecs(created):03d}Z",
+            "level": level.lower(),
+            "event": event,
         }
-        doc.update(_fields(record))
-        if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
+        doc.update(fields)
+        if exc is not None:
+            doc["exception"] = exc
         return json.dumps(doc, default=str, separators=(",", ":"))
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
-        parts = [ts, record.levelname.lower(), record.getMessage()]
-        parts += [f"{k}={v}" for k, v in _fields(record).items()]
+        exc = self.formatException(record.exc_info) if record.exc_info else None
+        return self.line(record.created, record.levelname, record.getMessage(), _fields(record), exc)
+
+    @staticmethod
+    def line(created: float, level: str, event: str, fields: dict[str, Any], exc: str | None = None) -> str:
+        ts = time.strftime("%H:%M:%S", time.localtime(created)) + f".{_msecs(created):03d}"
+        parts = [ts, level.lower(), event]
+        parts += [f"{k}={v}" for k, v in fields.items()]
         line = " ".join(parts)
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+        if exc is not None:
+            line += "\n" + exc
         return line
+
+
+class EventHandler(logging.StreamHandler):
+    """The agent's one handler. Besides records, it writes many lines of one event at once (log_batch):
+    formatted by the same formatter, under the same lock, with one write and one flush."""
+
+    def write_lines(self, level: str, event: str, many: Iterable[dict[str, Any]]) -> None:
+        line = self.formatter.line  # type: ignore[union-attr]
+        now = time.time()
+        text = "".join(line(now, level, event, fields) + self.terminator for fields in many)
+        self.acquire()
+        try:
+            self.stream.write(text)
+            self.flush()
+        except Exception:  # noqa: BLE001 - as logging's own emit: a log that cannot be written stops nothing
+            self.handleError(logging.makeLogRecord({"msg": event}))
+        finally:
+            self.release()
 
 
 def setup_logging(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> logging.Logger:
     logger = logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = EventHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     logger.addHandler(handler)
     logger.setLevel(level.upper())
@@ -62,3 +94,30 @@ def log(level: int, event: str, **fields: Any) -> None:
     logging.getLogger(LOGGER_NAME).log(
         level, event, extra={"fields": {k: v for k, v in fields.items() if v is not None}}
     )
+
+
+def log_batch(level: int, event: str, many: Iterable[dict[str, Any]]) -> None:
+    """Log one event per fields dict, the lines exactly as log() writes them (None-valued fields left out),
+    one write for all of them: a flood of denials publishes thousands a second, and the Logger's work per
+    record (a LogRecord, the caller's frame found, a lock, a flush) was three quarters of each one's cost.
+    Through log() one by one where the logger is not the agent's one handler (tests capturing records)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if not logger.isEnabledFor(level):
+        return
+    clean = ({k: v for k, v in fields.items() if v is not None} for fields in many)
+    handler = _sole_handler(logger, level)
+    if handler is not None:
+        handler.write_lines(logging.getLevelName(level), event, clean)
+        return
+    for fields in clean:
+        logger.log(level, event, extra={"fields": fields})
+
+
+def _sole_handler(logger: logging.Logger, level: int) -> EventHandler | None:
+    """The agent's handler, when a record of `level` would go to it and nowhere else, unfiltered."""
+    handlers = logger.handlers
+    if logger.propagate or logger.filters or len(handlers) != 1:
+        return None
+    h = handlers[0]
+    ok = type(h) is EventHandler and h.level <= level and not h.filters and h.formatter is not None
+    return h if ok else None
