@@ -195,12 +195,24 @@ class DenialBook:
         """Publish the events whose window has closed (all of them: at shutdown), at most limit (the
         oldest first); how many."""
         end = self._clock() - WINDOW
-        done = [k for k, e in self._open.items() if everything or e.opened <= end][:limit]
+        done = self._closed(end, everything, limit)
         # One `denied` line per event, written together (log_batch: most of an event's cost was the line).
         log_batch(logging.INFO, "denied", [self._publish_one(self._open.pop(key)) for key in done])
         if done:
             self._wake()
         return len(done)
+
+    def _closed(self, end: float, everything: bool, limit: int | None) -> list[Key]:
+        """The keys of the windows opened by `end`, oldest first, at most limit. Windows are opened in
+        the dict's order (a key is only ever added when its window opens, on a monotonic clock), so they
+        are a prefix of it: the walk stops at the first still open. A scan of every open window at each
+        slice of 200 took a fifth of the event loop in a flood (10,000 windows open)."""
+        done: list[Key] = []
+        for key, event in self._open.items():
+            if (limit is not None and len(done) >= limit) or (not everything and event.opened > end):
+                break
+            done.append(key)
+        return done
 
     def _publish_one(self, event: Denial) -> dict[str, Any]:
         """Number, count, keep and publish one event; its fields for the `denied` line."""

@@ -58,6 +58,26 @@ def test_identical_denials_within_a_second_are_one_event_with_a_count_published_
     assert b.packets_by[("deny_out", "packet")] == 5
 
 
+def test_windows_close_oldest_first_and_only_once_their_second_is_over():
+    """Flushed in slices: the oldest windows first, never one still open, none twice."""
+    clock, published = Clock(), []
+    b, _ = book(clock, published=published)
+    for port in range(1, 6):  # five windows, opened 0.1 s apart
+        b.packets("sb1", [packet(dport=port)])
+        clock.now += 0.1
+    b.packets("sb1", [packet(dport=1)])  # a packet of the oldest window counts there, it opens none
+    clock.now += 0.75  # the first three windows are over (opened at 0.0, 0.1, 0.2), the last two not
+    assert b.flush(limit=2) == 2 and [e.dport for e in published] == [1, 2]
+    assert b.flush(limit=2) == 1 and [e.dport for e in published] == [1, 2, 3]
+    assert b.flush() == 0
+    assert published[0].count == 2
+    b.packets("sb1", [packet(dport=1)])  # a new window for port 1, the newest of all
+    clock.now += 0.5
+    assert b.flush() == 2 and [e.dport for e in published] == [1, 2, 3, 4, 5]
+    clock.now += 0.6
+    assert b.flush() == 1 and published[-1].dport == 1 and published[-1].count == 1
+
+
 def test_the_event_names_what_the_issue_names_and_leaves_out_what_does_not_apply():
     clock = Clock()
     b, _ = book(clock)
