@@ -25,32 +25,43 @@ def _msecs(created: float) -> int:
     return int((created - int(created)) * 1000)  # as logging.LogRecord computes msecs
 
 
+# One encoder for every line, as json.dumps keeps one for its defaults (with arguments it makes one per call).
+_ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         exc = self.formatException(record.exc_info) if record.exc_info else None
-        return self.line(record.created, record.levelname, record.getMessage(), _fields(record), exc)
+        return self.line(
+            self.stamp(record.created), record.levelname, record.getMessage(), _fields(record), exc
+        )
 
     @staticmethod
-    def line(created: float, level: str, event: str, fields: dict[str, Any], exc: str | None = None) -> str:
-        doc: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{_msecs(created):03d}Z",
-            "level": level.lower(),
-            "event": event,
-        }
+    def stamp(created: float) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{_msecs(created):03d}Z"
+
+    @staticmethod
+    def line(ts: str, level: str, event: str, fields: dict[str, Any], exc: str | None = None) -> str:
+        doc: dict[str, Any] = {"ts": ts, "level": level.lower(), "event": event}
         doc.update(fields)
         if exc is not None:
             doc["exception"] = exc
-        return json.dumps(doc, default=str, separators=(",", ":"))
+        return _ENCODER.encode(doc)
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         exc = self.formatException(record.exc_info) if record.exc_info else None
-        return self.line(record.created, record.levelname, record.getMessage(), _fields(record), exc)
+        return self.line(
+            self.stamp(record.created), record.levelname, record.getMessage(), _fields(record), exc
+        )
 
     @staticmethod
-    def line(created: float, level: str, event: str, fields: dict[str, Any], exc: str | None = None) -> str:
-        ts = time.strftime("%H:%M:%S", time.localtime(created)) + f".{_msecs(created):03d}"
+    def stamp(created: float) -> str:
+        return time.strftime("%H:%M:%S", time.localtime(created)) + f".{_msecs(created):03d}"
+
+    @staticmethod
+    def line(ts: str, level: str, event: str, fields: dict[str, Any], exc: str | None = None) -> str:
         parts = [ts, level.lower(), event]
         parts += [f"{k}={v}" for k, v in fields.items()]
         line = " ".join(parts)
@@ -61,12 +72,13 @@ class TextFormatter(logging.Formatter):
 
 class EventHandler(logging.StreamHandler):
     """The agent's one handler. Besides records, it writes many lines of one event at once (log_batch):
-    formatted by the same formatter, under the same lock, with one write and one flush."""
+    formatted by the same formatter, stamped with one time, under the same lock, with one write and one
+    flush."""
 
     def write_lines(self, level: str, event: str, many: Iterable[dict[str, Any]]) -> None:
-        line = self.formatter.line  # type: ignore[union-attr]
-        now = time.time()
-        text = "".join(line(now, level, event, fields) + self.terminator for fields in many)
+        fmt: JsonFormatter | TextFormatter = self.formatter  # type: ignore[assignment]
+        ts, line, end = fmt.stamp(time.time()), fmt.line, self.terminator
+        text = "".join(line(ts, level, event, fields) + end for fields in many)
         self.acquire()
         try:
             self.stream.write(text)
@@ -119,5 +131,6 @@ def _sole_handler(logger: logging.Logger, level: int) -> EventHandler | None:
     if logger.propagate or logger.filters or len(handlers) != 1:
         return None
     h = handlers[0]
-    ok = type(h) is EventHandler and h.level <= level and not h.filters and h.formatter is not None
+    ok = type(h) is EventHandler and h.level <= level and not h.filters
+    ok = ok and isinstance(h.formatter, (JsonFormatter, TextFormatter))
     return h if ok else None

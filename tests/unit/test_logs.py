@@ -4,6 +4,7 @@ handler is not the only way out."""
 import io
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,13 @@ def test_a_stream_that_fails_stops_nothing(restore_logger, monkeypatch):
     logs.setup_logging("json", "info", Broken())
     monkeypatch.setattr(logging, "raiseExceptions", False)  # as in production: the error is swallowed
     logs.log_batch(logging.INFO, "denied", [FIELDS])  # no exception
+
+
+def test_a_value_json_cannot_encode_is_written_as_its_text(restore_logger):
+    out = io.StringIO()
+    logs.setup_logging("json", "info", out)
+    logs.log(logging.INFO, "state_written", path=Path("/var/lib/egressd/state.json"))
+    logs.log_batch(logging.INFO, "state_written", [{"path": Path("/x")}])
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first["path"] == "/var/lib/egressd/state.json" and second["path"] == "/x"
+    assert first["ts"].endswith("Z") and len(first["ts"]) == len("2026-12-03T16:45:00.123Z")
