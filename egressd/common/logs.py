@@ -29,16 +29,33 @@ def _msecs(created: float) -> int:
 _ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))
 
 
-class JsonFormatter(logging.Formatter):
+class EventFormatter(logging.Formatter):
+    """A record as one line: its time stamp (stamp) and the rest (line) apart, so that log_batch can stamp
+    a batch once and write each line exactly as a record of it would be written."""
+
+    clock_pattern = "%H:%M:%S"
+    zone = staticmethod(time.localtime)
+    zone_suffix = ""
+
     def format(self, record: logging.LogRecord) -> str:
         exc = self.formatException(record.exc_info) if record.exc_info else None
         return self.line(
             self.stamp(record.created), record.levelname, record.getMessage(), _fields(record), exc
         )
 
+    def stamp(self, created: float) -> str:
+        return (
+            time.strftime(self.clock_pattern, self.zone(created))
+            + f".{_msecs(created):03d}{self.zone_suffix}"
+        )
+
     @staticmethod
-    def stamp(created: float) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{_msecs(created):03d}Z"
+    def line(ts: str, level: str, event: str, fields: dict[str, Any], exc: str | None = None) -> str:
+        raise NotImplementedError
+
+
+class JsonFormatter(EventFormatter):
+    clock_pattern, zone, zone_suffix = "%Y-%m-%dT%H:%M:%S", staticmethod(time.gmtime), "Z"
 
     @staticmethod
     def line(ts: str, level: str, event: str, fields: dict[str, Any], exc: str | None = None) -> str:
@@ -49,16 +66,8 @@ class JsonFormatter(logging.Formatter):
         return _ENCODER.encode(doc)
 
 
-class TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        exc = self.formatException(record.exc_info) if record.exc_info else None
-        return self.line(
-            self.stamp(record.created), record.levelname, record.getMessage(), _fields(record), exc
-        )
-
-    @staticmethod
-    def stamp(created: float) -> str:
-        return time.strftime("%H:%M:%S", time.localtime(created)) + f".{_msecs(created):03d}"
+class TextFormatter(EventFormatter):
+    """Local time, for humans; the base's stamp."""
 
     @staticmethod
     def line(ts: str, level: str, event: str, fields: dict[str, Any], exc: str | None = None) -> str:
@@ -76,7 +85,7 @@ class EventHandler(logging.StreamHandler):
     flush."""
 
     def write_lines(self, level: str, event: str, many: Iterable[dict[str, Any]]) -> None:
-        fmt: JsonFormatter | TextFormatter = self.formatter  # type: ignore[assignment]
+        fmt: EventFormatter = self.formatter  # type: ignore[assignment]
         ts, line, end = fmt.stamp(time.time()), fmt.line, self.terminator
         text = "".join(line(ts, level, event, fields) + end for fields in many)
         self.acquire()
@@ -132,5 +141,5 @@ def _sole_handler(logger: logging.Logger, level: int) -> EventHandler | None:
         return None
     h = handlers[0]
     ok = type(h) is EventHandler and h.level <= level and not h.filters
-    ok = ok and isinstance(h.formatter, (JsonFormatter, TextFormatter))
+    ok = ok and isinstance(h.formatter, EventFormatter)
     return h if ok else None

@@ -4,6 +4,7 @@ handler is not the only way out."""
 import io
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,8 @@ def test_a_batch_writes_what_log_writes_line_by_line(restore_logger, fmt):
 
     assert body(batch[0]) == body(one)
     assert body(batch[1]) != body(one) and "80" in batch[1]
+    if fmt == "text":
+        assert all(re.match(r"\d\d:\d\d:\d\d\.\d{3} info denied sandbox=s1 ", x) for x in (one, *batch))
     if fmt == "json":
         assert list(json.loads(batch[0])) == list(json.loads(one))  # the same keys in the same order
         assert "entry" not in json.loads(batch[0])  # None-valued fields left out, as log() does
