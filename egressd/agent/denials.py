@@ -197,8 +197,8 @@ class DenialBook:
         end = self._clock() - WINDOW
         done = self._closed(end, everything, limit)
         # One `denied` line per event, written together (log_batch: most of an event's cost was the line).
-        log_batch(logging.INFO, "denied", [self._publish_one(self._open.pop(key)) for key in done])
         if done:
+            log_batch(logging.INFO, "denied", [self._publish_one(self._open.pop(key)) for key in done])
             self._wake()
         return len(done)
 
