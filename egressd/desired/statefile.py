@@ -28,15 +28,18 @@ class Encoded(list[Any]):
         self.texts = texts
 
 
+def compact(value: Any) -> str:
+    """The state file's JSON for one value: an Encoded list's texts must be made by this, so that a write
+    joining them gives the bytes json.dumps would."""
+    return json.dumps(value, separators=(",", ":"))
+
+
 def encode(doc: dict[str, Any]) -> bytes:
     """The document as compact JSON, its Encoded lists from their texts: the bytes json.dumps gives when
     the texts are the items' own compact JSON."""
     parts = []
     for key, value in doc.items():
-        if isinstance(value, Encoded):
-            text = "[" + ",".join(value.texts) + "]"
-        else:
-            text = json.dumps(value, separators=(",", ":"))
+        text = "[" + ",".join(value.texts) + "]" if isinstance(value, Encoded) else compact(value)
         parts.append(json.dumps(key) + ":" + text)
     return ("{" + ",".join(parts) + "}").encode()
 

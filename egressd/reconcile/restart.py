@@ -4,10 +4,9 @@ DNS cache (so it enforces the same addresses at once)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from egressd.desired.statefile import Encoded
+from egressd.desired.statefile import Encoded, compact
 from egressd.desired.store import Desired
 from egressd.model.sandbox import PolicyError, Sandbox, parse_sandbox, sandbox_to_record
 from egressd.reconcile.reconciler import Reconciler
@@ -23,7 +22,7 @@ def export_state(r: Reconciler) -> tuple[dict[str, Any], int]:
             sb = Sandbox(id=d.id, netns=d.netns, policy=d.policy, status=d.status, revision=d.revision,
                          host_interface=d.host_interface)  # fmt: skip
             d.record = {"record": sandbox_to_record(sb), "problem": d.problem}
-            d.record_json = json.dumps(d.record, separators=(",", ":"))
+            d.record_json = compact(d.record)
         sandboxes.append(d.record)
         texts.append(d.record_json)
     r.disk.exporting(frozenset(r.desired))
